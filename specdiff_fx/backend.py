@@ -1,0 +1,136 @@
+"""The ``specdiff`` torch.compile backend.
+
+``torch.compile(model, backend="specdiff", options={...})`` reaches
+:func:`specdiff_backend` through the ``torch_dynamo_backends`` entry point (no import of
+this package needed); ``backend=specdiff_fx.backend(SpecDiffConfig(...))`` gives the same
+through a :class:`SpecDiffBackend` object. For each graph Dynamo hands over, the backend
+analyses it (:func:`~specdiff_fx.passes.analyze_dit`) and either wraps the compiled
+variants in a :class:`~specdiff_fx.runtime.SpecDiffRuntime`, or — for a graph it does not
+recognise, or when a pass fails — compiles the graph untouched with Inductor, records the
+reason on a :class:`CompileRecord` and warns once. ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .config import SpecDiffConfig
+from .passes import NotADiT, analyze_dit
+from .plan import DiTPlan
+from .variants import compile_graph
+
+log = logging.getLogger("specdiff_fx")
+
+_RECORDS: collections.deque["CompileRecord"] = collections.deque(maxlen=64)
+_WARNED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class CompileRecord:
+    """What the backend did with one graph: ``status`` is ``"specdiff"``, ``"plain"``
+    (a DiT compiled without caching, e.g. ``cache_ratio=0``) or ``"fallback"``."""
+
+    status: str
+    reason: str
+    family: str | None
+    plan: DiTPlan | None
+    seconds: float
+
+    def __str__(self) -> str:
+        what = self.plan.summary() if self.plan else "graph not rewritten"
+        return f"[{self.status}] {what}" + (f" — {self.reason}" if self.reason else "")
+
+
+def compile_records() -> list[CompileRecord]:
+    """Records of the graphs compiled by any specdiff backend in this process, oldest first."""
+    return list(_RECORDS)
+
+
+def last_record() -> CompileRecord | None:
+    return _RECORDS[-1] if _RECORDS else None
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+class SpecDiffBackend:
+    """A torch.compile backend object: ``torch.compile(m, backend=SpecDiffBackend(cfg))``.
+
+    ``records`` lists what this backend did with each graph it was handed.
+    """
+
+    def __init__(self, config: SpecDiffConfig | None = None, mode: str | None = None) -> None:
+        self.config = config or SpecDiffConfig()
+        self.mode = mode
+        self.records: list[CompileRecord] = []
+        self.runtimes: list[Any] = []
+
+    def _record(self, rec: CompileRecord) -> None:
+        self.records.append(rec)
+        _RECORDS.append(rec)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
+        if kwargs:
+            raise TypeError(f"unexpected arguments to the specdiff backend: {sorted(kwargs)}")
+        t0 = time.perf_counter()
+        try:
+            plan = analyze_dit(gm)
+        except NotADiT as e:
+            return self._fallback(gm, example_inputs, str(e), None, t0)
+        except Exception as e:  # a bug of ours must not cost the user a working model
+            return self._fallback(gm, example_inputs, f"analysis failed: {type(e).__name__}: {e}", None, t0, e)
+
+        from .runtime import SpecDiffRuntime
+
+        if self.config.cache_ratio == 0.0 or torch.is_grad_enabled():
+            reason = "cache_ratio=0: every token computed" if self.config.cache_ratio == 0.0 else (
+                "gradients are enabled: specdiff never caches under autograd")
+            if torch.is_grad_enabled():
+                _warn_once(f"specdiff: {reason}; the graph is compiled without caching")
+            fn = compile_graph(gm, example_inputs, self.config, self.mode)
+            self._record(CompileRecord("plain", reason, plan.family, plan, time.perf_counter() - t0))
+            return fn
+        try:
+            runtime = SpecDiffRuntime(gm, example_inputs, plan, self.config, self.mode)
+        except Exception as e:
+            return self._fallback(gm, example_inputs, f"rewrite failed: {type(e).__name__}: {e}", plan, t0, e)
+        self.runtimes.append(runtime)
+        self._record(CompileRecord("specdiff", "", plan.family, plan, time.perf_counter() - t0))
+        return runtime
+
+    def _fallback(self, gm, example_inputs, reason: str, plan: DiTPlan | None, t0: float,
+                  exc: BaseException | None = None) -> Callable[..., Any]:
+        if self.config.strict:
+            raise NotADiT(f"specdiff (strict=True): {reason}") from exc
+        _warn_once(f"specdiff: falling back to plain Inductor: {reason}")
+        log.info("specdiff fallback: %s", reason)
+        fn = compile_graph(gm, example_inputs, self.config, self.mode)
+        self._record(CompileRecord("fallback", reason, plan.family if plan else None, plan,
+                                   time.perf_counter() - t0))
+        return fn
+
+
+def specdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None,
+                     mode: str | None = None) -> Callable[..., Any]:
+    """Entry point registered as ``torch_dynamo_backends: specdiff``."""
+    config = SpecDiffConfig.from_options(options)
+    return SpecDiffBackend(config, mode)(gm, example_inputs)
+
+
+def backend(config: SpecDiffConfig | dict | None = None, /, mode: str | None = None,
+            **options: Any) -> SpecDiffBackend:
+    """A backend object for ``torch.compile(m, backend=specdiff_fx.backend(...))``."""
+    if isinstance(config, SpecDiffConfig) and not options:
+        return SpecDiffBackend(config, mode)
+    return SpecDiffBackend(SpecDiffConfig.from_options(config, **options), mode)

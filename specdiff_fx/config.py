@@ -1,0 +1,145 @@
+"""The one configuration object of the backend, and the parser of ``options``.
+
+``torch.compile(model, backend="specdiff", options={...})`` hands ``options`` to the
+backend as keyword arguments; :meth:`SpecDiffConfig.from_options` turns them into a
+frozen :class:`SpecDiffConfig`, rejecting unknown keys (the message lists the valid
+ones) and values of the wrong type or outside their range (the message names the key,
+the value and what is allowed). Validation happens when the config is built, so a bad
+option fails at compile time, before any model code runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class SpecDiffConfig:
+    """Options of the ``specdiff`` backend. Every field is validated in ``__post_init__``.
+
+    Attributes:
+        cache_ratio: fraction of image tokens *not* recomputed on a cached step,
+            ``0 <= r < 1``. ``0`` computes every token on every step (the output then
+            equals plain Inductor/eager).
+        speculative_steps: steps of the self-speculative pre-run (``0`` = history only).
+        warmup_steps: leading steps of a generation that compute every token.
+        refresh_at: progress points in ``(0, 1)`` (progress = ``1 - sigma``) at which a
+            full step refreshes every cache; derived from the timesteps, so the user
+            never passes the step count.
+        reuse_mass: share of the total score mass, taken from the lowest-scored tokens,
+            whose tokens reuse their last output (tier C2), ``0 <= m < 1``.
+        blend_history: how many past outputs tier C3 blends (``>= 1``).
+        blend: ``False`` turns tier C3 off: every non-computed token reuses (C1 + C2).
+        starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term.
+        score_queries: query rows sampled per attention to estimate the attention each
+            token receives (``0`` = every row, exact but costs a second ``QK^T``).
+        inductor: ``True`` compiles the rewritten graphs with Inductor; ``False`` runs
+            them as plain FX graphs (debugging, fast tests).
+        strict: ``True`` raises instead of falling back to plain Inductor.
+        max_cache_bytes: cap on the bytes specdiff's caches may hold (``None`` = no cap).
+    """
+
+    cache_ratio: float = 0.9
+    speculative_steps: int = 2
+    warmup_steps: int = 4
+    refresh_at: tuple[float, ...] = (0.45, 0.7)
+    reuse_mass: float = 0.10
+    blend_history: int = 3
+    blend: bool = True
+    starvation_scale: float = 0.5
+    score_queries: int = 256
+    inductor: bool = True
+    strict: bool = False
+    max_cache_bytes: int | None = field(default=None)
+
+    # -- validation ---------------------------------------------------------------
+    def __post_init__(self) -> None:
+        def bad(key: str, allowed: str) -> ValueError:
+            value = getattr(self, key)
+            return ValueError(
+                f"specdiff option {key!r}: got {value!r} ({type(value).__name__}); allowed: {allowed}"
+            )
+
+        if not (_is_real(self.cache_ratio) and 0.0 <= self.cache_ratio < 1.0):
+            raise bad("cache_ratio", "a number with 0 <= cache_ratio < 1")
+        if not (_is_int(self.speculative_steps) and 0 <= self.speculative_steps <= 16):
+            raise bad("speculative_steps", "an int with 0 <= speculative_steps <= 16")
+        if not (_is_int(self.warmup_steps) and 1 <= self.warmup_steps <= 1000):
+            raise bad("warmup_steps", "an int with 1 <= warmup_steps <= 1000")
+        refresh = self.refresh_at
+        if isinstance(refresh, list):
+            object.__setattr__(self, "refresh_at", tuple(refresh))
+            refresh = self.refresh_at
+        if not (
+            isinstance(refresh, tuple)
+            and all(_is_real(p) and 0.0 < p < 1.0 for p in refresh)
+            and list(refresh) == sorted(set(refresh))
+        ):
+            raise bad("refresh_at", "a sorted tuple of distinct numbers in (0, 1), e.g. (0.45, 0.7)")
+        if not (_is_real(self.reuse_mass) and 0.0 <= self.reuse_mass < 1.0):
+            raise bad("reuse_mass", "a number with 0 <= reuse_mass < 1")
+        if not (_is_int(self.blend_history) and 1 <= self.blend_history <= 8):
+            raise bad("blend_history", "an int with 1 <= blend_history <= 8")
+        for key in ("blend", "inductor", "strict"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "True or False")
+        if not (_is_real(self.starvation_scale) and 0.0 <= self.starvation_scale <= 10.0):
+            raise bad("starvation_scale", "a number with 0 <= starvation_scale <= 10")
+        if not (_is_int(self.score_queries) and self.score_queries >= 0):
+            raise bad("score_queries", "an int >= 0 (0 = every query row)")
+        if self.max_cache_bytes is not None and not (
+            _is_int(self.max_cache_bytes) and self.max_cache_bytes >= 0
+        ):
+            raise bad("max_cache_bytes", "None or an int >= 0")
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def valid_keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, /, **kwargs: Any) -> "SpecDiffConfig":
+        """Build a config from ``torch.compile``'s ``options`` dict and/or keywords.
+
+        Raises:
+            ValueError: an unknown key (the message lists the valid keys) or a bad value.
+        """
+        merged: dict[str, Any] = {}
+        if options is not None:
+            if isinstance(options, SpecDiffConfig):
+                merged.update(options.to_dict())
+            elif isinstance(options, Mapping):
+                merged.update(options)
+            else:
+                raise ValueError(f"specdiff options must be a dict, got {type(options).__name__}")
+        merged.update(kwargs)
+        valid = cls.valid_keys()
+        unknown = sorted(k for k in merged if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"unknown specdiff option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options are: {', '.join(valid)}"
+            )
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that :meth:`from_options` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "SpecDiffConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_computed(self, num_image_tokens: int) -> int:
+        """k, the number of image tokens computed on a cached step (at least 1)."""
+        return max(1, min(num_image_tokens, round((1.0 - self.cache_ratio) * num_image_tokens)))

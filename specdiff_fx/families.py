@@ -1,0 +1,64 @@
+"""The one table of per-model facts.
+
+Everything else in the backend is generic (token layouts are *propagated*, not looked
+up); what a model family must tell us is only where the image-token stream is born and
+where it leaves, which modules are the transformer blocks, and how its ``timestep``
+input maps onto the flow-matching sigma (for the runtime's speculative pre-run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    """Facts about one diffusers DiT class.
+
+    Attributes:
+        name: short name used in records and telemetry.
+        model_class: the diffusers class name (for messages).
+        block_types: class names of the transformer blocks (used to recognise the model
+            from ``nn_module_stack``).
+        block_lists: attribute paths of the ``ModuleList`` s holding those blocks.
+        embed: module path whose last output is the image-token stream ``[B, N, D]``.
+        out_proj: module path whose output is the per-token output before unpatchify.
+        timestep_per_sigma: ``timestep = sigma * timestep_per_sigma`` at the model input
+            (SD3 pipelines pass ``sigma * 1000``; FLUX pipelines pass ``sigma``).
+    """
+
+    name: str
+    model_class: str
+    block_types: tuple[str, ...]
+    block_lists: tuple[str, ...]
+    embed: str
+    out_proj: str
+    timestep_per_sigma: float
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="sd3",
+        model_class="SD3Transformer2DModel",
+        block_types=("JointTransformerBlock",),
+        block_lists=("transformer_blocks",),
+        embed="pos_embed",
+        out_proj="proj_out",
+        timestep_per_sigma=1000.0,
+    ),
+    Family(
+        name="flux",
+        model_class="FluxTransformer2DModel",
+        block_types=("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        embed="x_embedder",
+        out_proj="proj_out",
+        timestep_per_sigma=1.0,
+    ),
+)
+
+
+def family_for_block_types(type_names: set[str]) -> Family | None:
+    """The family whose block classes appear among ``type_names``, if exactly one does."""
+    hits = [f for f in FAMILIES if type_names.intersection(f.block_types)]
+    return hits[0] if len(hits) == 1 else None

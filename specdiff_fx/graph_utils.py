@@ -1,0 +1,94 @@
+"""Helpers shared by the passes: cloning Dynamo graphs, module paths, placeholders."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]|\['([^']+)'\]|\.([A-Za-z_0-9]+)")
+
+
+def module_path(key: str) -> str:
+    """``L['self'].__dict__['_modules']['transformer_blocks'].0.attn`` -> ``transformer_blocks.0.attn``."""
+    key = key.replace("L['self']", "", 1)
+    parts = [a or b or c for a, b, c in _MODULES.findall(key)]
+    return ".".join(p for p in parts if p not in ("__dict__", "_modules"))
+
+
+def innermost_module(node: fx.Node) -> tuple[str, str] | None:
+    """(path, class name) of the innermost module that produced ``node``, if any."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    return module_path(path), getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
+
+
+def module_paths(node: fx.Node) -> list[tuple[str, str]]:
+    """Every (path, class name) on ``node``'s module stack, outermost first."""
+    out = []
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        out.append((module_path(path), getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))))
+    return out
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a Dynamo graph module that passes may edit freely.
+
+    Node metadata is copied shallowly (fake tensors are shared, never mutated), and the
+    attributes AOT autograd reads from Dynamo graphs (``_param_name_to_source`` and each
+    placeholder's ``_dynamo_source``) are carried over.
+    """
+    graph = fx.Graph()
+    value, old_output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(value).meta = dict(old_output.meta)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
+    for old, cur in zip(gm.graph.find_nodes(op="placeholder"), new.graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            cur._dynamo_source = old._dynamo_source
+    return new
+
+
+def add_placeholder(gm: fx.GraphModule, name: str, example: torch.Tensor) -> fx.Node:
+    """Append a graph input after the last placeholder; ``example`` is its fake value."""
+    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = example
+    node._dynamo_source = None  # a new input: no source in user code
+    return node
+
+
+def nodes_by_name(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def set_operand(node: fx.Node, path: tuple, value: Any) -> None:
+    """Replace the operand at ``path`` (from :func:`layout._tensor_operands`)."""
+    where = path[0]
+    if where == "args":
+        args = list(node.args)
+        if len(path) == 2:
+            args[path[1]] = value
+        else:
+            seq = list(args[path[1]])
+            seq[path[2]] = value
+            args[path[1]] = type(node.args[path[1]])(seq)
+        node.args = tuple(args)
+    else:
+        kwargs = dict(node.kwargs)
+        kwargs[path[1]] = value
+        node.kwargs = kwargs
+
+
+def get_operand(node: fx.Node, path: tuple) -> Any:
+    if path[0] == "args":
+        v = node.args[path[1]]
+        return v if len(path) == 2 else v[path[2]]
+    return node.kwargs[path[1]]

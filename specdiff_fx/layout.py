@@ -1,0 +1,565 @@
+"""Token layouts: where the image tokens sit in each tensor of a DiT graph.
+
+A *layout* says that one axis of a tensor is a token axis made of segments, each either
+``img`` (the N image tokens, in the order of the patch grid) or ``txt`` (context tokens,
+always computed). The patch-embedding output has layout ``axis=1, (img N)``; a joint
+attention input has e.g. ``axis=2, (img N, txt M)`` (SD3) or ``(txt M, img N)`` (FLUX).
+
+:func:`propagate_layouts` walks a graph forward from the image-token stream's start and
+gives every node that carries tokens its layout, using one rule per *kind* of op
+(per-token pointwise, trailing-dim ops, views, slices, splits, concatenations,
+attention). That is the one general mechanism the sparse rewrite rests on: an op whose
+rule holds treats every token independently (or, for attention, only mixes tokens on
+the key axis), so running it on a subset of the image tokens gives those tokens' exact
+results. An op with no rule, or one whose rule fails (a view that merges the token
+axis, a slice that cuts a segment), raises :class:`LayoutError` and the whole graph
+falls back to plain Inductor.
+
+Nodes are classified by :func:`op_name`, which maps Dynamo's torch-level targets
+(``operator.add``, ``torch._C._nn.linear``, ``"view"`` methods, ...) onto one name.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+
+class LayoutError(RuntimeError):
+    """A node whose effect on the token axis we cannot express: the rewrite must not run."""
+
+
+@dataclass(frozen=True)
+class Seg:
+    """A run of tokens along the token axis: ``kind`` is ``"img"`` or ``"txt"``."""
+
+    kind: str
+    length: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The token axis of one tensor and the segments along it (full lengths)."""
+
+    axis: int
+    segs: tuple[Seg, ...]
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segs)
+
+    def sub_length(self, k: int) -> int:
+        """Length of the token axis when the image segment holds ``k`` tokens."""
+        return sum(k if s.kind == "img" else s.length for s in self.segs)
+
+    def img_offset(self) -> int:
+        """Start of the image segment; the same in the full and the subset graph, since
+        only text segments, whose lengths never change, can come before it."""
+        off = 0
+        for s in self.segs:
+            if s.kind == "img":
+                return off
+            off += s.length
+        raise LayoutError(f"layout {self} has no image segment")
+
+    def boundaries(self) -> list[int]:
+        out, off = [0], 0
+        for s in self.segs:
+            off += s.length
+            out.append(off)
+        return out
+
+    def to_sub(self, pos: int, k: int) -> int:
+        """Map a segment boundary of the full axis onto the subset axis."""
+        full_off, sub_off = 0, 0
+        if pos == 0:
+            return 0
+        for s in self.segs:
+            full_off += s.length
+            sub_off += k if s.kind == "img" else s.length
+            if pos == full_off:
+                return sub_off
+        raise LayoutError(f"position {pos} is not a segment boundary of {self}")
+
+    def slice(self, start: int, stop: int) -> "Layout":
+        """The layout of ``[start:stop]`` along the token axis (boundaries only)."""
+        bounds = self.boundaries()
+        if start not in bounds or stop not in bounds or start >= stop:
+            raise LayoutError(f"slice [{start}:{stop}] cuts a token segment of {self}")
+        i, j = bounds.index(start), bounds.index(stop)
+        return Layout(self.axis, self.segs[i:j])
+
+    def with_axis(self, axis: int) -> "Layout":
+        return Layout(axis, self.segs)
+
+    @property
+    def has_img(self) -> bool:
+        return any(s.kind == "img" for s in self.segs)
+
+    def spec(self) -> tuple[tuple[str, int], ...]:
+        """A hashable, printable form: ``(("txt", 5), ("img", 24))``."""
+        return tuple((s.kind, s.length) for s in self.segs)
+
+
+# ---------------------------------------------------------------------------------
+# op classification
+
+
+_FUNCTION_NAMES: dict[Any, str] = {
+    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
+    operator.neg: "neg", operator.pow: "pow", operator.getitem: "getitem",
+    operator.iadd: "add", operator.imul: "mul",
+    torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
+    torch.neg: "neg", torch.pow: "pow", torch.exp: "exp", torch.sin: "sin", torch.cos: "cos",
+    torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.rsqrt: "rsqrt", torch.sqrt: "sqrt",
+    torch.abs: "abs", torch.clamp: "clamp", torch.square: "square", torch.erf: "erf",
+    torch.cat: "cat", torch.concat: "cat", torch.stack: "stack",
+    torch.chunk: "chunk", torch.split: "split", torch.unbind: "unbind",
+    torch.transpose: "transpose", torch.permute: "permute", torch.movedim: "movedim",
+    torch.reshape: "reshape", torch.flatten: "flatten", torch.unflatten: "unflatten",
+    torch.unsqueeze: "unsqueeze", torch.squeeze: "squeeze",
+    torch.matmul: "matmul", torch.mean: "mean", torch.sum: "sum", torch.softmax: "softmax",
+    torch.layer_norm: "layer_norm", torch.rms_norm: "rms_norm",
+    torch.nn.functional.linear: "linear", torch._C._nn.linear: "linear",
+    F.layer_norm: "layer_norm", F.rms_norm: "rms_norm", F.group_norm: "group_norm",
+    F.gelu: "gelu", torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu",
+    F.dropout: "dropout", F.softmax: "softmax", F.mish: "mish",
+    F.scaled_dot_product_attention: "sdpa",
+}
+
+# per-token ops whose every tensor operand broadcasts against the output
+POINTWISE = {
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "sin", "cos", "tanh", "sigmoid",
+    "rsqrt", "sqrt", "abs", "clamp", "square", "erf", "gelu", "silu", "relu", "mish",
+    "dropout", "to", "float", "half", "bfloat16", "type", "type_as", "contiguous", "clone",
+    "detach",
+}
+# ops acting on trailing dims only (the token axis must stay out of them)
+TRAILING = {"linear", "layer_norm", "rms_norm"}
+REDUCE = {"mean", "sum", "softmax", "amax"}
+VIEWS = {"view", "reshape", "flatten", "unflatten", "expand"}
+SPLITS = {"chunk", "split", "split_with_sizes", "unbind"}
+
+
+def op_name(node: fx.Node) -> str | None:
+    """A canonical name for ``node``'s operation (``None`` for placeholders/outputs)."""
+    if node.op == "call_method":
+        return {"__getitem__": "getitem", "contiguous": "contiguous"}.get(node.target, node.target)
+    if node.op == "call_function":
+        name = _FUNCTION_NAMES.get(node.target)
+        if name is None and getattr(node.target, "__name__", "") == "scaled_dot_product_attention":
+            name = "sdpa"
+        return name or f"<{getattr(node.target, '__name__', node.target)}>"
+    return None
+
+
+def node_shape(node: Any) -> tuple[int, ...] | None:
+    """The static shape of ``node``'s value from its fake-tensor metadata, if a tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    return None
+
+
+def sdpa_args(node: fx.Node) -> dict[str, Any]:
+    """SDPA's arguments by name, whether Dynamo recorded them positionally or by keyword."""
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    out = dict(zip(names, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+def _prod(xs: Iterable[int]) -> int:
+    return math.prod(xs)
+
+
+# ---------------------------------------------------------------------------------
+# the propagation
+
+
+@dataclass
+class NodeLayout:
+    """What propagation learned about one node.
+
+    ``layout`` is the node's own layout (``None`` for tuple-valued nodes, whose parts
+    are in ``parts``); ``gathers`` lists operands that are full-length token tensors
+    without a layout of their own (e.g. RoPE tables) as ``(arg_path, operand_axis)``;
+    ``rewrite`` says how the node's constant arguments change in the subset graph.
+    """
+
+    layout: Layout | None = None
+    parts: tuple[Layout | None, ...] | None = None
+    gathers: tuple[tuple[tuple, Layout], ...] = ()
+    rewrite: tuple[Any, ...] = ()
+
+
+def _tensor_operands(node: fx.Node) -> list[tuple[tuple, fx.Node]]:
+    """(path, node) for every Node operand; path indexes args/kwargs (and list items)."""
+    out = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, fx.Node):
+            out.append((("args", i), a))
+        elif isinstance(a, (list, tuple)):
+            out.extend((("args", i, j), x) for j, x in enumerate(a) if isinstance(x, fx.Node))
+    for k, a in node.kwargs.items():
+        if isinstance(a, fx.Node):
+            out.append((("kwargs", k), a))
+    return out
+
+
+def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _shape_args(node: fx.Node) -> tuple[list[Any], str]:
+    """The size list of view/reshape/expand and where it lives (``varargs`` or ``tuple``)."""
+    if "shape" in node.kwargs or "size" in node.kwargs:
+        return list(node.kwargs.get("shape", node.kwargs.get("size"))), "kw"
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple, torch.Size)):
+        return list(rest[0]), "tuple"
+    return rest, "varargs"
+
+
+def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> int:
+    """The output axis that carries the token axis through a view, or raise."""
+    length = in_shape[axis]
+    prefix = _prod(in_shape[:axis])
+    suffix = _prod(in_shape[axis + 1 :])
+    for b, size in enumerate(out_shape):
+        if size == length and _prod(out_shape[:b]) == prefix and _prod(out_shape[b + 1 :]) == suffix:
+            return b
+    raise LayoutError(f"view {tuple(in_shape)} -> {tuple(out_shape)} merges or splits the token axis {axis}")
+
+
+class _Propagator:
+    def __init__(self, graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int) -> None:
+        self.graph = graph
+        self.start = start
+        self.end = end
+        self.n_img = n_img
+        self.info: dict[fx.Node, NodeLayout] = {}
+
+    def lay(self, x: Any) -> Layout | None:
+        info = self.info.get(x) if isinstance(x, fx.Node) else None
+        return info.layout if info else None
+
+    def run(self) -> dict[fx.Node, NodeLayout]:
+        self.info[self.start] = NodeLayout(Layout(1, (Seg("img", self.n_img),)))
+        started = False
+        for node in self.graph.nodes:
+            if node is self.start:
+                started = True
+                continue
+            if not started or node.op in ("placeholder", "output", "get_attr"):
+                continue
+            carriers = [n for _, n in _tensor_operands(node) if n in self.info]
+            if not carriers:
+                continue
+            if node.op not in ("call_function", "call_method"):
+                raise LayoutError(f"node {node.name}: {node.op} on image tokens is not supported")
+            self.info[node] = self.rule(node)
+            if node is self.end:
+                break
+        if self.end not in self.info:
+            raise LayoutError(f"stream end {self.end.name} is not reached from the stream start")
+        return self.info
+
+    # -- the rules ------------------------------------------------------------------
+    def rule(self, node: fx.Node) -> NodeLayout:
+        name = op_name(node)
+        shape = node_shape(node)
+        if name == "getitem":
+            return self.getitem(node)
+        if name in SPLITS:
+            return self.split(node, name)
+        if name in POINTWISE:
+            return self.pointwise(node)
+        if name in TRAILING:
+            return self.trailing(node, name)
+        if name in REDUCE:
+            return self.reduce(node, name)
+        if name in VIEWS:
+            return self.view(node, name)
+        if name in ("transpose", "permute", "movedim", "unsqueeze", "squeeze"):
+            return self.axes(node, name)
+        if name == "cat":
+            return self.cat(node)
+        if name == "stack":
+            return self.stack(node)
+        if name == "matmul":
+            return self.matmul(node)
+        if name == "sdpa":
+            return self.sdpa(node)
+        raise LayoutError(f"node {node.name}: op {name!r} on image tokens has no token rule (shape {shape})")
+
+    def _single(self, node: fx.Node) -> tuple[fx.Node, Layout]:
+        src = node.args[0]
+        lay = self.lay(src)
+        if lay is None:
+            raise LayoutError(f"node {node.name}: token operand is not the first argument")
+        return src, lay
+
+    def pointwise(self, node: fx.Node) -> NodeLayout:
+        out_shape = node_shape(node)
+        if out_shape is None:
+            raise LayoutError(f"node {node.name}: pointwise op without a tensor value")
+        rank = len(out_shape)
+        out_layout: Layout | None = None
+        for _, x in _tensor_operands(node):
+            lay = self.lay(x)
+            if lay is None:
+                continue
+            shp = node_shape(x)
+            cand = lay.with_axis(lay.axis + rank - len(shp))
+            if out_layout is not None and cand != out_layout:
+                raise LayoutError(f"node {node.name}: operands with different token layouts {out_layout} / {cand}")
+            out_layout = cand
+        assert out_layout is not None
+        if out_shape[out_layout.axis] != out_layout.length:
+            raise LayoutError(f"node {node.name}: token axis broadcast away")
+        gathers = []
+        for path, x in _tensor_operands(node):
+            if self.lay(x) is not None or not out_layout.has_img:
+                continue
+            shp = node_shape(x)
+            if shp is None:
+                continue
+            ax = out_layout.axis - (rank - len(shp))
+            if ax >= 0 and shp[ax] == out_layout.length and out_layout.length != 1:
+                gathers.append((path, out_layout))
+        return NodeLayout(out_layout, gathers=tuple(gathers))
+
+    def trailing(self, node: fx.Node, name: str) -> NodeLayout:
+        src, lay = self._single(node)
+        rank = len(node_shape(src))
+        if name == "linear":
+            covered = 1
+        else:
+            ns = _arg(node, 1, "normalized_shape")
+            covered = len(ns) if isinstance(ns, (list, tuple)) else 1
+        if lay.axis >= rank - covered:
+            raise LayoutError(f"node {node.name}: {name} acts on the token axis")
+        for _, x in _tensor_operands(node)[1:]:
+            if self.lay(x) is not None:
+                raise LayoutError(f"node {node.name}: {name} with a token-shaped parameter")
+        return NodeLayout(lay)
+
+    def reduce(self, node: fx.Node, name: str) -> NodeLayout:
+        src, lay = self._single(node)
+        rank = len(node_shape(src))
+        dim = _arg(node, 1, "dim")
+        if dim is None:
+            raise LayoutError(f"node {node.name}: {name} over all dims")
+        dims = [_norm_dim(d, rank) for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+        if lay.axis in dims:
+            raise LayoutError(f"node {node.name}: {name} over the token axis")
+        keep = name == "softmax" or bool(_arg(node, 2, "keepdim", False))
+        axis = lay.axis if keep else lay.axis - sum(d < lay.axis for d in dims)
+        return NodeLayout(lay.with_axis(axis))
+
+    def view(self, node: fx.Node, name: str) -> NodeLayout:
+        src, lay = self._single(node)
+        in_shape, out_shape = node_shape(src), node_shape(node)
+        if name == "expand":
+            axis = lay.axis + len(out_shape) - len(in_shape)
+        else:
+            axis = _view_axis(in_shape, lay.axis, out_shape)
+        rewrite: tuple[Any, ...] = ()
+        if name in ("view", "reshape", "expand"):
+            sizes, _ = _shape_args(node)
+            if any(isinstance(s, fx.Node) for s in sizes):
+                raise LayoutError(f"node {node.name}: symbolic sizes are not supported")
+            if sizes[axis] == lay.length:
+                rewrite = ("size", axis)
+            elif sizes[axis] != -1:
+                raise LayoutError(f"node {node.name}: unexpected size {sizes[axis]} at the token axis")
+        return NodeLayout(lay.with_axis(axis), rewrite=rewrite)
+
+    def axes(self, node: fx.Node, name: str) -> NodeLayout:
+        src, lay = self._single(node)
+        rank_in = len(node_shape(src))
+        rank_out = len(node_shape(node))
+        a = lay.axis
+        if name == "transpose":
+            d0, d1 = (_norm_dim(d, rank_in) for d in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+            a = d1 if a == d0 else d0 if a == d1 else a
+        elif name == "permute":
+            dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+            dims = [_norm_dim(d, rank_in) for d in (dims or node.kwargs["dims"])]
+            a = dims.index(a)
+        elif name == "movedim":
+            src_d = _norm_dim(_arg(node, 1, "source"), rank_in)
+            dst_d = _norm_dim(_arg(node, 2, "destination"), rank_in)
+            order = [d for d in range(rank_in) if d != src_d]
+            order.insert(dst_d, src_d)
+            a = order.index(a)
+        elif name == "unsqueeze":
+            d = _norm_dim(_arg(node, 1, "dim"), rank_out)
+            a = a + 1 if d <= a else a
+        elif name == "squeeze":
+            dim = _arg(node, 1, "dim")
+            shp = node_shape(src)
+            dims = [d for d in range(rank_in) if shp[d] == 1] if dim is None else [
+                _norm_dim(d, rank_in) for d in (dim if isinstance(dim, (list, tuple)) else [dim])
+            ]
+            dims = [d for d in dims if shp[d] == 1]
+            if a in dims:
+                raise LayoutError(f"node {node.name}: squeezes the token axis")
+            a -= sum(d < a for d in dims)
+        return NodeLayout(lay.with_axis(a))
+
+    def _slice_entries(self, node: fx.Node, src: fx.Node, lay: Layout) -> NodeLayout:
+        idx = node.args[1]
+        entries = list(idx) if isinstance(idx, tuple) else [idx]
+        rank = len(node_shape(src))
+        n_real = sum(1 for e in entries if e is not None and e is not Ellipsis)
+        if Ellipsis in entries:
+            pos = entries.index(Ellipsis)
+            entries = entries[:pos] + [slice(None)] * (rank - n_real) + entries[pos + 1 :]
+        in_dim, out_dim = 0, 0
+        result: NodeLayout | None = None
+        for pos, e in enumerate(entries):
+            if e is None:
+                out_dim += 1
+                continue
+            if isinstance(e, (fx.Node, torch.Tensor, list)):
+                raise LayoutError(f"node {node.name}: tensor indexing of a token tensor")
+            if in_dim == lay.axis:
+                if isinstance(e, int):
+                    raise LayoutError(f"node {node.name}: integer index into the token axis")
+                if not isinstance(e, slice) or e.step not in (None, 1):
+                    raise LayoutError(f"node {node.name}: unsupported index {e!r} on the token axis")
+                start = 0 if e.start is None else _norm_dim(e.start, lay.length)
+                stop = lay.length if e.stop is None else min(_norm_dim(e.stop, lay.length), lay.length)
+                sub = lay.slice(start, stop).with_axis(out_dim)
+                rewrite = () if (start, stop) == (0, lay.length) else ("slice", pos, start, stop, lay)
+                result = NodeLayout(sub, rewrite=rewrite)
+            if not isinstance(e, int):
+                out_dim += 1
+            in_dim += 1
+        if result is None:  # the token axis lies past the given entries
+            result = NodeLayout(lay.with_axis(out_dim + (lay.axis - in_dim)))
+        return result
+
+    def getitem(self, node: fx.Node) -> NodeLayout:
+        src = node.args[0]
+        info = self.info[src]
+        if info.parts is not None:  # an element of a split/chunk/unbind result
+            part = info.parts[node.args[1]]
+            if part is None:
+                raise LayoutError(f"node {node.name}: element without a token layout")
+            return NodeLayout(part)
+        if info.layout is None:
+            raise LayoutError(f"node {node.name}: getitem on an unknown token value")
+        return self._slice_entries(node, src, info.layout)
+
+    def split(self, node: fx.Node, name: str) -> NodeLayout:
+        src, lay = self._single(node)
+        rank = len(node_shape(src))
+        if name == "unbind":
+            d = _norm_dim(_arg(node, 1, "dim", 0), rank)
+            if d == lay.axis:
+                raise LayoutError(f"node {node.name}: unbind over the token axis")
+            n = node_shape(src)[d]
+            return NodeLayout(parts=(lay.with_axis(lay.axis - (d < lay.axis)),) * n)
+        d = _norm_dim(_arg(node, 2, "dim", 0), rank)
+        size_arg = _arg(node, 1, "split_size_or_sections" if name == "split" else (
+            "split_sizes" if name == "split_with_sizes" else "chunks"))
+        total = node_shape(src)[d]
+        if name == "chunk":
+            step = -(-total // size_arg)
+            sizes = [min(step, total - i) for i in range(0, total, step)]
+        elif isinstance(size_arg, int):
+            sizes = [min(size_arg, total - i) for i in range(0, total, size_arg)]
+        else:
+            sizes = list(size_arg)
+        if d != lay.axis:
+            return NodeLayout(parts=(lay,) * len(sizes))
+        if name == "chunk" or isinstance(size_arg, int):
+            raise LayoutError(f"node {node.name}: {name} into equal parts along the token axis")
+        parts, off = [], 0
+        for s in sizes:
+            parts.append(lay.slice(off, off + s))
+            off += s
+        return NodeLayout(parts=tuple(parts), rewrite=("sections", lay))
+
+    def cat(self, node: fx.Node) -> NodeLayout:
+        tensors = _arg(node, 0, "tensors")
+        rank = len(node_shape(node))
+        d = _norm_dim(_arg(node, 1, "dim", 0), rank)
+        lays = [self.lay(t) for t in tensors]
+        ref = next(l for l in lays if l is not None)
+        if d == ref.axis:
+            segs: list[Seg] = []
+            for t, l in zip(tensors, lays):
+                if l is None:
+                    segs.append(Seg("txt", node_shape(t)[d]))
+                elif l.axis != d:
+                    raise LayoutError(f"node {node.name}: cat of tensors with different token axes")
+                else:
+                    segs.extend(l.segs)
+            if sum(s.kind == "img" for s in segs) != 1:
+                raise LayoutError(f"node {node.name}: cat must hold exactly one image segment")
+            return NodeLayout(Layout(d, tuple(segs)))
+        if any(l is None or l != ref for l in lays):
+            raise LayoutError(f"node {node.name}: cat along a non-token axis of mixed tensors")
+        return NodeLayout(ref)
+
+    def stack(self, node: fx.Node) -> NodeLayout:
+        tensors = _arg(node, 0, "tensors")
+        rank = len(node_shape(node))
+        d = _norm_dim(_arg(node, 1, "dim", 0), rank)
+        lays = [self.lay(t) for t in tensors]
+        if any(l is None or l != lays[0] for l in lays):
+            raise LayoutError(f"node {node.name}: stack of mixed token tensors")
+        a = lays[0].axis
+        return NodeLayout(lays[0].with_axis(a + 1 if d <= a else a))
+
+    def matmul(self, node: fx.Node) -> NodeLayout:
+        a, b = node.args[0], node.args[1]
+        la, lb = self.lay(a), self.lay(b)
+        if lb is not None or la is None:
+            raise LayoutError(f"node {node.name}: matmul mixing token positions")
+        rank_a = len(node_shape(a))
+        if la.axis == rank_a - 1 or rank_a < 2:
+            raise LayoutError(f"node {node.name}: matmul contracts the token axis")
+        return NodeLayout(la.with_axis(la.axis + len(node_shape(node)) - rank_a))
+
+    def sdpa(self, node: fx.Node) -> NodeLayout:
+        args = sdpa_args(node)
+        q, k, v = args["query"], args["key"], args["value"]
+        lq, lk, lv = self.lay(q), self.lay(k), self.lay(v)
+        if lq is None or lk is None or lv is None:
+            raise LayoutError(f"node {node.name}: attention whose query/key/value are not all token tensors")
+        rank = len(node_shape(q))
+        if lq.axis != rank - 2 or lk != lq or lv != lq:
+            raise LayoutError(f"node {node.name}: attention with mismatched token layouts")
+        if isinstance(args.get("attn_mask"), fx.Node):
+            raise LayoutError(f"node {node.name}: attention masks are not supported yet")
+        if args.get("is_causal") or args.get("dropout_p", 0.0):
+            raise LayoutError(f"node {node.name}: causal or dropout attention is not supported")
+        return NodeLayout(lq)
+
+
+def propagate_layouts(graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int) -> dict[fx.Node, NodeLayout]:
+    """Give every node between ``start`` and ``end`` that carries image tokens its layout.
+
+    Reads: node shapes (``meta["val"]`` or Dynamo's ``meta["example_value"]``).
+    Raises: :class:`LayoutError` for any op on image tokens without a valid rule.
+    """
+    return _Propagator(graph, start, end, n_img).run()

@@ -1,0 +1,98 @@
+"""Small tensor functions the rewrite passes insert into graphs as ``call_function`` nodes.
+
+Each is plain, traceable PyTorch (no data-dependent Python control flow), so AOT autograd
+and Inductor trace straight through them and the plain-FX path just calls them.
+Shapes: ``B`` batch, ``k`` computed image tokens, ``N`` all image tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def layout_index(idx: torch.Tensor, spec: tuple[tuple[str, int], ...]) -> torch.Tensor:
+    """Positions in a full token axis laid out as ``spec`` that the subset axis keeps.
+
+    ``idx`` is ``[B, k]`` (image-token indices); ``spec`` is e.g. ``(("txt", M), ("img", N))``.
+    Returns ``[B, L_sub]`` long: text positions kept whole, image positions at ``idx``.
+    """
+    parts, off = [], 0
+    batch = idx.shape[0]
+    for kind, length in spec:
+        if kind == "img":
+            parts.append(idx + off)
+        else:
+            parts.append(torch.arange(off, off + length, device=idx.device).expand(batch, length))
+        off += length
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def take_tokens(x: torch.Tensor, rank: int, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """Gather ``index`` (``[B, L']``) along ``axis`` of ``x`` seen at rank ``rank``.
+
+    ``x`` may have fewer dims than ``rank`` (it broadcasts from the right, like a RoPE
+    table ``[S, d]`` against ``[B, S, H, d]``) and a batch dim of 1; the result has rank
+    ``rank`` and batch ``B``.
+    """
+    if x.dim() < rank:
+        x = x.reshape((1,) * (rank - x.dim()) + tuple(x.shape))
+    batch, kept = index.shape
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    view = [1] * rank
+    view[0], view[axis] = batch, kept
+    size = list(x.shape)
+    size[axis] = kept
+    return torch.gather(x, axis, index.reshape(view).expand(size))
+
+
+def image_segment(x: torch.Tensor, axis: int, offset: int, length: int) -> torch.Tensor:
+    """The image tokens of a joint tensor, as a fresh contiguous tensor."""
+    return x.narrow(axis, offset, length).contiguous()
+
+
+def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, offset: int) -> torch.Tensor:
+    """Write the fresh image keys (or values) of the subset into ``cache`` and return the
+    joint key tensor over *all* tokens.
+
+    ``cache``: ``[B, H, N, d]`` image-token keys of this attention (mutated in place);
+    ``fresh``: ``[B, H, L_sub, d]`` keys of the computed tokens, image segment at
+    ``offset`` with ``k = idx.shape[1]`` tokens; returns ``[B, H, L_sub - k + N, d]``.
+    """
+    k = idx.shape[1]
+    batch, heads, _, dim = fresh.shape
+    img = fresh.narrow(2, offset, k)
+    cache.scatter_(2, idx.reshape(batch, 1, k, 1).expand(batch, heads, k, dim), img.to(cache.dtype))
+    before = fresh.narrow(2, 0, offset)
+    after = fresh.narrow(2, offset + k, fresh.shape[2] - offset - k)
+    return torch.cat([before, cache.to(fresh.dtype), after], dim=2)
+
+
+def received_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    img_offset: int,
+    n_img: int,
+    max_queries: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention each image token receives: head-mean softmax column mass, ``[B, N]``.
+
+    The softmax rows are those of the attention itself (same keys, same scale). With
+    ``max_queries > 0`` only every ``ceil(S_q / max_queries)``-th query row is used and
+    the column sums are scaled back by the sampling ratio.
+
+    Cost per call: one ``[B, H, S_q', d] x [B, H, d, S_k]`` matmul plus a softmax over
+    ``[B, H, S_q', S_k]`` (``S_q' <= max_queries``), i.e. ``S_q'/S_q`` of the attention's
+    own ``QK^T``. Memory: that ``S_q' x S_k`` map for one attention call at a time,
+    never the ``N x N`` maps of all heads and layers together.
+    """
+    n_q = query.shape[-2]
+    if max_queries and n_q > max_queries:
+        query = query[..., :: math.ceil(n_q / max_queries), :]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    logits = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
+    mass = torch.softmax(logits, dim=-1).mean(dim=1).sum(dim=1)
+    return mass.narrow(1, img_offset, n_img) * (n_q / query.shape[-2])

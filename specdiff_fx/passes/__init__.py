@@ -1,0 +1,36 @@
+"""Graph passes of the specdiff backend, one per file, applied in the orders below.
+
+``analyze_dit`` is the analysis (graph -> frozen DiTPlan). Each rewrite pass is a function
+``(gm, ctx) -> gm`` whose docstring says what it reads, writes and keeps true;
+:func:`run_passes` lints, recompiles and re-propagates fake shapes after each one and logs
+the graph at DEBUG on the ``specdiff_fx.passes`` logger.
+"""
+
+from .analyze_dit import NotADiT, analyze_dit
+from .attend_with_kv_cache import attend_with_kv_cache
+from .context import NewInput, RewriteContext, run_passes
+from .drop_user_outputs import drop_user_outputs
+from .expose_attention_kv import expose_attention_kv
+from .expose_attention_score import expose_attention_score
+from .expose_token_output import expose_token_output
+from .finalize_outputs import finalize_outputs
+from .gather_token_subset import gather_token_subset
+
+#: full variant: the original computation plus K/V, score and per-token outputs
+FULL_PASSES = (expose_attention_kv, expose_attention_score, expose_token_output, finalize_outputs)
+
+#: subset variant: k image tokens computed, cached K/V for the rest
+SPARSE_PASSES = (
+    drop_user_outputs,
+    gather_token_subset,
+    attend_with_kv_cache,
+    expose_attention_score,
+    expose_token_output,
+    finalize_outputs,
+)
+
+__all__ = [
+    "FULL_PASSES", "SPARSE_PASSES", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
+    "attend_with_kv_cache", "drop_user_outputs", "expose_attention_kv", "expose_attention_score",
+    "expose_token_output", "finalize_outputs", "gather_token_subset", "run_passes",
+]

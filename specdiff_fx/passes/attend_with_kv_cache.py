@@ -1,0 +1,43 @@
+"""Subset variant: each attention's subset queries attend to all tokens via K/V caches.
+
+Reads: ``plan.attention``, the ``specdiff_idx`` input added by
+:func:`gather_token_subset` (must run first).
+Writes: per attention call ``i`` two new inputs ``specdiff_k{i}`` / ``specdiff_v{i}``
+(``[B, H, N, d]``, the image-token keys/values of the last step that computed them);
+the SDPA's key/value become :func:`specdiff_fx.ops.attend_keys`: the fresh keys of the
+``k`` computed tokens are scattered into the cache *in place* (so the cache holds the
+newest keys afterwards) and the attention sees text + all ``N`` image keys, in the
+model's own order.
+Keeps true: queries are only the computed tokens; the attention output has the query's
+layout; with ``idx`` = all tokens the result equals the full graph's.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .. import ops
+from ..graph_utils import nodes_by_name
+from ..layout import node_shape, sdpa_args
+from .context import RewriteContext
+
+
+def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    plan = ctx.plan
+    idx = ctx.memo["idx"]
+    nodes = nodes_by_name(gm)
+    for i, site in enumerate(plan.attention):
+        sdpa = nodes[site.node]
+        args = sdpa_args(sdpa)
+        new = {}
+        for name in ("key", "value"):
+            fresh = args[name]
+            val = fresh.meta["val"]
+            shape = (plan.batch, node_shape(fresh)[1], plan.num_image_tokens, node_shape(fresh)[3])
+            cache = ctx.add_input(gm, f"specdiff_{name[0]}{i}", shape, val.dtype, val.device)
+            with gm.graph.inserting_before(sdpa):
+                new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, site.img_offset))
+        positional = ["query", "key", "value"]
+        sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
+        sdpa.kwargs = {key: new.get(key, a) for key, a in sdpa.kwargs.items()}
+    return gm

@@ -1,0 +1,90 @@
+"""State shared by the rewrite passes of one variant, and the runner that applies them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from ..config import SpecDiffConfig
+from ..graph_utils import add_placeholder
+from ..plan import DiTPlan
+
+log = logging.getLogger("specdiff_fx.passes")
+
+
+@dataclass(frozen=True)
+class NewInput:
+    """A graph input a pass added: the runtime must pass a tensor of this spec."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class RewriteContext:
+    """What the passes of one variant read and write besides the graph.
+
+    ``extras`` are extra outputs (name -> node) in the order the variant returns them;
+    ``new_inputs`` are the inputs added after the original ones, in placeholder order.
+    """
+
+    plan: DiTPlan
+    config: SpecDiffConfig
+    variant: str  # "full" or "sparse"
+    k: int | None = None
+    fake_mode: FakeTensorMode = field(default_factory=lambda: FakeTensorMode(allow_non_fake_inputs=True))
+    extras: dict[str, fx.Node] = field(default_factory=dict)
+    new_inputs: list[NewInput] = field(default_factory=list)
+    keep_user_outputs: bool = True
+    memo: dict = field(default_factory=dict)
+
+    def add_input(self, gm: fx.GraphModule, name: str, shape, dtype, device) -> fx.Node:
+        with self.fake_mode:
+            example = torch.empty(tuple(shape), dtype=dtype, device=device)
+        node = add_placeholder(gm, name, example)
+        self.new_inputs.append(NewInput(node.name, tuple(shape), dtype, torch.device(device)))
+        return node
+
+
+Pass = Callable[[fx.GraphModule, RewriteContext], fx.GraphModule]
+
+
+def propagate_fake(gm: fx.GraphModule, ctx: RewriteContext) -> None:
+    """Re-run shape propagation so every node's ``meta["val"]`` is true for the graph."""
+    args = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(val, torch.Tensor) and not isinstance(val, FakeTensor):
+            val = ctx.fake_mode.from_tensor(val)
+        elif isinstance(val, FakeTensor) and val.fake_mode is not ctx.fake_mode:
+            val = ctx.fake_mode.from_tensor(val)
+        args.append(val)
+    with ctx.fake_mode:
+        FakeTensorProp(gm, ctx.fake_mode).propagate_dont_convert_inputs(*args)
+
+
+def seed_placeholder_values(gm: fx.GraphModule, example_inputs: Sequence, ctx: RewriteContext) -> None:
+    """Give the original placeholders fake values in the context's mode."""
+    for node, ex in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+        if isinstance(ex, torch.Tensor):
+            node.meta["val"] = ctx.fake_mode.from_tensor(ex, static_shapes=True)
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: RewriteContext) -> fx.GraphModule:
+    """Apply ``passes`` in order; after each: lint, recompile, re-propagate shapes, log."""
+    for p in passes:
+        gm = p(gm, ctx)
+        gm.graph.lint()
+        gm.recompile()
+        propagate_fake(gm, ctx)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("after %s (%s variant):\n%s", p.__name__, ctx.variant, gm.print_readable(print_output=False))
+    return gm

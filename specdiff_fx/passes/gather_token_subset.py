@@ -1,0 +1,88 @@
+"""Subset variant: run the image-token stream on ``k`` chosen tokens per sample.
+
+Reads: ``plan.start`` and ``plan.layouts`` (each token-carrying node's layout and the
+rewrite it needs), ``ctx.k``.
+Writes:
+* a new input ``specdiff_idx`` (``[B, k]`` int64, image-token indices per sample);
+* ``take_tokens`` right after the stream start, all its users moved onto the subset;
+* for every full-length token operand without a layout of its own (RoPE tables,
+  positional terms): ``take_tokens`` at the same positions (text positions kept whole)
+  just before the op that meets the subset;
+* constant sizes that spelled the token count (``view``/``reshape``/``expand`` sizes,
+  slices and ``split_with_sizes`` sections at segment boundaries) rewritten for ``k``.
+Keeps true: every per-token op computes, for the kept tokens, exactly what it computed
+in the full graph; shapes re-propagate (the runner checks them with fake tensors).
+Attention is *not* touched here (see :func:`attend_with_kv_cache`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from ..graph_utils import get_operand, nodes_by_name, set_operand
+from ..layout import Layout, _shape_args, node_shape
+from .context import RewriteContext
+
+
+def _index_for(gm: fx.GraphModule, ctx: RewriteContext, layout: Layout, idx: fx.Node) -> fx.Node:
+    spec = layout.spec()
+    if spec not in ctx.memo:
+        with gm.graph.inserting_after(idx):
+            ctx.memo[spec] = gm.graph.call_function(ops.layout_index, (idx, spec))
+    return ctx.memo[spec]
+
+
+def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
+    sizes, where = _shape_args(node)
+    sizes[axis] = new
+    if where == "kw":
+        key = "shape" if "shape" in node.kwargs else "size"
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+    elif where == "tuple":
+        node.args = (node.args[0], tuple(sizes), *node.args[2:])
+    else:
+        node.args = (node.args[0], *sizes)
+
+
+def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    plan, k = ctx.plan, ctx.k
+    assert k is not None and 1 <= k <= plan.num_image_tokens
+    nodes = nodes_by_name(gm)
+    start = nodes[plan.start]
+    device = start.meta.get("val", start.meta.get("example_value")).device
+    idx = ctx.add_input(gm, "specdiff_idx", (plan.batch, k), torch.int64, device)
+    ctx.memo["idx"] = idx
+
+    with gm.graph.inserting_after(start):
+        sub = gm.graph.call_function(ops.take_tokens, (start, 3, 1, idx))
+    start.replace_all_uses_with(sub, delete_user_cb=lambda user: user is not sub)
+
+    for name, info in plan.layouts.items():
+        node = nodes[name]
+        for path, layout in info.gathers:
+            operand = get_operand(node, path)
+            rank = len(node_shape(node))
+            index = _index_for(gm, ctx, layout, idx)
+            with gm.graph.inserting_before(node):
+                taken = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
+            set_operand(node, path, taken)
+        if not info.rewrite:
+            continue
+        kind = info.rewrite[0]
+        if kind == "size":
+            _rewrite_sizes(node, info.rewrite[1], info.layout.sub_length(k))
+        elif kind == "slice":
+            _, pos, lo, hi, lay = info.rewrite
+            entries = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+            entries[pos] = slice(lay.to_sub(lo, k), lay.to_sub(hi, k))
+            node.args = (node.args[0], tuple(entries) if isinstance(node.args[1], tuple) else entries[0])
+        elif kind == "sections":
+            sizes = [part.sub_length(k) for part in info.parts]
+            if len(node.args) > 1:
+                node.args = (node.args[0], sizes, *node.args[2:])
+            else:
+                key = "split_sizes" if "split_sizes" in node.kwargs else "split_size_or_sections"
+                node.kwargs = {**node.kwargs, key: sizes}
+    return gm

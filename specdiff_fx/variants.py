@@ -1,0 +1,95 @@
+"""Build one compiled variant (plain, full or sparse) of an analysed DiT graph."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .config import SpecDiffConfig
+from .graph_utils import clone_graph_module
+from .passes import FULL_PASSES, SPARSE_PASSES, NewInput, RewriteContext, run_passes
+from .passes.context import seed_placeholder_values
+from .plan import DiTPlan
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
+                  mode: str | None = None) -> Callable[..., Any]:
+    """Inductor-compile ``gm`` (or return it as a plain FX callable); call as ``fn(*args)``."""
+    if not config.inductor:
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = list_mode_options(mode) if mode and mode != "default" else None
+    return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+
+@dataclass
+class Variant:
+    """A rewritten and compiled graph.
+
+    Call with the original graph inputs followed by ``new_inputs`` (in order); returns the
+    user outputs (full variant only) followed by the extras named in ``extras``.
+    """
+
+    name: str
+    gm: fx.GraphModule
+    fn: Callable[..., Any]
+    new_inputs: tuple[NewInput, ...]
+    num_user_outputs: int
+    extras: tuple[str, ...]
+    k: int | None = None
+    compile_seconds: float = 0.0
+    calls: int = field(default=0)
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        self.calls += 1
+        out = self.fn(*args)
+        return tuple(out)
+
+    def split(self, outputs: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """(user outputs, {extra name: value})."""
+        n = self.num_user_outputs
+        return tuple(outputs[:n]), dict(zip(self.extras, outputs[n:]))
+
+
+def build_variant(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    plan: DiTPlan,
+    config: SpecDiffConfig,
+    variant: str,
+    k: int | None = None,
+    mode: str | None = None,
+) -> Variant:
+    """Clone ``gm``, run the variant's passes, compile. ``variant``: "full" or "sparse".
+
+    Compiles under ``torch.no_grad()``: the variants are inference graphs.
+    """
+    t0 = time.perf_counter()
+    if variant not in ("full", "sparse"):
+        raise ValueError(f"unknown variant {variant!r}")
+    clone = clone_graph_module(gm)
+    ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k,
+                         keep_user_outputs=variant == "full")
+    seed_placeholder_values(clone, example_inputs, ctx)
+    rewritten = run_passes(clone, FULL_PASSES if variant == "full" else SPARSE_PASSES, ctx)
+    examples = list(example_inputs) + [
+        torch.zeros(i.shape, dtype=i.dtype, device=i.device) for i in ctx.new_inputs
+    ]
+    if variant == "sparse":  # valid, distinct indices for the example call
+        examples[len(example_inputs)] = (
+            torch.arange(k, device=ctx.new_inputs[0].device).expand(plan.batch, k).contiguous()
+        )
+    with torch.no_grad():
+        fn = compile_graph(rewritten, examples, config, mode)
+    meta = rewritten.meta["specdiff_outputs"]
+    return Variant(
+        name=variant, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
+        num_user_outputs=meta["user"], extras=meta["extras"], k=k,
+        compile_seconds=time.perf_counter() - t0,
+    )

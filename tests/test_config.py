@@ -1,0 +1,90 @@
+"""Options: parsing, validation messages, round trip; bad options fail at compile time."""
+
+import pytest
+import torch
+
+import specdiff_fx
+from specdiff_fx import SpecDiffConfig
+
+
+def test_defaults_and_round_trip():
+    cfg = SpecDiffConfig()
+    assert 0 < cfg.cache_ratio < 1 and cfg.speculative_steps == 2 and cfg.inductor and not cfg.strict
+    assert SpecDiffConfig.from_options(cfg.to_dict()) == cfg
+    other = SpecDiffConfig.from_options({"cache_ratio": 0.5, "refresh_at": [0.3, 0.6]})
+    assert other.refresh_at == (0.3, 0.6)
+    assert SpecDiffConfig.from_options(other.to_dict()) == other
+    assert "cache_ratio=0.5" in repr(other)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError) as e:
+        SpecDiffConfig.from_options({"cache_ration": 0.5})
+    msg = str(e.value)
+    assert "'cache_ration'" in msg
+    for key in SpecDiffConfig.valid_keys():
+        assert key in msg
+
+
+@pytest.mark.parametrize(
+    "options, key, allowed",
+    [
+        ({"cache_ratio": 1.5}, "cache_ratio", "0 <= cache_ratio < 1"),
+        ({"cache_ratio": -0.1}, "cache_ratio", "0 <= cache_ratio < 1"),
+        ({"cache_ratio": float("nan")}, "cache_ratio", "0 <= cache_ratio < 1"),
+        ({"cache_ratio": "0.5"}, "cache_ratio", "a number"),
+        ({"speculative_steps": -1}, "speculative_steps", "0 <= speculative_steps"),
+        ({"speculative_steps": 2.0}, "speculative_steps", "an int"),
+        ({"speculative_steps": "2"}, "speculative_steps", "an int"),
+        ({"warmup_steps": 0}, "warmup_steps", "1 <= warmup_steps"),
+        ({"reuse_mass": 1.0}, "reuse_mass", "0 <= reuse_mass < 1"),
+        ({"blend_history": 0}, "blend_history", "1 <= blend_history"),
+        ({"inductor": "yes"}, "inductor", "True or False"),
+        ({"strict": 1}, "strict", "True or False"),
+        ({"score_queries": -5}, "score_queries", "an int >= 0"),
+        ({"refresh_at": (0.7, 0.3)}, "refresh_at", "sorted"),
+        ({"refresh_at": (0.0,)}, "refresh_at", "(0, 1)"),
+        ({"max_cache_bytes": -1}, "max_cache_bytes", "None or an int >= 0"),
+    ],
+)
+def test_bad_values_name_key_value_and_range(options, key, allowed):
+    with pytest.raises(ValueError) as e:
+        SpecDiffConfig.from_options(options)
+    msg = str(e.value)
+    assert repr(key) in msg and allowed in msg and repr(options[key]) in msg
+
+
+def test_options_must_be_a_dict():
+    with pytest.raises(ValueError, match="must be a dict"):
+        SpecDiffConfig.from_options([("cache_ratio", 0.5)])
+
+
+def test_backend_object_validates_immediately():
+    with pytest.raises(ValueError, match="cache_ratio"):
+        specdiff_fx.backend(cache_ratio=1.5)
+    with pytest.raises(ValueError, match="unknown specdiff option"):
+        specdiff_fx.backend({"bogus": 1})
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"nope": 1}, "unknown specdiff option"),
+        ({"cache_ratio": 1.5}, "cache_ratio"),
+        ({"speculative_steps": -1}, "speculative_steps"),
+        ({"cache_ratio": "high"}, "cache_ratio"),
+    ],
+)
+def test_bad_options_raise_value_error_at_compile_time(options, needle):
+    """Through ``torch.compile(backend="specdiff", options=...)`` the ValueError surfaces
+    when Dynamo hands the graph to the backend (the first call), before any caching."""
+    torch._dynamo.reset()
+    model = torch.nn.Linear(3, 3)
+    compiled = torch.compile(model, backend="specdiff", options=options)
+    with pytest.raises(Exception) as e:
+        compiled(torch.randn(2, 3))
+    # Dynamo wraps backend errors in BackendCompilerFailed; the message and the inner
+    # exception are ours
+    assert "ValueError" in str(e.value) and needle in str(e.value)
+    inner = getattr(e.value, "inner_exception", e.value)
+    assert isinstance(inner, ValueError) and needle in str(inner)

@@ -1,0 +1,179 @@
+"""Each pass on real Dynamo graphs of tiny SD3 and FLUX: structure and numerics.
+
+The numerics are checked against the independent eager oracle in ``oracle.py``.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from oracle import full_reference
+from specdiff_fx import SpecDiffConfig, analyze_dit, ops
+from specdiff_fx.graph_utils import clone_graph_module
+from specdiff_fx.layout import sdpa_args
+from specdiff_fx.passes import (
+    RewriteContext,
+    attend_with_kv_cache,
+    drop_user_outputs,
+    expose_attention_kv,
+    expose_attention_score,
+    expose_token_output,
+    finalize_outputs,
+    gather_token_subset,
+    run_passes,
+)
+from specdiff_fx.passes.context import seed_placeholder_values
+
+CFG = SpecDiffConfig(inductor=False, score_queries=0)
+MODELS = ["sd3", "flux"]
+
+
+def apply(c, passes, variant="full", k=None, config=CFG):
+    plan = analyze_dit(c.gm)
+    gm = clone_graph_module(c.gm)
+    ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k)
+    seed_placeholder_values(gm, c.example_inputs, ctx)
+    gm = run_passes(gm, passes, ctx)
+    return gm, ctx, plan
+
+
+def targets(gm):
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def run(gm, ctx, args):
+    with torch.no_grad():
+        out = gm(*args)
+    n_user = gm.meta["specdiff_outputs"]["user"]
+    return out[:n_user], dict(zip(gm.meta["specdiff_outputs"]["extras"], out[n_user:]))
+
+
+@pytest.fixture(scope="module")
+def refs(captured):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            c = captured(name)
+            with torch.no_grad():
+                cache[name] = full_reference(c.model, c.inputs)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_runner_keeps_meta_val_true(captured, name):
+    gm, ctx, _ = apply(captured(name), [expose_token_output, finalize_outputs])
+    for node in gm.graph.nodes:
+        if node.op not in ("output",):
+            assert "val" in node.meta, node.name
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_expose_attention_kv(captured, refs, name):
+    c = captured(name)
+    gm, ctx, plan = apply(c, [expose_attention_kv, finalize_outputs])
+    n_attn = len(plan.attention)
+    assert targets(gm)[ops.image_segment] == 2 * n_attn
+    assert gm.meta["specdiff_outputs"]["extras"] == tuple(f"{c}{i}" for i in range(n_attn) for c in "kv")
+    user, extras = run(gm, ctx, c.example_inputs)
+    assert torch.allclose(user[0], c.model(**c.inputs).sample, atol=1e-6)
+    for i, (k, v) in enumerate(refs(name).kv):
+        assert extras[f"k{i}"].shape == (2, 2, plan.num_image_tokens, 8)
+        torch.testing.assert_close(extras[f"k{i}"], k, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(extras[f"v{i}"], v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_expose_attention_score(captured, refs, name):
+    c = captured(name)
+    gm, ctx, plan = apply(c, [expose_attention_score, finalize_outputs])
+    n_attn = len(plan.attention)
+    t = targets(gm)
+    assert t[ops.received_attention] == n_attn
+    _, extras = run(gm, ctx, c.example_inputs)
+    assert extras["score"].shape == (2, plan.num_image_tokens)
+    torch.testing.assert_close(extras["score"], refs(name).score, atol=1e-4, rtol=1e-4)
+    # sampling query rows: an estimate that tracks the exact score
+    gm2, ctx2, _ = apply(c, [expose_attention_score, finalize_outputs], config=CFG.replace(score_queries=8))
+    _, sampled = run(gm2, ctx2, c.example_inputs)
+    exact = extras["score"]
+    corr = torch.corrcoef(torch.stack([sampled["score"].flatten(), exact.flatten()]))[0, 1]
+    assert corr > 0.5 and not torch.allclose(sampled["score"], exact)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_expose_token_output(captured, refs, name):
+    c = captured(name)
+    gm, ctx, plan = apply(c, [expose_token_output, finalize_outputs])
+    _, extras = run(gm, ctx, c.example_inputs)
+    assert extras["tokens"].shape == (2, plan.num_image_tokens, plan.out_channels)
+    torch.testing.assert_close(extras["tokens"], refs(name).out_tokens, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_drop_user_outputs_cuts_the_unpatchify(captured, name):
+    c = captured(name)
+    gm, ctx, plan = apply(c, [drop_user_outputs], variant="sparse", k=3)
+    names = [n.name for n in gm.graph.nodes]
+    assert names[-2] == plan.end and gm.graph.output_node().args[0][0].name == plan.end
+    assert not any(n.target is torch.functional.einsum or getattr(n.target, "__name__", "") == "einsum"
+                   for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gather_token_subset(captured, refs, name):
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    n = plan.num_image_tokens
+    gm, ctx, _ = apply(c, [drop_user_outputs, gather_token_subset, expose_token_output, finalize_outputs],
+                       variant="sparse", k=n)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    assert placeholders[-1].name == "specdiff_idx" and len(placeholders) == len(c.example_inputs) + 1
+    t = targets(gm)
+    assert t[ops.take_tokens] == 1 + len(plan.side_inputs)
+    assert t[ops.layout_index] == (1 if name == "flux" else 0)  # FLUX: one (txt, img) index for RoPE
+    # with every token kept (any order) the subset graph is the full graph, permuted
+    perm = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(b)) for b in range(2)])
+    _, extras = run(gm, ctx, [*c.example_inputs, perm])
+    full = refs(name).out_tokens
+    torch.testing.assert_close(extras["tokens"], torch.gather(full, 1, perm[..., None].expand(-1, -1, full.shape[2])),
+                               atol=1e-5, rtol=1e-4)
+    # a smaller k changes shapes consistently (fake propagation would fail otherwise)
+    gm3, _, _ = apply(c, [drop_user_outputs, gather_token_subset, expose_token_output, finalize_outputs],
+                      variant="sparse", k=3)
+    tokens = gm3.graph.output_node().args[0][0]
+    assert tuple(tokens.meta["val"].shape) == (2, 3, plan.out_channels)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_attend_with_kv_cache(captured, refs, name):
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    k = 5
+    gm, ctx, _ = apply(c, [drop_user_outputs, gather_token_subset, attend_with_kv_cache,
+                           expose_token_output, finalize_outputs], variant="sparse", k=k)
+    n_attn = len(plan.attention)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    new = [p.name for p in placeholders[len(c.example_inputs):]]
+    assert new == ["specdiff_idx"] + [f"specdiff_{c}{i}" for i in range(n_attn) for c in "kv"]
+    assert [i.shape for i in ctx.new_inputs[1:3]] == [(2, 2, plan.num_image_tokens, 8)] * 2
+    assert targets(gm)[ops.attend_keys] == 2 * n_attn
+    for node in gm.graph.nodes:
+        if node.name in {s.node for s in plan.attention}:
+            args = sdpa_args(node)
+            assert args["key"].target is ops.attend_keys and args["value"].target is ops.attend_keys
+            assert args["query"].target is not ops.attend_keys
+    # the caches are updated in place at idx, untouched elsewhere
+    ref = refs(name)
+    caches = [torch.zeros_like(t) for kv in ref.kv for t in kv]
+    idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
+    run(gm, ctx, [*c.example_inputs, idx, *caches])
+    mask = torch.zeros(2, plan.num_image_tokens, dtype=torch.bool)
+    mask[torch.arange(2)[:, None], idx] = True
+    for cache, full in zip(caches, [t for kv in ref.kv for t in kv]):
+        assert (cache.transpose(1, 2)[~mask] == 0).all()
+        if cache is caches[0]:  # the first attention's keys only depend on the tokens themselves
+            torch.testing.assert_close(cache.transpose(1, 2)[mask], full.transpose(1, 2)[mask], atol=1e-5, rtol=1e-4)
