@@ -10,7 +10,7 @@ or, with an object::
     pipe.transformer = torch.compile(pipe.transformer, backend=specdiff_fx.backend(cache_ratio=0.9))
 """
 
-from .backend import CompileRecord, SpecDiffBackend, backend, compile_records, last_record, specdiff_backend
+from .dynamo_backend import CompileRecord, SpecDiffBackend, backend, compile_records, last_record, specdiff_backend
 from .config import SpecDiffConfig
 from .passes import NotADiT, analyze_dit
 from .plan import DiTPlan

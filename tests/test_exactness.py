@@ -1,0 +1,101 @@
+"""The invariant that guards everything: without caching the backend reproduces eager.
+
+Non-Inductor runs cover the whole matrix (models x batch x resolution); Inductor runs
+(slow on CPU) cover one configuration per family and both rewritten variants.
+"""
+
+import pytest
+import torch
+
+import specdiff_fx
+from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+
+MODELS = {"sd3": lambda: tiny_sd3(0), "sd35": lambda: tiny_sd3(0, sd35=True), "flux": lambda: tiny_flux(0)}
+SHAPES = {"sd3": [(8, 8), (16, 8)], "flux": [(4, 4), (6, 3)]}  # latent HxW / token grid; square + not
+
+
+def inputs_for(name, batch, shape):
+    if name == "flux":
+        return flux_inputs(batch, *shape, seed=batch)
+    return sd3_inputs(batch, *shape, seed=batch)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def compiled_output(model, inputs, backend):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(**inputs).sample
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd35", "flux"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("shape_i", [0, 1])
+@pytest.mark.parametrize("cache_ratio", [0.0, 0.5])
+def test_matches_eager_without_inductor(name, batch, shape_i, cache_ratio):
+    model = MODELS[name]()
+    inputs = inputs_for(name, batch, SHAPES["flux" if name == "flux" else "sd3"][shape_i])
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    backend = specdiff_fx.backend(cache_ratio=cache_ratio, inductor=False)
+    out = compiled_output(model, inputs, backend)
+    assert rel_err(out, ref) <= 1e-4
+    rec = backend.records[-1]
+    assert rec.status == ("plain" if cache_ratio == 0 else "specdiff"), rec
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("name, batch, shape", [("sd3", 2, (8, 12)), ("flux", 1, (6, 3))])
+def test_backend_string_with_inductor_matches_eager(name, batch, shape):
+    model = MODELS[name]()
+    inputs = inputs_for(name, batch, shape)
+    with torch.no_grad():
+        ref = model(**inputs).sample
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="specdiff", options={"cache_ratio": 0.0})(**inputs).sample
+    assert rel_err(out, ref) <= 1e-4
+    assert specdiff_fx.last_record().status == "plain"
+
+
+@pytest.mark.inductor
+def test_inductor_full_variant_matches_eager(captured):
+    """SD3.5 config: the full variant (extra outputs added) compiled by Inductor."""
+    c = captured("sd35")
+    plan = analyze_dit(c.gm)
+    full = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(score_queries=0), "full")
+    plain = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(score_queries=0, inductor=False), "full")
+    with torch.no_grad():
+        ref = c.model(**c.inputs).sample
+        user, extras = full.split(full(*c.example_inputs))
+        _, plain_extras = plain.split(plain(*c.example_inputs))
+    assert rel_err(user[0], ref) <= 1e-4
+    for key, value in plain_extras.items():
+        assert rel_err(extras[key], value) <= 1e-4, key
+
+
+@pytest.mark.inductor
+def test_inductor_sparse_variant_matches_fx(captured):
+    """FLUX: the subset variant compiled by Inductor equals the plain FX run, and the
+    in-place cache writes survive compilation."""
+    c = captured("flux")
+    plan = analyze_dit(c.gm)
+    k = 7
+    cfg = SpecDiffConfig(score_queries=0)
+    compiled = build_variant(c.gm, c.example_inputs, plan, cfg, "sparse", k=k)
+    plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), "sparse", k=k)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k] for _ in range(2)])
+    caches = [torch.randn(i.shape, generator=g) for i in compiled.new_inputs[1:]]
+    c1 = [t.clone() for t in caches]
+    c2 = [t.clone() for t in caches]
+    with torch.no_grad():
+        _, a = compiled.split(compiled(*c.example_inputs, idx, *c1))
+        _, b = plain.split(plain(*c.example_inputs, idx, *c2))
+    for key in ("tokens", "score"):
+        assert rel_err(a[key], b[key]) <= 1e-4, key
+    for x, y, before in zip(c1, c2, caches):
+        assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)
