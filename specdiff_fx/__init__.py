@@ -14,12 +14,14 @@ from .dynamo_backend import CompileRecord, SpecDiffBackend, backend, compile_rec
 from .config import SpecDiffConfig
 from .passes import NotADiT, analyze_dit
 from .plan import DiTPlan
+from .runtime import SpecDiffRuntime, reset_all as reset
+from .telemetry import GenerationReport, StepRecord, last_generation
 from .variants import Variant, build_variant
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompileRecord", "DiTPlan", "NotADiT", "SpecDiffBackend", "SpecDiffConfig", "Variant",
+    "CompileRecord", "DiTPlan", "GenerationReport", "SpecDiffRuntime", "StepRecord", "last_generation", "reset", "NotADiT", "SpecDiffBackend", "SpecDiffConfig", "Variant",
     "analyze_dit", "backend", "build_variant", "compile_records", "last_record",
     "specdiff_backend", "__version__",
 ]

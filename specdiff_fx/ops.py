@@ -96,3 +96,15 @@ def received_attention(
     logits = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
     mass = torch.softmax(logits, dim=-1).mean(dim=1).sum(dim=1)
     return mass.narrow(1, img_offset, n_img) * (n_q / query.shape[-2])
+
+
+def scatter_tokens(subset: torch.Tensor, idx: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``base`` (``[B, N, C]``) with rows ``idx`` (``[B, k]``) replaced by ``subset`` (``[B, k, C]``)."""
+    index = idx.unsqueeze(-1).expand(-1, -1, subset.shape[-1])
+    return base.to(subset.dtype).scatter(1, index, subset)
+
+
+def tier_blend(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-token weighted sum of past outputs: ``history`` ``[H, B, N, C]``, ``weights``
+    ``[B, N, H]`` -> ``[B, N, C]``. Reuse is a one-hot row, blend a normalised one."""
+    return torch.einsum("hbnc,bnh->bnc", history, weights.to(history.dtype))

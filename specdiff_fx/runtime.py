@@ -1,32 +1,289 @@
-"""The runtime around the compiled variants of one graph.
+"""The SpecDiff controller: plain Python around the compiled full / sparse variants.
 
-This first version always runs the full variant and returns the user outputs; the
-SpecDiff controller (speculative pre-run, scores, tiers, schedule) builds on it.
+One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per call it
+
+1. reads the timestep, converts it to sigma (``families.py`` knows each family's scale)
+   and detects the start of a generation (sigma jumps back up, or a different latent at
+   the same sigma) and branches (further calls at the same sigma with the same latent,
+   e.g. FLUX true-CFG's uncond call: each branch keeps its own state);
+2. on the first call of a generation (per branch) runs main step 0 with the full variant
+   and then ``speculative_steps - 1`` more Euler steps of the same model on a uniform
+   sigma grid from the same latent and conditioning, recording each step's
+   attention-received scores (step 0 *is* the first speculative step: shared, not run
+   twice); the speculative calls' K/V and outputs never reach the main caches;
+3. on full steps (warm-up, refresh points) runs the full variant and refreshes every cache;
+4. on cached steps scores tokens (``his * fut * exp(s * cached_for)``), splits them into
+   the three tiers and runs the sparse variant, whose graph also blends the history for
+   the non-computed tokens and unpatchifies;
+5. records telemetry (:mod:`specdiff_fx.telemetry`).
 """
 
 from __future__ import annotations
 
+import collections
+import logging
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 import torch.fx as fx
 
+from . import schedule
 from .config import SpecDiffConfig
 from .plan import DiTPlan
-from .variants import Variant, build_variant
+from .telemetry import GenerationReport, StepRecord, set_last
+from .variants import Variant, build_variant, count_flops
+
+log = logging.getLogger("specdiff_fx.runtime")
+
+_LIVE: "weakref.WeakSet[SpecDiffRuntime]" = weakref.WeakSet()
 
 
-class SpecDiffRuntime:
-    """Callable that Dynamo runs in place of the graph (one per shape specialisation)."""
+@dataclass
+class StepOutput:
+    user: tuple[Any, ...]  # the graph's own outputs, returned to the caller
+    tokens: torch.Tensor  # [B, N, C] per-token output (tiered on cached steps)
+    score: torch.Tensor  # [B, N] attention received
+    kv: list[torch.Tensor]  # per attention: K, V ([B, H, N, d]); the caches after the call
+
+
+class GraphExecutor:
+    """Runs the compiled variants of one graph (the sparse one is built on first use)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], plan: DiTPlan,
                  config: SpecDiffConfig, mode: str | None = None) -> None:
-        self.gm = gm
-        self.plan = plan
-        self.config = config
-        self.mode = mode
-        self.example_inputs = list(example_inputs)
+        self.gm, self.example_inputs, self.plan, self.config, self.mode = gm, list(example_inputs), plan, config, mode
+        self.k = config.num_computed(plan.num_image_tokens)
         self.full: Variant = build_variant(gm, example_inputs, plan, config, "full", mode=mode)
+        self._sparse: Variant | None = None
+        self.full_flops = count_flops(gm, example_inputs)
+
+    @property
+    def compiled(self) -> list[Variant]:
+        return [v for v in (self.full, self._sparse) if v is not None]
+
+    def sparse(self) -> Variant:
+        if self._sparse is None:
+            self._sparse = build_variant(self.gm, self.example_inputs, self.plan, self.config, "sparse",
+                                         k=self.k, mode=self.mode)
+        return self._sparse
+
+    def run_full(self, args: Sequence[Any]) -> StepOutput:
+        user, ex = self.full.split(self.full(*args))
+        kv = [ex[f"{c}{i}"] for i in range(len(self.plan.attention)) for c in "kv"]
+        return StepOutput(user, ex["tokens"], ex["score"], kv)
+
+    def run_sparse(self, args: Sequence[Any], idx: torch.Tensor, history: torch.Tensor,
+                   weights: torch.Tensor, caches: list[torch.Tensor]) -> StepOutput:
+        v = self.sparse()
+        user, ex = v.split(v(*args, idx, history, weights, *caches))
+        return StepOutput(user, ex["tokens"], ex["score"], caches)
+
+    def flops(self, kind: str) -> int:
+        v = self.full if kind == "full" else self.sparse()
+        if v.flops is None:
+            v.flops = count_flops(v.gm, v.example_inputs)
+        return v.flops
+
+
+@dataclass
+class BranchState:
+    """Per-branch state of one generation."""
+
+    step: int = 0
+    sigma0: float = 1.0
+    his: torch.Tensor | None = None  # score of the last call
+    spec: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # (sigma, score)
+    cached_for: torch.Tensor | None = None  # [B, N] consecutive cached steps
+    caches: list[torch.Tensor] = field(default_factory=list)
+    history: collections.deque = field(default_factory=collections.deque)  # (sigma, tokens), newest first
+    refreshed: set[float] = field(default_factory=set)
+    degraded: bool = False  # cache cap exceeded: every step full
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """A cache entry that later in-place updates may touch, whatever the grad mode."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t.detach()
+
+
+class SpecDiffRuntime:
+    """The callable Dynamo runs in place of a DiT graph."""
+
+    def __init__(self, plan: DiTPlan, config: SpecDiffConfig, executor: Any) -> None:
+        self.plan, self.config, self.executor = plan, config, executor
+        self.k = config.num_computed(plan.num_image_tokens)
+        self.branches: dict[int, BranchState] = {}
+        self.report: GenerationReport | None = None
+        self._last_sigma: float | None = None
+        self._last_sample: torch.Tensor | None = None
+        self._branch = 0
+        self._warned: set[str] = set()
+        _LIVE.add(self)
+
+    # -- public -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all generation state; the next call starts a new generation."""
+        self.branches.clear()
+        self._last_sigma = None
+        self._last_sample = None
+        self._branch = 0
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
-        user, _ = self.full.split(self.full(*args))
-        return user
+        args = list(args)
+        sigma = self._sigma(args)
+        branch = self._route(sigma, args[self.plan.sample_input])
+        state = self.branches.setdefault(branch, BranchState())
+        if state.step == 0:
+            out = self._first_step(args, sigma, branch, state)
+        elif state.degraded or schedule.is_full_step(state.step, sigma, state.refreshed, self.config):
+            state.refreshed.update(schedule.due_refresh_points(sigma, state.refreshed, self.config))
+            out = self._full_step(args, sigma, branch, state, "full")
+        else:
+            out = self._cached_step(args, sigma, branch, state)
+        state.step += 1
+        return out
+
+    # -- routing ------------------------------------------------------------------------
+    def _sigma(self, args: list[Any]) -> float:
+        t = args[self.plan.timestep_input]
+        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        return value / self.plan.timestep_per_sigma
+
+    def _route(self, sigma: float, sample: torch.Tensor) -> int:
+        """Branch index of this call; starts a new generation when sigma jumps up."""
+        same_step = (
+            self._last_sigma is not None
+            and abs(sigma - self._last_sigma) <= 1e-7 * max(1.0, abs(sigma))
+            and self._last_sample is not None
+            and self._last_sample.shape == sample.shape
+            and torch.equal(self._last_sample, sample)
+        )
+        if same_step:
+            self._branch += 1
+        else:
+            new_generation = (
+                self._last_sigma is None
+                or sigma > self._last_sigma + 1e-7
+                or (abs(sigma - self._last_sigma) <= 1e-7 * max(1.0, abs(sigma)))  # same sigma, new latent
+            )
+            if new_generation:
+                self._start_generation()
+            self._branch = 0
+        self._last_sigma = sigma
+        self._last_sample = sample.detach().clone()
+        return self._branch
+
+    def _start_generation(self) -> None:
+        self.branches.clear()
+        ex = self.executor
+        self.report = GenerationReport(
+            family=self.plan.family, num_image_tokens=self.plan.num_image_tokens, batch=self.plan.batch,
+            cache_ratio=self.config.cache_ratio, full_flops=ex.full_flops,
+            compile_seconds=sum(v.compile_seconds for v in ex.compiled), compiles=len(ex.compiled),
+        )
+        set_last(self.report)
+
+    def _record(self, step: int, branch: int, kind: str, sigma: float, flops: int,
+                tier: torch.Tensor | None = None, note: str = "") -> None:
+        n, b = self.plan.num_image_tokens, self.plan.batch
+        if tier is None:
+            sizes = ((n,) * b, (0,) * b, (0,) * b) if kind != "speculative" else ((n,) * b, (0,) * b, (0,) * b)
+        else:
+            sizes = tuple(tuple(int(x) for x in (tier == t).sum(dim=1)) for t in (1, 2, 3))
+        ex = self.executor
+        self.report.compiles = len(ex.compiled)
+        self.report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
+        self.report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note))
+
+    # -- steps ---------------------------------------------------------------------------
+    def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
+        state.caches = [_detached(t) for t in out.kv]
+        state.his = out.score
+        state.cached_for = torch.zeros(out.score.shape, dtype=torch.int32, device=out.score.device)
+        self._push_history(state, sigma, out.tokens)
+        cap = self.config.max_cache_bytes
+        nbytes = sum(t.numel() * t.element_size() for t in state.caches) + self.config.blend_history * (
+            out.tokens.numel() * out.tokens.element_size())
+        self.report.cache_bytes = max(self.report.cache_bytes, nbytes)
+        if cap is not None and nbytes > cap and not state.degraded:
+            state.degraded = True
+            msg = (f"specdiff: caches need {nbytes} bytes > max_cache_bytes={cap}; "
+                   "this generation computes every token (no caching)")
+            self.report.notes.append(msg)
+            if msg not in self._warned:
+                self._warned.add(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _push_history(self, state: BranchState, sigma: float, tokens: torch.Tensor) -> None:
+        state.history.appendleft((sigma, _detached(tokens)))
+        while len(state.history) > self.config.blend_history:
+            state.history.pop()
+
+    def _full_step(self, args, sigma, branch, state, kind, note: str = "") -> tuple[Any, ...]:
+        out = self.executor.run_full(args)
+        self._store_full(state, out, sigma)
+        self._record(state.step, branch, kind, sigma, self.executor.flops("full"), note=note)
+        return out.user
+
+    def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
+        state.sigma0 = sigma
+        out = self.executor.run_full(args)
+        self._store_full(state, out, sigma)
+        self._record(0, branch, "full", sigma, self.executor.flops("full"),
+                     note="shared with speculative step 1" if self.config.speculative_steps else "")
+        state.spec = [(sigma, out.score)] if self.config.speculative_steps else []
+        self._speculate(args, out, sigma, branch, state)
+        return out.user
+
+    def _speculate(self, args, out0: StepOutput, sigma0: float, branch: int, state: BranchState) -> None:
+        steps = self.config.speculative_steps
+        sample_i, t_i = self.plan.sample_input, self.plan.timestep_input
+        x = args[sample_i]
+        v = out0.user[0] if out0.user else None
+        if steps <= 1:
+            return
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            self.report.notes.append("speculative run skipped: the model output is not shaped like its input")
+            return
+        sigmas = schedule.speculative_sigmas(sigma0, steps)
+        t = args[t_i]
+        for j in range(1, steps):
+            x = (x.float() + (sigmas[j] - sigmas[j - 1]) * v.float()).to(x.dtype)
+            spec_args = list(args)
+            spec_args[sample_i] = x
+            spec_args[t_i] = torch.full_like(t, sigmas[j] * self.plan.timestep_per_sigma)
+            out = self.executor.run_full(spec_args)
+            state.spec.append((sigmas[j], out.score))
+            self._record(-1, branch, "speculative", sigmas[j], self.executor.flops("full"))
+            v = out.user[0]
+
+    def _cached_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
+        cfg = self.config
+        fut = schedule.future_score(state.spec, sigma)
+        score = schedule.token_scores(state.his, fut, state.cached_for, cfg.starvation_scale)
+        idx, tier = schedule.assign_tiers(score, self.k, cfg.reuse_mass, cfg.blend)
+        past = [s for s, _ in state.history]
+        blend = schedule.blend_weights(past, sigma, cfg.blend_history)
+        weights = schedule.tier_weights(tier, blend)
+        tokens0 = state.history[0][1]
+        history = torch.zeros((cfg.blend_history, *tokens0.shape), dtype=tokens0.dtype, device=tokens0.device)
+        for j, (_, tok) in enumerate(state.history):
+            history[j] = tok
+        out = self.executor.run_sparse(args, idx.to(tokens0.device), history, weights.to(tokens0.dtype), state.caches)
+        state.his = out.score
+        state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
+        self._push_history(state, sigma, out.tokens)
+        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse"), tier=tier)
+        return out.user
+
+
+def reset_all() -> None:
+    """Reset every live specdiff runtime in this process (see :meth:`SpecDiffRuntime.reset`)."""
+    for rt in list(_LIVE):
+        rt.reset()

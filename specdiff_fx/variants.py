@@ -44,6 +44,8 @@ class Variant:
     extras: tuple[str, ...]
     k: int | None = None
     compile_seconds: float = 0.0
+    example_inputs: list[Any] = field(default_factory=list, repr=False)
+    flops: int | None = None  # per call, counted on first request (see count_flops)
     calls: int = field(default=0)
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
@@ -74,10 +76,11 @@ def build_variant(
     if variant not in ("full", "sparse"):
         raise ValueError(f"unknown variant {variant!r}")
     clone = clone_graph_module(gm)
-    ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k,
-                         keep_user_outputs=variant == "full")
+    ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k)
     seed_placeholder_values(clone, example_inputs, ctx)
     rewritten = run_passes(clone, FULL_PASSES if variant == "full" else SPARSE_PASSES, ctx)
+    added = [n.name for n in rewritten.graph.find_nodes(op="placeholder")][len(example_inputs):]
+    assert added == [i.name for i in ctx.new_inputs], (added, ctx.new_inputs)
     examples = list(example_inputs) + [
         torch.zeros(i.shape, dtype=i.dtype, device=i.device) for i in ctx.new_inputs
     ]
@@ -91,5 +94,30 @@ def build_variant(
     return Variant(
         name=variant, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
         num_user_outputs=meta["user"], extras=meta["extras"], k=k,
-        compile_seconds=time.perf_counter() - t0,
+        compile_seconds=time.perf_counter() - t0, example_inputs=examples,
     )
+
+
+def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """``QK^T`` and ``PV`` of one attention (shapes ``[B, H, S, d]``)."""
+    b, h, s_q, d = query
+    s_k, d_v = key[-2], value[-1]
+    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
+
+
+def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
+    """FLOPs of one call of ``gm`` (``torch.utils.flop_counter`` on fake tensors: no compute).
+
+    torch's counter has no formula for the CPU flash-attention kernel; we add one so that
+    attention counts the same on every device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    custom = {}
+    if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+    with mode, FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.no_grad():
+        gm(*fake)
+    return int(counter.get_total_flops())

@@ -15,7 +15,7 @@ from specdiff_fx.layout import sdpa_args
 from specdiff_fx.passes import (
     RewriteContext,
     attend_with_kv_cache,
-    drop_user_outputs,
+    blend_token_history,
     expose_attention_kv,
     expose_attention_score,
     expose_token_output,
@@ -114,38 +114,53 @@ def test_expose_token_output(captured, refs, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_drop_user_outputs_cuts_the_unpatchify(captured, name):
-    c = captured(name)
-    gm, ctx, plan = apply(c, [drop_user_outputs], variant="sparse", k=3)
-    names = [n.name for n in gm.graph.nodes]
-    assert names[-2] == plan.end and gm.graph.output_node().args[0][0].name == plan.end
-    assert not any(n.target is torch.functional.einsum or getattr(n.target, "__name__", "") == "einsum"
-                   for n in gm.graph.nodes)
-
-
-@pytest.mark.parametrize("name", MODELS)
 def test_gather_token_subset(captured, refs, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
     n = plan.num_image_tokens
-    gm, ctx, _ = apply(c, [drop_user_outputs, gather_token_subset, expose_token_output, finalize_outputs],
-                       variant="sparse", k=n)
+    gm, ctx, _ = apply(c, [gather_token_subset, expose_token_output, finalize_outputs], variant="sparse", k=n)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    assert placeholders[-1].name == "specdiff_idx" and len(placeholders) == len(c.example_inputs) + 1
+    assert [p.name for p in placeholders[len(c.example_inputs):]] == ["specdiff_idx", "specdiff_base"]
     t = targets(gm)
     assert t[ops.take_tokens] == 1 + len(plan.side_inputs)
+    assert t[ops.scatter_tokens] == 1
     assert t[ops.layout_index] == (1 if name == "flux" else 0)  # FLUX: one (txt, img) index for RoPE
     # with every token kept (any order) the subset graph is the full graph, permuted
     perm = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(b)) for b in range(2)])
-    _, extras = run(gm, ctx, [*c.example_inputs, perm])
+    base = torch.zeros(2, n, plan.out_channels)
+    user, extras = run(gm, ctx, [*c.example_inputs, perm, base])
     full = refs(name).out_tokens
-    torch.testing.assert_close(extras["tokens"], torch.gather(full, 1, perm[..., None].expand(-1, -1, full.shape[2])),
+    torch.testing.assert_close(extras["subset"], torch.gather(full, 1, perm[..., None].expand(-1, -1, full.shape[2])),
                                atol=1e-5, rtol=1e-4)
-    # a smaller k changes shapes consistently (fake propagation would fail otherwise)
-    gm3, _, _ = apply(c, [drop_user_outputs, gather_token_subset, expose_token_output, finalize_outputs],
-                      variant="sparse", k=3)
-    tokens = gm3.graph.output_node().args[0][0]
-    assert tuple(tokens.meta["val"].shape) == (2, 3, plan.out_channels)
+    torch.testing.assert_close(extras["tokens"], full, atol=1e-5, rtol=1e-4)  # scattered back in place
+    with torch.no_grad():
+        torch.testing.assert_close(user[0], c.model(**c.inputs).sample, atol=1e-5, rtol=1e-4)
+    # a smaller k: the subset is [B, 3, C], the stream is [B, N, C] again after the scatter
+    gm3, _, _ = apply(c, [gather_token_subset, expose_token_output, finalize_outputs], variant="sparse", k=3)
+    outs = gm3.graph.output_node().args[0]
+    assert tuple(outs[-1].meta["val"].shape) == (2, 3, plan.out_channels)
+    assert tuple(outs[-2].meta["val"].shape) == (2, n, plan.out_channels)
+    assert tuple(outs[0].meta["val"].shape) == tuple(user[0].shape)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_blend_token_history(captured, refs, name):
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    n, k, h = plan.num_image_tokens, 4, CFG.blend_history
+    gm, ctx, _ = apply(c, [gather_token_subset, blend_token_history, expose_token_output, finalize_outputs],
+                       variant="sparse", k=k)
+    names = [p.name for p in gm.graph.find_nodes(op="placeholder")][len(c.example_inputs):]
+    assert names == ["specdiff_idx", "specdiff_history", "specdiff_weights"]
+    assert targets(gm)[ops.tier_blend] == 1
+    g = torch.Generator().manual_seed(0)
+    history = torch.randn(h, 2, n, plan.out_channels, generator=g)
+    weights = torch.softmax(torch.randn(2, n, h, generator=g), dim=-1)
+    idx = torch.tensor([[0, 1, 2, 3], [5, 9, 13, 23]])
+    _, extras = run(gm, ctx, [*c.example_inputs, idx, history, weights])
+    expected = torch.einsum("hbnc,bnh->bnc", history, weights)
+    expected.scatter_(1, idx[..., None].expand(-1, -1, plan.out_channels), extras["subset"])
+    torch.testing.assert_close(extras["tokens"], expected)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -153,13 +168,13 @@ def test_attend_with_kv_cache(captured, refs, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
     k = 5
-    gm, ctx, _ = apply(c, [drop_user_outputs, gather_token_subset, attend_with_kv_cache,
+    gm, ctx, _ = apply(c, [gather_token_subset, attend_with_kv_cache,
                            expose_token_output, finalize_outputs], variant="sparse", k=k)
     n_attn = len(plan.attention)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     new = [p.name for p in placeholders[len(c.example_inputs):]]
-    assert new == ["specdiff_idx"] + [f"specdiff_{c}{i}" for i in range(n_attn) for c in "kv"]
-    assert [i.shape for i in ctx.new_inputs[1:3]] == [(2, 2, plan.num_image_tokens, 8)] * 2
+    assert new == ["specdiff_idx", "specdiff_base"] + [f"specdiff_{c}{i}" for i in range(n_attn) for c in "kv"]
+    assert [i.shape for i in ctx.new_inputs[2:4]] == [(2, 2, plan.num_image_tokens, 8)] * 2
     assert targets(gm)[ops.attend_keys] == 2 * n_attn
     for node in gm.graph.nodes:
         if node.name in {s.node for s in plan.attention}:
@@ -170,7 +185,7 @@ def test_attend_with_kv_cache(captured, refs, name):
     ref = refs(name)
     caches = [torch.zeros_like(t) for kv in ref.kv for t in kv]
     idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
-    run(gm, ctx, [*c.example_inputs, idx, *caches])
+    run(gm, ctx, [*c.example_inputs, idx, torch.zeros(2, plan.num_image_tokens, plan.out_channels), *caches])
     mask = torch.zeros(2, plan.num_image_tokens, dtype=torch.bool)
     mask[torch.arange(2)[:, None], idx] = True
     for cache, full in zip(caches, [t for kv in ref.kv for t in kv]):

@@ -35,13 +35,18 @@ def stale(captured):
     return get
 
 
+def tier_inputs(variant):
+    """Zero history and weights: the tier blend is tested in test_passes."""
+    return [torch.zeros(i.shape, dtype=i.dtype) for i in variant.new_inputs[1:3]]
+
+
 def check_subset(c, kv, idx):
     variant = sparse_variant(c, idx.shape[1])
     caches = [t.clone() for pair in kv for t in pair]
     with torch.no_grad():
-        _, extras = variant.split(variant(*c.example_inputs, idx, *caches))
+        _, extras = variant.split(variant(*c.example_inputs, idx, *tier_inputs(variant), *caches))
         ref = sparse_reference(c.model, c.inputs, idx, kv)
-    torch.testing.assert_close(extras["tokens"], ref.out_tokens, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(extras["subset"], ref.out_tokens, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(extras["score"], ref.score, atol=1e-5, rtol=1e-4)
     for got, want in zip(caches, [t for pair in ref.kv for t in pair]):  # written in place
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -84,8 +89,10 @@ def test_all_tokens_equal_the_full_variant(captured, stale, name):
     variant = sparse_variant(c, n)
     caches = [t.clone() for pair in stale(name) for t in pair]  # every entry gets overwritten
     with torch.no_grad():
-        _, sx = variant.split(variant(*c.example_inputs, idx, *caches))
+        su, sx = variant.split(variant(*c.example_inputs, idx, *tier_inputs(variant), *caches))
     torch.testing.assert_close(sx["tokens"], fx["tokens"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sx["subset"], fx["tokens"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(su[0], user[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(sx["score"], fx["score"], atol=1e-5, rtol=1e-4)
     n_attn = len(plan.attention)
     for i in range(n_attn):
@@ -99,8 +106,8 @@ def test_stale_cache_changes_the_result(captured, stale):
     idx = torch.tensor([[0, 5, 9], [2, 3, 4]])
     with torch.no_grad():
         exact = full_reference(c.model, c.inputs)
-    out_stale = check_subset(c, stale("sd3"), idx)["tokens"]
-    out_exact = check_subset(c, exact.kv, idx)["tokens"]
+    out_stale = check_subset(c, stale("sd3"), idx)["subset"]
+    out_exact = check_subset(c, exact.kv, idx)["subset"]
     full_at_idx = torch.gather(exact.out_tokens, 1, idx[..., None].expand(-1, -1, exact.out_tokens.shape[2]))
     torch.testing.assert_close(out_exact, full_at_idx, atol=1e-5, rtol=1e-4)
     assert (out_stale - full_at_idx).abs().max() > 1e-3

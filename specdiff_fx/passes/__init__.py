@@ -9,7 +9,7 @@ the graph at DEBUG on the ``specdiff_fx.passes`` logger.
 from .analyze_dit import NotADiT, analyze_dit
 from .attend_with_kv_cache import attend_with_kv_cache
 from .context import NewInput, RewriteContext, run_passes
-from .drop_user_outputs import drop_user_outputs
+from .blend_token_history import blend_token_history
 from .expose_attention_kv import expose_attention_kv
 from .expose_attention_score import expose_attention_score
 from .expose_token_output import expose_token_output
@@ -19,10 +19,11 @@ from .gather_token_subset import gather_token_subset
 #: full variant: the original computation plus K/V, score and per-token outputs
 FULL_PASSES = (expose_attention_kv, expose_attention_score, expose_token_output, finalize_outputs)
 
-#: subset variant: k image tokens computed, cached K/V for the rest
+#: subset variant: k image tokens computed with cached K/V for the rest; the others'
+#: outputs blended from history; returns the user outputs of that tiered step too
 SPARSE_PASSES = (
-    drop_user_outputs,
     gather_token_subset,
+    blend_token_history,
     attend_with_kv_cache,
     expose_attention_score,
     expose_token_output,
@@ -31,6 +32,6 @@ SPARSE_PASSES = (
 
 __all__ = [
     "FULL_PASSES", "SPARSE_PASSES", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
-    "attend_with_kv_cache", "drop_user_outputs", "expose_attention_kv", "expose_attention_score",
+    "attend_with_kv_cache", "blend_token_history", "expose_attention_kv", "expose_attention_score",
     "expose_token_output", "finalize_outputs", "gather_token_subset", "run_passes",
 ]

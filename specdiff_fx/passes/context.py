@@ -43,7 +43,6 @@ class RewriteContext:
     fake_mode: FakeTensorMode = field(default_factory=lambda: FakeTensorMode(allow_non_fake_inputs=True))
     extras: dict[str, fx.Node] = field(default_factory=dict)
     new_inputs: list[NewInput] = field(default_factory=list)
-    keep_user_outputs: bool = True
     memo: dict = field(default_factory=dict)
 
     def add_input(self, gm: fx.GraphModule, name: str, shape, dtype, device) -> fx.Node:

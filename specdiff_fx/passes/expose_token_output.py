@@ -1,8 +1,10 @@
 """Both variants: return the per-token output before unpatchify.
 
-Reads: ``plan.end`` (the output projection's node).
-Writes: extra output ``tokens``: ``[B, N, C]`` in the full variant, ``[B, k, C]`` (in
-the order of ``idx``) in the subset variant.
+Reads: ``plan.end`` (the output projection's node); in the subset variant the nodes
+:func:`gather_token_subset` recorded in ``ctx.memo``.
+Writes: extra output ``tokens`` ``[B, N, C]`` (in the subset variant: fresh rows at
+``idx``, the tier blend elsewhere) and, in the subset variant, ``subset`` ``[B, k, C]``
+(the fresh rows, in the order of ``idx``).
 Keeps true: nothing else changes.
 """
 
@@ -15,5 +17,9 @@ from .context import RewriteContext
 
 
 def expose_token_output(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
-    ctx.extras["tokens"] = nodes_by_name(gm)[ctx.plan.end]
+    if "stream_out" in ctx.memo:
+        ctx.extras["tokens"] = ctx.memo["stream_out"]
+        ctx.extras["subset"] = ctx.memo["subset_out"]
+    else:
+        ctx.extras["tokens"] = nodes_by_name(gm)[ctx.plan.end]
     return gm

@@ -1,9 +1,9 @@
 """Both variants, last: write the output tuple and drop dead nodes.
 
-Reads: ``ctx.extras`` (in insertion order) and ``ctx.keep_user_outputs``.
-Writes: the output node = (user outputs if kept) + extras; ``gm.meta["specdiff_outputs"]``
-names the extras; dead code (e.g. the unpatchify of the subset graph) is removed.
-Keeps true: the user outputs of the full variant keep their positions.
+Reads: ``ctx.extras`` (in insertion order).
+Writes: the output node = user outputs + extras; ``gm.meta["specdiff_outputs"]`` counts
+the user outputs and names the extras; dead code is removed.
+Keeps true: the user outputs keep their positions.
 """
 
 from __future__ import annotations
@@ -17,11 +17,7 @@ def finalize_outputs(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     out = gm.graph.output_node()
     user = out.args[0]
     user = list(user) if isinstance(user, (tuple, list)) else [user]
-    kept = user if ctx.keep_user_outputs else []
-    out.args = (tuple(kept) + tuple(ctx.extras.values()),)
-    gm.meta["specdiff_outputs"] = {
-        "user": len(kept),
-        "extras": tuple(ctx.extras),
-    }
+    out.args = (tuple(user) + tuple(ctx.extras.values()),)
+    gm.meta["specdiff_outputs"] = {"user": len(user), "extras": tuple(ctx.extras)}
     gm.graph.eliminate_dead_code()
     return gm

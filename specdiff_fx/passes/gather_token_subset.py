@@ -1,10 +1,14 @@
 """Subset variant: run the image-token stream on ``k`` chosen tokens per sample.
 
-Reads: ``plan.start`` and ``plan.layouts`` (each token-carrying node's layout and the
-rewrite it needs), ``ctx.k``.
+Reads: ``plan.start``, ``plan.end`` and ``plan.layouts`` (each token-carrying node's
+layout and the rewrite it needs), ``ctx.k``.
 Writes:
-* a new input ``specdiff_idx`` (``[B, k]`` int64, image-token indices per sample);
+* new inputs ``specdiff_idx`` (``[B, k]`` int64, image-token indices per sample) and
+  ``specdiff_base`` (``[B, N, C]``, the per-token output the non-computed tokens get);
 * ``take_tokens`` right after the stream start, all its users moved onto the subset;
+* ``scatter_tokens`` right after the stream end: the ``k`` fresh outputs written into
+  ``base``, so whatever follows the output projection (unpatchify) sees ``N`` tokens
+  again; ``ctx.memo["subset_out"]`` / ``["stream_out"]`` name the two nodes;
 * for every full-length token operand without a layout of its own (RoPE tables,
   positional terms): ``take_tokens`` at the same positions (text positions kept whole)
   just before the op that meets the subset;
@@ -58,6 +62,15 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
     with gm.graph.inserting_after(start):
         sub = gm.graph.call_function(ops.take_tokens, (start, 3, 1, idx))
     start.replace_all_uses_with(sub, delete_user_cb=lambda user: user is not sub)
+
+    end = nodes[plan.end]
+    end_val = end.meta.get("val", end.meta.get("example_value"))
+    base = ctx.add_input(gm, "specdiff_base", (plan.batch, plan.num_image_tokens, plan.out_channels),
+                         end_val.dtype, device)
+    with gm.graph.inserting_after(end):
+        restored = gm.graph.call_function(ops.scatter_tokens, (end, idx, base))
+    end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
+    ctx.memo["subset_out"], ctx.memo["stream_out"] = end, restored
 
     for name, info in plan.layouts.items():
         node = nodes[name]

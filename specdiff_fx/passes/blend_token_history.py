@@ -1,0 +1,35 @@
+"""Subset variant: the non-computed tokens get a blend of their past outputs, in-graph.
+
+Reads: the ``specdiff_base`` input added by :func:`gather_token_subset` (must run first),
+``config.blend_history`` (``H``).
+Writes: new inputs ``specdiff_history`` (``[H, B, N, C]``, the last ``H`` per-token
+outputs, newest first) and ``specdiff_weights`` (``[B, N, H]``); ``specdiff_base`` is
+replaced by :func:`specdiff_fx.ops.tier_blend` of the two and removed. The runtime sets
+a token's weight row to one-hot on the newest output for reuse (tier C2), to the
+normalised time-decay weights for blending (tier C3), and to anything for the computed
+tier C1 (those rows are overwritten by the fresh outputs).
+Keeps true: the tiered epilogue (blend, scatter, unpatchify) is part of the compiled
+graph: no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .. import ops
+from .context import RewriteContext
+
+
+def blend_token_history(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
+    plan = ctx.plan
+    base = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "specdiff_base")
+    val = base.meta["val"]
+    h = ctx.config.blend_history
+    history = ctx.add_input(gm, "specdiff_history", (h, *val.shape), val.dtype, val.device)
+    weights = ctx.add_input(gm, "specdiff_weights", (plan.batch, plan.num_image_tokens, h), val.dtype, val.device)
+    with gm.graph.inserting_after(weights):
+        blended = gm.graph.call_function(ops.tier_blend, (history, weights))
+    base.replace_all_uses_with(blended)
+    gm.graph.erase_node(base)
+    ctx.new_inputs[:] = [i for i in ctx.new_inputs if i.name != "specdiff_base"]
+    return gm

@@ -1,0 +1,115 @@
+"""The SpecDiff decisions as small pure functions (no model, no state): which steps are
+full, the speculative schedule, token scores, the three tiers and the blend weights.
+
+Conventions: ``sigma`` is the flow-matching noise level in ``[0, 1]`` (1 = pure noise);
+scores are ``[B, N]`` float tensors; a generation runs from high to low sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .config import SpecDiffConfig
+
+EPS = 1e-12
+
+
+def is_full_step(step: int, sigma: float, refreshed: set[float], config: SpecDiffConfig) -> bool:
+    """Whether main step ``step`` (0-based) at ``sigma`` computes every token.
+
+    Full steps: the first ``warmup_steps`` steps, and the first step whose progress
+    ``1 - sigma`` reaches each point of ``refresh_at`` (each point once; the caller adds
+    the points this call consumes to ``refreshed``, see :func:`due_refresh_points`).
+    Needs no step count: it reads only the sigmas the pipeline passes.
+    """
+    return step < config.warmup_steps or bool(due_refresh_points(sigma, refreshed, config))
+
+
+def due_refresh_points(sigma: float, refreshed: set[float], config: SpecDiffConfig) -> list[float]:
+    progress = 1.0 - sigma
+    return [p for p in config.refresh_at if progress >= p and p not in refreshed]
+
+
+def speculative_sigmas(sigma0: float, steps: int) -> list[float]:
+    """Sigmas of the speculative pre-run: ``steps`` Euler steps from ``sigma0`` to 0 on a
+    uniform grid; the first is ``sigma0`` itself (shared with main step 0)."""
+    return [sigma0 * (1.0 - j / steps) for j in range(steps)]
+
+
+def future_score(spec: Sequence[tuple[float, torch.Tensor]], sigma: float) -> torch.Tensor | None:
+    """The speculative score at the nearest speculative sigma at or after ``sigma`` (i.e.
+    the largest speculative sigma ``<= sigma``; the last one if all are larger)."""
+    if not spec:
+        return None
+    later = [(s, sc) for s, sc in spec if s <= sigma + 1e-9]
+    return max(later, key=lambda p: p[0])[1] if later else min(spec, key=lambda p: p[0])[1]
+
+
+def normalise(score: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean normalisation: each row divided by its mean (so mean 1).
+
+    Why: ``his`` may come from a full step (all queries) or a cached step (k queries) and
+    ``fut`` from another run; their absolute scales differ, their relative order matters.
+    Mean normalisation makes the product scale-free and keeps the starvation term
+    ``exp(s * cached_for)`` comparable across steps."""
+    score = score.float().clamp_min(0)
+    return score / score.mean(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def token_scores(his: torch.Tensor, fut: torch.Tensor | None, cached_for: torch.Tensor,
+                 starvation_scale: float) -> torch.Tensor:
+    """``score = his * fut * exp(s * cached_for)`` with normalised ``his`` and ``fut``."""
+    score = normalise(his)
+    if fut is not None:
+        score = score * normalise(fut)
+    return score * torch.exp(starvation_scale * cached_for.float())
+
+
+def assign_tiers(score: torch.Tensor, k: int, reuse_mass: float, blend: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three tiers per sample.
+
+    Returns ``idx`` ``[B, k]`` (C1: top-k scores, sorted by position) and ``tier``
+    ``[B, N]`` int8: 1 computed, 2 reused (the lowest scores whose sum stays within
+    ``reuse_mass`` of the total score mass), 3 blended (the rest). ``blend=False`` puts
+    every non-computed token in C2.
+    """
+    b, n = score.shape
+    idx = torch.topk(score, k, dim=1).indices.sort(dim=1).values
+    tier = torch.full((b, n), 3 if blend else 2, dtype=torch.int8, device=score.device)
+    tier.scatter_(1, idx, 1)
+    if blend and reuse_mass > 0:
+        rest = score.masked_fill(tier == 1, float("inf"))
+        order = rest.argsort(dim=1)  # lowest first, computed tokens last
+        sorted_scores = torch.gather(score, 1, order).masked_fill(torch.gather(tier, 1, order) == 1, 0.0)
+        total = score.sum(dim=1, keepdim=True).clamp_min(EPS)
+        reuse = (sorted_scores.cumsum(dim=1) <= reuse_mass * total) & (torch.gather(tier, 1, order) != 1)
+        tier.scatter_(1, order, torch.where(reuse, torch.full_like(tier, 2), torch.gather(tier, 1, order)))
+    return idx, tier
+
+
+def blend_weights(past_sigmas: Sequence[float], sigma: float, history: int) -> torch.Tensor:
+    """Weights of the last outputs, newest first: ``w_j ∝ exp(-j) * |sigma_{now-j} - sigma|``
+    for ``j = 1 .. len(past_sigmas)`` (at most ``history``), normalised to sum 1; zero for
+    missing history. If every distance is 0, the newest output gets weight 1."""
+    w = torch.zeros(history)
+    for j, s in enumerate(past_sigmas[:history], start=1):
+        w[j - 1] = math.exp(-j) * abs(s - sigma)
+    if w.sum() <= 0:
+        w.zero_()
+        w[0] = 1.0
+    return w / w.sum()
+
+
+def tier_weights(tier: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+    """``[B, N, H]`` rows for the in-graph blend: one-hot newest for C2, ``blend`` for C3,
+    zeros for C1 (overwritten by the fresh outputs)."""
+    b, n = tier.shape
+    h = blend.shape[0]
+    w = torch.zeros(b, n, h, device=tier.device)
+    w[..., 0] = (tier == 2).float()
+    w += (tier == 3).float().unsqueeze(-1) * blend.to(tier.device)
+    return w

@@ -1,0 +1,223 @@
+"""The controller with a fake executor (no model): schedule, tiers, scores, speculation,
+branches, generations, telemetry. Plus the pure schedule functions."""
+
+import math
+
+import pytest
+import torch
+
+from specdiff_fx import SpecDiffConfig, last_generation, schedule
+from specdiff_fx.layout import Layout, Seg
+from specdiff_fx.plan import AttentionSite, DiTPlan
+from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
+
+B, N, C = 2, 20, 3
+
+
+def fake_plan(per_sigma=1000.0):
+    site = AttentionSite("sdpa", "transformer_blocks.0", Layout(2, (Seg("img", N),)), 1, 4, None)
+    return DiTPlan(family="fake", batch=B, num_image_tokens=N, width=8, out_channels=C, start="s", end="e",
+                   blocks=(), attention=(site,), side_inputs=(), timestep_input=1, sample_input=0,
+                   timestep_per_sigma=per_sigma)
+
+
+class FakeExecutor:
+    """Velocity = -x; score = a fixed per-token profile that depends on sigma."""
+
+    def __init__(self):
+        self.calls = []  # (kind, sigma, idx or None)
+        self.full_flops = 100
+        self.compiled = []
+
+    def score(self, sigma):
+        pos = torch.arange(N, dtype=torch.float32)
+        return (1.0 + torch.cos(pos * sigma * 3)).expand(B, N) + 0.01
+
+    def run_full(self, args):
+        x, t = args
+        sigma = float(t[0]) / 1000.0
+        self.calls.append(("full", sigma, None))
+        kv = [torch.zeros(B, 1, N, 4), torch.zeros(B, 1, N, 4)]
+        return StepOutput((-x,), -x, self.score(sigma), kv)
+
+    def run_sparse(self, args, idx, history, weights, caches):
+        x, t = args
+        sigma = float(t[0]) / 1000.0
+        self.calls.append(("sparse", sigma, idx.clone()))
+        tokens = torch.einsum("hbnc,bnh->bnc", history, weights)
+        tokens.scatter_(1, idx[..., None].expand(-1, -1, C), torch.gather(-x, 1, idx[..., None].expand(-1, -1, C)))
+        return StepOutput((tokens,), tokens, self.score(sigma), caches)
+
+    def flops(self, kind):
+        return 100 if kind == "full" else 30
+
+
+def generate(rt, steps, seed=0, branches=1):
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed))
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    for i in range(steps):
+        t = torch.full((B,), float(sigmas[i]) * 1000)
+        for _ in range(branches):
+            (v,) = rt(x, t)
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def test_schedule_needs_no_step_count():
+    cfg = SpecDiffConfig(warmup_steps=4, refresh_at=(0.45, 0.7))
+    for steps in (10, 28, 50):
+        refreshed, full = set(), []
+        for i, s in enumerate(torch.linspace(1, 0, steps + 1)[:-1].tolist()):
+            if schedule.is_full_step(i, s, refreshed, cfg):
+                full.append(i)
+                refreshed.update(schedule.due_refresh_points(s, refreshed, cfg))
+        assert full[:4] == [0, 1, 2, 3] and len(full) == 6
+        progress = [1 - torch.linspace(1, 0, steps + 1)[i].item() for i in full[4:]]
+        assert progress[0] >= 0.45 and progress[1] >= 0.7
+
+
+def test_speculative_sigmas_and_future_lookup():
+    assert schedule.speculative_sigmas(1.0, 2) == [1.0, 0.5]
+    spec = [(1.0, torch.tensor([1.0])), (0.5, torch.tensor([2.0]))]
+    assert schedule.future_score(spec, 0.9).item() == 2.0  # nearest at or after (lower sigma)
+    assert schedule.future_score(spec, 0.5).item() == 2.0
+    assert schedule.future_score(spec, 0.2).item() == 2.0  # past the last: the last
+    assert schedule.future_score(spec, 1.0).item() == 1.0
+    assert schedule.future_score([], 0.3) is None
+
+
+def test_normalisation_is_scale_free():
+    x = torch.rand(2, 7) + 0.1
+    torch.testing.assert_close(schedule.normalise(5 * x), schedule.normalise(x))
+    torch.testing.assert_close(schedule.normalise(x).mean(dim=1), torch.ones(2))
+
+
+def test_starvation_term_refreshes_neglected_tokens():
+    his = torch.tensor([[1.0, 1.0, 1.0, 0.5]])
+    cached = torch.tensor([[0, 0, 0, 0]])
+    assert schedule.token_scores(his, None, cached, 0.5).argmin() == 3
+    cached = torch.tensor([[0, 0, 0, 2]])  # token 3 waited two steps
+    assert schedule.token_scores(his, None, cached, 0.5).argmax() == 3
+    assert torch.equal(schedule.token_scores(his, None, cached, 0.0), schedule.normalise(his))
+
+
+def test_tiers_sizes_and_reuse_mass():
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(3, 50, generator=g) ** 3
+    idx, tier = schedule.assign_tiers(score, 10, 0.10)
+    assert idx.shape == (3, 10) and torch.equal(idx, idx.sort(dim=1).values)
+    assert ((tier == 1).sum(dim=1) == 10).all()
+    assert torch.equal(torch.gather(tier, 1, idx), torch.ones_like(idx, dtype=torch.int8))
+    for b in range(3):
+        top = score[b].topk(10).indices.sort().values
+        assert torch.equal(idx[b], top)
+        c2 = score[b][tier[b] == 2]
+        c3 = score[b][tier[b] == 3]
+        assert c2.sum() <= 0.10 * score[b].sum() + 1e-6 and len(c2) > 0 and len(c3) > 0
+        assert c2.max() <= c3.min()  # the reused are the lowest
+    _, no_blend = schedule.assign_tiers(score, 10, 0.10, blend=False)
+    assert set(no_blend.unique().tolist()) == {1, 2}
+    _, no_reuse = schedule.assign_tiers(score, 10, 0.0)
+    assert set(no_reuse.unique().tolist()) == {1, 3}
+
+
+def test_blend_weights_sum_to_one_and_decay():
+    w = schedule.blend_weights([0.8, 0.85, 0.9], 0.75, 3)
+    assert math.isclose(w.sum().item(), 1.0, rel_tol=1e-6)
+    raw = [math.exp(-j) * abs(s - 0.75) for j, s in zip((1, 2, 3), (0.8, 0.85, 0.9))]
+    torch.testing.assert_close(w, torch.tensor(raw) / sum(raw))
+    short = schedule.blend_weights([0.8], 0.75, 3)  # one past output only
+    assert torch.equal(short, torch.tensor([1.0, 0.0, 0.0]))
+    tier = torch.tensor([[1, 2, 3]], dtype=torch.int8)
+    rows = schedule.tier_weights(tier, w)
+    assert torch.equal(rows[0, 0], torch.zeros(3)) and torch.equal(rows[0, 1], torch.tensor([1.0, 0, 0]))
+    torch.testing.assert_close(rows[0, 2], w)
+
+
+def test_generation_kinds_tiers_and_shared_speculative_step():
+    cfg = SpecDiffConfig(cache_ratio=0.75, speculative_steps=2, warmup_steps=2, refresh_at=(0.5,))
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    generate(rt, 10)
+    kinds = [k for k, _, _ in ex.calls]
+    # step 0 full (= speculative step 1), one more speculative call, step 1 full, then cached
+    # until progress 0.5 (step 5) refreshes
+    assert kinds == ["full", "full", "full", "sparse", "sparse", "sparse", "full"] + ["sparse"] * 4
+    assert [round(s, 3) for _, s, _ in ex.calls[:2]] == [1.0, 0.5]  # speculative sigma grid
+    rep = last_generation()
+    assert rep is rt.report
+    assert [s.kind for s in rep.steps][:3] == ["full", "speculative", "full"]
+    assert rep.count("speculative") == 1 and rep.count("full") == 3 and rep.count("cached") == 7
+    k = cfg.num_computed(N)
+    for s in rep.steps:
+        if s.kind == "cached":
+            assert s.c1 == (k, k) and all(a + b + c == N for a, b, c in zip(s.c1, s.c2, s.c3))
+            assert min(s.c3) > 0
+    assert math.isclose(rep.flops_fraction, (4 * 100 + 7 * 30) / (10 * 100))
+    assert "cached" in rep.summary() and "speculative" in rep.summary()
+
+
+def test_speculation_changes_the_selection():
+    sel = {}
+    for steps in (0, 2):
+        ex = FakeExecutor()
+        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(cache_ratio=0.75, speculative_steps=steps,
+                                                         warmup_steps=2, refresh_at=(0.9,)), ex)
+        generate(rt, 8)
+        sel[steps] = [idx for k, _, idx in ex.calls if k == "sparse"][0]
+    assert not torch.equal(sel[0], sel[2])
+
+
+def test_no_speculative_calls_with_zero_steps():
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(speculative_steps=0, warmup_steps=1), ex)
+    generate(rt, 6)
+    assert last_generation().count("speculative") == 0 and ex.calls[0][0] == "full" and ex.calls[1][0] == "sparse"
+
+
+def test_every_token_is_refreshed_by_starvation():
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(cache_ratio=0.8, warmup_steps=1, refresh_at=(0.99,),
+                                                     starvation_scale=1.0), ex)
+    generate(rt, 40)
+    seen = torch.zeros(B, N, dtype=torch.bool)
+    for k, _, idx in ex.calls:
+        if k == "sparse":
+            seen[torch.arange(B)[:, None], idx] = True
+    assert seen.all()
+
+
+def test_new_generation_and_branches():
+    ex = FakeExecutor()
+    cfg = SpecDiffConfig(speculative_steps=2, warmup_steps=1, refresh_at=(0.95,))
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    generate(rt, 5)
+    first = rt.report
+    generate(rt, 5, seed=1)  # sigma jumps back up: a new generation, speculation again
+    assert rt.report is not first and rt.report.count("speculative") == 1
+    ex.calls.clear()
+    generate(rt, 4, seed=2, branches=2)  # true-CFG style: two calls per step, same sigma and latent
+    rep = rt.report
+    assert rep.count("speculative") == 2  # one pre-run per branch
+    assert {s.branch for s in rep.steps} == {0, 1}
+    assert len(rep.main_steps) == 8
+
+
+def test_reset_forgets_state():
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1), ex)
+    x = torch.randn(B, N, C)
+    rt(x, torch.full((B,), 1000.0))
+    rt(x, torch.full((B,), 900.0))
+    rt.reset()
+    ex.calls.clear()
+    rt(x, torch.full((B,), 800.0))  # lower sigma, but after reset: a first step again
+    assert ex.calls[0][0] == "full" and rt.report.steps[0].step == 0
+
+
+def test_cache_cap_degrades_to_full_compute():
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, max_cache_bytes=10), ex)
+    with pytest.warns(RuntimeWarning, match="max_cache_bytes"):
+        generate(rt, 5)
+    assert all(k == "full" for k, _, _ in ex.calls) and rt.report.notes
