@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .config import SpecDiffConfig
-from .passes import NotADiT, analyze_dit
+from .passes import DynamicShapes, NotADiT, analyze_dit, specialize_shapes
 from .plan import DiTPlan
 from .variants import compile_graph
 
@@ -83,9 +83,17 @@ class SpecDiffBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable[..., Any]:
         if kwargs:
             raise TypeError(f"unexpected arguments to the specdiff backend: {sorted(kwargs)}")
+        return self._compile(gm, example_inputs, dynamic_ok=True)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic_ok: bool) -> Callable[..., Any]:
         t0 = time.perf_counter()
         try:
             plan = analyze_dit(gm)
+        except DynamicShapes as e:
+            if dynamic_ok:
+                log.info("specdiff: %s; specialising per input shape", e)
+                return ShapeSpecializer(self, gm)
+            return self._fallback(gm, example_inputs, str(e), None, t0)
         except NotADiT as e:
             return self._fallback(gm, example_inputs, str(e), None, t0)
         except Exception as e:  # a bug of ours must not cost the user a working model
@@ -119,6 +127,30 @@ class SpecDiffBackend:
         self._record(CompileRecord("fallback", reason, plan.family if plan else None, plan,
                                    time.perf_counter() - t0))
         return fn
+
+
+class ShapeSpecializer:
+    """What the backend returns for a DiT graph with symbolic shapes (Dynamo makes a
+    dimension dynamic once it has seen two sizes, e.g. a second resolution): each new
+    concrete input shape gets its own static specialisation and its own runtime, i.e.
+    its own compiled variants and its own generation state, as with ``dynamic=False``."""
+
+    def __init__(self, backend: "SpecDiffBackend", gm: fx.GraphModule) -> None:
+        self.backend, self.gm = backend, gm
+        self.compiled: dict[tuple, tuple[Callable[..., Any], list[int]]] = {}
+
+    @staticmethod
+    def _key(args: Sequence[Any]) -> tuple:
+        return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def __call__(self, *args: Any) -> Any:
+        key = self._key(args)
+        if key not in self.compiled:
+            static, kept = specialize_shapes(self.gm, args)
+            inputs = [args[i] for i in kept]
+            self.compiled[key] = (self.backend._compile(static, inputs, dynamic_ok=False), kept)
+        fn, kept = self.compiled[key]
+        return fn(*[args[i] for i in kept])
 
 
 def specdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None,

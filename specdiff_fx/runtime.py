@@ -280,6 +280,10 @@ class SpecDiffRuntime:
         state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
         self._push_history(state, sigma, out.tokens)
         self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse"), tier=tier)
+        if branch == 0:
+            counts = (tier == 1).to(torch.int32).cpu()
+            rep = self.report
+            rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts
         return out.user
 
 

@@ -46,6 +46,8 @@ class GenerationReport:
     compile_seconds: float = 0.0
     compiles: int = 0
     notes: list[str] = field(default_factory=list)
+    #: per sample and image token, how many cached steps computed it (branch 0); ``[B, N]``
+    computed_counts: object = None
 
     @property
     def main_steps(self) -> list[StepRecord]:

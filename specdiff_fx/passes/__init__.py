@@ -1,12 +1,13 @@
 """Graph passes of the specdiff backend, one per file, applied in the orders below.
 
-``analyze_dit`` is the analysis (graph -> frozen DiTPlan). Each rewrite pass is a function
+``specialize_shapes`` (dynamic graphs only) and ``analyze_dit`` (graph -> frozen DiTPlan)
+come first. Each rewrite pass is a function
 ``(gm, ctx) -> gm`` whose docstring says what it reads, writes and keeps true;
 :func:`run_passes` lints, recompiles and re-propagates fake shapes after each one and logs
 the graph at DEBUG on the ``specdiff_fx.passes`` logger.
 """
 
-from .analyze_dit import NotADiT, analyze_dit
+from .analyze_dit import DynamicShapes, NotADiT, analyze_dit
 from .attend_with_kv_cache import attend_with_kv_cache
 from .context import NewInput, RewriteContext, run_passes
 from .blend_token_history import blend_token_history
@@ -15,6 +16,7 @@ from .expose_attention_score import expose_attention_score
 from .expose_token_output import expose_token_output
 from .finalize_outputs import finalize_outputs
 from .gather_token_subset import gather_token_subset
+from .specialize_shapes import specialize_shapes
 
 #: full variant: the original computation plus K/V, score and per-token outputs
 FULL_PASSES = (expose_attention_kv, expose_attention_score, expose_token_output, finalize_outputs)
@@ -31,7 +33,7 @@ SPARSE_PASSES = (
 )
 
 __all__ = [
-    "FULL_PASSES", "SPARSE_PASSES", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
+    "FULL_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
     "attend_with_kv_cache", "blend_token_history", "expose_attention_kv", "expose_attention_score",
-    "expose_token_output", "finalize_outputs", "gather_token_subset", "run_passes",
+    "expose_token_output", "finalize_outputs", "gather_token_subset", "run_passes", "specialize_shapes",
 ]

@@ -23,6 +23,11 @@ class NotADiT(RuntimeError):
     """The graph is not one the rewrite supports; ``str(e)`` says why."""
 
 
+class DynamicShapes(NotADiT):
+    """A supported DiT, but traced with symbolic shapes: specialise it per shape first
+    (:func:`~specdiff_fx.passes.specialize_shapes`)."""
+
+
 def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         val = node.meta.get("val", node.meta.get("example_value"))
@@ -91,10 +96,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
             "SD3Transformer2DModel or FluxTransformer2DModel"
         )
     if _has_symbolic_shapes(gm):
-        raise NotADiT(
-            "the graph has dynamic (symbolic) shapes; specdiff specialises per shape: "
-            "compile with dynamic=False"
-        )
+        raise DynamicShapes(f"{family.model_class} traced with dynamic (symbolic) shapes")
     start = _last_node_of(gm, family.embed)
     end = _last_node_of(gm, family.out_proj)
     if start is None or end is None:

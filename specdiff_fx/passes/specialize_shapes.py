@@ -1,0 +1,86 @@
+"""Before analysis, for dynamic graphs: specialise a symbolic-shape graph to one concrete shape.
+
+Dynamo turns a dimension dynamic once it has seen two sizes (a second resolution), so a
+plain ``torch.compile(..., backend="specdiff")`` receives symbolic graphs after a
+resolution change. The rewrite needs static token counts (``k`` is static per variant),
+so the backend specialises such a graph per concrete input shape, as ``dynamic=False``
+would, and keeps one runtime (with its own state) per shape.
+
+Reads: the graph and one concrete call's arguments (tensors, and ints for SymInt inputs).
+Writes: a new graph in which every non-tensor value (SymInt inputs, size arithmetic,
+shape asserts) is replaced by its constant, SymInt inputs are removed, and every node's
+``meta["val"]`` is a fake tensor with static shapes (Dynamo's symbolic
+``example_value`` is dropped).
+Keeps true: for inputs of that concrete shape the new graph computes what the old one did.
+Returns the graph and the indices of the inputs it still takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ..graph_utils import clone_graph_module
+
+
+def _is_constant(value: Any) -> bool:
+    if isinstance(value, (int, float, bool, type(None), torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return True
+    if isinstance(value, (tuple, list, torch.Size)):
+        return all(_is_constant(v) for v in value)
+    return False
+
+
+def _concrete(value: Any) -> Any:
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value.node.pytype(value)  # hint of a backed symbol
+    if isinstance(value, torch.Size):
+        return tuple(_concrete(v) for v in value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_concrete(v) for v in value)
+    return value
+
+
+def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
+    new = clone_graph_module(gm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+    values: dict[fx.Node, Any] = {}
+
+    class Interp(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            values[n] = result
+            return result
+
+    with mode, torch.no_grad():
+        Interp(new).run(*fake_args)
+
+    placeholders = list(new.graph.find_nodes(op="placeholder"))
+    kept = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    for node in list(new.graph.nodes):
+        if node.op == "output":
+            continue
+        value = values.get(node)
+        if isinstance(value, torch.Tensor):
+            node.meta["val"] = value
+            node.meta.pop("example_value", None)
+            continue
+        if not _is_constant(value):
+            continue  # tuples of tensors (split results) etc. stay
+        constant = _concrete(value)
+        for user in list(node.users):
+            user.args = fx.map_arg(user.args, lambda x, node=node, c=constant: c if x is node else x)
+            user.kwargs = fx.map_arg(user.kwargs, lambda x, node=node, c=constant: c if x is node else x)
+    for node in reversed(list(new.graph.nodes)):
+        if node.op != "output" and not node.users and not isinstance(values.get(node), torch.Tensor) \
+                and _is_constant(values.get(node)):
+            new.graph.erase_node(node)
+    remaining = {n.name for n in new.graph.find_nodes(op="placeholder")}
+    kept = [i for i, p in enumerate(placeholders) if p.name in remaining]
+    new.graph.lint()
+    new.recompile()
+    return new, kept
