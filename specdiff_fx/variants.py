@@ -49,8 +49,12 @@ class Variant:
     calls: int = field(default=0)
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
+        """Run the variant. Tensor inputs are made contiguous: the variant was compiled for
+        contiguous inputs, whatever strides the caller's tensors have (pipelines pass e.g.
+        expanded timesteps; the runtime builds its own inputs). Caches are contiguous
+        already, so their in-place updates land in the caller's tensors."""
         self.calls += 1
-        out = self.fn(*args)
+        out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
         return tuple(out)
 
     def split(self, outputs: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -81,7 +85,7 @@ def build_variant(
     rewritten = run_passes(clone, FULL_PASSES if variant == "full" else SPARSE_PASSES, ctx)
     added = [n.name for n in rewritten.graph.find_nodes(op="placeholder")][len(example_inputs):]
     assert added == [i.name for i in ctx.new_inputs], (added, ctx.new_inputs)
-    examples = list(example_inputs) + [
+    examples = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in example_inputs] + [
         torch.zeros(i.shape, dtype=i.dtype, device=i.device) for i in ctx.new_inputs
     ]
     if variant == "sparse":  # valid, distinct indices for the example call
