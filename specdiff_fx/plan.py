@@ -65,6 +65,7 @@ class DiTPlan:
     timestep_input: int  # index of the timestep among the graph inputs
     sample_input: int  # index of the latent (hidden_states) among the graph inputs
     timestep_per_sigma: float
+    weight_input: int | None = None  # index of a parameter input: identifies the model at run time
     layouts: Mapping[str, NodeLayout] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -40,6 +40,8 @@ from .variants import Variant, build_variant, count_flops
 log = logging.getLogger("specdiff_fx.runtime")
 
 _LIVE: "weakref.WeakSet[SpecDiffRuntime]" = weakref.WeakSet()
+#: model identity (the storage of one of its weights) -> the runtime that ran its last call
+_LAST_RUNTIME: "weakref.WeakValueDictionary[int, SpecDiffRuntime]" = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -124,6 +126,7 @@ class SpecDiffRuntime:
         self._last_sample: torch.Tensor | None = None
         self._branch = 0
         self._warned: set[str] = set()
+        self._pending_notes: list[str] = []  # for the next generation's report
         _LIVE.add(self)
 
     # -- public -----------------------------------------------------------------------
@@ -136,6 +139,7 @@ class SpecDiffRuntime:
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         args = list(args)
+        self._check_owner(args)
         sigma = self._sigma(args)
         branch = self._route(sigma, args[self.plan.sample_input])
         state = self.branches.setdefault(branch, BranchState())
@@ -150,6 +154,22 @@ class SpecDiffRuntime:
         return out
 
     # -- routing ------------------------------------------------------------------------
+    def _check_owner(self, args: list[Any]) -> None:
+        """If the model's previous call ran in another specialisation (the caller changed
+        the resolution or batch size mid-generation), this runtime's caches are stale:
+        start over with a full step instead of reusing them."""
+        i = self.plan.weight_input
+        if i is None or not isinstance(args[i], torch.Tensor):
+            return
+        key = args[i].untyped_storage().data_ptr()
+        last = _LAST_RUNTIME.get(key)
+        if last is not None and last is not self and self.branches:
+            log.info("specdiff: the model ran at another shape since this runtime's last call; resetting")
+            self.reset()
+            self._pending_notes.append("the model ran at another shape mid-generation: caches reset, "
+                                       "restarted with a full step")
+        _LAST_RUNTIME[key] = self
+
     def _sigma(self, args: list[Any]) -> float:
         t = args[self.plan.timestep_input]
         value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
@@ -186,7 +206,9 @@ class SpecDiffRuntime:
             family=self.plan.family, num_image_tokens=self.plan.num_image_tokens, batch=self.plan.batch,
             cache_ratio=self.config.cache_ratio, full_flops=ex.full_flops,
             compile_seconds=sum(v.compile_seconds for v in ex.compiled), compiles=len(ex.compiled),
+            notes=self._pending_notes,
         )
+        self._pending_notes = []
         set_last(self.report)
 
     def _record(self, step: int, branch: int, kind: str, sigma: float, flops: int,

@@ -45,6 +45,7 @@ class Variant:
     k: int | None = None
     compile_seconds: float = 0.0
     example_inputs: list[Any] = field(default_factory=list, repr=False)
+    plan_tokens: int = 0  # N, the image tokens of the graph
     flops: int | None = None  # per call, counted on first request (see count_flops)
     calls: int = field(default=0)
 
@@ -54,6 +55,12 @@ class Variant:
         expanded timesteps; the runtime builds its own inputs). Caches are contiguous
         already, so their in-place updates land in the caller's tensors."""
         self.calls += 1
+        if self.name == "sparse":
+            n_in = len(args) - len(self.new_inputs)
+            check_index(args[n_in], self.new_inputs[0].shape, self.plan_tokens)
+            for spec, a in zip(self.new_inputs, args[n_in:]):
+                if spec.name.startswith(("specdiff_k", "specdiff_v")) and not a.is_contiguous():
+                    raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
         out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
         return tuple(out)
 
@@ -99,7 +106,20 @@ def build_variant(
         name=variant, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
         num_user_outputs=meta["user"], extras=meta["extras"], k=k,
         compile_seconds=time.perf_counter() - t0, example_inputs=examples,
+        plan_tokens=plan.num_image_tokens,
     )
+
+
+def check_index(idx: Any, shape: tuple[int, ...], n: int) -> None:
+    """``idx`` must be ``[B, k]`` int64 image-token indices in ``[0, N)``, distinct per row
+    (a duplicate would scatter two results into one token and lose the other)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or tuple(idx.shape) != tuple(shape):
+        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"specdiff: token index must be an int64 tensor of shape {tuple(shape)}, got {got}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"specdiff: token index out of range [0, {n})")
+    if idx.shape[1] > 1 and (idx.sort(dim=1).values.diff(dim=1) == 0).any():
+        raise ValueError("specdiff: token index has duplicates within a row")
 
 
 def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -121,7 +141,8 @@ def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+    fake = [mode.from_tensor(a.detach(), static_shapes=True) if isinstance(a, torch.Tensor) else a
+            for a in example_inputs]
     with mode, FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.no_grad():
         gm(*fake)
     return int(counter.get_total_flops())

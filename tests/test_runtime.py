@@ -221,3 +221,35 @@ def test_cache_cap_degrades_to_full_compute():
     with pytest.warns(RuntimeWarning, match="max_cache_bytes"):
         generate(rt, 5)
     assert all(k == "full" for k, _, _ in ex.calls) and rt.report.notes
+
+
+class WeightedExecutor(FakeExecutor):
+    def run_full(self, args):
+        return super().run_full(args[:2])
+
+    def run_sparse(self, args, *rest):
+        return super().run_sparse(args[:2], *rest)
+
+
+def test_a_runtime_resumed_after_another_shape_restarts():
+    """Two specialisations of one model (same weights): if the caller switched shape
+    mid-generation and comes back, the first runtime's caches are stale: full step, reset."""
+    from dataclasses import replace
+
+    plan = replace(fake_plan(), weight_input=2)
+    weight = torch.zeros(3)
+    a, b = (SpecDiffRuntime(plan, SpecDiffConfig(warmup_steps=1), WeightedExecutor()) for _ in range(2))
+    x = torch.randn(B, N, C)
+    for sigma in (1.0, 0.9, 0.8):
+        a(x, torch.full((B,), sigma * 1000), weight)
+    b(x, torch.full((B,), 700.0), weight)  # the other shape's runtime (same model)
+    a.executor.calls.clear()
+    a(x, torch.full((B,), 600.0), weight)
+    assert a.executor.calls[0][0] == "full" and a.report.steps[0].step == 0
+    assert any("another shape mid-generation" in n for n in a.report.notes)
+    a(x, torch.full((B,), 500.0), weight)  # no switch in between: no reset
+    assert a.report.main_steps[-1].step == 1
+    other = torch.zeros(3)  # another model (other weights) never resets this one
+    b(x, torch.full((B,), 400.0), other)
+    a(x, torch.full((B,), 300.0), weight)
+    assert a.report.main_steps[-1].step == 2

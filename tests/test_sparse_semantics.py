@@ -42,7 +42,7 @@ def tier_inputs(variant):
 
 def check_subset(c, kv, idx):
     variant = sparse_variant(c, idx.shape[1])
-    caches = [t.clone() for pair in kv for t in pair]
+    caches = [t.contiguous().clone() for pair in kv for t in pair]
     with torch.no_grad():
         _, extras = variant.split(variant(*c.example_inputs, idx, *tier_inputs(variant), *caches))
         ref = sparse_reference(c.model, c.inputs, idx, kv)
@@ -87,7 +87,7 @@ def test_all_tokens_equal_the_full_variant(captured, stale, name):
         user, fx = full.split(full(*c.example_inputs))
     idx = torch.arange(n).expand(2, n).contiguous()
     variant = sparse_variant(c, n)
-    caches = [t.clone() for pair in stale(name) for t in pair]  # every entry gets overwritten
+    caches = [t.contiguous().clone() for pair in stale(name) for t in pair]  # all overwritten
     with torch.no_grad():
         su, sx = variant.split(variant(*c.example_inputs, idx, *tier_inputs(variant), *caches))
     torch.testing.assert_close(sx["tokens"], fx["tokens"], atol=1e-5, rtol=1e-4)

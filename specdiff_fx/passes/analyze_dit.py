@@ -144,5 +144,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         timestep_input=_input_index(gm, "timestep"),
         sample_input=_input_index(gm, "hidden_states"),
         timestep_per_sigma=family.timestep_per_sigma,
+        weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
+                           if "_parameters_" in p.name), None),
         layouts={n.name: i for n, i in infos.items()},
     )

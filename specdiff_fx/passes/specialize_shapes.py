@@ -8,7 +8,7 @@ would, and keeps one runtime (with its own state) per shape.
 
 Reads: the graph and one concrete call's arguments (tensors, and ints for SymInt inputs).
 Writes: a new graph in which every non-tensor value (SymInt inputs, size arithmetic,
-shape asserts) is replaced by its constant, SymInt inputs are removed, and every node's
+shape asserts, ``.item()`` of scalar inputs) is replaced by its constant, SymInt inputs are removed, and every node's
 ``meta["val"]`` is a fake tensor with static shapes (Dynamo's symbolic
 ``example_value`` is dropped).
 Keeps true: for inputs of that concrete shape the new graph computes what the old one did.
@@ -50,9 +50,17 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
     fake_args = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
     values: dict[fx.Node, Any] = {}
 
+    # scalar inputs' values, read outside the fake mode (which would turn them fake)
+    scalars = {p: a.item() for p, a in zip(new.graph.find_nodes(op="placeholder"), args)
+               if isinstance(a, torch.Tensor) and a.numel() == 1}
+
     class Interp(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            result = super().run_node(n)
+            source = n.args[0] if n.args else None
+            if n.op == "call_method" and n.target == "item" and source in scalars:
+                result = scalars[source]  # a scalar input Dynamo made dynamic (e.g. an eps)
+            else:
+                result = super().run_node(n)
             values[n] = result
             return result
 

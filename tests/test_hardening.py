@@ -1,0 +1,298 @@
+"""Hardening: bad input, fallbacks, state, shape changes, recompiles, numerics, fuzzing."""
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import specdiff_fx
+from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+from specdiff_fx.variants import check_index
+
+FAST = {"inductor": False, "warmup_steps": 2, "refresh_at": (0.6,)}
+
+
+def euler(model, inputs, steps=8, sigmas=None, on_step=None):
+    """A minimal flow-matching loop calling ``model`` like a pipeline would."""
+    x = inputs["hidden_states"].clone()
+    sigmas = torch.linspace(1, 0, steps + 1) if sigmas is None else sigmas
+    per_sigma = 1.0 if "img_ids" in inputs else 1000.0
+    for i in range(len(sigmas) - 1):
+        if on_step:
+            on_step(i)
+        kw = dict(inputs, hidden_states=x, timestep=torch.full((x.shape[0],), float(sigmas[i]) * per_sigma))
+        v = model(**kw).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def compiled(model, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend=specdiff_fx.backend(**{**FAST, **options}))
+
+
+# -- options and indices (fuzzed) --------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(ratio=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.text(max_size=3),
+                       st.booleans(), st.none()))
+def test_fuzz_cache_ratio(ratio):
+    valid = isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 <= ratio < 1
+    if valid:
+        assert SpecDiffConfig.from_options({"cache_ratio": ratio}).cache_ratio == ratio
+    else:
+        with pytest.raises(ValueError, match="cache_ratio"):
+            SpecDiffConfig.from_options({"cache_ratio": ratio})
+
+
+@settings(max_examples=60, deadline=None)
+@given(options=st.dictionaries(st.sampled_from(SpecDiffConfig.valid_keys() + ("bogus",)),
+                               st.one_of(st.integers(-2, 40), st.floats(-1, 2), st.booleans(), st.none()),
+                               max_size=4))
+def test_fuzz_options_never_half_valid(options):
+    """Any options dict either builds a config that round-trips, or raises ValueError."""
+    try:
+        cfg = SpecDiffConfig.from_options(options)
+    except ValueError as e:
+        assert "specdiff" in str(e)
+    else:
+        assert SpecDiffConfig.from_options(cfg.to_dict()) == cfg
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_fuzz_token_index_validation(data):
+    n = 24
+    k = data.draw(st.integers(1, n))
+    rows = [data.draw(st.lists(st.integers(-2, n + 1), min_size=k, max_size=k)) for _ in range(2)]
+    idx = torch.tensor(rows)
+    valid = all(0 <= v < n for r in rows for v in r) and all(len(set(r)) == len(r) for r in rows)
+    if valid:
+        check_index(idx, (2, k), n)
+    else:
+        with pytest.raises(ValueError, match="token index"):
+            check_index(idx, (2, k), n)
+    with pytest.raises(ValueError, match="int64"):
+        check_index(idx.int(), (2, k), n)
+
+
+def test_sparse_variant_rejects_bad_indices_and_caches(captured):
+    c = captured("sd3")
+    plan = analyze_dit(c.gm)
+    v = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(inductor=False), "sparse", k=3)
+    rest = [torch.zeros(i.shape) for i in v.new_inputs[1:]]
+    with pytest.raises(ValueError, match="duplicates"):
+        v(*c.example_inputs, torch.tensor([[1, 1, 2], [0, 1, 2]]), *rest)
+    with pytest.raises(ValueError, match="out of range"):
+        v(*c.example_inputs, torch.tensor([[1, 99, 2], [0, 1, 2]]), *rest)
+    rest[2] = rest[2].transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        v(*c.example_inputs, torch.tensor([[1, 5, 2], [0, 1, 2]]), *rest)
+
+
+# -- fallbacks ---------------------------------------------------------------------------
+
+def test_unet_falls_back():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+    be = specdiff_fx.backend(inductor=False)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="no supported DiT"), torch.no_grad():
+        out = torch.compile(unet, backend=be)(x, t).sample
+        torch.testing.assert_close(out, unet(x, t).sample)
+    assert be.records[-1].status == "fallback"
+
+
+class ManualAttention:
+    """A custom attention processor that computes softmax(QK^T)V by hand."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        b = hidden_states.shape[0]
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        n = hidden_states.shape[1]
+        if encoder_hidden_states is not None:
+            q = torch.cat([q, attn.add_q_proj(encoder_hidden_states)], 1)
+            k = torch.cat([k, attn.add_k_proj(encoder_hidden_states)], 1)
+            v = torch.cat([v, attn.add_v_proj(encoder_hidden_states)], 1)
+        h = attn.heads
+        q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
+        w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        out = (w @ v).transpose(1, 2).reshape(b, -1, h * q.shape[-1])
+        img, txt = out[:, :n], out[:, n:]
+        img = attn.to_out[0](img)
+        if encoder_hidden_states is None:
+            return img
+        return img, (attn.to_add_out(txt) if not attn.context_pre_only else txt)
+
+
+def test_custom_attention_processor_falls_back_correctly():
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    model.set_attn_processor(ManualAttention())
+    be = specdiff_fx.backend(inductor=False)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="matmul"), torch.no_grad():
+        out = torch.compile(model, backend=be)(**inputs).sample
+        torch.testing.assert_close(out, model(**inputs).sample)
+    assert be.records[-1].status == "fallback" and "matmul" in be.records[-1].reason
+
+
+# -- state ---------------------------------------------------------------------------------
+
+def test_interrupted_generation_leaves_no_trace():
+    inputs = sd3_inputs(2, 8, 8, seed=3)
+
+    def stop(i):
+        if i == 5:
+            raise KeyboardInterrupt
+
+    model = tiny_sd3()
+    cm = compiled(model)
+    with torch.no_grad():
+        with pytest.raises(KeyboardInterrupt):
+            euler(cm, sd3_inputs(2, 8, 8, seed=9), steps=10, on_step=stop)
+        euler(cm, sd3_inputs(2, 8, 8, seed=7), steps=3)  # abandoned after a few steps
+        after = euler(cm, inputs, steps=10)
+        fresh = euler(compiled(tiny_sd3()), inputs, steps=10)  # new model object: fresh runtime
+    torch.testing.assert_close(after, fresh)
+
+
+def test_explicit_reset_restarts_the_generation():
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    cm = compiled(model)
+    with torch.no_grad():
+        a = euler(cm, inputs, sigmas=torch.linspace(0.9, 0, 9))
+        specdiff_fx.reset()  # same start sigma: only reset() tells a new generation apart here
+        rep_before = specdiff_fx.last_generation()
+        b = euler(cm, inputs, sigmas=torch.linspace(0.9, 0, 9))
+    assert specdiff_fx.last_generation() is not rep_before
+    torch.testing.assert_close(a, b)
+
+
+def test_two_models_interleaved_equal_each_alone():
+    m1, m2 = tiny_sd3(1), tiny_sd3(2)
+    i1, i2 = sd3_inputs(2, 8, 8, seed=1), sd3_inputs(2, 8, 12, seed=2)
+    torch._dynamo.reset()
+    c1 = torch.compile(m1, backend=specdiff_fx.backend(**FAST))
+    c2 = torch.compile(m2, backend=specdiff_fx.backend(**FAST))
+    steps = 10
+    sig = torch.linspace(1, 0, steps + 1)
+    with torch.no_grad():
+        alone = [euler(c1, i1, steps), euler(c2, i2, steps)]
+        x = [i1["hidden_states"].clone(), i2["hidden_states"].clone()]
+        for i in range(steps):  # call by call
+            for j, (c, inp) in enumerate(((c1, i1), (c2, i2))):
+                t = torch.full((2,), float(sig[i]) * 1000)
+                x[j] = x[j] + (sig[i + 1] - sig[i]) * c(**dict(inp, hidden_states=x[j], timestep=t)).sample
+    torch.testing.assert_close(x[0], alone[0])
+    torch.testing.assert_close(x[1], alone[1])
+
+
+def test_two_models_in_two_threads():
+    """Documented: one compiled model per thread is safe."""
+    models = [tiny_sd3(1), tiny_flux(2)]
+    inputs = [sd3_inputs(2, 8, 8, seed=1), flux_inputs(1, 4, 4, seed=2)]
+    torch._dynamo.reset()
+    cms = [torch.compile(m, backend=specdiff_fx.backend(**FAST)) for m in models]
+    with torch.no_grad():
+        alone = [euler(c, i) for c, i in zip(cms, inputs)]
+    results = [None, None]
+
+    def work(j):
+        with torch.no_grad():
+            results[j] = euler(cms[j], inputs[j])
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r, a in zip(results, alone):
+        torch.testing.assert_close(r, a)
+
+
+def test_shape_change_inside_a_generation_resets_instead_of_reusing():
+    model = tiny_sd3()
+    torch._dynamo.reset()  # dynamic from the start: one graph, one runtime per shape
+    cm = torch.compile(model, backend=specdiff_fx.backend(**FAST), dynamic=True)
+    small, large = sd3_inputs(2, 8, 8, seed=1), sd3_inputs(2, 8, 12, seed=1)
+    sig = torch.linspace(1, 0, 11)
+    with torch.no_grad():
+        euler(cm, small, sigmas=sig[:6])  # steps 0-4 at one size
+        euler(cm, large, sigmas=sig[5:8])  # the caller switches size mid-generation
+        euler(cm, small, sigmas=sig[7:])  # ... and back: the old caches are stale
+    rep = specdiff_fx.last_generation()
+    # whichever runtime served the last calls, it started over: step 0, full, at sigma 0.3
+    assert rep.steps[0].kind == "full" and rep.steps[0].step == 0 and abs(rep.steps[0].sigma - 0.3) < 1e-6
+    assert len(rep.main_steps) == 3
+    # (test_runtime.py covers the case where the old runtime itself is called again)
+
+
+# -- numerics, grad, recompiles --------------------------------------------------------------
+
+def test_nan_latents_do_not_poison_later_generations():
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    cm = compiled(model)
+    bad = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    bad["hidden_states"][0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        out_bad = euler(cm, bad)
+        assert torch.isnan(out_bad).any()
+        good = euler(cm, inputs)
+        fresh = euler(compiled(tiny_sd3()), inputs)
+    assert torch.isfinite(good).all()
+    torch.testing.assert_close(good, fresh)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu(dtype):
+    model = tiny_sd3().to(dtype)
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd3_inputs(2, 8, 8).items()}
+    cm = compiled(model)
+    with torch.no_grad():
+        out = euler(cm, inputs)
+        ref = euler(model, inputs)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - ref.float()).abs().max() < 0.5
+    assert specdiff_fx.last_generation().count("cached") > 0
+
+
+def test_caches_hold_no_autograd_state():
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    be = specdiff_fx.backend(**FAST)
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=be)
+    with torch.inference_mode():
+        euler(cm, inputs)
+    with torch.no_grad():  # caches made under inference_mode are updated under no_grad
+        euler(cm, inputs)
+    rt = be.runtimes[-1]
+    tensors = [t for s in rt.branches.values() for t in s.caches + [h for _, h in s.history]]
+    assert tensors and not any(t.requires_grad or t.grad_fn is not None for t in tensors)
+    assert not any(t.is_inference() for s in rt.branches.values() for t in s.caches)
+
+
+def test_a_generation_causes_no_recompiles():
+    from torch._dynamo.utils import counters
+
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    be = specdiff_fx.backend(**FAST)
+    torch._dynamo.reset()
+    counters.clear()
+    cm = torch.compile(model, backend=be)
+    with torch.no_grad():
+        euler(cm, inputs)
+        frames, records = counters["stats"]["unique_graphs"], len(be.records)
+        compiles = specdiff_fx.last_generation().compiles
+        euler(cm, sd3_inputs(2, 8, 8, seed=5), steps=12)
+    assert counters["stats"]["unique_graphs"] == frames == 1 and len(be.records) == records == 1
+    rep = specdiff_fx.last_generation()
+    assert rep.compiles == compiles == 2 and rep.compile_seconds > 0
