@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=24, help="prompts for the final colour check (0: skip)")
     p.add_argument("--png", type=Path, default=None, help="optional PNG grid of final samples")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 tiny steps, no eval")
+    p.add_argument("--init", type=Path, default=None,
+                   help="continue from shapes_<family>.safetensors of an earlier run (its JSON must sit beside it)")
     args = p.parse_args(argv)
     d = DEFAULTS[args.family]
     if args.quick:
@@ -174,6 +176,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                joint_attention_dim=tcfg["joint_attention_dim"],
                                pooled_dim=tcfg["pooled_projection_dim"])
     text_encoder = ShapesTextEncoder(te_cfg)
+    previous: dict[str, Any] | None = None
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(args.init))
+        transformer.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("transformer.")})
+        text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+        previous = json.loads(args.init.with_suffix(".json").read_text())["train"]
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     ema_t = copy.deepcopy(transformer).requires_grad_(False)
@@ -253,6 +263,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(train_seconds, 1),
             "final_loss": float(np.mean(losses[-50:])),
             "quick": bool(args.quick),
+            "init_from": None if args.init is None else args.init.name,
+            "previous_stage": previous,
+            "total_steps": args.steps + (0 if previous is None else previous.get("total_steps", previous["steps"])),
         },
         "param_counts": {"transformer": n_tr, "text_encoder": n_te},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},

@@ -129,20 +129,24 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
 
 
-def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
-    """FLOPs of one call of ``gm`` (``torch.utils.flop_counter`` on fake tensors: no compute).
-
-    torch's counter has no formula for the CPU flash-attention kernel; we add one so that
-    attention counts the same on every device."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU flash-attention
+    kernel (torch has no formula for it), so attention counts the same on every device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     custom = {}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=custom)
+
+
+def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
+    """FLOPs of one call of ``gm`` (:func:`flop_counter` on fake tensors: no compute)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(a.detach(), static_shapes=True) if isinstance(a, torch.Tensor) else a
             for a in example_inputs]
-    with mode, FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.no_grad():
+    with mode, flop_counter() as counter, torch.no_grad():
         gm(*fake)
     return int(counter.get_total_flops())
