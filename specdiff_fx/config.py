@@ -41,6 +41,10 @@ class SpecDiffConfig:
             whose tokens reuse their last output (tier C2), ``0 <= m < 1``.
         blend_history: how many past outputs tier C3 blends (``>= 1``).
         blend: ``False`` turns tier C3 off: every non-computed token reuses (C1 + C2).
+        blend_mode: how tier C3 estimates a token: ``"taylor"`` extrapolates its last two
+            computed outputs to first order in sigma; ``"paper"`` blends its last
+            ``blend_history`` step outputs with weights ``exp(-j) * |sigma_{now-j} - sigma|``
+            as SpecDiff describes.
         starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term.
         score_queries: query rows sampled per attention to estimate the attention each
             token receives (``0`` = every row, exact but costs a second ``QK^T``).
@@ -57,6 +61,7 @@ class SpecDiffConfig:
     reuse_mass: float = 0.10
     blend_history: int = 3
     blend: bool = True
+    blend_mode: str = "paper"
     starvation_scale: float = 0.5
     score_queries: int = 256
     inductor: bool = True
@@ -91,6 +96,10 @@ class SpecDiffConfig:
             raise bad("reuse_mass", "a number with 0 <= reuse_mass < 1")
         if not (_is_int(self.blend_history) and 1 <= self.blend_history <= 8):
             raise bad("blend_history", "an int with 1 <= blend_history <= 8")
+        if self.blend_mode not in ("taylor", "paper"):
+            raise bad("blend_mode", "'taylor' or 'paper'")
+        if self.blend_mode == "taylor" and self.blend and self.blend_history < 2:
+            raise bad("blend_history", "an int >= 2 with blend_mode='taylor' (or blend=False)")
         for key in ("blend", "inductor", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")

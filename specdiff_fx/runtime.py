@@ -104,6 +104,9 @@ class BranchState:
     history: collections.deque = field(default_factory=collections.deque)  # (sigma, tokens), newest first
     refreshed: set[float] = field(default_factory=set)
     degraded: bool = False  # cache cap exceeded: every step full
+    groups: torch.Tensor | None = None  # [B]: samples that started from the same latent share a group
+    fresh: torch.Tensor | None = None  # [2, B, N, C]: each token's last two computed outputs
+    fresh_sigma: torch.Tensor | None = None  # [2, B, N]: the sigmas they were computed at
 
 
 def _detached(t: torch.Tensor) -> torch.Tensor:
@@ -229,6 +232,7 @@ class SpecDiffRuntime:
         state.his = out.score
         state.cached_for = torch.zeros(out.score.shape, dtype=torch.int32, device=out.score.device)
         self._push_history(state, sigma, out.tokens)
+        self._push_fresh(state, sigma, out.tokens, None)
         cap = self.config.max_cache_bytes
         nbytes = sum(t.numel() * t.element_size() for t in state.caches) + self.config.blend_history * (
             out.tokens.numel() * out.tokens.element_size())
@@ -241,6 +245,24 @@ class SpecDiffRuntime:
             if msg not in self._warned:
                 self._warned.add(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _push_fresh(self, state: BranchState, sigma: float, tokens: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Shift each computed token's last fresh output (all tokens when ``idx`` is None)."""
+        if self.config.blend_mode != "taylor":
+            return
+        if state.fresh is None or idx is None:
+            tokens = _detached(tokens)
+            prev = tokens if state.fresh is None else state.fresh[0]
+            prev_sigma = torch.full(tokens.shape[:2], sigma, device=tokens.device) if state.fresh is None \
+                else state.fresh_sigma[0]
+            state.fresh = torch.stack([tokens, prev])
+            state.fresh_sigma = torch.stack([torch.full(tokens.shape[:2], sigma, device=tokens.device), prev_sigma])
+            return
+        rows = idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        state.fresh[1].scatter_(1, rows, torch.gather(state.fresh[0], 1, rows))
+        state.fresh[0].scatter_(1, rows, torch.gather(tokens, 1, rows).to(state.fresh.dtype))
+        state.fresh_sigma[1].scatter_(1, idx, torch.gather(state.fresh_sigma[0], 1, idx))
+        state.fresh_sigma[0].scatter_(1, idx, torch.full(idx.shape, sigma, device=idx.device))
 
     def _push_history(self, state: BranchState, sigma: float, tokens: torch.Tensor) -> None:
         state.history.appendleft((sigma, _detached(tokens)))
@@ -255,6 +277,7 @@ class SpecDiffRuntime:
 
     def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         state.sigma0 = sigma
+        state.groups = same_latent_groups(args[self.plan.sample_input])
         out = self.executor.run_full(args)
         self._store_full(state, out, sigma)
         self._record(0, branch, "full", sigma, self.executor.flops("full"),
@@ -289,15 +312,22 @@ class SpecDiffRuntime:
         cfg = self.config
         fut = schedule.future_score(state.spec, sigma)
         score = schedule.token_scores(state.his, fut, state.cached_for, cfg.starvation_scale)
+        if state.groups is not None:  # CFG halves of one image select the same tokens
+            score = torch.zeros_like(score).index_add_(0, state.groups, score)[state.groups]
         idx, tier = schedule.assign_tiers(score, self.k, cfg.reuse_mass, cfg.blend)
-        past = [s for s, _ in state.history]
-        blend = schedule.blend_weights(past, sigma, cfg.blend_history)
-        weights = schedule.tier_weights(tier, blend)
         tokens0 = state.history[0][1]
         history = torch.zeros((cfg.blend_history, *tokens0.shape), dtype=tokens0.dtype, device=tokens0.device)
-        for j, (_, tok) in enumerate(state.history):
-            history[j] = tok
-        out = self.executor.run_sparse(args, idx.to(tokens0.device), history, weights.to(tokens0.dtype), state.caches)
+        if cfg.blend_mode == "taylor":
+            history[:2] = state.fresh[: cfg.blend_history]
+            weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.blend_history)
+        else:
+            for j, (_, tok) in enumerate(state.history):
+                history[j] = tok
+            blend = schedule.blend_weights([s for s, _ in state.history], sigma, cfg.blend_history)
+            weights = schedule.tier_weights(tier, blend)
+        idx = idx.to(tokens0.device)
+        out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches)
+        self._push_fresh(state, sigma, out.tokens, idx)
         state.his = out.score
         state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
         self._push_history(state, sigma, out.tokens)
@@ -307,6 +337,22 @@ class SpecDiffRuntime:
             rep = self.report
             rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts
         return out.user
+
+
+def same_latent_groups(sample: torch.Tensor) -> torch.Tensor | None:
+    """``[B]`` group ids: samples whose latents are equal (the uncond/cond halves of a batched
+    CFG call) get the same id, so they select the same tokens: guidance amplifies the
+    difference of the two halves, and stale outputs from the same step keep that difference
+    consistent. ``None`` when every sample is distinct."""
+    b = sample.shape[0]
+    flat = sample.reshape(b, -1)
+    groups = torch.arange(b)
+    for i in range(b):
+        for j in range(i):
+            if groups[j] == j and torch.equal(flat[i], flat[j]):
+                groups[i] = j
+                break
+    return None if bool((groups == torch.arange(b)).all()) else groups.to(sample.device)
 
 
 def reset_all() -> None:

@@ -113,3 +113,23 @@ def tier_weights(tier: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
     w[..., 0] = (tier == 2).float()
     w += (tier == 3).float().unsqueeze(-1) * blend.to(tier.device)
     return w
+
+
+def taylor_weights(tier: torch.Tensor, fresh_sigma: torch.Tensor, sigma: float, history: int,
+                   max_ratio: float = 1.5) -> torch.Tensor:
+    """``[B, N, H]`` rows over each token's last two *computed* outputs ``(F1, F2)``: C2
+    reuses ``F1``; C3 extrapolates to first order in sigma,
+    ``F1 + (sigma - s1) / (s1 - s2) * (F1 - F2)`` (weights ``1 + r, -r``, ``r`` clamped to
+    ``[0, max_ratio]``; ``r = 0`` while a token has one computed output only); C1 rows are
+    zeros (overwritten by the fresh outputs). Needs ``history >= 2``."""
+    s1, s2 = fresh_sigma[0], fresh_sigma[1]
+    gap = s1 - s2
+    r = torch.where(gap.abs() > 1e-9, (sigma - s1) / torch.where(gap.abs() > 1e-9, gap, torch.ones_like(gap)),
+                    torch.zeros_like(gap)).clamp(0.0, max_ratio)
+    b, n = tier.shape
+    w = torch.zeros(b, n, history, device=tier.device)
+    c2, c3 = (tier == 2).float(), (tier == 3).float()
+    w[..., 0] = c2 + c3 * (1 + r)
+    if history > 1:
+        w[..., 1] = -c3 * r
+    return w

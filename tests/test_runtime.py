@@ -253,3 +253,39 @@ def test_a_runtime_resumed_after_another_shape_restarts():
     b(x, torch.full((B,), 400.0), other)
     a(x, torch.full((B,), 300.0), weight)
     assert a.report.main_steps[-1].step == 2
+
+
+def test_taylor_weights_extrapolate_and_reuse():
+    tier = torch.tensor([[1, 2, 3, 3]], dtype=torch.int8)
+    fresh_sigma = torch.tensor([[[0.6, 0.6, 0.6, 0.6]], [[0.7, 0.7, 0.7, 0.6]]])  # last token: one output only
+    w = schedule.taylor_weights(tier, fresh_sigma, 0.5, 3)
+    assert torch.equal(w[0, 0], torch.zeros(3))
+    assert torch.equal(w[0, 1], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(w[0, 2], torch.tensor([2.0, -1.0, 0.0]))  # r = (0.5-0.6)/(0.6-0.7) = 1
+    assert torch.equal(w[0, 3], torch.tensor([1.0, 0.0, 0.0]))
+    # a linear trajectory is extrapolated exactly
+    f1, f2 = torch.tensor(3.0), torch.tensor(2.0)
+    assert torch.isclose(w[0, 2, 0] * f1 + w[0, 2, 1] * f2, torch.tensor(4.0))
+
+
+def test_cfg_halves_share_their_selection():
+    from specdiff_fx.runtime import same_latent_groups
+
+    x = torch.randn(1, N, C)
+    assert torch.equal(same_latent_groups(torch.cat([x, x])), torch.tensor([0, 0]))
+    assert same_latent_groups(torch.randn(2, N, C)) is None
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, cache_ratio=0.75), ex)
+    sig = torch.linspace(1, 0, 7)
+    for i in range(6):
+        rt(torch.cat([x, x]), torch.full((B,), float(sig[i]) * 1000))
+    sparse = [idx for k, _, idx in ex.calls if k == "sparse"]
+    assert sparse and all(torch.equal(i[0], i[1]) for i in sparse)
+
+
+@pytest.mark.parametrize("mode", ["paper", "taylor"])
+def test_both_blend_modes_run(mode):
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, blend_mode=mode), ex)
+    out = generate(rt, 8)
+    assert torch.isfinite(out).all() and rt.report.count("cached") > 0

@@ -1,0 +1,196 @@
+"""Speed / fidelity sweep on the shipped trained model; writes BENCHMARKS.md tables and a plot.
+
+Every number is measured in this process, side by side: wall-clock per generation (median of
+``--repeats`` after a warm-up that includes compilation) as a ratio to eager full compute,
+PSNR/SSIM of the final images against eager full compute, the FLOPs executed, the bytes held
+by specdiff's caches and the compile time.
+
+    python benchmarks/sweep.py                 # full sweep, writes BENCHMARKS.md section + PNG
+    python benchmarks/sweep.py --tiny          # seconds: CI smoke mode (no files unless --write)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import specdiff_fx  # noqa: E402
+from specdiff_fx import metrics  # noqa: E402
+from specdiff_fx.zoo import load_shapes_dit  # noqa: E402
+
+PROMPTS = [
+    "a red circle at the left on a blue background",
+    "a yellow square at the top on a navy background",
+    "a green triangle at the center on a white background",
+    "a purple circle at the right on a gray background",
+]
+RATIOS = (0.5, 0.75, 0.9, 0.95, 0.99)
+SPECULATIVE = (0, 2)
+
+
+@dataclass
+class Row:
+    method: str
+    params: str
+    seconds: float  # median per generation
+    speedup: float  # eager seconds / seconds
+    psnr: float
+    ssim: float
+    flops: float  # fraction of full compute executed
+    cache_mib: float
+    compile_s: float
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float, float]:
+    """(output, median seconds, first-call seconds) — the first call is the warm-up."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times), first
+
+
+def count_generation_flops(model, transformer, steps: int) -> int:
+    from benchmarks.diffusers_caches import count_flops
+
+    with torch.no_grad():
+        return count_flops(lambda: model.sample(PROMPTS[:1], num_steps=steps, seed=0, transformer=transformer))[1]
+
+
+def run(steps: int, repeats: int, tiny: bool, inductor: bool, caches: bool) -> tuple[list[Row], dict]:
+    model = load_shapes_dit("sd3")
+    prompts = PROMPTS[:1] if tiny else PROMPTS
+    ratios = (0.9,) if tiny else RATIOS
+    spec_steps = (2,) if tiny else SPECULATIVE
+    torch.manual_seed(0)
+
+    def gen(transformer):
+        return model.sample(prompts, num_steps=steps, seed=0, transformer=transformer)
+
+    rows: list[Row] = []
+    with torch.no_grad():
+        ref, t_eager, _ = timed(lambda: gen(model.transformer), repeats)
+        rows.append(Row("eager", "full compute", t_eager, 1.0, float("inf"), 1.0, 1.0, 0.0, 0.0))
+        full_flops = count_generation_flops(model, model.transformer, steps)
+        if inductor:
+            torch._dynamo.reset()
+            comp = torch.compile(model.transformer)
+            out, t, first = timed(lambda: gen(comp), repeats)
+            rows.append(Row("inductor", "full compute", t, t_eager / t, metrics.psnr(out, ref),
+                            metrics.ssim(out, ref), 1.0, 0.0, first - t))
+        for spec in spec_steps:
+            for ratio in ratios:
+                torch._dynamo.reset()
+                opts = {"cache_ratio": ratio, "speculative_steps": spec, "inductor": inductor}
+                comp = torch.compile(model.transformer, backend="specdiff", options=opts)
+                out, t, first = timed(lambda: gen(comp), repeats)
+                rep = specdiff_fx.last_generation()
+                rows.append(Row("specdiff", f"cache_ratio={ratio}, speculative_steps={spec}", t, t_eager / t,
+                                metrics.psnr(out, ref), metrics.ssim(out, ref), rep.flops_fraction,
+                                rep.cache_bytes / 2**20, rep.compile_seconds))
+                print(f"  {rows[-1]}", flush=True)
+        if caches:
+            from benchmarks.diffusers_caches import SWEEP, cached_sampler
+
+            for name, params in (SWEEP[:2] if tiny else SWEEP):
+                transformer = cached_sampler(model, name, params, num_steps=steps)
+                out, t, _ = timed(lambda: gen(transformer), repeats)
+                flops = count_generation_flops(model, transformer, steps) / full_flops
+                rows.append(Row(name, json.dumps(params, default=str), t, t_eager / t, metrics.psnr(out, ref),
+                                metrics.ssim(out, ref), flops, 0.0, 0.0))
+                print(f"  {rows[-1]}", flush=True)
+                if hasattr(transformer, "remove"):
+                    transformer.remove()
+    machine = {"machine": platform.machine(), "processor": platform.processor() or "unknown",
+               "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return rows, machine
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| method | parameters | s / generation | speedup vs eager | PSNR (dB) | SSIM | FLOPs executed | cache MiB | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.params} | {r.seconds:.3f} | {r.speedup:.2f}x | {r.psnr:.2f} | {r.ssim:.4f} | "
+                     f"{r.flops:.1%} | {r.cache_mib:.2f} | {r.compile_s:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Speedup (x) against PSNR (y), one colour per method; drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    pts = [r for r in rows if r.method != "eager" and r.psnr != float("inf")]
+    if not pts:
+        return
+    w, h, pad = 720, 480, 60
+    xs = [r.speedup for r in pts]
+    ys = [min(r.psnr, 60.0) for r in pts]
+    x0, x1 = 0.0, max(xs) * 1.1
+    y0, y1 = min(ys) - 2, max(ys) + 2
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
+    d.line([(pad, pad), (pad, h - pad)], fill="black")
+    d.text((w // 2 - 80, h - pad + 25), "speedup vs eager (wall clock)", fill="black")
+    d.text((5, pad - 30), "PSNR vs full compute (dB)", fill="black")
+    for i in range(6):
+        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        px, py = pad + (w - 2 * pad) * i / 5, h - pad - (h - 2 * pad) * i / 5
+        d.text((px - 10, h - pad + 5), f"{xv:.1f}", fill="black")
+        d.text((5, py - 5), f"{yv:.0f}", fill="black")
+    colours = {"specdiff": "red", "inductor": "black"}
+    palette = ["blue", "green", "orange", "purple", "brown", "gray"]
+    for r, x, y in zip(pts, xs, ys):
+        colour = colours.get(r.method) or palette[hash(r.method) % len(palette)]
+        px = pad + (w - 2 * pad) * (x - x0) / (x1 - x0)
+        py = h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)
+        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+    legend = sorted({r.method for r in pts})
+    for i, m in enumerate(legend):
+        colour = colours.get(m) or palette[hash(m) % len(palette)]
+        d.rectangle([w - pad - 150, pad + 15 * i, w - pad - 142, pad + 15 * i + 8], fill=colour)
+        d.text((w - pad - 135, pad + 15 * i - 2), m, fill="black")
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="CI smoke mode: 1 prompt, few configs")
+    p.add_argument("--no-inductor", action="store_true", help="run the rewritten graphs as plain FX")
+    p.add_argument("--no-caches", action="store_true", help="skip diffusers' caches")
+    p.add_argument("--write", action="store_true", help="write benchmarks/sweep.md, sweep.json and sweep.png")
+    a = p.parse_args(argv)
+    steps = min(a.steps, 6) if a.tiny else a.steps
+    repeats = 1 if a.tiny else a.repeats
+    rows, machine = run(steps, repeats, a.tiny, not a.no_inductor, not a.no_caches)
+    text = table(rows)
+    print(text)
+    if a.write:
+        out = ROOT / "benchmarks"
+        (out / "sweep.md").write_text(
+            f"Command: `python benchmarks/sweep.py{' --tiny' if a.tiny else ''}` ({steps} steps, "
+            f"median of {repeats}); machine: {json.dumps(machine)}\n\n{text}\n")
+        (out / "sweep.json").write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=1))
+        plot(rows, out / "sweep.png")
+
+
+if __name__ == "__main__":
+    main()
