@@ -1,7 +1,8 @@
 """Speed / fidelity sweep on the shipped trained model; writes BENCHMARKS.md tables and a plot.
 
 Every number is measured in this process, side by side: wall-clock per generation (median of
-``--repeats`` after a warm-up that includes compilation) as a ratio to eager full compute,
+``--repeats`` after a warm-up that includes compilation) and its speedup over eager full compute
+(median of ratios of eager/method pairs run alternately),
 PSNR/SSIM of the final images against eager full compute, the FLOPs executed, the bytes held
 by specdiff's caches and the compile time.
 
@@ -53,17 +54,27 @@ class Row:
     compile_s: float
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float, float]:
-    """(output, median seconds, first-call seconds) — the first call is the warm-up."""
+def _clock(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     t0 = time.perf_counter()
     out = fn()
-    first = time.perf_counter() - t0
-    times = []
+    return out, time.perf_counter() - t0
+
+
+def timed(fn: Callable[[], torch.Tensor], repeats: int, baseline: Callable[[], torch.Tensor]
+          ) -> tuple[torch.Tensor, float, float, float]:
+    """(output, median seconds, first-call seconds, median speedup vs ``baseline``).
+
+    The first call is the warm-up (it includes compilation). Then ``fn`` and ``baseline``
+    run alternately ``repeats`` times and the speedup is the median of the per-pair ratios,
+    so that a change of load on a shared machine hits both sides of each pair alike."""
+    out, first = _clock(fn)
+    times, ratios = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times), first
+        _, t_base = _clock(baseline)
+        out, t = _clock(fn)
+        times.append(t)
+        ratios.append(t_base / t)
+    return out, statistics.median(times), first, statistics.median(ratios)
 
 
 def count_generation_flops(model, transformer, steps: int) -> int:
@@ -84,24 +95,28 @@ def run(steps: int, repeats: int, tiny: bool, inductor: bool, caches: bool) -> t
         return model.sample(prompts, num_steps=steps, seed=0, transformer=transformer)
 
     rows: list[Row] = []
+
+    def eager():
+        return gen(model.transformer)
+
     with torch.no_grad():
-        ref, t_eager, _ = timed(lambda: gen(model.transformer), repeats)
+        ref, t_eager, _, _ = timed(eager, repeats, eager)
         rows.append(Row("eager", "full compute", t_eager, 1.0, float("inf"), 1.0, 1.0, 0.0, 0.0))
         full_flops = count_generation_flops(model, model.transformer, steps)
         if inductor:
             torch._dynamo.reset()
             comp = torch.compile(model.transformer)
-            out, t, first = timed(lambda: gen(comp), repeats)
-            rows.append(Row("inductor", "full compute", t, t_eager / t, metrics.psnr(out, ref),
+            out, t, first, speedup = timed(lambda: gen(comp), repeats, eager)
+            rows.append(Row("inductor", "full compute", t, speedup, metrics.psnr(out, ref),
                             metrics.ssim(out, ref), 1.0, 0.0, first - t))
         for spec in spec_steps:
             for ratio in ratios:
                 torch._dynamo.reset()
                 opts = {"cache_ratio": ratio, "speculative_steps": spec, "inductor": inductor}
                 comp = torch.compile(model.transformer, backend="specdiff", options=opts)
-                out, t, first = timed(lambda: gen(comp), repeats)
+                out, t, first, speedup = timed(lambda: gen(comp), repeats, eager)
                 rep = specdiff_fx.last_generation()
-                rows.append(Row("specdiff", f"cache_ratio={ratio}, speculative_steps={spec}", t, t_eager / t,
+                rows.append(Row("specdiff", f"cache_ratio={ratio}, speculative_steps={spec}", t, speedup,
                                 metrics.psnr(out, ref), metrics.ssim(out, ref), rep.flops_fraction,
                                 rep.cache_bytes / 2**20, rep.compile_seconds))
                 print(f"  {rows[-1]}", flush=True)
@@ -110,9 +125,9 @@ def run(steps: int, repeats: int, tiny: bool, inductor: bool, caches: bool) -> t
 
             for name, params in (SWEEP[:2] if tiny else SWEEP):
                 transformer = cached_sampler(model, name, params, num_steps=steps)
-                out, t, _ = timed(lambda: gen(transformer), repeats)
+                out, t, _, speedup = timed(lambda: gen(transformer), repeats, eager)
                 flops = count_generation_flops(model, transformer, steps) / full_flops
-                rows.append(Row(name, json.dumps(params, default=str), t, t_eager / t, metrics.psnr(out, ref),
+                rows.append(Row(name, json.dumps(params, default=str), t, speedup, metrics.psnr(out, ref),
                                 metrics.ssim(out, ref), flops, 0.0, 0.0))
                 print(f"  {rows[-1]}", flush=True)
                 if hasattr(transformer, "remove"):
@@ -123,7 +138,7 @@ def run(steps: int, repeats: int, tiny: bool, inductor: bool, caches: bool) -> t
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| method | parameters | s / generation | speedup vs eager | PSNR (dB) | SSIM | FLOPs executed | cache MiB | compile s |",
+    lines = ["| method | parameters | s / generation | speedup vs eager | PSNR (dB) | SSIM | FLOPs executed | cache MiB | compile s (specdiff: variants) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.method} | {r.params} | {r.seconds:.3f} | {r.speedup:.2f}x | {r.psnr:.2f} | {r.ssim:.4f} | "
