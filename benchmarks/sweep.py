@@ -96,8 +96,12 @@ def run(steps: int, repeats: int, tiny: bool, inductor: bool, caches: bool) -> t
 
     rows: list[Row] = []
 
+    import copy
+
+    plain = copy.deepcopy(model.transformer)  # stays free of any cache hooks: the baseline
+
     def eager():
-        return gen(model.transformer)
+        return gen(plain)
 
     with torch.no_grad():
         ref, t_eager, _, _ = timed(eager, repeats, eager)

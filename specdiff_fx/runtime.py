@@ -71,6 +71,7 @@ class GraphExecutor:
         if self._sparse is None:
             self._sparse = build_variant(self.gm, self.example_inputs, self.plan, self.config, "sparse",
                                          k=self.k, mode=self.mode)
+            self.example_inputs = None  # both variants built: do not keep the first call's tensors
         return self._sparse
 
     def run_full(self, args: Sequence[Any]) -> StepOutput:
@@ -85,10 +86,7 @@ class GraphExecutor:
         return StepOutput(user, ex["tokens"], ex["score"], caches)
 
     def flops(self, kind: str) -> int:
-        v = self.full if kind == "full" else self.sparse()
-        if v.flops is None:
-            v.flops = count_flops(v.gm, v.example_inputs)
-        return v.flops
+        return (self.full if kind == "full" else self.sparse()).flops
 
 
 @dataclass
@@ -217,8 +215,8 @@ class SpecDiffRuntime:
     def _record(self, step: int, branch: int, kind: str, sigma: float, flops: int,
                 tier: torch.Tensor | None = None, note: str = "") -> None:
         n, b = self.plan.num_image_tokens, self.plan.batch
-        if tier is None:
-            sizes = ((n,) * b, (0,) * b, (0,) * b) if kind != "speculative" else ((n,) * b, (0,) * b, (0,) * b)
+        if tier is None:  # every token computed
+            sizes = ((n,) * b, (0,) * b, (0,) * b)
         else:
             sizes = tuple(tuple(int(x) for x in (tier == t).sum(dim=1)) for t in (1, 2, 3))
         ex = self.executor

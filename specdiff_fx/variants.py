@@ -44,9 +44,8 @@ class Variant:
     extras: tuple[str, ...]
     k: int | None = None
     compile_seconds: float = 0.0
-    example_inputs: list[Any] = field(default_factory=list, repr=False)
     plan_tokens: int = 0  # N, the image tokens of the graph
-    flops: int | None = None  # per call, counted on first request (see count_flops)
+    flops: int = 0  # per call (count_flops on fake tensors, at build time)
     calls: int = field(default=0)
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
@@ -99,14 +98,14 @@ def build_variant(
         examples[len(example_inputs)] = (
             torch.arange(k, device=ctx.new_inputs[0].device).expand(plan.batch, k).contiguous()
         )
+    flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
         fn = compile_graph(rewritten, examples, config, mode)
     meta = rewritten.meta["specdiff_outputs"]
     return Variant(
         name=variant, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
         num_user_outputs=meta["user"], extras=meta["extras"], k=k,
-        compile_seconds=time.perf_counter() - t0, example_inputs=examples,
-        plan_tokens=plan.num_image_tokens,
+        compile_seconds=time.perf_counter() - t0, plan_tokens=plan.num_image_tokens, flops=flops,
     )
 
 

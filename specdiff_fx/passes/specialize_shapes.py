@@ -68,7 +68,6 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
         Interp(new).run(*fake_args)
 
     placeholders = list(new.graph.find_nodes(op="placeholder"))
-    kept = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     for node in list(new.graph.nodes):
         if node.op == "output":
             continue
