@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,17 +30,6 @@ PROMPTS = [
     "a green triangle at the center on a white background",
     "a purple circle at the right on a gray background",
 ]
-
-
-def _timed(label: str, fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, list[float]]:
-    from tqdm.auto import tqdm
-
-    times, out = [], None
-    for _ in tqdm(range(repeats), desc=label, leave=False, file=sys.stdout):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, times
 
 
 def heat_map(counts: torch.Tensor, steps: int, size: int, grid: int) -> torch.Tensor:
@@ -75,32 +63,43 @@ def run(family: str = "sd3", steps: int = 28, repeats: int = 3, out: str = "demo
     def generate(transformer) -> torch.Tensor:
         return model.sample(prompts, num_steps=steps, seed=0, transformer=transformer)
 
-    results: dict[str, dict] = {}
+    from tqdm.auto import tqdm
+
+    results: dict[str, dict] = {"eager": {}, "inductor": {}, "specdiff": {}}
     with torch.no_grad():
         generate(model.transformer)  # warm-up: lazy initialisation, allocator
-        eager_img, t = _timed("eager", lambda: generate(model.transformer), repeats)
-        results["eager"] = {"times": t}
 
         print("compiling with Inductor (the first run includes compile time) ...", flush=True)
         torch._dynamo.reset()
         compiled = torch.compile(model.transformer) if inductor else model.transformer
         t0 = time.perf_counter()
         generate(compiled)
-        results["inductor"] = {"first": time.perf_counter() - t0}
-        ind_img, t = _timed("inductor", lambda: generate(compiled), repeats)
-        results["inductor"]["times"] = t
+        results["inductor"]["first"] = time.perf_counter() - t0
 
         print("compiling with specdiff (full + sparse variants; the first run includes compile time) ...",
               flush=True)
         spec = torch.compile(model.transformer, backend="specdiff", options={} if inductor else {"inductor": False})
         t0 = time.perf_counter()
         generate(spec)
-        results["specdiff"] = {"first": time.perf_counter() - t0}
-        spec_img, t = _timed("specdiff", lambda: generate(spec), repeats)
-        results["specdiff"]["times"] = t
+        results["specdiff"]["first"] = time.perf_counter() - t0
+
+        # timed rounds: the three run one after another in every round, so that a change of
+        # load on a shared machine hits all three alike; ratios are medians of per-round ratios
+        runs = {"eager": model.transformer, "inductor": compiled, "specdiff": spec}
+        images: dict[str, torch.Tensor] = {}
+        for _ in tqdm(range(repeats), desc="timed rounds", leave=False, file=sys.stdout):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                images[name] = generate(fn)
+                results[name].setdefault("times", []).append(time.perf_counter() - t0)
+        eager_img, ind_img, spec_img = images["eager"], images["inductor"], images["specdiff"]
         report = last_generation()
 
     per_image = {k: statistics.median(v["times"]) / n for k, v in results.items()}
+
+    def ratio(a: str, b: str) -> float:  # how many times faster b is than a, per round
+        return statistics.median(x / y for x, y in zip(results[a]["times"], results[b]["times"]))
+
     fidelity = {
         "psnr": metrics.psnr(spec_img, eager_img),
         "ssim": metrics.ssim(spec_img, eager_img),
@@ -111,8 +110,8 @@ def run(family: str = "sd3", steps: int = 28, repeats: int = 3, out: str = "demo
     print(f"{'':10} {'s / image':>10} {'vs eager':>9} {'vs inductor':>12} {'first run (s)':>14}")
     for k in ("eager", "inductor", "specdiff"):
         first = results[k].get("first")
-        print(f"{k:10} {per_image[k]:10.4f} {per_image['eager'] / per_image[k]:8.2f}x "
-              f"{per_image['inductor'] / per_image[k]:11.2f}x {first if first else 0:14.1f}")
+        print(f"{k:10} {per_image[k]:10.4f} {ratio('eager', k):8.2f}x "
+              f"{ratio('inductor', k):11.2f}x {first if first else 0:14.1f}")
     print()
     print(f"specdiff vs full compute (eager): PSNR {fidelity['psnr']:.2f} dB, SSIM {fidelity['ssim']:.4f}; "
           f"Inductor vs eager PSNR {fidelity['inductor_psnr']:.1f} dB")
@@ -130,7 +129,8 @@ def run(family: str = "sd3", steps: int = 28, repeats: int = 3, out: str = "demo
         rows.append([eager_img[i], spec_img[i], diff, heat_map(counts, cached, eager_img.shape[-1], grid)])
     save_grid(Path(out), rows)
     print(f"wrote {out}: full | specdiff | |difference| x4 | token recompute frequency (per prompt)")
-    return {"per_image": per_image, "fidelity": fidelity, "flops_fraction": flops, "results": results,
+    return {"per_image": per_image, "speedup": {k: ratio("eager", k) for k in runs},
+            "fidelity": fidelity, "flops_fraction": flops, "results": results,
             "report": report}
 
 

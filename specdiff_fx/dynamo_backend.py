@@ -121,7 +121,8 @@ class SpecDiffBackend:
                   exc: BaseException | None = None) -> Callable[..., Any]:
         if self.config.strict:
             raise NotADiT(f"specdiff (strict=True): {reason}") from exc
-        _warn_once(f"specdiff: falling back to plain Inductor: {reason}")
+        target = "plain Inductor" if self.config.inductor else "the untouched graph (inductor=False)"
+        _warn_once(f"specdiff: falling back to {target}: {reason}")
         log.info("specdiff fallback: %s", reason)
         fn = compile_graph(gm, example_inputs, self.config, self.mode)
         self._record(CompileRecord("fallback", reason, plan.family if plan else None, plan,
