@@ -173,16 +173,17 @@ def plot(rows: list[Row], path: Path) -> None:
         px, py = pad + (w - 2 * pad) * i / 5, h - pad - (h - 2 * pad) * i / 5
         d.text((px - 10, h - pad + 5), f"{xv:.1f}", fill="black")
         d.text((5, py - 5), f"{yv:.0f}", fill="black")
-    colours = {"specdiff": "red", "inductor": "black"}
-    palette = ["blue", "green", "orange", "purple", "brown", "gray"]
+    palette = ["blue", "green", "orange", "purple", "brown", "gray", "cyan", "magenta"]
+    others = sorted({r.method for r in pts} - {"specdiff", "inductor"})
+    colours = {"specdiff": "red", "inductor": "black", **{m: palette[i % len(palette)] for i, m in enumerate(others)}}
     for r, x, y in zip(pts, xs, ys):
-        colour = colours.get(r.method) or palette[hash(r.method) % len(palette)]
+        colour = colours[r.method]
         px = pad + (w - 2 * pad) * (x - x0) / (x1 - x0)
         py = h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)
         d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
     legend = sorted({r.method for r in pts})
     for i, m in enumerate(legend):
-        colour = colours.get(m) or palette[hash(m) % len(palette)]
+        colour = colours[m]
         d.rectangle([w - pad - 150, pad + 15 * i, w - pad - 142, pad + 15 * i + 8], fill=colour)
         d.text((w - pad - 135, pad + 15 * i - 2), m, fill="black")
     img.save(path)
