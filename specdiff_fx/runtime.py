@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 import warnings
 import weakref
 from dataclasses import dataclass, field

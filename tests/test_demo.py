@@ -1,6 +1,5 @@
 """A short smoke run of the demo code path (few steps, plain FX) so it cannot rot."""
 
-import torch
 
 import specdiff_fx
 from specdiff_fx import demo

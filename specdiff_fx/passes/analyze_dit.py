@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..families import Family, family_for_block_types
-from ..graph_utils import module_paths
+from ..graph_utils import get_operand, module_paths
 from ..layout import LayoutError, node_shape, op_name, propagate_layouts, sdpa_args
 from ..plan import AttentionSite, Block, DiTPlan
 
@@ -115,8 +115,6 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     for node, info in infos.items():
         node.meta["specdiff"] = info
         for path, _ in info.gathers:
-            from ..graph_utils import get_operand
-
             sides.append(get_operand(node, path).name)
         if op_name(node) == "sdpa":
             args = sdpa_args(node)
