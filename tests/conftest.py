@@ -11,7 +11,7 @@ import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3  # noqa: E402
+from oracle import flux_inputs, full_reference, sd3_inputs, tiny_flux, tiny_sd3  # noqa: E402
 
 # tests compile the same forward many times (models, shapes, backends); never let
 # Dynamo silently fall back to eager because a recompile limit was reached
@@ -73,5 +73,21 @@ def captured():
         if (name, batch) not in cache:
             cache[(name, batch)] = Captured(name, batch)
         return cache[(name, batch)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference(captured):
+    """The oracle's full reference of a captured model, at its inputs or (``stale=True``) at
+    other inputs of the same shapes, whose K/V are then stale for the captured inputs."""
+    cache: dict = {}
+
+    def get(name: str, stale: bool = False):
+        if (name, stale) not in cache:
+            c = captured(name)
+            with torch.no_grad():
+                cache[(name, stale)] = full_reference(c.model, c.stale_inputs() if stale else c.inputs)
+        return cache[(name, stale)]
 
     return get

@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 import torch
 
-from oracle import full_reference
 from specdiff_fx import SpecDiffConfig, analyze_dit, ops
 from specdiff_fx.graph_utils import clone_graph_module
 from specdiff_fx.layout import sdpa_args
@@ -49,20 +48,6 @@ def run(gm, ctx, args):
     return out[:n_user], dict(zip(gm.meta["specdiff_outputs"]["extras"], out[n_user:]))
 
 
-@pytest.fixture(scope="module")
-def refs(captured):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            c = captured(name)
-            with torch.no_grad():
-                cache[name] = full_reference(c.model, c.inputs)
-        return cache[name]
-
-    return get
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_runner_keeps_meta_val_true(captured, name):
     gm, ctx, _ = apply(captured(name), [expose_token_output, finalize_outputs])
@@ -72,7 +57,7 @@ def test_runner_keeps_meta_val_true(captured, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_expose_attention_kv(captured, refs, name):
+def test_expose_attention_kv(captured, reference, name):
     c = captured(name)
     gm, ctx, plan = apply(c, [expose_attention_kv, finalize_outputs])
     n_attn = len(plan.attention)
@@ -80,14 +65,14 @@ def test_expose_attention_kv(captured, refs, name):
     assert gm.meta["specdiff_outputs"]["extras"] == tuple(f"{c}{i}" for i in range(n_attn) for c in "kv")
     user, extras = run(gm, ctx, c.example_inputs)
     assert torch.allclose(user[0], c.model(**c.inputs).sample, atol=1e-6)
-    for i, (k, v) in enumerate(refs(name).kv):
+    for i, (k, v) in enumerate(reference(name).kv):
         assert extras[f"k{i}"].shape == (2, 2, plan.num_image_tokens, 8)
         torch.testing.assert_close(extras[f"k{i}"], k, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(extras[f"v{i}"], v, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_expose_attention_score(captured, refs, name):
+def test_expose_attention_score(captured, reference, name):
     c = captured(name)
     gm, ctx, plan = apply(c, [expose_attention_score, finalize_outputs])
     n_attn = len(plan.attention)
@@ -95,7 +80,7 @@ def test_expose_attention_score(captured, refs, name):
     assert t[ops.received_attention] == n_attn
     _, extras = run(gm, ctx, c.example_inputs)
     assert extras["score"].shape == (2, plan.num_image_tokens)
-    torch.testing.assert_close(extras["score"], refs(name).score, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(extras["score"], reference(name).score, atol=1e-4, rtol=1e-4)
     # sampling query rows: an estimate that tracks the exact score
     gm2, ctx2, _ = apply(c, [expose_attention_score, finalize_outputs], config=CFG.replace(score_queries=8))
     _, sampled = run(gm2, ctx2, c.example_inputs)
@@ -105,16 +90,16 @@ def test_expose_attention_score(captured, refs, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_expose_token_output(captured, refs, name):
+def test_expose_token_output(captured, reference, name):
     c = captured(name)
     gm, ctx, plan = apply(c, [expose_token_output, finalize_outputs])
     _, extras = run(gm, ctx, c.example_inputs)
     assert extras["tokens"].shape == (2, plan.num_image_tokens, plan.out_channels)
-    torch.testing.assert_close(extras["tokens"], refs(name).out_tokens, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(extras["tokens"], reference(name).out_tokens, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_gather_token_subset(captured, refs, name):
+def test_gather_token_subset(captured, reference, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
     n = plan.num_image_tokens
@@ -129,7 +114,7 @@ def test_gather_token_subset(captured, refs, name):
     perm = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(b)) for b in range(2)])
     base = torch.zeros(2, n, plan.out_channels)
     user, extras = run(gm, ctx, [*c.example_inputs, perm, base])
-    full = refs(name).out_tokens
+    full = reference(name).out_tokens
     torch.testing.assert_close(extras["subset"], torch.gather(full, 1, perm[..., None].expand(-1, -1, full.shape[2])),
                                atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(extras["tokens"], full, atol=1e-5, rtol=1e-4)  # scattered back in place
@@ -144,7 +129,7 @@ def test_gather_token_subset(captured, refs, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_blend_token_history(captured, refs, name):
+def test_blend_token_history(captured, reference, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
     n, k, h = plan.num_image_tokens, 4, CFG.blend_history
@@ -164,7 +149,7 @@ def test_blend_token_history(captured, refs, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_attend_with_kv_cache(captured, refs, name):
+def test_attend_with_kv_cache(captured, reference, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
     k = 5
@@ -182,7 +167,7 @@ def test_attend_with_kv_cache(captured, refs, name):
             assert args["key"].target is ops.attend_keys and args["value"].target is ops.attend_keys
             assert args["query"].target is not ops.attend_keys
     # the caches are updated in place at idx, untouched elsewhere
-    ref = refs(name)
+    ref = reference(name)
     caches = [torch.zeros_like(t) for kv in ref.kv for t in kv]
     idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
     run(gm, ctx, [*c.example_inputs, idx, torch.zeros(2, plan.num_image_tokens, plan.out_channels), *caches])

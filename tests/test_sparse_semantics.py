@@ -21,18 +21,9 @@ def sparse_variant(c, k):
 
 
 @pytest.fixture(scope="module")
-def stale(captured):
+def stale(reference):
     """K/V caches computed at other inputs (another timestep and latent): stale for c.inputs."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            c = captured(name)
-            with torch.no_grad():
-                cache[name] = full_reference(c.model, c.stale_inputs()).kv
-        return cache[name]
-
-    return get
+    return lambda name: reference(name, stale=True).kv
 
 
 def tier_inputs(variant):
