@@ -177,22 +177,15 @@ class SpecDiffRuntime:
 
     def _route(self, sigma: float, sample: torch.Tensor) -> int:
         """Branch index of this call; starts a new generation when sigma jumps up."""
-        same_step = (
-            self._last_sigma is not None
-            and abs(sigma - self._last_sigma) <= 1e-7 * max(1.0, abs(sigma))
-            and self._last_sample is not None
-            and self._last_sample.shape == sample.shape
-            and torch.equal(self._last_sample, sample)
-        )
-        if same_step:
+        last = self._last_sigma
+        same_sigma = last is not None and abs(sigma - last) <= 1e-7 * max(1.0, abs(sigma))
+        same_latent = (self._last_sample is not None and self._last_sample.shape == sample.shape
+                       and torch.equal(self._last_sample, sample))
+        if same_sigma and same_latent:
             self._branch += 1
         else:
-            new_generation = (
-                self._last_sigma is None
-                or sigma > self._last_sigma + 1e-7
-                or (abs(sigma - self._last_sigma) <= 1e-7 * max(1.0, abs(sigma)))  # same sigma, new latent
-            )
-            if new_generation:
+            # sigma jumped back up, or the same sigma with a new latent: a new generation
+            if last is None or same_sigma or sigma > last:
                 self._start_generation()
             self._branch = 0
         self._last_sigma = sigma
@@ -201,11 +194,9 @@ class SpecDiffRuntime:
 
     def _start_generation(self) -> None:
         self.branches.clear()
-        ex = self.executor
-        self.report = GenerationReport(
+        self.report = GenerationReport(  # compile count and time are filled in by _record
             family=self.plan.family, num_image_tokens=self.plan.num_image_tokens, batch=self.plan.batch,
-            cache_ratio=self.config.cache_ratio, full_flops=ex.full_flops,
-            compile_seconds=sum(v.compile_seconds for v in ex.compiled), compiles=len(ex.compiled),
+            cache_ratio=self.config.cache_ratio, full_flops=self.executor.full_flops,
             notes=self._pending_notes,
         )
         self._pending_notes = []
@@ -285,11 +276,11 @@ class SpecDiffRuntime:
 
     def _speculate(self, args, out0: StepOutput, sigma0: float, branch: int, state: BranchState) -> None:
         steps = self.config.speculative_steps
+        if steps <= 1:
+            return
         sample_i, t_i = self.plan.sample_input, self.plan.timestep_input
         x = args[sample_i]
         v = out0.user[0] if out0.user else None
-        if steps <= 1:
-            return
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             self.report.notes.append("speculative run skipped: the model output is not shaped like its input")
             return
