@@ -38,14 +38,28 @@ class SpecDiffConfig:
             full step refreshes every cache; derived from the timesteps, so the user
             never passes the step count.
         reuse_mass: share of the total score mass, taken from the lowest-scored tokens,
-            whose tokens reuse their last output (tier C2), ``0 <= m < 1``.
+            whose tokens reuse their last output (tier C2), ``0 <= m < 1``; only used with
+            ``blend=True`` (without C3 every non-computed token reuses).
         blend_history: how many past outputs tier C3 blends (``>= 1``).
-        blend: ``False`` turns tier C3 off: every non-computed token reuses (C1 + C2).
+        blend: ``True`` turns tier C3 on: the non-computed tokens above ``reuse_mass``
+            get an estimate from their past outputs instead of their last one. Off by
+            default: on our trained models both C3 estimates lost 1.4–3 dB against plain
+            reuse once the K/V were extrapolated (BENCHMARKS.md).
         blend_mode: how tier C3 estimates a token: ``"taylor"`` extrapolates its last two
             computed outputs to first order in sigma; ``"paper"`` blends its last
             ``blend_history`` step outputs with weights ``exp(-j) * |sigma_{now-j} - sigma|``
             as SpecDiff describes.
-        starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term.
+        starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term; ``None``
+            picks 0.5 with ``score="attention"`` (SpecDiff) and 0 with ``score="drift"``
+            (whose score already grows with the time since a token was computed).
+        score: what ranks the tokens on a cached step. ``"drift"``: the predicted
+            staleness of each token's last output, ``|F1 - F2| / (s2 - s1) * (s1 - sigma)``
+            from its last two computed outputs, times the change the speculative run saw
+            per token over the same part of the schedule (``fut``). ``"attention"``:
+            SpecDiff's ``his * fut`` of attention received (history and speculative run).
+        kv_extrapolation: extrapolate the cached tokens' keys/values to first order in sigma
+            from their last two computations (instead of reusing the last); doubles the K/V
+            cache.
         score_queries: query rows sampled per attention to estimate the attention each
             token receives (``0`` = every row, exact but costs a second ``QK^T``).
         inductor: ``True`` compiles the rewritten graphs with Inductor; ``False`` runs
@@ -60,9 +74,11 @@ class SpecDiffConfig:
     refresh_at: tuple[float, ...] = (0.45, 0.7)
     reuse_mass: float = 0.10
     blend_history: int = 3
-    blend: bool = True
+    blend: bool = False
     blend_mode: str = "paper"
-    starvation_scale: float = 0.5
+    starvation_scale: float | None = None
+    score: str = "drift"
+    kv_extrapolation: bool = True
     score_queries: int = 256
     inductor: bool = True
     strict: bool = False
@@ -98,11 +114,15 @@ class SpecDiffConfig:
             raise bad("blend_history", "an int with 1 <= blend_history <= 8")
         if self.blend_mode not in ("taylor", "paper"):
             raise bad("blend_mode", "'taylor' or 'paper'")
+        if self.score not in ("attention", "drift"):
+            raise bad("score", "'attention' or 'drift'")
         if self.blend_mode == "taylor" and self.blend and self.blend_history < 2:
             raise bad("blend_history", "an int >= 2 with blend_mode='taylor' (or blend=False)")
-        for key in ("blend", "inductor", "strict"):
+        for key in ("blend", "kv_extrapolation", "inductor", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
+        if self.starvation_scale is None:
+            object.__setattr__(self, "starvation_scale", 0.5 if self.score == "attention" else 0.0)
         if not (_is_real(self.starvation_scale) and 0.0 <= self.starvation_scale <= 10.0):
             raise bad("starvation_scale", "a number with 0 <= starvation_scale <= 10")
         if not (_is_int(self.score_queries) and self.score_queries >= 0):

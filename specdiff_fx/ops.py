@@ -53,21 +53,36 @@ def image_segment(x: torch.Tensor, axis: int, offset: int, length: int) -> torch
     return x.narrow(axis, offset, length).contiguous()
 
 
-def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, offset: int) -> torch.Tensor:
+def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, offset: int,
+                prev: torch.Tensor | None = None, ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Write the fresh image keys (or values) of the subset into ``cache`` and return the
     joint key tensor over *all* tokens.
 
-    ``cache``: ``[B, H, N, d]`` image-token keys of this attention (mutated in place);
-    ``fresh``: ``[B, H, L_sub, d]`` keys of the computed tokens, image segment at
-    ``offset`` with ``k = idx.shape[1]`` tokens; returns ``[B, H, L_sub - k + N, d]``.
+    ``cache``: ``[B, H, N, d]`` image-token keys of this attention, each token's from the
+    last step that computed it (mutated in place); ``fresh``: ``[B, H, L_sub, d]`` keys of
+    the computed tokens, image segment at ``offset`` with ``k = idx.shape[1]`` tokens;
+    returns ``[B, H, L_sub - k + N, d]``.
+
+    With ``prev`` (``[B, H, N, d]``, each token's keys from the computation *before* the
+    one in ``cache``; mutated in place too) and ``ratio`` (``[B, N]``) the cached keys are
+    extrapolated to first order, ``cache + ratio * (cache - prev)``, before the attention
+    uses them; the computed tokens' rows shift: ``prev <- cache``, ``cache <- fresh``.
     """
     k = idx.shape[1]
     batch, heads, _, dim = fresh.shape
-    img = fresh.narrow(2, offset, k)
-    cache.scatter_(2, idx.reshape(batch, 1, k, 1).expand(batch, heads, k, dim), img.to(cache.dtype))
+    img = fresh.narrow(2, offset, k).to(cache.dtype)
+    rows = idx.reshape(batch, 1, k, 1).expand(batch, heads, k, dim)
+    if prev is None:
+        cache.scatter_(2, rows, img)
+        keys = cache
+    else:
+        keys = torch.addcmul(cache, ratio.to(cache.dtype).reshape(batch, 1, -1, 1), cache - prev)
+        keys = keys.scatter(2, rows, img)
+        prev.scatter_(2, rows, torch.gather(cache, 2, rows))
+        cache.scatter_(2, rows, img)
     before = fresh.narrow(2, 0, offset)
     after = fresh.narrow(2, offset + k, fresh.shape[2] - offset - k)
-    return torch.cat([before, cache.to(fresh.dtype), after], dim=2)
+    return torch.cat([before, keys.to(fresh.dtype), after], dim=2)
 
 
 def received_attention(

@@ -12,9 +12,11 @@ One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per 
    attention-received scores (step 0 *is* the first speculative step: shared, not run
    twice); the speculative calls' K/V and outputs never reach the main caches;
 3. on full steps (warm-up, refresh points) runs the full variant and refreshes every cache;
-4. on cached steps scores tokens (``his * fut * exp(s * cached_for)``), splits them into
-   the three tiers and runs the sparse variant, whose graph also blends the history for
-   the non-computed tokens and unpatchifies;
+4. on cached steps scores tokens (``score="drift"``: each token's predicted staleness
+   times the change the speculative run saw; ``"attention"``: SpecDiff's
+   ``his * fut``; both times ``exp(s * cached_for)``), splits them into the tiers and runs
+   the sparse variant, whose graph extrapolates the cached K/V, estimates the
+   non-computed tokens' outputs from their history and unpatchifies;
 5. records telemetry (:mod:`specdiff_fx.telemetry`).
 """
 
@@ -47,7 +49,7 @@ _LAST_RUNTIME: "weakref.WeakValueDictionary[int, SpecDiffRuntime]" = weakref.Wea
 class StepOutput:
     user: tuple[Any, ...]  # the graph's own outputs, returned to the caller
     tokens: torch.Tensor  # [B, N, C] per-token output (tiered on cached steps)
-    score: torch.Tensor  # [B, N] attention received
+    score: torch.Tensor | None  # [B, N] attention received (score="attention" only)
     kv: list[torch.Tensor]  # per attention: K, V ([B, H, N, d]); the caches after the call
 
 
@@ -76,13 +78,23 @@ class GraphExecutor:
     def run_full(self, args: Sequence[Any]) -> StepOutput:
         user, ex = self.full.split(self.full(*args))
         kv = [ex[f"{c}{i}"] for i in range(len(self.plan.attention)) for c in "kv"]
-        return StepOutput(user, ex["tokens"], ex["score"], kv)
+        return StepOutput(user, ex["tokens"], ex.get("score"), kv)
 
     def run_sparse(self, args: Sequence[Any], idx: torch.Tensor, history: torch.Tensor,
-                   weights: torch.Tensor, caches: list[torch.Tensor]) -> StepOutput:
+                   weights: torch.Tensor, caches: list[torch.Tensor],
+                   prev: list[torch.Tensor] | None = None, ratio: torch.Tensor | None = None) -> StepOutput:
+        """One cached step. ``caches`` (and ``prev``, with K/V extrapolation) are the K/V
+        caches in the order ``k0, v0, k1, v1, ...``; the graph updates them in place."""
         v = self.sparse()
-        user, ex = v.split(v(*args, idx, history, weights, *caches))
-        return StepOutput(user, ex["tokens"], ex["score"], caches)
+        named = {"specdiff_idx": idx, "specdiff_history": history, "specdiff_weights": weights,
+                 "specdiff_kv_ratio": ratio}
+        for i in range(len(self.plan.attention)):
+            for j, c in enumerate("kv"):
+                named[f"specdiff_{c}{i}"] = caches[2 * i + j]
+                if prev is not None:
+                    named[f"specdiff_{c}p{i}"] = prev[2 * i + j]
+        user, ex = v.split(v(*args, *v.extra_inputs(named)))
+        return StepOutput(user, ex["tokens"], ex.get("score"), caches)
 
     def flops(self, kind: str) -> int:
         return (self.full if kind == "full" else self.sparse()).flops
@@ -94,15 +106,18 @@ class BranchState:
 
     step: int = 0
     sigma0: float = 1.0
-    his: torch.Tensor | None = None  # score of the last call
-    spec: list[tuple[float, torch.Tensor]] = field(default_factory=list)  # (sigma, score)
+    his: torch.Tensor | None = None  # attention score of the last call (score="attention")
+    # the speculative run, high to low sigma: (sigma, score) with score="attention",
+    # (sigma, per-token output) with score="drift"
+    spec: list[tuple[float, torch.Tensor]] = field(default_factory=list)
     cached_for: torch.Tensor | None = None  # [B, N] consecutive cached steps
-    caches: list[torch.Tensor] = field(default_factory=list)
+    caches: list[torch.Tensor] = field(default_factory=list)  # K/V: each token's last computed
+    prev: list[torch.Tensor] = field(default_factory=list)  # K/V: the computation before (extrapolation)
     history: collections.deque = field(default_factory=collections.deque)  # (sigma, tokens), newest first
     refreshed: set[float] = field(default_factory=set)
     degraded: bool = False  # cache cap exceeded: every step full
     groups: torch.Tensor | None = None  # [B]: samples that started from the same latent share a group
-    fresh: torch.Tensor | None = None  # [2, B, N, C]: each token's last two computed outputs
+    fresh: torch.Tensor | None = None  # [2, B, N, C]: each token's last two computed outputs (kept always)
     fresh_sigma: torch.Tensor | None = None  # [2, B, N]: the sigmas they were computed at
 
 
@@ -216,14 +231,20 @@ class SpecDiffRuntime:
 
     # -- steps ---------------------------------------------------------------------------
     def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
-        state.caches = [_detached(t) for t in out.kv]
+        caches = [_detached(t) for t in out.kv]
+        if self.config.kv_extrapolation:  # the old caches hold each token's computation before this one
+            same = len(state.caches) == len(caches) and all(
+                a.shape == b.shape for a, b in zip(state.caches, caches))
+            state.prev = state.caches if same else [c.clone() for c in caches]
+        state.caches = caches
         state.his = out.score
-        state.cached_for = torch.zeros(out.score.shape, dtype=torch.int32, device=out.score.device)
+        state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
         self._push_history(state, sigma, out.tokens)
         self._push_fresh(state, sigma, out.tokens, None)
         cap = self.config.max_cache_bytes
-        nbytes = sum(t.numel() * t.element_size() for t in state.caches) + self.config.blend_history * (
-            out.tokens.numel() * out.tokens.element_size())
+        kv = sum(t.numel() * t.element_size() for t in state.caches + state.prev)
+        tokens = out.tokens.numel() * out.tokens.element_size()
+        nbytes = kv + tokens * (2 + (len(state.history) if self._paper_blend else 0))
         self.report.cache_bytes = max(self.report.cache_bytes, nbytes)
         if cap is not None and nbytes > cap and not state.degraded:
             state.degraded = True
@@ -234,10 +255,12 @@ class SpecDiffRuntime:
                 self._warned.add(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
+    @property
+    def _paper_blend(self) -> bool:
+        return self.config.blend and self.config.blend_mode == "paper"
+
     def _push_fresh(self, state: BranchState, sigma: float, tokens: torch.Tensor, idx: torch.Tensor | None) -> None:
         """Shift each computed token's last fresh output (all tokens when ``idx`` is None)."""
-        if self.config.blend_mode != "taylor":
-            return
         if state.fresh is None or idx is None:
             tokens = _detached(tokens)
             prev = tokens if state.fresh is None else state.fresh[0]
@@ -253,6 +276,8 @@ class SpecDiffRuntime:
         state.fresh_sigma[0].scatter_(1, idx, torch.full(idx.shape, sigma, device=idx.device))
 
     def _push_history(self, state: BranchState, sigma: float, tokens: torch.Tensor) -> None:
+        if not self._paper_blend:  # only the paper blend reads whole past steps
+            return
         state.history.appendleft((sigma, _detached(tokens)))
         while len(state.history) > self.config.blend_history:
             state.history.pop()
@@ -270,7 +295,7 @@ class SpecDiffRuntime:
         self._store_full(state, out, sigma)
         self._record(0, branch, "full", sigma, self.executor.flops("full"),
                      note="shared with speculative step 1" if self.config.speculative_steps else "")
-        state.spec = [(sigma, out.score)] if self.config.speculative_steps else []
+        state.spec = [(sigma, self._spec_record(out))] if self.config.speculative_steps else []
         self._speculate(args, out, sigma, branch, state)
         return out.user
 
@@ -292,29 +317,42 @@ class SpecDiffRuntime:
             spec_args[sample_i] = x
             spec_args[t_i] = torch.full_like(t, sigmas[j] * self.plan.timestep_per_sigma)
             out = self.executor.run_full(spec_args)
-            state.spec.append((sigmas[j], out.score))
+            state.spec.append((sigmas[j], self._spec_record(out)))
             self._record(-1, branch, "speculative", sigmas[j], self.executor.flops("full"))
             v = out.user[0]
 
+    def _spec_record(self, out: StepOutput) -> torch.Tensor:
+        """What the token score needs from a speculative call."""
+        return out.score if self.config.score == "attention" else _detached(out.tokens)
+
     def _cached_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         cfg = self.config
-        fut = schedule.future_score(state.spec, sigma)
-        score = schedule.token_scores(state.his, fut, state.cached_for, cfg.starvation_scale)
+        if cfg.score == "attention":
+            base, fut = state.his, schedule.future_score(state.spec, sigma)
+        else:
+            base = schedule.drift_scores(state.fresh, state.fresh_sigma, sigma)
+            fut = schedule.future_drift(state.spec, sigma)
+        score = schedule.token_scores(base, fut, state.cached_for, cfg.starvation_scale)
         if state.groups is not None:  # CFG halves of one image select the same tokens
             score = torch.zeros_like(score).index_add_(0, state.groups, score)[state.groups]
         idx, tier = schedule.assign_tiers(score, self.k, cfg.reuse_mass, cfg.blend)
-        tokens0 = state.history[0][1]
+        tokens0 = state.fresh[0]
         history = torch.zeros((cfg.blend_history, *tokens0.shape), dtype=tokens0.dtype, device=tokens0.device)
-        if cfg.blend_mode == "taylor":
-            history[:2] = state.fresh[: cfg.blend_history]
-            weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.blend_history)
-        else:
+        if self._paper_blend:
             for j, (_, tok) in enumerate(state.history):
                 history[j] = tok
             blend = schedule.blend_weights([s for s, _ in state.history], sigma, cfg.blend_history)
             weights = schedule.tier_weights(tier, blend)
+        else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs
+            n = min(2, cfg.blend_history)
+            history[:n] = state.fresh[:n]
+            weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.blend_history)
         idx = idx.to(tokens0.device)
-        out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches)
+        ratio = None
+        if cfg.kv_extrapolation:
+            ratio = schedule.extrapolation_ratio(state.fresh_sigma, sigma).to(state.caches[0])
+        out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches,
+                                       state.prev if cfg.kv_extrapolation else None, ratio)
         self._push_fresh(state, sigma, out.tokens, idx)
         state.his = out.score
         state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)

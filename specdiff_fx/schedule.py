@@ -61,11 +61,61 @@ def normalise(score: torch.Tensor) -> torch.Tensor:
 
 def token_scores(his: torch.Tensor, fut: torch.Tensor | None, cached_for: torch.Tensor,
                  starvation_scale: float) -> torch.Tensor:
-    """``score = his * fut * exp(s * cached_for)`` with normalised ``his`` and ``fut``."""
+    """``score = his * fut * exp(s * cached_for)`` with normalised ``his`` and ``fut``
+    (``his`` is the attention received, or the drift of :func:`drift_scores`)."""
     score = normalise(his)
     if fut is not None:
         score = score * normalise(fut)
     return score * torch.exp(starvation_scale * cached_for.float())
+
+
+def drift_scores(fresh: torch.Tensor, fresh_sigma: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Predicted staleness of each token's last computed output at ``sigma``, ``[B, N]``.
+
+    ``fresh`` ``[2, B, N, C]`` holds each token's last two computed outputs ``(F1, F2)``,
+    computed at ``fresh_sigma`` ``(s1, s2)``. The output drifted at rate
+    ``|F1 - F2| / (s2 - s1)`` per unit of sigma between them; the score is that rate times
+    the sigma travelled since ``F1``: ``|F1 - F2| * (s1 - sigma) / (s2 - s1)``, the first-order
+    estimate of how far the reused output is from a fresh one now.
+
+    Tokens with a single computed output (``s1 == s2``) have no rate yet: they get the
+    largest rate of their sample (so they are refreshed first, ties broken by the sigma
+    travelled; with no rate anywhere, the score is the sigma travelled)."""
+    s1, s2 = fresh_sigma[0].float(), fresh_sigma[1].float()
+    gap = s2 - s1
+    known = gap > 1e-9
+    rate = (fresh[0].float() - fresh[1].float()).norm(dim=-1) / torch.where(known, gap, torch.ones_like(gap))
+    rate = torch.where(known, rate, torch.zeros_like(rate))
+    top = rate.amax(dim=-1, keepdim=True)
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    rate = torch.where(known, rate, top.expand_as(rate))
+    return rate * (s1 - sigma).clamp_min(0.0)
+
+
+def future_drift(spec: Sequence[tuple[float, torch.Tensor]], sigma: float) -> torch.Tensor | None:
+    """How much each token's output changed in the speculative run over the part of the
+    schedule that contains ``sigma``, ``[B, N]``.
+
+    ``spec`` holds the speculative run's ``(sigma_j, tokens_j)`` from high to low sigma;
+    the segment ``[sigma_{j+1}, sigma_j]`` containing ``sigma`` (the last one below it)
+    gives ``|tokens_{j+1} - tokens_j|``. ``None`` with fewer than two speculative outputs."""
+    if len(spec) < 2:
+        return None
+    j = 0
+    while j + 2 < len(spec) and spec[j + 1][0] > sigma + 1e-9:
+        j += 1
+    return (spec[j + 1][1].float() - spec[j][1].float()).norm(dim=-1)
+
+
+def extrapolation_ratio(fresh_sigma: torch.Tensor, sigma: float, max_ratio: float = 1.5) -> torch.Tensor:
+    """``r`` ``[B, N]`` of the first-order extrapolation ``F1 + r * (F1 - F2)`` of a value
+    computed at ``s1`` (and before at ``s2``) to ``sigma``: ``r = (s1 - sigma) / (s2 - s1)``,
+    clamped to ``[0, max_ratio]``; 0 while a token has one computation only."""
+    s1, s2 = fresh_sigma[0], fresh_sigma[1]
+    gap = s2 - s1
+    known = gap > 1e-9
+    r = (s1 - sigma) / torch.where(known, gap, torch.ones_like(gap))
+    return torch.where(known, r, torch.zeros_like(r)).clamp(0.0, max_ratio)
 
 
 def assign_tiers(score: torch.Tensor, k: int, reuse_mass: float, blend: bool = True
@@ -122,10 +172,7 @@ def taylor_weights(tier: torch.Tensor, fresh_sigma: torch.Tensor, sigma: float, 
     ``F1 + (sigma - s1) / (s1 - s2) * (F1 - F2)`` (weights ``1 + r, -r``, ``r`` clamped to
     ``[0, max_ratio]``; ``r = 0`` while a token has one computed output only); C1 rows are
     zeros (overwritten by the fresh outputs). Needs ``history >= 2``."""
-    s1, s2 = fresh_sigma[0], fresh_sigma[1]
-    gap = s1 - s2
-    r = torch.where(gap.abs() > 1e-9, (sigma - s1) / torch.where(gap.abs() > 1e-9, gap, torch.ones_like(gap)),
-                    torch.zeros_like(gap)).clamp(0.0, max_ratio)
+    r = extrapolation_ratio(fresh_sigma, sigma, max_ratio)
     b, n = tier.shape
     w = torch.zeros(b, n, history, device=tier.device)
     c2, c3 = (tier == 2).float(), (tier == 3).float()

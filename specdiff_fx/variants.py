@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -11,9 +12,11 @@ import torch.fx as fx
 
 from .config import SpecDiffConfig
 from .graph_utils import clone_graph_module
-from .passes import FULL_PASSES, SPARSE_PASSES, NewInput, RewriteContext, run_passes
+from .passes import NewInput, RewriteContext, passes_for, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
+
+_CACHE_INPUT = re.compile(r"specdiff_[kv]p?\d+")  # K/V caches, updated in place
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
@@ -58,10 +61,17 @@ class Variant:
             n_in = len(args) - len(self.new_inputs)
             check_index(args[n_in], self.new_inputs[0].shape, self.plan_tokens)
             for spec, a in zip(self.new_inputs, args[n_in:]):
-                if spec.name.startswith(("specdiff_k", "specdiff_v")) and not a.is_contiguous():
+                if _CACHE_INPUT.fullmatch(spec.name) and not a.is_contiguous():
                     raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
         out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
         return tuple(out)
+
+    def extra_inputs(self, named: dict[str, Any]) -> list[Any]:
+        """The values of ``new_inputs`` in order, looked up by name in ``named``."""
+        missing = [i.name for i in self.new_inputs if i.name not in named]
+        if missing:
+            raise KeyError(f"specdiff: no value for the variant inputs {missing}")
+        return [named[i.name] for i in self.new_inputs]
 
     def split(self, outputs: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """(user outputs, {extra name: value})."""
@@ -88,7 +98,7 @@ def build_variant(
     clone = clone_graph_module(gm)
     ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k)
     seed_placeholder_values(clone, example_inputs, ctx)
-    rewritten = run_passes(clone, FULL_PASSES if variant == "full" else SPARSE_PASSES, ctx)
+    rewritten = run_passes(clone, passes_for(variant, config), ctx)
     added = [n.name for n in rewritten.graph.find_nodes(op="placeholder")][len(example_inputs):]
     assert added == [i.name for i in ctx.new_inputs], (added, ctx.new_inputs)
     examples = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in example_inputs] + [

@@ -84,12 +84,14 @@ def test_inductor_sparse_variant_matches_fx(captured):
     c = captured("flux")
     plan = analyze_dit(c.gm)
     k = 7
-    cfg = SpecDiffConfig(score_queries=0)
+    cfg = SpecDiffConfig(score_queries=0, score="attention")  # the score too; K/V extrapolated (default)
     compiled = build_variant(c.gm, c.example_inputs, plan, cfg, "sparse", k=k)
     plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), "sparse", k=k)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k] for _ in range(2)])
-    caches = [torch.randn(i.shape, generator=g) for i in compiled.new_inputs[1:]]  # history, weights, K/V
+    rest = compiled.new_inputs[1:]  # history, weights, K/V ratio, K/V caches (current and previous)
+    caches = [torch.rand(i.shape, generator=g) * 1.5 if i.name == "specdiff_kv_ratio"
+              else torch.randn(i.shape, generator=g) for i in rest]
     c1 = [t.clone() for t in caches]
     c2 = [t.clone() for t in caches]
     with torch.no_grad():
@@ -97,5 +99,8 @@ def test_inductor_sparse_variant_matches_fx(captured):
         _, b = plain.split(plain(*c.example_inputs, idx, *c2))
     for key in ("tokens", "subset", "score"):
         assert rel_err(a[key], b[key]) <= 1e-4, key
-    for x, y, before in zip(c1[2:], c2[2:], caches[2:]):  # the K/V caches, written in place
+    written = [j for j, i in enumerate(rest) if i.name.startswith(("specdiff_k", "specdiff_v"))
+               and i.name != "specdiff_kv_ratio"]
+    assert len(written) == 4 * len(plan.attention)
+    for x, y, before in ((c1[j], c2[j], caches[j]) for j in written):  # the K/V caches, written in place
         assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)

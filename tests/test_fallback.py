@@ -69,7 +69,7 @@ def test_a_failing_pass_falls_back_with_the_reason(monkeypatch):
     def broken_pass(gm, ctx):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(variants_mod, "FULL_PASSES", (broken_pass,))
+    monkeypatch.setattr(variants_mod, "passes_for", lambda variant, config: (broken_pass,))
     model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
     be = specdiff_fx.backend(cache_ratio=0.5, inductor=False)
     with pytest.warns(RuntimeWarning, match="injected failure"), torch.no_grad():

@@ -24,7 +24,7 @@ from specdiff_fx.passes import (
 )
 from specdiff_fx.passes.context import seed_placeholder_values
 
-CFG = SpecDiffConfig(inductor=False, score_queries=0)
+CFG = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False)
 MODELS = ["sd3", "flux"]
 
 
@@ -146,6 +146,21 @@ def test_blend_token_history(captured, reference, name):
     expected = torch.einsum("hbnc,bnh->bnc", history, weights)
     expected.scatter_(1, idx[..., None].expand(-1, -1, plan.out_channels), extras["subset"])
     torch.testing.assert_close(extras["tokens"], expected)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_attend_with_kv_cache_extrapolation_inputs(captured, name):
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    gm, ctx, _ = apply(c, [gather_token_subset, attend_with_kv_cache, expose_token_output, finalize_outputs],
+                       variant="sparse", k=5, config=CFG.replace(kv_extrapolation=True))
+    n_attn = len(plan.attention)
+    names = [i.name for i in ctx.new_inputs]
+    assert names == ["specdiff_idx", "specdiff_base", "specdiff_kv_ratio"] + [
+        f"specdiff_{c}{p}{i}" for i in range(n_attn) for c in "kv" for p in ("", "p")]
+    calls = [n for n in gm.graph.nodes if n.target is ops.attend_keys]
+    assert len(calls) == 2 * n_attn and all(len(n.args) == 6 for n in calls)
+    assert {n.args[5].name for n in calls} == {"specdiff_kv_ratio"}  # one ratio input shared by all
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -40,10 +40,11 @@ class FakeExecutor:
         kv = [torch.zeros(B, 1, N, 4), torch.zeros(B, 1, N, 4)]
         return StepOutput((-x,), -x, self.score(sigma), kv)
 
-    def run_sparse(self, args, idx, history, weights, caches):
+    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None):
         x, t = args
         sigma = float(t[0]) / 1000.0
         self.calls.append(("sparse", sigma, idx.clone()))
+        self.kv_inputs = (prev, ratio)
         tokens = torch.einsum("hbnc,bnh->bnc", history, weights)
         tokens.scatter_(1, idx[..., None].expand(-1, -1, C), torch.gather(-x, 1, idx[..., None].expand(-1, -1, C)))
         return StepOutput((tokens,), tokens, self.score(sigma), caches)
@@ -135,7 +136,7 @@ def test_blend_weights_sum_to_one_and_decay():
 
 
 def test_generation_kinds_tiers_and_shared_speculative_step():
-    cfg = SpecDiffConfig(cache_ratio=0.75, speculative_steps=2, warmup_steps=2, refresh_at=(0.5,))
+    cfg = SpecDiffConfig(cache_ratio=0.75, speculative_steps=2, warmup_steps=2, refresh_at=(0.5,), blend=True)
     ex = FakeExecutor()
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     generate(rt, 10)
@@ -157,11 +158,23 @@ def test_generation_kinds_tiers_and_shared_speculative_step():
     assert "cached" in rep.summary() and "speculative" in rep.summary()
 
 
-def test_speculation_changes_the_selection():
+class ProfileExecutor(FakeExecutor):
+    """Velocity = -x plus a per-token profile that changes with sigma: the speculative run
+    sees a change pattern the main run's history has not seen yet."""
+
+    def run_full(self, args):
+        x, t = args
+        out = super().run_full(args)
+        v = -x + self.score(float(t[0]) / 1000.0)[..., None]
+        return StepOutput((v,), v, out.score, out.kv)
+
+
+@pytest.mark.parametrize("score", ["drift", "attention"])
+def test_speculation_changes_the_selection(score):
     sel = {}
     for steps in (0, 2):
-        ex = FakeExecutor()
-        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(cache_ratio=0.75, speculative_steps=steps,
+        ex = ProfileExecutor()
+        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(cache_ratio=0.75, speculative_steps=steps, score=score,
                                                          warmup_steps=2, refresh_at=(0.9,)), ex)
         generate(rt, 8)
         sel[steps] = [idx for k, _, idx in ex.calls if k == "sparse"][0]
@@ -286,6 +299,57 @@ def test_cfg_halves_share_their_selection():
 @pytest.mark.parametrize("mode", ["paper", "taylor"])
 def test_both_blend_modes_run(mode):
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, blend_mode=mode), ex)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, blend=True, blend_mode=mode), ex)
     out = generate(rt, 8)
     assert torch.isfinite(out).all() and rt.report.count("cached") > 0
+
+
+def test_drift_scores_rank_by_predicted_staleness():
+    # tokens: fast drift / slow drift / fast but just computed / one output only
+    fresh = torch.zeros(2, 1, 4, 3)
+    fresh[0, 0, :, 0] = torch.tensor([1.0, 0.1, 1.0, 5.0])
+    fresh_sigma = torch.tensor([[[0.8, 0.8, 0.6, 0.7]], [[0.9, 0.9, 0.7, 0.7]]])
+    d = schedule.drift_scores(fresh, fresh_sigma, 0.6)
+    # rate |F1 - F2| / (s2 - s1) times the sigma travelled since F1
+    torch.testing.assert_close(d[0, :3], torch.tensor([10 * 0.2, 1 * 0.2, 10 * 0.0]))
+    torch.testing.assert_close(d[0, 3], torch.tensor(10 * 0.1))  # no rate yet: the largest rate
+    none_known = schedule.drift_scores(fresh, torch.full((2, 1, 4), 0.7), 0.5)
+    torch.testing.assert_close(none_known, torch.full((1, 4), 0.2))  # only the sigma travelled
+
+
+def test_future_drift_reads_the_segment_of_the_speculative_run():
+    t = [torch.zeros(1, 2, 1), torch.tensor([[[1.0], [0.0]]]), torch.tensor([[[1.0], [3.0]]])]
+    spec = list(zip([1.0, 0.66, 0.33], t))
+    torch.testing.assert_close(schedule.future_drift(spec, 0.9), torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(schedule.future_drift(spec, 0.5), torch.tensor([[0.0, 3.0]]))
+    torch.testing.assert_close(schedule.future_drift(spec, 0.1), torch.tensor([[0.0, 3.0]]))  # past the last
+    assert schedule.future_drift(spec[:1], 0.5) is None
+
+
+def test_extrapolation_ratio():
+    fresh_sigma = torch.tensor([[[0.6, 0.6, 0.6]], [[0.7, 0.6, 0.61]]])
+    r = schedule.extrapolation_ratio(fresh_sigma, 0.5)
+    torch.testing.assert_close(r, torch.tensor([[1.0, 0.0, 1.5]]))  # one output only: 0; clamped to 1.5
+
+
+def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
+    for extrapolate in (True, False):
+        ex = FakeExecutor()
+        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
+                                                         kv_extrapolation=extrapolate), ex)
+        x = torch.randn(B, N, C)
+        rt(x, torch.full((B,), 1000.0))
+        first = rt.branches[0].caches
+        rt(x, torch.full((B,), 900.0))
+        state = rt.branches[0]
+        if extrapolate:  # the caches of the step before, each token's computation before the last
+            assert all(p is c for p, c in zip(state.prev, first))
+        else:
+            assert state.prev == []
+        rt(x, torch.full((B,), 800.0))
+        prev, ratio = ex.kv_inputs
+        if extrapolate:
+            assert prev is state.prev and ratio.shape == (B, N)
+            torch.testing.assert_close(ratio, torch.ones(B, N))  # (0.9 - 0.8) / (1.0 - 0.9)
+        else:
+            assert prev is None and ratio is None

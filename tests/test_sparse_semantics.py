@@ -9,14 +9,15 @@ from hypothesis import strategies as st
 from oracle import full_reference, sparse_reference
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
 
-CFG = SpecDiffConfig(inductor=False, score_queries=0)
+# the attention score is checked too; K/V extrapolation has its own test below
+CFG = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False)
 _VARIANTS: dict = {}
 
 
-def sparse_variant(c, k):
-    key = (c.name, k)
+def sparse_variant(c, k, config=CFG):
+    key = (c.name, k, config)
     if key not in _VARIANTS:
-        _VARIANTS[key] = build_variant(c.gm, c.example_inputs, analyze_dit(c.gm), CFG, "sparse", k=k)
+        _VARIANTS[key] = build_variant(c.gm, c.example_inputs, analyze_dit(c.gm), config, "sparse", k=k)
     return _VARIANTS[key]
 
 
@@ -102,3 +103,44 @@ def test_stale_cache_changes_the_result(captured, stale):
     full_at_idx = torch.gather(exact.out_tokens, 1, idx[..., None].expand(-1, -1, exact.out_tokens.shape[2]))
     torch.testing.assert_close(out_exact, full_at_idx, atol=1e-5, rtol=1e-4)
     assert (out_stale - full_at_idx).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_kv_extrapolation_matches_the_oracle_on_extrapolated_caches(captured, reference, stale, name):
+    """With ``kv_extrapolation`` the subset attends to ``cache + r * (cache - prev)`` (fresh
+    rows for the computed tokens); afterwards ``prev`` holds the old cache rows and ``cache``
+    the fresh ones at the computed tokens, both untouched elsewhere."""
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    n, k = plan.num_image_tokens, 5
+    config = CFG.replace(kv_extrapolation=True)
+    variant = sparse_variant(c, k, config)
+    names = [i.name for i in variant.new_inputs]
+    n_attn = len(plan.attention)
+    assert names[3] == "specdiff_kv_ratio"
+    assert names[4:] == [f"specdiff_{c}{p}{i}" for i in range(n_attn) for c in "kv" for p in ("", "p")]
+    cache = [t.contiguous().clone() for pair in stale(name) for t in pair]
+    prev = [t.contiguous().clone() for pair in reference(name).kv for t in pair]
+    ratio = torch.rand(2, n, generator=torch.Generator().manual_seed(1)) * 1.5
+    idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
+    est = [ca + ratio[:, None, :, None] * (ca - p) for ca, p in zip(cache, prev)]
+    old_cache, old_prev = [t.clone() for t in cache], [t.clone() for t in prev]
+    named = {"specdiff_idx": idx, "specdiff_kv_ratio": ratio,
+             **dict(zip(names[1:3], tier_inputs(variant)))}
+    for i in range(n_attn):
+        for j, ch in enumerate("kv"):
+            named[f"specdiff_{ch}{i}"], named[f"specdiff_{ch}p{i}"] = cache[2 * i + j], prev[2 * i + j]
+    with torch.no_grad():
+        _, extras = variant.split(variant(*c.example_inputs, *variant.extra_inputs(named)))
+        ref = sparse_reference(c.model, c.inputs, idx, [(est[2 * i], est[2 * i + 1]) for i in range(n_attn)])
+    torch.testing.assert_close(extras["subset"], ref.out_tokens, atol=1e-5, rtol=1e-4)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[torch.arange(2)[:, None], idx] = True
+    m = mask[:, None, :, None]
+    fresh = [t for pair in ref.kv for t in pair]
+    for got_c, got_p, f, oc, op in zip(cache, prev, fresh, old_cache, old_prev):
+        torch.testing.assert_close(got_c, torch.where(m, f, oc), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got_p, torch.where(m, oc, op))
+    # the extrapolation matters: reusing the stale caches gives another result
+    plain = check_subset(c, stale(name), idx)["subset"]
+    assert (plain - extras["subset"]).abs().max() > 1e-4

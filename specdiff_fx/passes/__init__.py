@@ -32,8 +32,19 @@ SPARSE_PASSES = (
     finalize_outputs,
 )
 
+
+
+def passes_for(variant: str, config) -> tuple:
+    """The pass list of ``variant`` ("full" or "sparse") under ``config``: the attention
+    score is only computed when the token score reads it (``score="attention"``)."""
+    passes = FULL_PASSES if variant == "full" else SPARSE_PASSES
+    if config.score != "attention":
+        passes = tuple(p for p in passes if p is not expose_attention_score)
+    return passes
+
+
 __all__ = [
     "FULL_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
     "attend_with_kv_cache", "blend_token_history", "expose_attention_kv", "expose_attention_score",
-    "expose_token_output", "finalize_outputs", "gather_token_subset", "run_passes", "specialize_shapes",
+    "expose_token_output", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "specialize_shapes",
 ]

@@ -8,6 +8,11 @@ the SDPA's key/value become :func:`specdiff_fx.ops.attend_keys`: the fresh keys 
 ``k`` computed tokens are scattered into the cache *in place* (so the cache holds the
 newest keys afterwards) and the attention sees text + all ``N`` image keys, in the
 model's own order.
+With ``config.kv_extrapolation`` it also adds ``specdiff_kv_ratio`` (``[B, N]``, once)
+and per attention ``specdiff_kp{i}`` / ``specdiff_vp{i}`` (each token's keys/values from
+the computation before the cached one): the cached keys are extrapolated to first order
+in sigma before the attention reads them, and both caches shift in place for the
+computed tokens (see :func:`specdiff_fx.ops.attend_keys`).
 Keeps true: queries are only the computed tokens; the attention output has the query's
 layout; with ``idx`` = all tokens the result equals the full graph's.
 """
@@ -26,6 +31,10 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
     plan = ctx.plan
     idx = ctx.memo["idx"]
     nodes = nodes_by_name(gm)
+    ratio = None
+    if ctx.config.kv_extrapolation:
+        first = sdpa_args(nodes[plan.attention[0].node])["key"].meta["val"]
+        ratio = ctx.add_input(gm, "specdiff_kv_ratio", (plan.batch, plan.num_image_tokens), first.dtype, first.device)
     for i, site in enumerate(plan.attention):
         sdpa = nodes[site.node]
         args = sdpa_args(sdpa)
@@ -35,8 +44,11 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
             val = fresh.meta["val"]
             shape = (plan.batch, node_shape(fresh)[1], plan.num_image_tokens, node_shape(fresh)[3])
             cache = ctx.add_input(gm, f"specdiff_{name[0]}{i}", shape, val.dtype, val.device)
+            extra = ()
+            if ratio is not None:
+                extra = (ctx.add_input(gm, f"specdiff_{name[0]}p{i}", shape, val.dtype, val.device), ratio)
             with gm.graph.inserting_before(sdpa):
-                new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, site.img_offset))
+                new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, site.img_offset, *extra))
         positional = ["query", "key", "value"]
         sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
         sdpa.kwargs = {key: new.get(key, a) for key, a in sdpa.kwargs.items()}
