@@ -54,13 +54,14 @@ class Layout:
     def length(self) -> int:
         return sum(s.length for s in self.segs)
 
-    def sub_length(self, k: int) -> int:
-        """Length of the token axis when the image segment holds ``k`` tokens."""
-        return sum(k if s.kind == "img" else s.length for s in self.segs)
+    def sub_length(self, k: int, keep_txt: bool = True) -> int:
+        """Length of the token axis when the image segment holds ``k`` tokens and the text
+        segments are kept whole (``keep_txt``) or dropped (context caching)."""
+        return sum(k if s.kind == "img" else (s.length if keep_txt else 0) for s in self.segs)
 
     def img_offset(self) -> int:
-        """Start of the image segment; the same in the full and the subset graph, since
-        only text segments, whose lengths never change, can come before it."""
+        """Start of the image segment in the full graph (and in the subset graph when the
+        text segments are kept)."""
         off = 0
         for s in self.segs:
             if s.kind == "img":
@@ -75,14 +76,14 @@ class Layout:
             out.append(off)
         return out
 
-    def to_sub(self, pos: int, k: int) -> int:
+    def to_sub(self, pos: int, k: int, keep_txt: bool = True) -> int:
         """Map a segment boundary of the full axis onto the subset axis."""
         full_off, sub_off = 0, 0
         if pos == 0:
             return 0
         for s in self.segs:
             full_off += s.length
-            sub_off += k if s.kind == "img" else s.length
+            sub_off += k if s.kind == "img" else (s.length if keep_txt else 0)
             if pos == full_off:
                 return sub_off
         raise LayoutError(f"position {pos} is not a segment boundary of {self}")
@@ -332,9 +333,9 @@ class _Propagator:
         assert out_layout is not None
         if out_shape[out_layout.axis] != out_layout.length:
             raise LayoutError(f"node {node.name}: token axis broadcast away")
-        gathers = []
+        gathers = []  # text-only layouts too: with context caching their text is dropped
         for path, x in _tensor_operands(node):
-            if self.lay(x) is not None or not out_layout.has_img:
+            if self.lay(x) is not None:
                 continue
             shp = node_shape(x)
             if shp is None:
@@ -384,10 +385,9 @@ class _Propagator:
             sizes, _ = _shape_args(node)
             if any(isinstance(s, fx.Node) for s in sizes):
                 raise LayoutError(f"node {node.name}: symbolic sizes are not supported")
-            if sizes[axis] == lay.length:
-                rewrite = ("size", axis)
-            elif sizes[axis] != -1:
+            if sizes[axis] not in (lay.length, -1):
                 raise LayoutError(f"node {node.name}: unexpected size {sizes[axis]} at the token axis")
+            rewrite = ("size", axis)
         return NodeLayout(lay.with_axis(axis), rewrite=rewrite)
 
     def axes(self, node: fx.Node, name: str) -> NodeLayout:
@@ -515,7 +515,8 @@ class _Propagator:
                     segs.extend(l.segs)
             if sum(s.kind == "img" for s in segs) != 1:
                 raise LayoutError(f"node {node.name}: cat must hold exactly one image segment")
-            return NodeLayout(Layout(d, tuple(segs)))
+            text_only = tuple(i for i, l in enumerate(lays) if l is None or not l.has_img)
+            return NodeLayout(Layout(d, tuple(segs)), rewrite=("cat", text_only) if text_only else ())
         if any(l is None or l != ref for l in lays):
             raise LayoutError(f"node {node.name}: cat along a non-token axis of mixed tensors")
         return NodeLayout(ref)

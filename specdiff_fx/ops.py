@@ -12,20 +12,23 @@ import math
 import torch
 
 
-def layout_index(idx: torch.Tensor, spec: tuple[tuple[str, int], ...]) -> torch.Tensor:
+def layout_index(idx: torch.Tensor, spec: tuple[tuple[str, int], ...], keep_txt: bool = True) -> torch.Tensor:
     """Positions in a full token axis laid out as ``spec`` that the subset axis keeps.
 
     ``idx`` is ``[B, k]`` (image-token indices); ``spec`` is e.g. ``(("txt", M), ("img", N))``.
-    Returns ``[B, L_sub]`` long: text positions kept whole, image positions at ``idx``.
+    Returns ``[B, L_sub]`` long: text positions kept whole (none without ``keep_txt``:
+    context caching), image positions at ``idx``.
     """
     parts, off = [], 0
     batch = idx.shape[0]
     for kind, length in spec:
         if kind == "img":
             parts.append(idx + off)
-        else:
+        elif keep_txt:
             parts.append(torch.arange(off, off + length, device=idx.device).expand(batch, length))
         off += length
+    if not parts:
+        return idx[:, :0]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -53,8 +56,18 @@ def image_segment(x: torch.Tensor, axis: int, offset: int, length: int) -> torch
     return x.narrow(axis, offset, length).contiguous()
 
 
+def text_segment(x: torch.Tensor, axis: int, offset: int, length: int) -> torch.Tensor:
+    """The text tokens of a joint tensor (everything but the image segment at
+    ``offset``, ``length`` long), in order, as a fresh contiguous tensor."""
+    before = x.narrow(axis, 0, offset)
+    after = x.narrow(axis, offset + length, x.shape[axis] - offset - length)
+    return torch.cat([before, after], dim=axis).contiguous()
+
+
 def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, offset: int,
-                prev: torch.Tensor | None = None, ratio: torch.Tensor | None = None) -> torch.Tensor:
+                prev: torch.Tensor | None = None, ratio: torch.Tensor | None = None,
+                text: torch.Tensor | None = None, text_prev: torch.Tensor | None = None,
+                text_ratio: torch.Tensor | None = None, text_offset: int = 0) -> torch.Tensor:
     """Write the fresh image keys (or values) of the subset into ``cache`` and return the
     joint key tensor over *all* tokens.
 
@@ -67,6 +80,11 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
     one in ``cache``; mutated in place too) and ``ratio`` (``[B, N]``) the cached keys are
     extrapolated to first order, ``cache + ratio * (cache - prev)``, before the attention
     uses them; the computed tokens' rows shift: ``prev <- cache``, ``cache <- fresh``.
+
+    With ``text`` (``[B, H, M, d]``, context caching) ``fresh`` holds the image subset only
+    (``offset`` 0) and the text keys come from ``text`` (extrapolated with ``text_prev``
+    and ``text_ratio`` ``[B]`` when given; never written), split around the image segment
+    at ``text_offset`` as in the model's own order.
     """
     k = idx.shape[1]
     batch, heads, _, dim = fresh.shape
@@ -80,8 +98,15 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
         keys = keys.scatter(2, rows, img)
         prev.scatter_(2, rows, torch.gather(cache, 2, rows))
         cache.scatter_(2, rows, img)
-    before = fresh.narrow(2, 0, offset)
-    after = fresh.narrow(2, offset + k, fresh.shape[2] - offset - k)
+    if text is None:
+        before = fresh.narrow(2, 0, offset)
+        after = fresh.narrow(2, offset + k, fresh.shape[2] - offset - k)
+    else:
+        if text_prev is not None:
+            text = torch.addcmul(text, text_ratio.to(text.dtype).reshape(batch, 1, 1, 1), text - text_prev)
+        text = text.to(fresh.dtype)
+        before = text.narrow(2, 0, text_offset)
+        after = text.narrow(2, text_offset, text.shape[2] - text_offset)
     return torch.cat([before, keys.to(fresh.dtype), after], dim=2)
 
 

@@ -51,6 +51,7 @@ class StepOutput:
     tokens: torch.Tensor  # [B, N, C] per-token output (tiered on cached steps)
     score: torch.Tensor | None  # [B, N] attention received (score="attention" only)
     kv: list[torch.Tensor]  # per attention: K, V ([B, H, N, d]); the caches after the call
+    text: dict[str, torch.Tensor] = field(default_factory=dict)  # cache_context: text K/V by input name
 
 
 class GraphExecutor:
@@ -61,33 +62,43 @@ class GraphExecutor:
         self.gm, self.example_inputs, self.plan, self.config, self.mode = gm, list(example_inputs), plan, config, mode
         self.k = config.num_computed(plan.num_image_tokens)
         self.full: Variant = build_variant(gm, example_inputs, plan, config, "full", mode=mode)
-        self._sparse: Variant | None = None
+        self._sparse: dict[bool, Variant] = {}  # by whether it caches the context tokens
         self.full_flops = count_flops(gm, example_inputs)
 
     @property
     def compiled(self) -> list[Variant]:
-        return [v for v in (self.full, self._sparse) if v is not None]
+        return [self.full, *self._sparse.values()]
 
-    def sparse(self) -> Variant:
-        if self._sparse is None:
-            self._sparse = build_variant(self.gm, self.example_inputs, self.plan, self.config, "sparse",
-                                         k=self.k, mode=self.mode)
-            self.example_inputs = None  # both variants built: do not keep the first call's tensors
-        return self._sparse
+    def sparse(self, cache_context: bool = False) -> Variant:
+        """The sparse variant that computes (``cache_context=False``) or caches the context
+        tokens; built on first use. With ``config.cache_context=None`` (auto) both may be
+        needed, so the example inputs are kept until both exist."""
+        if cache_context not in self._sparse:
+            config = self.config.replace(cache_context=cache_context)
+            self._sparse[cache_context] = build_variant(self.gm, self.example_inputs, self.plan, config, "sparse",
+                                                        k=self.k, mode=self.mode)
+            if self.config.cache_context is not None or len(self._sparse) == 2:
+                self.example_inputs = None  # every variant built: do not keep the first call's tensors
+        return self._sparse[cache_context]
 
     def run_full(self, args: Sequence[Any]) -> StepOutput:
         user, ex = self.full.split(self.full(*args))
         kv = [ex[f"{c}{i}"] for i in range(len(self.plan.attention)) for c in "kv"]
-        return StepOutput(user, ex["tokens"], ex.get("score"), kv)
+        text = {f"specdiff_{c}t{i}": ex[f"{c}t{i}"] for i in range(len(self.plan.attention)) for c in "kv"
+                if f"{c}t{i}" in ex}
+        return StepOutput(user, ex["tokens"], ex.get("score"), kv, text)
 
     def run_sparse(self, args: Sequence[Any], idx: torch.Tensor, history: torch.Tensor,
                    weights: torch.Tensor, caches: list[torch.Tensor],
-                   prev: list[torch.Tensor] | None = None, ratio: torch.Tensor | None = None) -> StepOutput:
+                   prev: list[torch.Tensor] | None = None, ratio: torch.Tensor | None = None,
+                   text: dict[str, torch.Tensor] | None = None) -> StepOutput:
         """One cached step. ``caches`` (and ``prev``, with K/V extrapolation) are the K/V
-        caches in the order ``k0, v0, k1, v1, ...``; the graph updates them in place."""
-        v = self.sparse()
+        caches in the order ``k0, v0, k1, v1, ...``; the graph updates them in place.
+        ``text`` holds the context-caching inputs by name (text K/V, their previous values
+        and ``specdiff_kv_ratio_txt``); they are only read."""
+        v = self.sparse(cache_context=bool(text))
         named = {"specdiff_idx": idx, "specdiff_history": history, "specdiff_weights": weights,
-                 "specdiff_kv_ratio": ratio}
+                 "specdiff_kv_ratio": ratio, **(text or {})}
         for i in range(len(self.plan.attention)):
             for j, c in enumerate("kv"):
                 named[f"specdiff_{c}{i}"] = caches[2 * i + j]
@@ -96,8 +107,8 @@ class GraphExecutor:
         user, ex = v.split(v(*args, *v.extra_inputs(named)))
         return StepOutput(user, ex["tokens"], ex.get("score"), caches)
 
-    def flops(self, kind: str) -> int:
-        return (self.full if kind == "full" else self.sparse()).flops
+    def flops(self, kind: str, cache_context: bool = False) -> int:
+        return (self.full if kind == "full" else self.sparse(cache_context)).flops
 
 
 @dataclass
@@ -113,6 +124,10 @@ class BranchState:
     cached_for: torch.Tensor | None = None  # [B, N] consecutive cached steps
     caches: list[torch.Tensor] = field(default_factory=list)  # K/V: each token's last computed
     prev: list[torch.Tensor] = field(default_factory=list)  # K/V: the computation before (extrapolation)
+    text: dict[str, torch.Tensor] = field(default_factory=dict)  # text K/V of the last full step (cache_context)
+    text_prev: dict[str, torch.Tensor] = field(default_factory=dict)  # ... of the full step before
+    full_sigmas: list[float] = field(default_factory=list)  # sigmas of the last two full steps, newest first
+    cache_context: bool | None = None  # decided at the first cached step
     history: collections.deque = field(default_factory=collections.deque)  # (sigma, tokens), newest first
     refreshed: set[float] = field(default_factory=set)
     degraded: bool = False  # cache cap exceeded: every step full
@@ -237,12 +252,20 @@ class SpecDiffRuntime:
                 a.shape == b.shape for a, b in zip(state.caches, caches))
             state.prev = state.caches if same else [c.clone() for c in caches]
         state.caches = caches
+        if out.text:
+            text = {name: _detached(t) for name, t in out.text.items()}
+            if self.config.kv_extrapolation:
+                same = state.text.keys() == text.keys() and all(state.text[n].shape == t.shape for n, t in text.items())
+                state.text_prev = state.text if same else {n: t.clone() for n, t in text.items()}
+            state.text = text
+        state.full_sigmas = [sigma, *state.full_sigmas[:1]]
         state.his = out.score
         state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
         self._push_history(state, sigma, out.tokens)
         self._push_fresh(state, sigma, out.tokens, None)
         cap = self.config.max_cache_bytes
-        kv = sum(t.numel() * t.element_size() for t in state.caches + state.prev)
+        kv = sum(t.numel() * t.element_size() for t in
+                 [*state.caches, *state.prev, *state.text.values(), *state.text_prev.values()])
         tokens = out.tokens.numel() * out.tokens.element_size()
         nbytes = kv + tokens * (2 + (len(state.history) if self._paper_blend else 0))
         self.report.cache_bytes = max(self.report.cache_bytes, nbytes)
@@ -325,6 +348,18 @@ class SpecDiffRuntime:
         """What the token score needs from a speculative call."""
         return out.score if self.config.score == "attention" else _detached(out.tokens)
 
+    def _uses_context_cache(self, state: BranchState) -> bool:
+        """``cache_context`` for this generation: the option, or with ``None`` (auto) on
+        unless it uses classifier-free guidance (batched halves from the same latent, or
+        more than one call per step), whose guidance scale amplifies stale text K/V."""
+        if state.cache_context is None:
+            wanted = self.config.cache_context
+            guided = state.groups is not None or len(self.branches) > 1
+            state.cache_context = (not guided) if wanted is None else wanted
+            state.cache_context = state.cache_context and bool(state.text)  # a graph without text tokens
+            self.report.context_cached = state.cache_context
+        return state.cache_context
+
     def _cached_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         cfg = self.config
         if cfg.score == "attention":
@@ -349,15 +384,23 @@ class SpecDiffRuntime:
             weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.blend_history)
         idx = idx.to(tokens0.device)
         ratio = None
+        text = dict(state.text) if self._uses_context_cache(state) else {}
         if cfg.kv_extrapolation:
             ratio = schedule.extrapolation_ratio(state.fresh_sigma, sigma).to(state.caches[0])
+            if text:  # every text token was last computed on the last two full steps
+                s = state.full_sigmas + state.full_sigmas[:1]
+                pair = torch.tensor([s[0], s[1]], device=ratio.device).reshape(2, 1, 1).expand(2, ratio.shape[0], 1)
+                text["specdiff_kv_ratio_txt"] = schedule.extrapolation_ratio(pair, sigma)[:, 0].to(ratio)
+                for name, t in state.text_prev.items():  # specdiff_kt3 -> specdiff_ktp3
+                    stem = name.rstrip("0123456789")
+                    text[f"{stem}p{name[len(stem):]}"] = t
         out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches,
-                                       state.prev if cfg.kv_extrapolation else None, ratio)
+                                       state.prev if cfg.kv_extrapolation else None, ratio, text)
         self._push_fresh(state, sigma, out.tokens, idx)
         state.his = out.score
         state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
         self._push_history(state, sigma, out.tokens)
-        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse"), tier=tier)
+        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse", bool(text)), tier=tier)
         if branch == 0:
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report

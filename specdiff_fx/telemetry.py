@@ -48,6 +48,8 @@ class GenerationReport:
     notes: list[str] = field(default_factory=list)
     #: per sample and image token, how many cached steps computed it (branch 0); ``[B, N]``
     computed_counts: object = None
+    #: whether cached steps read the context tokens' K/V from caches (``None``: no cached step yet)
+    context_cached: bool | None = None
 
     @property
     def main_steps(self) -> list[StepRecord]:
@@ -71,7 +73,8 @@ class GenerationReport:
             f"cache_ratio {self.cache_ratio}",
             f"  calls: {self.count('speculative')} speculative, {self.count('full')} full, "
             f"{self.count('cached')} cached; FLOPs executed: {self.flops_fraction:.1%} of full compute; "
-            f"cache {self.cache_bytes / 2**20:.1f} MiB; {self.compiles} compiles, {self.compile_seconds:.1f} s",
+            f"cache {self.cache_bytes / 2**20:.1f} MiB; {self.compiles} compiles, {self.compile_seconds:.1f} s; "
+            f"context tokens {'cached' if self.context_cached else 'computed'} on cached steps",
             "  step branch kind         sigma    C1/C2/C3 (sample 0)   FLOPs vs full",
         ]
         for s in self.steps:

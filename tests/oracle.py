@@ -54,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,11 +93,14 @@ class FullRef:
         kv: one ``(K_img, V_img)`` per attention call, in execution order, each
             ``[B, H, N, d]``.
         score: ``[B, N]`` attention received by each image token, summed over calls.
+        text_kv: one ``(K_txt, V_txt)`` per attention call with text tokens, each
+            ``[B, H, M, d]`` (as fed to the attention: after qk-norm and RoPE).
     """
 
     out_tokens: Tensor
     kv: list[KV]
     score: Tensor
+    text_kv: list[KV] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -129,12 +132,24 @@ class _Recorder:
     ``cache[i]``), which is exactly how the caches returned by the oracle are ordered.
     """
 
-    def __init__(self, num_image: int, idx: Tensor | None = None, cache: Sequence[KV] | None = None) -> None:
+    def __init__(self, num_image: int, idx: Tensor | None = None, cache: Sequence[KV] | None = None,
+                 text_cache: Sequence[KV] | None = None) -> None:
         self.num_image = num_image
         self.idx = idx  # [B, k] or None (full mode)
         self.cache = cache
+        self.text_cache = text_cache  # context caching: the text K/V every attention reads
         self.kv: list[KV] = []
+        self.text_kv: list[KV] = []
         self.score: Tensor | None = None
+
+    def text(self, k_txt: Tensor, v_txt: Tensor) -> KV:
+        """Record the text K/V of this attention call; return the cached ones if given."""
+        call = len(self.text_kv)
+        self.text_kv.append((k_txt, v_txt))
+        if self.text_cache is None:
+            return k_txt, v_txt
+        k_c, v_c = self.text_cache[call]
+        return k_c.to(k_txt.dtype), v_c.to(v_txt.dtype)
 
     def image_kv(self, k_img: Tensor, v_img: Tensor) -> KV:
         """Turn the fresh image K/V of the computed tokens ``[B, H, n, d]`` into the
@@ -233,6 +248,7 @@ class _SD3Processor:
                 q_txt = attn.norm_added_q(q_txt)
             if attn.norm_added_k is not None:
                 k_txt = attn.norm_added_k(k_txt)
+            k_txt, v_txt = self.recorder.text(k_txt, v_txt)
             q = torch.cat([q, q_txt], dim=2)
             keys = torch.cat([k_img, k_txt], dim=2)
             values = torch.cat([v_img, v_txt], dim=2)
@@ -284,8 +300,9 @@ class _FluxProcessor:
 
         t_len = self.text_len
         k_img, v_img = self.recorder.image_kv(k[:, :, t_len:], v[:, :, t_len:])
-        keys = torch.cat([k[:, :, :t_len], k_img], dim=2)
-        values = torch.cat([v[:, :, :t_len], v_img], dim=2)
+        k_txt, v_txt = self.recorder.text(k[:, :, :t_len], v[:, :, :t_len])
+        keys = torch.cat([k_txt, k_img], dim=2)
+        values = torch.cat([v_txt, v_img], dim=2)
         image_keys = slice(t_len, t_len + self.recorder.num_image)
         out = _merge_heads(self.recorder.attend(q, keys, values, image_keys=image_keys))
 
@@ -442,11 +459,12 @@ def full_reference(model: Model, inputs: Mapping[str, Any]) -> FullRef:
         with _swapped_processors(model, _FluxProcessor(recorder, text_len)):
             out_tokens = model(**kwargs, return_dict=False)[0]
     assert recorder.score is not None and len(recorder.kv) == num_attention_calls(model)
-    return FullRef(out_tokens=out_tokens, kv=recorder.kv, score=recorder.score)
+    return FullRef(out_tokens=out_tokens, kv=recorder.kv, score=recorder.score, text_kv=recorder.text_kv)
 
 
 @torch.no_grad()
-def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: Sequence[KV]) -> SparseRef:
+def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: Sequence[KV],
+                     text_kv: Sequence[KV] | None = None) -> SparseRef:
     """Recompute only the image tokens ``idx[b]`` of each sample ``b`` (plus every text
     token) against cached image K/V.
 
@@ -463,6 +481,9 @@ def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: S
         idx: ``[B, k]`` LongTensor of distinct image-token indices per sample.
         kv: one ``(K_img, V_img)`` per attention call, each ``[B, H, N, d]`` (e.g.
             :attr:`FullRef.kv` of an earlier step). Not mutated.
+        text_kv: context caching: one ``(K_txt, V_txt)`` per attention call with text,
+            each ``[B, H, M, d]``, used in place of the text tokens' own K/V (the text
+            tokens are still run, but nothing of theirs reaches the image tokens).
     """
     kwargs = _clean_inputs(model, inputs)
     batch = _batch_size(kwargs)
@@ -472,11 +493,12 @@ def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: S
         raise ValueError(f"kv has {len(kv)} entries, the model runs {num_attention_calls(model)} attention calls")
     idx = idx.to(kwargs["hidden_states"].device)
     if _kind(model) == "sd3":
-        return _sparse_sd3(model, kwargs, idx, kv)
-    return _sparse_flux(model, kwargs, idx, kv)
+        return _sparse_sd3(model, kwargs, idx, kv, text_kv)
+    return _sparse_flux(model, kwargs, idx, kv, text_kv)
 
 
-def _sparse_sd3(model: SD3Transformer2DModel, kwargs: dict[str, Any], idx: Tensor, kv: Sequence[KV]) -> SparseRef:
+def _sparse_sd3(model: SD3Transformer2DModel, kwargs: dict[str, Any], idx: Tensor, kv: Sequence[KV],
+                text_kv: Sequence[KV] | None) -> SparseRef:
     """SD3 forward restricted to the image tokens ``idx`` (whole batch at once)."""
     batch = _batch_size(kwargs)
     image = model.pos_embed(kwargs["hidden_states"])  # [B, N, D], patch embed + pos embed
@@ -484,7 +506,7 @@ def _sparse_sd3(model: SD3Transformer2DModel, kwargs: dict[str, Any], idx: Tenso
     text = model.context_embedder(kwargs["encoder_hidden_states"])
     image = torch.stack([image[b, idx[b]] for b in range(batch)])  # [B, k, D]
 
-    recorder = _Recorder(num_image_tokens(model, kwargs), idx, kv)
+    recorder = _Recorder(num_image_tokens(model, kwargs), idx, kv, text_kv)
     with _swapped_processors(model, _SD3Processor(recorder)):
         for block in model.transformer_blocks:
             text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb)
@@ -496,7 +518,8 @@ def _sparse_sd3(model: SD3Transformer2DModel, kwargs: dict[str, Any], idx: Tenso
     return SparseRef(out_tokens=out_tokens, kv=recorder.kv, score=recorder.score)
 
 
-def _sparse_flux(model: FluxTransformer2DModel, kwargs: dict[str, Any], idx: Tensor, kv: Sequence[KV]) -> SparseRef:
+def _sparse_flux(model: FluxTransformer2DModel, kwargs: dict[str, Any], idx: Tensor, kv: Sequence[KV],
+                 text_kv: Sequence[KV] | None) -> SparseRef:
     """FLUX: the model's own forward, one sample at a time, on ``hidden_states[:, idx[b]]``
     with ``img_ids[idx[b]]`` and the cached-K/V processor."""
     batch = _batch_size(kwargs)
@@ -514,7 +537,8 @@ def _sparse_flux(model: FluxTransformer2DModel, kwargs: dict[str, Any], idx: Ten
         sample["hidden_states"] = kwargs["hidden_states"][b : b + 1, idx[b]]
         sample["img_ids"] = img_ids[idx[b]]
         cache_b = [(k[b : b + 1], v[b : b + 1]) for k, v in kv]
-        recorder = _Recorder(num_image, idx[b : b + 1], cache_b)
+        text_b = None if text_kv is None else [(k[b : b + 1], v[b : b + 1]) for k, v in text_kv]
+        recorder = _Recorder(num_image, idx[b : b + 1], cache_b, text_b)
         with _swapped_processors(model, _FluxProcessor(recorder, text_len)):
             outs.append(model(**sample, return_dict=False)[0])
         if len(recorder.kv) != len(kv):

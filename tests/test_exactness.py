@@ -10,6 +10,7 @@ import torch
 import specdiff_fx
 from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+from specdiff_fx.variants import _CACHE_INPUT
 
 MODELS = {"sd3": lambda: tiny_sd3(0), "sd35": lambda: tiny_sd3(0, sd35=True), "flux": lambda: tiny_flux(0)}
 SHAPES = {"sd3": [(8, 8), (16, 8)], "flux": [(4, 4), (6, 3)]}  # latent HxW / token grid; square + not
@@ -78,19 +79,21 @@ def test_inductor_full_variant_matches_eager(captured):
 
 
 @pytest.mark.inductor
-def test_inductor_sparse_variant_matches_fx(captured):
+@pytest.mark.parametrize("cache_context", [False, True])
+def test_inductor_sparse_variant_matches_fx(captured, cache_context):
     """FLUX: the subset variant compiled by Inductor equals the plain FX run, and the
-    in-place cache writes survive compilation."""
+    in-place cache writes survive compilation (with and without the text tokens)."""
     c = captured("flux")
     plan = analyze_dit(c.gm)
     k = 7
-    cfg = SpecDiffConfig(score_queries=0, score="attention")  # the score too; K/V extrapolated (default)
+    # the score too; K/V extrapolated (default)
+    cfg = SpecDiffConfig(score_queries=0, score="attention", cache_context=cache_context)
     compiled = build_variant(c.gm, c.example_inputs, plan, cfg, "sparse", k=k)
     plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), "sparse", k=k)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k] for _ in range(2)])
     rest = compiled.new_inputs[1:]  # history, weights, K/V ratio, K/V caches (current and previous)
-    caches = [torch.rand(i.shape, generator=g) * 1.5 if i.name == "specdiff_kv_ratio"
+    caches = [torch.rand(i.shape, generator=g) * 1.5 if i.name.startswith("specdiff_kv_ratio")
               else torch.randn(i.shape, generator=g) for i in rest]
     c1 = [t.clone() for t in caches]
     c2 = [t.clone() for t in caches]
@@ -99,8 +102,7 @@ def test_inductor_sparse_variant_matches_fx(captured):
         _, b = plain.split(plain(*c.example_inputs, idx, *c2))
     for key in ("tokens", "subset", "score"):
         assert rel_err(a[key], b[key]) <= 1e-4, key
-    written = [j for j, i in enumerate(rest) if i.name.startswith(("specdiff_k", "specdiff_v"))
-               and i.name != "specdiff_kv_ratio"]
+    written = [j for j, i in enumerate(rest) if _CACHE_INPUT.fullmatch(i.name)]
     assert len(written) == 4 * len(plan.attention)
     for x, y, before in ((c1[j], c2[j], caches[j]) for j in written):  # the K/V caches, written in place
         assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)

@@ -59,16 +59,22 @@ def test_runner_keeps_meta_val_true(captured, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_expose_attention_kv(captured, reference, name):
     c = captured(name)
-    gm, ctx, plan = apply(c, [expose_attention_kv, finalize_outputs])
+    gm, ctx, plan = apply(c, [expose_attention_kv, finalize_outputs])  # cache_context auto: text K/V too
     n_attn = len(plan.attention)
-    assert targets(gm)[ops.image_segment] == 2 * n_attn
-    assert gm.meta["specdiff_outputs"]["extras"] == tuple(f"{c}{i}" for i in range(n_attn) for c in "kv")
+    assert targets(gm)[ops.image_segment] == targets(gm)[ops.text_segment] == 2 * n_attn
+    assert gm.meta["specdiff_outputs"]["extras"] == tuple(
+        f"{c}{t}{i}" for i in range(n_attn) for t in ("", "t") for c in "kv")
     user, extras = run(gm, ctx, c.example_inputs)
     assert torch.allclose(user[0], c.model(**c.inputs).sample, atol=1e-6)
-    for i, (k, v) in enumerate(reference(name).kv):
+    ref = reference(name)
+    for i, ((k, v), (kt, vt)) in enumerate(zip(ref.kv, ref.text_kv, strict=True)):
         assert extras[f"k{i}"].shape == (2, 2, plan.num_image_tokens, 8)
         torch.testing.assert_close(extras[f"k{i}"], k, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(extras[f"v{i}"], v, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(extras[f"kt{i}"], kt, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(extras[f"vt{i}"], vt, atol=1e-5, rtol=1e-4)
+    gm, _, _ = apply(c, [expose_attention_kv, finalize_outputs], config=CFG.replace(cache_context=False))
+    assert gm.meta["specdiff_outputs"]["extras"] == tuple(f"{c}{i}" for i in range(n_attn) for c in "kv")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -159,8 +165,8 @@ def test_attend_with_kv_cache_extrapolation_inputs(captured, name):
     assert names == ["specdiff_idx", "specdiff_base", "specdiff_kv_ratio"] + [
         f"specdiff_{c}{p}{i}" for i in range(n_attn) for c in "kv" for p in ("", "p")]
     calls = [n for n in gm.graph.nodes if n.target is ops.attend_keys]
-    assert len(calls) == 2 * n_attn and all(len(n.args) == 6 for n in calls)
-    assert {n.args[5].name for n in calls} == {"specdiff_kv_ratio"}  # one ratio input shared by all
+    assert len(calls) == 2 * n_attn and all(n.kwargs["prev"].name.startswith("specdiff_") for n in calls)
+    assert {n.kwargs["ratio"].name for n in calls} == {"specdiff_kv_ratio"}  # one ratio input shared by all
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -192,3 +198,22 @@ def test_attend_with_kv_cache(captured, reference, name):
         assert (cache.transpose(1, 2)[~mask] == 0).all()
         if cache is caches[0]:  # the first attention's keys only depend on the tokens themselves
             torch.testing.assert_close(cache.transpose(1, 2)[mask], full.transpose(1, 2)[mask], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gather_token_subset_drops_the_text_tokens_with_context_caching(captured, name):
+    c = captured(name)
+    passes = [gather_token_subset, attend_with_kv_cache, expose_token_output, finalize_outputs]
+    cached = CFG.replace(cache_context=True)
+    gm, ctx, plan = apply(c, passes, variant="sparse", k=5, config=cached)
+    kept, _, _ = apply(c, passes, variant="sparse", k=5)
+    calls = [n for n in gm.graph.nodes if n.target is ops.attend_keys]
+    assert len(calls) == 2 * len(plan.attention) and all("text" in n.kwargs for n in calls)
+    # the text stream is gone: fewer linear layers, none reading the context embedder
+    linears = lambda g: [n for n in g.graph.nodes if n.target is torch._C._nn.linear]  # noqa: E731
+    assert len(linears(gm)) < len(linears(kept))
+    assert not any("context_embedder" in str(a) for n in linears(gm) for a in n.args)
+    for node in gm.graph.nodes:  # every token tensor of the subset graph holds image tokens only
+        if node.op == "call_function" and node.target is torch._C._nn.scaled_dot_product_attention:
+            q = sdpa_args(node)["query"].meta["val"]
+            assert q.shape[-2] == 5

@@ -40,7 +40,7 @@ class FakeExecutor:
         kv = [torch.zeros(B, 1, N, 4), torch.zeros(B, 1, N, 4)]
         return StepOutput((-x,), -x, self.score(sigma), kv)
 
-    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None):
+    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None):
         x, t = args
         sigma = float(t[0]) / 1000.0
         self.calls.append(("sparse", sigma, idx.clone()))
@@ -49,7 +49,7 @@ class FakeExecutor:
         tokens.scatter_(1, idx[..., None].expand(-1, -1, C), torch.gather(-x, 1, idx[..., None].expand(-1, -1, C)))
         return StepOutput((tokens,), tokens, self.score(sigma), caches)
 
-    def flops(self, kind):
+    def flops(self, kind, cache_context=False):
         return 100 if kind == "full" else 30
 
 
@@ -353,3 +353,42 @@ def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
             torch.testing.assert_close(ratio, torch.ones(B, N))  # (0.9 - 0.8) / (1.0 - 0.9)
         else:
             assert prev is None and ratio is None
+
+
+class TextExecutor(FakeExecutor):
+    """A model with text tokens: full steps return text K/V, cached steps record what they get."""
+
+    def run_full(self, args):
+        out = super().run_full(args)
+        text = {"specdiff_kt0": torch.zeros(B, 1, 3, 4), "specdiff_vt0": torch.zeros(B, 1, 3, 4)}
+        return StepOutput(out.user, out.tokens, out.score, out.kv, text)
+
+    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None):
+        self.text_inputs = text
+        return super().run_sparse(args, idx, history, weights, caches, prev, ratio, text)
+
+
+@pytest.mark.parametrize("option, guided, expected", [
+    (None, "no", True), (None, "batch", False), (None, "calls", False),
+    (True, "batch", True), (False, "no", False),
+])
+def test_context_caching_is_off_under_guidance_unless_forced(option, guided, expected):
+    ex = TextExecutor()
+    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=option)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    x = torch.randn(B, N, C)
+    if guided == "batch":
+        x = torch.cat([x[:1], x[:1]])  # CFG halves: the same latent twice
+    sigmas = torch.linspace(1, 0, 5)
+    for i in range(4):
+        t = torch.full((B,), float(sigmas[i]) * 1000)
+        for _ in range(2 if guided == "calls" else 1):
+            rt(x, t)
+    assert rt.report.context_cached is expected
+    names = set(ex.text_inputs)
+    if expected:
+        assert {"specdiff_kt0", "specdiff_vt0", "specdiff_ktp0", "specdiff_vtp0", "specdiff_kv_ratio_txt"} <= names
+        # the text was computed at sigma 1.0 and 0.75 (the full steps); now 0.25: r = 0.5 / 0.25, clamped
+        torch.testing.assert_close(ex.text_inputs["specdiff_kv_ratio_txt"], torch.full((B,), 1.5))
+    else:
+        assert not names

@@ -144,3 +144,38 @@ def test_kv_extrapolation_matches_the_oracle_on_extrapolated_caches(captured, re
     # the extrapolation matters: reusing the stale caches gives another result
     plain = check_subset(c, stale(name), idx)["subset"]
     assert (plain - extras["subset"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd35", "flux"])
+def test_context_caching_matches_the_oracle(captured, reference, stale, name):
+    """With ``cache_context=True`` no text token is computed: every attention reads the
+    text K/V from the given caches (extrapolated like the image ones)."""
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    n, k = plan.num_image_tokens, 5
+    variant = sparse_variant(c, k, CFG.replace(cache_context=True, kv_extrapolation=True))
+    names = [i.name for i in variant.new_inputs]
+    old, now = reference(name, stale=True), reference(name)
+    assert len(now.text_kv) == sum(n_.startswith("specdiff_kt") and not n_.startswith("specdiff_ktp") for n_ in names)
+    g = torch.Generator().manual_seed(2)
+    ratio, text_ratio = torch.rand(2, n, generator=g), torch.rand(2, generator=g) * 1.5
+    named = {"specdiff_idx": torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]]), "specdiff_kv_ratio": ratio,
+             "specdiff_kv_ratio_txt": text_ratio, **dict(zip(names[1:3], tier_inputs(variant)))}
+    est, text_est = [], []
+    t = 0
+    for i, (kv_old, kv_now) in enumerate(zip(old.kv, now.kv)):
+        for ch, a, b in zip("kv", kv_old, kv_now):
+            named[f"specdiff_{ch}{i}"], named[f"specdiff_{ch}p{i}"] = a.contiguous().clone(), b.contiguous().clone()
+        est.append(tuple(a + ratio[:, None, :, None] * (a - b) for a, b in zip(kv_old, kv_now)))
+        if f"specdiff_kt{i}" in names:
+            for ch, a, b in zip("kv", old.text_kv[t], now.text_kv[t]):
+                named[f"specdiff_{ch}t{i}"], named[f"specdiff_{ch}tp{i}"] = a.contiguous(), b.contiguous()
+            text_est.append(tuple(a + text_ratio[:, None, None, None] * (a - b)
+                                  for a, b in zip(old.text_kv[t], now.text_kv[t])))
+            t += 1
+    with torch.no_grad():
+        _, extras = variant.split(variant(*c.example_inputs, *variant.extra_inputs(named)))
+        ref = sparse_reference(c.model, c.inputs, named["specdiff_idx"], est, text_est)
+        keep = sparse_reference(c.model, c.inputs, named["specdiff_idx"], est)  # text computed
+    torch.testing.assert_close(extras["subset"], ref.out_tokens, atol=1e-5, rtol=1e-4)
+    assert (keep.out_tokens - ref.out_tokens).abs().max() > 1e-4  # the text caches matter

@@ -114,8 +114,9 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     sites, sides = [], []
     for node, info in infos.items():
         node.meta["specdiff"] = info
-        for path, _ in info.gathers:
-            sides.append(get_operand(node, path).name)
+        for path, layout in info.gathers:
+            if layout.has_img:  # text-only operands are gathered (to nothing) only with context caching
+                sides.append(get_operand(node, path).name)
         if op_name(node) == "sdpa":
             args = sdpa_args(node)
             _, heads, _, head_dim = node_shape(args["query"])

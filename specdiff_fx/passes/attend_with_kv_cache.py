@@ -13,6 +13,11 @@ and per attention ``specdiff_kp{i}`` / ``specdiff_vp{i}`` (each token's keys/val
 the computation before the cached one): the cached keys are extrapolated to first order
 in sigma before the attention reads them, and both caches shift in place for the
 computed tokens (see :func:`specdiff_fx.ops.attend_keys`).
+With ``config.cache_context=True`` the subset graph has no text tokens (see
+:func:`gather_token_subset`): per attention ``specdiff_kt{i}`` / ``specdiff_vt{i}``
+(``[B, H, M, d]``, the text keys/values of the last full step) take their place in the
+keys (with extrapolation also ``specdiff_ktp{i}`` / ``specdiff_vtp{i}`` and one
+``specdiff_kv_ratio_txt`` ``[B]``); they are read, never written.
 Keeps true: queries are only the computed tokens; the attention output has the query's
 layout; with ``idx`` = all tokens the result equals the full graph's.
 """
@@ -31,10 +36,13 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
     plan = ctx.plan
     idx = ctx.memo["idx"]
     nodes = nodes_by_name(gm)
-    ratio = None
-    if ctx.config.kv_extrapolation:
-        first = sdpa_args(nodes[plan.attention[0].node])["key"].meta["val"]
+    cfg = ctx.config
+    ratio = text_ratio = None
+    first = sdpa_args(nodes[plan.attention[0].node])["key"].meta["val"]
+    if cfg.kv_extrapolation:
         ratio = ctx.add_input(gm, "specdiff_kv_ratio", (plan.batch, plan.num_image_tokens), first.dtype, first.device)
+        if cfg.cache_context is True:
+            text_ratio = ctx.add_input(gm, "specdiff_kv_ratio_txt", (plan.batch,), first.dtype, first.device)
     for i, site in enumerate(plan.attention):
         sdpa = nodes[site.node]
         args = sdpa_args(sdpa)
@@ -44,11 +52,22 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
             val = fresh.meta["val"]
             shape = (plan.batch, node_shape(fresh)[1], plan.num_image_tokens, node_shape(fresh)[3])
             cache = ctx.add_input(gm, f"specdiff_{name[0]}{i}", shape, val.dtype, val.device)
-            extra = ()
+            kwargs = {}
             if ratio is not None:
-                extra = (ctx.add_input(gm, f"specdiff_{name[0]}p{i}", shape, val.dtype, val.device), ratio)
+                kwargs.update(prev=ctx.add_input(gm, f"specdiff_{name[0]}p{i}", shape, val.dtype, val.device),
+                              ratio=ratio)
+            offset = site.img_offset
+            m = site.layout.length - plan.num_image_tokens
+            if cfg.cache_context is True and m:
+                text_shape = (*shape[:2], m, shape[3])
+                kwargs.update(text=ctx.add_input(gm, f"specdiff_{name[0]}t{i}", text_shape, val.dtype, val.device),
+                              text_offset=offset)
+                if text_ratio is not None:
+                    kwargs.update(text_prev=ctx.add_input(gm, f"specdiff_{name[0]}tp{i}", text_shape, val.dtype,
+                                                          val.device), text_ratio=text_ratio)
+                offset = 0  # the subset's joint sequence is its image tokens alone
             with gm.graph.inserting_before(sdpa):
-                new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, site.img_offset, *extra))
+                new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, offset), kwargs)
         positional = ["query", "key", "value"]
         sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
         sdpa.kwargs = {key: new.get(key, a) for key, a in sdpa.kwargs.items()}

@@ -77,10 +77,23 @@ def seed_placeholder_values(gm: fx.GraphModule, example_inputs: Sequence, ctx: R
             node.meta["val"] = ctx.fake_mode.from_tensor(ex, static_shapes=True)
 
 
+def _may_mutate(node: fx.Node) -> bool:
+    """Conservative impurity for dead-code removal: anything but a plain (non in-place)
+    function or method call is kept."""
+    if node.op not in ("call_function", "call_method"):
+        return node.op != "get_attr"
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return name.endswith("_") or node.is_impure()
+
+
 def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: RewriteContext) -> fx.GraphModule:
-    """Apply ``passes`` in order; after each: lint, recompile, re-propagate shapes, log."""
-    for p in passes:
+    """Apply ``passes`` in order; after each: lint, recompile, re-propagate shapes, log.
+    After the last, remove dead code (e.g. the text stream once context caching drops it;
+    not earlier: a pass may add a node that only a later pass wires to the outputs)."""
+    for i, p in enumerate(passes):
         gm = p(gm, ctx)
+        if i == len(passes) - 1:
+            gm.graph.eliminate_dead_code(is_impure_node=_may_mutate)
         gm.graph.lint()
         gm.recompile()
         propagate_fake(gm, ctx)

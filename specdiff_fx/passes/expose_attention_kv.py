@@ -2,7 +2,9 @@
 
 Reads: ``plan.attention`` (SDPA node names, their layouts and image offsets).
 Writes: extra outputs ``k{i}`` / ``v{i}`` (``[B, H, N, d]``, the keys and values exactly
-as fed to SDPA: after qk-norm and RoPE) in attention order.
+as fed to SDPA: after qk-norm and RoPE) in attention order; unless
+``config.cache_context`` is ``False`` also ``kt{i}`` / ``vt{i}`` (``[B, H, M, d]``, the text tokens'
+keys/values in the model's order, for :func:`attend_with_kv_cache` to read on cached steps).
 Keeps true: the attention and every user output are unchanged.
 """
 
@@ -27,4 +29,9 @@ def expose_attention_kv(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
                 ctx.extras[f"{name[0]}{i}"] = gm.graph.call_function(
                     ops.image_segment, (args[name], 2, site.img_offset, n)
                 )
+            if ctx.config.cache_context is not False and site.layout.length > n:  # attentions with text
+                for name in ("key", "value"):
+                    ctx.extras[f"{name[0]}t{i}"] = gm.graph.call_function(
+                        ops.text_segment, (args[name], 2, site.img_offset, n)
+                    )
     return gm

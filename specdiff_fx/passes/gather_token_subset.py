@@ -13,7 +13,14 @@ Writes:
   positional terms): ``take_tokens`` at the same positions (text positions kept whole)
   just before the op that meets the subset;
 * constant sizes that spelled the token count (``view``/``reshape``/``expand`` sizes,
-  slices and ``split_with_sizes`` sections at segment boundaries) rewritten for ``k``.
+  slices and ``split_with_sizes`` sections at segment boundaries) rewritten for ``k``
+  (view sizes written out in full, so a ``-1`` never has to be inferred from an empty
+  tensor).
+With ``config.cache_context=True`` the text segments are dropped as well (length 0 in the
+subset graph): token-axis ``cat`` s lose their text operands, full-length text operands
+of text-only tensors are gathered to zero tokens, and the text stream's work before the
+first attention becomes dead code (the runner removes it); the attention then reads the
+text K/V from caches (:func:`attend_with_kv_cache`).
 Keeps true: every per-token op computes, for the kept tokens, exactly what it computed
 in the full graph; shapes re-propagate (the runner checks them with fake tensors).
 Attention is *not* touched here (see :func:`attend_with_kv_cache`).
@@ -30,16 +37,18 @@ from ..layout import Layout, _shape_args, node_shape
 from .context import RewriteContext
 
 
-def _index_for(gm: fx.GraphModule, ctx: RewriteContext, layout: Layout, idx: fx.Node) -> fx.Node:
+def _index_for(gm: fx.GraphModule, ctx: RewriteContext, layout: Layout, idx: fx.Node, keep_txt: bool) -> fx.Node:
     spec = layout.spec()
     if spec not in ctx.memo:
         with gm.graph.inserting_after(idx):
-            ctx.memo[spec] = gm.graph.call_function(ops.layout_index, (idx, spec))
+            ctx.memo[spec] = gm.graph.call_function(ops.layout_index, (idx, spec, keep_txt))
     return ctx.memo[spec]
 
 
 def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
     sizes, where = _shape_args(node)
+    static = node_shape(node)
+    sizes = [static[j] if s == -1 else s for j, s in enumerate(sizes)]
     sizes[axis] = new
     if where == "kw":
         key = "shape" if "shape" in node.kwargs else "size"
@@ -53,6 +62,7 @@ def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
 def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     plan, k = ctx.plan, ctx.k
     assert k is not None and 1 <= k <= plan.num_image_tokens
+    keep_txt = ctx.config.cache_context is not True
     nodes = nodes_by_name(gm)
     start = nodes[plan.start]
     device = start.meta.get("val", start.meta.get("example_value")).device
@@ -75,9 +85,11 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
     for name, info in plan.layouts.items():
         node = nodes[name]
         for path, layout in info.gathers:
+            if keep_txt and not layout.has_img:
+                continue
             operand = get_operand(node, path)
             rank = len(node_shape(node))
-            index = _index_for(gm, ctx, layout, idx)
+            index = _index_for(gm, ctx, layout, idx, keep_txt)
             with gm.graph.inserting_before(node):
                 taken = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
             set_operand(node, path, taken)
@@ -85,14 +97,23 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
             continue
         kind = info.rewrite[0]
         if kind == "size":
-            _rewrite_sizes(node, info.rewrite[1], info.layout.sub_length(k))
+            _rewrite_sizes(node, info.rewrite[1], info.layout.sub_length(k, keep_txt))
         elif kind == "slice":
             _, pos, lo, hi, lay = info.rewrite
             entries = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
-            entries[pos] = slice(lay.to_sub(lo, k), lay.to_sub(hi, k))
+            entries[pos] = slice(lay.to_sub(lo, k, keep_txt), lay.to_sub(hi, k, keep_txt))
             node.args = (node.args[0], tuple(entries) if isinstance(node.args[1], tuple) else entries[0])
+        elif kind == "cat":
+            if not keep_txt:
+                in_args = bool(node.args)
+                tensors = node.args[0] if in_args else node.kwargs["tensors"]
+                kept = [t for i, t in enumerate(tensors) if i not in info.rewrite[1]]
+                if in_args:
+                    node.args = (kept, *node.args[1:])
+                else:
+                    node.kwargs = {**node.kwargs, "tensors": kept}
         elif kind == "sections":
-            sizes = [part.sub_length(k) for part in info.parts]
+            sizes = [part.sub_length(k, keep_txt) for part in info.parts]
             if len(node.args) > 1:
                 node.args = (node.args[0], sizes, *node.args[2:])
             else:
