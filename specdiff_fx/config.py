@@ -43,7 +43,7 @@ class SpecDiffConfig:
         blend_history: how many past outputs tier C3 blends (``>= 1``).
         blend: ``True`` turns tier C3 on: the non-computed tokens above ``reuse_mass``
             get an estimate from their past outputs instead of their last one. Off by
-            default: on our trained models both C3 estimates lost 1.4–3 dB against plain
+            default: on our trained models both C3 estimates lost 0.2–3.2 dB against plain
             reuse once the K/V were extrapolated (BENCHMARKS.md).
         blend_mode: how tier C3 estimates a token: ``"taylor"`` extrapolates its last two
             computed outputs to first order in sigma; ``"paper"`` blends its last
@@ -66,7 +66,7 @@ class SpecDiffConfig:
             every step. ``None`` (auto): cache them unless the generation uses
             classifier-free guidance (batched halves that start from the same latent, or
             several calls per step), which amplifies the error of stale text K/V
-            (measured: -0.6 dB without guidance, -6.7 dB with guidance 4 on our SD3 model).
+            (measured: -6.7 dB on our SD3 model with CFG 4, +2.1 dB on our FLUX model).
         score_queries: query rows sampled per attention to estimate the attention each
             token receives (``0`` = every row, exact but costs a second ``QK^T``).
         inductor: ``True`` compiles the rewritten graphs with Inductor; ``False`` runs

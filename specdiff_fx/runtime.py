@@ -8,9 +8,10 @@ One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per 
    e.g. FLUX true-CFG's uncond call: each branch keeps its own state);
 2. on the first call of a generation (per branch) runs main step 0 with the full variant
    and then ``speculative_steps - 1`` more Euler steps of the same model on a uniform
-   sigma grid from the same latent and conditioning, recording each step's
-   attention-received scores (step 0 *is* the first speculative step: shared, not run
-   twice); the speculative calls' K/V and outputs never reach the main caches;
+   sigma grid from the same latent and conditioning, recording each step's per-token
+   outputs (attention-received scores with ``score="attention"``; step 0 *is* the first
+   speculative step: shared, not run twice); the speculative calls' K/V and outputs never
+   reach the main caches;
 3. on full steps (warm-up, refresh points) runs the full variant and refreshes every cache;
 4. on cached steps scores tokens (``score="drift"``: each token's predicted staleness
    times the change the speculative run saw; ``"attention"``: SpecDiff's
@@ -252,7 +253,7 @@ class SpecDiffRuntime:
                 a.shape == b.shape for a, b in zip(state.caches, caches))
             state.prev = state.caches if same else [c.clone() for c in caches]
         state.caches = caches
-        if out.text:
+        if out.text and state.cache_context is not False:  # not once the generation decided against it
             text = {name: _detached(t) for name, t in out.text.items()}
             if self.config.kv_extrapolation:
                 same = state.text.keys() == text.keys() and all(state.text[n].shape == t.shape for n, t in text.items())
@@ -357,8 +358,24 @@ class SpecDiffRuntime:
             guided = state.groups is not None or len(self.branches) > 1
             state.cache_context = (not guided) if wanted is None else wanted
             state.cache_context = state.cache_context and bool(state.text)  # a graph without text tokens
+            if not state.cache_context:
+                state.text, state.text_prev = {}, {}
             self.report.context_cached = state.cache_context
         return state.cache_context
+
+    def _text_inputs(self, state: BranchState, sigma: float, ratio: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The sparse variant's context-caching inputs by name: the text K/V of the last full
+        step and, with K/V extrapolation, of the full step before and their ratio ``[B]``
+        (every text token was last computed on those two full steps)."""
+        text = dict(state.text)
+        if ratio is not None:
+            s1, s2 = (state.full_sigmas + state.full_sigmas[:1])[:2]
+            pair = torch.tensor([s1, s2], device=ratio.device).reshape(2, 1, 1).expand(2, ratio.shape[0], 1)
+            text["specdiff_kv_ratio_txt"] = schedule.extrapolation_ratio(pair, sigma)[:, 0].to(ratio)
+            for name, t in state.text_prev.items():  # specdiff_kt3 -> specdiff_ktp3
+                stem = name.rstrip("0123456789")
+                text[f"{stem}p{name[len(stem):]}"] = t
+        return text
 
     def _cached_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         cfg = self.config
@@ -384,16 +401,9 @@ class SpecDiffRuntime:
             weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.blend_history)
         idx = idx.to(tokens0.device)
         ratio = None
-        text = dict(state.text) if self._uses_context_cache(state) else {}
         if cfg.kv_extrapolation:
             ratio = schedule.extrapolation_ratio(state.fresh_sigma, sigma).to(state.caches[0])
-            if text:  # every text token was last computed on the last two full steps
-                s = state.full_sigmas + state.full_sigmas[:1]
-                pair = torch.tensor([s[0], s[1]], device=ratio.device).reshape(2, 1, 1).expand(2, ratio.shape[0], 1)
-                text["specdiff_kv_ratio_txt"] = schedule.extrapolation_ratio(pair, sigma)[:, 0].to(ratio)
-                for name, t in state.text_prev.items():  # specdiff_kt3 -> specdiff_ktp3
-                    stem = name.rstrip("0123456789")
-                    text[f"{stem}p{name[len(stem):]}"] = t
+        text = self._text_inputs(state, sigma, ratio) if self._uses_context_cache(state) else {}
         out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches,
                                        state.prev if cfg.kv_extrapolation else None, ratio, text)
         self._push_fresh(state, sigma, out.tokens, idx)

@@ -390,5 +390,5 @@ def test_context_caching_is_off_under_guidance_unless_forced(option, guided, exp
         assert {"specdiff_kt0", "specdiff_vt0", "specdiff_ktp0", "specdiff_vtp0", "specdiff_kv_ratio_txt"} <= names
         # the text was computed at sigma 1.0 and 0.75 (the full steps); now 0.25: r = 0.5 / 0.25, clamped
         torch.testing.assert_close(ex.text_inputs["specdiff_kv_ratio_txt"], torch.full((B,), 1.5))
-    else:
-        assert not names
+    else:  # and the text caches are dropped for the rest of the generation
+        assert not names and not rt.branches[0].text and not rt.branches[0].text_prev

@@ -33,7 +33,6 @@ SPARSE_PASSES = (
 )
 
 
-
 def passes_for(variant: str, config) -> tuple:
     """The pass list of ``variant`` ("full" or "sparse") under ``config``: the attention
     score is only computed when the token score reads it (``score="attention"``)."""
