@@ -1,0 +1,160 @@
+"""Fidelity ablation on the shipped trained models: what each choice of the method is worth.
+
+Two tables, both load-independent (PSNR of the final images against full compute, FLOPs
+counted), 28 Euler steps, the sweep's 4 prompts:
+
+1. *Token choice with exact compute* (eager, no backend): on each cached step every token is
+   computed, then only ``k`` of them are kept fresh and the rest reuse their last fresh output.
+   This isolates *which* tokens to recompute from the errors of sparse compute (stale K/V).
+2. *The backend* (rewritten graphs run as plain FX, so it takes minutes, not an hour): the
+   options one at a time, against the defaults, on the SD3 and the FLUX shapes models.
+
+    python benchmarks/ablation.py              # both tables (about 15 minutes on 2 CPU cores)
+    python benchmarks/ablation.py --tiny       # CI smoke mode: 1 prompt, 6 steps, 2 rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import specdiff_fx  # noqa: E402
+from benchmarks.sweep import PAPER, PROMPTS  # noqa: E402
+from specdiff_fx import metrics  # noqa: E402
+from specdiff_fx.zoo import load_shapes_dit  # noqa: E402
+
+#: (label, options) of table 2; the defaults first
+BACKEND_ROWS: list[tuple[str, dict]] = [
+    ("defaults", {}),
+    ("as published: attention score, three tiers, K/V reused", PAPER),
+    ("attention score (rest default)", {"score": "attention"}),
+    ("K/V reused, not extrapolated", {"kv_extrapolation": False}),
+    ("C3 blend on (paper weights)", {"blend": True}),
+    ("C3 blend on (taylor)", {"blend": True, "blend_mode": "taylor"}),
+    ("no speculation (speculative_steps=0)", {"speculative_steps": 0}),
+    ("speculative_steps=3", {"speculative_steps": 3}),
+    ("context cached (cache_context=True)", {"cache_context": True}),
+    ("context computed (cache_context=False)", {"cache_context": False}),
+    ("warmup_steps=3", {"warmup_steps": 3}),
+    ("refresh_at=(0.8,)", {"refresh_at": (0.8,)}),
+    ("refresh_at=(0.8,), no speculation", {"refresh_at": (0.8,), "speculative_steps": 0}),
+    ("refresh_at=()", {"refresh_at": ()}),
+    ("refresh_at=(0.4, 0.65, 0.85)", {"refresh_at": (0.4, 0.65, 0.85)}),
+    ("cache_ratio=0.95", {"cache_ratio": 0.95}),
+]
+
+
+def _tokens(v: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, C*p*p] (patch tokens, as the SD3 model sees them)."""
+    b, c, h, w = v.shape
+    return v.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def _untokens(t: torch.Tensor, c: int, h: int, w: int, p: int = 2) -> torch.Tensor:
+    b = t.shape[0]
+    return t.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class ExactSelection(torch.nn.Module):
+    """Calls the model in full every step; on cached steps keeps only ``k`` tokens fresh per
+    image (the CFG halves of one image share them) and reuses the others' last fresh output."""
+
+    def __init__(self, model: torch.nn.Module, k: int, rule: str, full_steps: Callable[[int], bool]) -> None:
+        super().__init__()
+        self.model, self.k, self.rule, self.full_steps = model, k, rule, full_steps
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, **kw):
+        sigma = float(kw["timestep"].reshape(-1)[0]) / 1000.0
+        v = self.model(**kw)[0]
+        out = _tokens(v)
+        b, n, _ = out.shape
+        i, self.step = self.step, self.step + 1
+        if i == 0 or self.full_steps(i):
+            if i == 0:
+                self.f1, self.f2 = out.clone(), out.clone()
+                self.s1, self.s2 = torch.full((b, n), sigma), torch.full((b, n), sigma)
+                self.age = torch.zeros(b, n)
+            else:
+                self.f2, self.s2, self.f1, self.s1 = self.f1, self.s1, out.clone(), torch.full((b, n), sigma)
+                self.age.zero_()
+            return (v,)
+        if self.rule == "oracle":  # the tokens whose reused output is furthest from the fresh one
+            score = (out - self.f1).norm(dim=-1)
+        elif self.rule == "drift":
+            gap = (self.s2 - self.s1).clamp_min(1e-9)
+            score = (self.f1 - self.f2).norm(dim=-1) / gap * (self.s1 - sigma)
+        elif self.rule == "round-robin":
+            score = self.age + 1e-3 * torch.rand(b, n, generator=self.gen)
+        else:
+            score = torch.rand(b, n, generator=self.gen)
+        half = b // 2  # batched CFG: uncond half, cond half of the same images
+        score = (score[:half] + score[half:]).repeat(2, 1)
+        keep = torch.zeros(b, n, dtype=torch.bool).scatter_(1, score.topk(self.k, dim=1).indices, True)
+        self.age = torch.where(keep, 0.0, self.age + 1)
+        self.f2 = torch.where(keep[..., None], self.f1, self.f2)
+        self.s2 = torch.where(keep, self.s1, self.s2)
+        self.f1 = torch.where(keep[..., None], out, self.f1)
+        self.s1 = torch.where(keep, torch.full_like(self.s1, sigma), self.s1)
+        return (_untokens(self.f1, v.shape[1], v.shape[2], v.shape[3]),)
+
+
+def exact_selection_table(prompts: list[str], steps: int, ks: tuple[int, ...]) -> str:
+    model = load_shapes_dit("sd3")
+    n = (model.transformer.config.sample_size // model.transformer.config.patch_size) ** 2
+    # the default schedule's full steps for 28 steps: 0-3, and the refreshes at progress 0.45 / 0.7
+    sigmas = torch.linspace(1, 0, steps + 1)
+    refresh = {next(i for i in range(steps) if 1 - sigmas[i] >= p) for p in (0.45, 0.7)}
+    full = lambda i: i < 4 or i in refresh  # noqa: E731
+    with torch.no_grad():
+        ref = model.sample(prompts, num_steps=steps, seed=0)
+        lines = ["| k of %d tokens fresh per cached step | random | round-robin | drift | oracle |" % n,
+                 "|---|---|---|---|---|"]
+        for k in ks:
+            cells = []
+            for rule in ("random", "round-robin", "drift", "oracle"):
+                out = model.sample(prompts, num_steps=steps, seed=0,
+                                   transformer=ExactSelection(model.transformer, k, rule, full))
+                cells.append(f"{metrics.psnr(out, ref):.2f}")
+            lines.append(f"| {k} (cache_ratio {1 - k / n:.2f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def backend_table(family: str, prompts: list[str], steps: int, rows: list[tuple[str, dict]]) -> str:
+    model = load_shapes_dit(family)
+    lines = [f"| {family}: options (rest default) | PSNR (dB) | SSIM | FLOPs executed | context |",
+             "|---|---|---|---|---|"]
+    with torch.no_grad():
+        ref = model.sample(prompts, num_steps=steps, seed=0)
+        for label, options in rows:
+            torch._dynamo.reset()
+            comp = torch.compile(model.transformer, backend="specdiff", options={**options, "inductor": False})
+            out = model.sample(prompts, num_steps=steps, seed=0, transformer=comp)
+            rep = specdiff_fx.last_generation()
+            ctx = "cached" if rep.context_cached else "computed"
+            lines.append(f"| {label} | {metrics.psnr(out, ref):.2f} | {metrics.ssim(out, ref):.4f} | "
+                         f"{rep.flops_fraction:.1%} | {ctx} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="CI smoke mode")
+    a = p.parse_args(argv)
+    prompts, steps = (PROMPTS[:1], 6) if a.tiny else (PROMPTS, 28)
+    print(exact_selection_table(prompts, steps, (3,) if a.tiny else (26, 64, 128)), flush=True)
+    for family in ("sd3",) if a.tiny else ("sd3", "flux"):
+        print(backend_table(family, prompts, steps, BACKEND_ROWS[:2] if a.tiny else BACKEND_ROWS), flush=True)
+
+
+if __name__ == "__main__":
+    main()
