@@ -57,7 +57,8 @@ def run(family: str = "sd3", steps: int = 28, repeats: int = 3, out: str = "demo
     prompts = prompts or PROMPTS
     model = load_shapes_dit(family)
     n = len(prompts)
-    print(f"specdiff demo: trained shapes model ({family}), {n} prompts, {steps} steps, CFG, "
+    print(f"specdiff demo: trained shapes model ({family}), {n} prompts, {steps} steps, "
+          f"{'CFG in one batch' if family == 'sd3' else 'guidance embedding (no CFG)'}, "
           f"{torch.get_num_threads()} CPU threads")
 
     def generate(transformer) -> torch.Tensor:
