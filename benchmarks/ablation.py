@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import specdiff_fx  # noqa: E402
 from benchmarks.sweep import PAPER, PROMPTS  # noqa: E402
 from specdiff_fx import metrics  # noqa: E402
-from specdiff_fx.zoo import load_shapes_dit  # noqa: E402
+from specdiff_fx.zoo import load_shapes_dit, pack_pixels, unpack_pixels  # noqa: E402
 
 #: (label, options) of table 2; the defaults first
 BACKEND_ROWS: list[tuple[str, dict]] = [
@@ -51,17 +51,6 @@ BACKEND_ROWS: list[tuple[str, dict]] = [
 ]
 
 
-def _tokens(v: torch.Tensor, p: int = 2) -> torch.Tensor:
-    """[B, C, H, W] -> [B, N, C*p*p] (patch tokens, as the SD3 model sees them)."""
-    b, c, h, w = v.shape
-    return v.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def _untokens(t: torch.Tensor, c: int, h: int, w: int, p: int = 2) -> torch.Tensor:
-    b = t.shape[0]
-    return t.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
 class ExactSelection(torch.nn.Module):
     """Calls the model in full every step; on cached steps keeps only ``k`` tokens fresh per
     image (the CFG halves of one image share them) and reuses the others' last fresh output."""
@@ -75,7 +64,7 @@ class ExactSelection(torch.nn.Module):
     def forward(self, **kw):
         sigma = float(kw["timestep"].reshape(-1)[0]) / 1000.0
         v = self.model(**kw)[0]
-        out = _tokens(v)
+        out = pack_pixels(v)  # [B, N, 4C]: one token per 2x2 patch, as the SD3 model's tokens
         b, n, _ = out.shape
         i, self.step = self.step, self.step + 1
         if i == 0 or self.full_steps(i):
@@ -104,7 +93,7 @@ class ExactSelection(torch.nn.Module):
         self.s2 = torch.where(keep, self.s1, self.s2)
         self.f1 = torch.where(keep[..., None], out, self.f1)
         self.s1 = torch.where(keep, torch.full_like(self.s1, sigma), self.s1)
-        return (_untokens(self.f1, v.shape[1], v.shape[2], v.shape[3]),)
+        return (unpack_pixels(self.f1, v.shape[2], v.shape[3]),)
 
 
 def exact_selection_table(prompts: list[str], steps: int, ks: tuple[int, ...]) -> str:
