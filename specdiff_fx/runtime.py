@@ -17,7 +17,9 @@ One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per 
    times the change the speculative run saw; ``"attention"``: SpecDiff's
    ``his * fut``; both times ``exp(s * cached_for)``), splits them into the tiers and runs
    the sparse variant, whose graph extrapolates the cached K/V, estimates the
-   non-computed tokens' outputs from their history and unpatchifies;
+   non-computed tokens' outputs from their history and unpatchifies (with the context
+   cached, the text K/V come from their caches too; every ``context_interval``-th cached
+   step computes the context tokens instead and refreshes those caches);
 5. records telemetry (:mod:`specdiff_fx.telemetry`).
 """
 
@@ -70,34 +72,39 @@ class GraphExecutor:
     def compiled(self) -> list[Variant]:
         return [self.full, *self._sparse.values()]
 
-    def sparse(self, cache_context: bool = False) -> Variant:
-        """The sparse variant that computes (``cache_context=False``) or caches the context
-        tokens; built on first use. With ``config.cache_context=None`` (auto) both may be
-        needed, so the example inputs are kept until both exist."""
+    def sparse(self, cache_context: bool | None = False) -> Variant:
+        """The sparse variant that computes the context tokens (``False``), caches them
+        (``True``) or computes them and returns their fresh K/V (``None``: a cached step that
+        refreshes the text caches, see ``context_interval``); built on first use. The example
+        inputs are kept until every variant this config may need exists."""
         if cache_context not in self._sparse:
             config = self.config.replace(cache_context=cache_context)
             self._sparse[cache_context] = build_variant(self.gm, self.example_inputs, self.plan, config, "sparse",
                                                         k=self.k, mode=self.mode)
-            if self.config.cache_context is not None or len(self._sparse) == 2:
+            needed = {False}
+            if self.config.cache_context is not False:
+                needed = {True} | ({None} if self.config.context_interval else set())
+                if self.config.cache_context is None:  # auto may decide against caching
+                    needed.add(False)
+            if needed <= self._sparse.keys():
                 self.example_inputs = None  # every variant built: do not keep the first call's tensors
         return self._sparse[cache_context]
 
     def run_full(self, args: Sequence[Any]) -> StepOutput:
         user, ex = self.full.split(self.full(*args))
         kv = [ex[f"{c}{i}"] for i in range(len(self.plan.attention)) for c in "kv"]
-        text = {f"specdiff_{c}t{i}": ex[f"{c}t{i}"] for i in range(len(self.plan.attention)) for c in "kv"
-                if f"{c}t{i}" in ex}
-        return StepOutput(user, ex["tokens"], ex.get("score"), kv, text)
+        return StepOutput(user, ex["tokens"], ex.get("score"), kv, _text_outputs(ex, len(self.plan.attention)))
 
     def run_sparse(self, args: Sequence[Any], idx: torch.Tensor, history: torch.Tensor,
                    weights: torch.Tensor, caches: list[torch.Tensor],
                    prev: list[torch.Tensor] | None = None, ratio: torch.Tensor | None = None,
-                   text: dict[str, torch.Tensor] | None = None) -> StepOutput:
+                   text: dict[str, torch.Tensor] | None = None, refresh_text: bool = False) -> StepOutput:
         """One cached step. ``caches`` (and ``prev``, with K/V extrapolation) are the K/V
         caches in the order ``k0, v0, k1, v1, ...``; the graph updates them in place.
         ``text`` holds the context-caching inputs by name (text K/V, their previous values
-        and ``specdiff_kv_ratio_txt``); they are only read."""
-        v = self.sparse(cache_context=bool(text))
+        and ``specdiff_kv_ratio_txt``); they are only read. ``refresh_text`` computes every
+        context token and returns their fresh K/V in ``StepOutput.text``."""
+        v = self.sparse(cache_context=None if refresh_text else bool(text))
         named = {"specdiff_idx": idx, "specdiff_history": history, "specdiff_weights": weights,
                  "specdiff_kv_ratio": ratio, **(text or {})}
         for i in range(len(self.plan.attention)):
@@ -106,10 +113,15 @@ class GraphExecutor:
                 if prev is not None:
                     named[f"specdiff_{c}p{i}"] = prev[2 * i + j]
         user, ex = v.split(v(*args, *v.extra_inputs(named)))
-        return StepOutput(user, ex["tokens"], ex.get("score"), caches)
+        return StepOutput(user, ex["tokens"], ex.get("score"), caches, _text_outputs(ex, len(self.plan.attention)))
 
-    def flops(self, kind: str, cache_context: bool = False) -> int:
+    def flops(self, kind: str, cache_context: bool | None = False) -> int:
         return (self.full if kind == "full" else self.sparse(cache_context)).flops
+
+
+def _text_outputs(extras: dict[str, Any], attentions: int) -> dict[str, torch.Tensor]:
+    """A variant's fresh text K/V extras, named as the sparse variant's inputs."""
+    return {f"specdiff_{c}t{i}": extras[f"{c}t{i}"] for i in range(attentions) for c in "kv" if f"{c}t{i}" in extras}
 
 
 @dataclass
@@ -125,9 +137,10 @@ class BranchState:
     cached_for: torch.Tensor | None = None  # [B, N] consecutive cached steps
     caches: list[torch.Tensor] = field(default_factory=list)  # K/V: each token's last computed
     prev: list[torch.Tensor] = field(default_factory=list)  # K/V: the computation before (extrapolation)
-    text: dict[str, torch.Tensor] = field(default_factory=dict)  # text K/V of the last full step (cache_context)
-    text_prev: dict[str, torch.Tensor] = field(default_factory=dict)  # ... of the full step before
-    full_sigmas: list[float] = field(default_factory=list)  # sigmas of the last two full steps, newest first
+    text: dict[str, torch.Tensor] = field(default_factory=dict)  # text K/V of their last computation (cache_context)
+    text_prev: dict[str, torch.Tensor] = field(default_factory=dict)  # ... of the computation before
+    text_sigmas: list[float] = field(default_factory=list)  # sigmas of those two, newest first
+    text_age: int = 0  # cached steps since the text K/V were computed
     cache_context: bool | None = None  # decided at the first cached step
     history: collections.deque = field(default_factory=collections.deque)  # (sigma, tokens), newest first
     refreshed: set[float] = field(default_factory=set)
@@ -254,12 +267,7 @@ class SpecDiffRuntime:
             state.prev = state.caches if same else [c.clone() for c in caches]
         state.caches = caches
         if out.text and state.cache_context is not False:  # not once the generation decided against it
-            text = {name: _detached(t) for name, t in out.text.items()}
-            if self.config.kv_extrapolation:
-                same = state.text.keys() == text.keys() and all(state.text[n].shape == t.shape for n, t in text.items())
-                state.text_prev = state.text if same else {n: t.clone() for n, t in text.items()}
-            state.text = text
-        state.full_sigmas = [sigma, *state.full_sigmas[:1]]
+            self._store_text(state, out.text, sigma)
         state.his = out.score
         state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
         self._push_history(state, sigma, out.tokens)
@@ -278,6 +286,17 @@ class SpecDiffRuntime:
             if msg not in self._warned:
                 self._warned.add(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+    def _store_text(self, state: BranchState, text: dict[str, torch.Tensor], sigma: float) -> None:
+        """The context tokens' K/V were computed at ``sigma`` (a full step, or a cached step
+        that refreshed them): shift them into the text caches."""
+        text = {name: _detached(t) for name, t in text.items()}
+        if self.config.kv_extrapolation:
+            same = state.text.keys() == text.keys() and all(state.text[n].shape == t.shape for n, t in text.items())
+            state.text_prev = state.text if same else {n: t.clone() for n, t in text.items()}
+        state.text = text
+        state.text_sigmas = [sigma, *state.text_sigmas[:1]]
+        state.text_age = 0
 
     @property
     def _paper_blend(self) -> bool:
@@ -364,12 +383,12 @@ class SpecDiffRuntime:
         return state.cache_context
 
     def _text_inputs(self, state: BranchState, sigma: float, ratio: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The sparse variant's context-caching inputs by name: the text K/V of the last full
-        step and, with K/V extrapolation, of the full step before and their ratio ``[B]``
-        (every text token was last computed on those two full steps)."""
+        """The sparse variant's context-caching inputs by name: the text K/V of their last
+        computation and, with K/V extrapolation, of the one before and their ratio ``[B]``
+        (every text token was computed on those two steps)."""
         text = dict(state.text)
         if ratio is not None:
-            s1, s2 = (state.full_sigmas + state.full_sigmas[:1])[:2]
+            s1, s2 = (state.text_sigmas + state.text_sigmas[:1])[:2]
             pair = torch.tensor([s1, s2], device=ratio.device).reshape(2, 1, 1).expand(2, ratio.shape[0], 1)
             text["specdiff_kv_ratio_txt"] = schedule.extrapolation_ratio(pair, sigma)[:, 0].to(ratio)
             for name, t in state.text_prev.items():  # specdiff_kt3 -> specdiff_ktp3
@@ -403,14 +422,22 @@ class SpecDiffRuntime:
         ratio = None
         if cfg.kv_extrapolation:
             ratio = schedule.extrapolation_ratio(state.fresh_sigma, sigma).to(state.caches[0])
-        text = self._text_inputs(state, sigma, ratio) if self._uses_context_cache(state) else {}
+        text, refresh_text = {}, False
+        if self._uses_context_cache(state):
+            refresh_text = bool(cfg.context_interval) and state.text_age + 1 >= cfg.context_interval
+            text = {} if refresh_text else self._text_inputs(state, sigma, ratio)
         out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches,
-                                       state.prev if cfg.kv_extrapolation else None, ratio, text)
+                                       state.prev if cfg.kv_extrapolation else None, ratio, text, refresh_text)
+        if refresh_text:
+            self._store_text(state, out.text, sigma)
+        elif text:
+            state.text_age += 1
         self._push_fresh(state, sigma, out.tokens, idx)
         state.his = out.score
         state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
         self._push_history(state, sigma, out.tokens)
-        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse", bool(text)), tier=tier)
+        variant = None if refresh_text else bool(text)
+        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse", variant), tier=tier)
         if branch == 0:
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report

@@ -45,6 +45,9 @@ def test_unknown_key_lists_valid_keys():
         ({"refresh_at": (0.7, 0.3)}, "refresh_at", "sorted"),
         ({"refresh_at": (0.0,)}, "refresh_at", "(0, 1)"),
         ({"max_cache_bytes": -1}, "max_cache_bytes", "None or an int >= 0"),
+        ({"context_interval": -1}, "context_interval", "0 <= context_interval"),
+        ({"context_interval": 2.0}, "context_interval", "an int"),
+        ({"context_interval": True}, "context_interval", "an int"),
     ],
 )
 def test_bad_values_name_key_value_and_range(options, key, allowed):

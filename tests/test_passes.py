@@ -201,6 +201,32 @@ def test_attend_with_kv_cache(captured, reference, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_attend_with_kv_cache_returns_fresh_text_kv_for_context_refresh(captured, reference, name):
+    """``cache_context=None`` (a cached step that refreshes the text caches): every text
+    token is computed and its K/V returned; with exact image caches they equal the full
+    step's text K/V."""
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    passes = [gather_token_subset, attend_with_kv_cache, expose_token_output, finalize_outputs]
+    gm, ctx, _ = apply(c, passes, variant="sparse", k=5, config=CFG.replace(cache_context=None))
+    ref = reference(name)
+    with_text = [i for i, s in enumerate(plan.attention) if s.layout.length > plan.num_image_tokens]
+    assert len(with_text) == len(ref.text_kv) > 0
+    assert list(ctx.extras) == [f"{ch}t{i}" for i in with_text for ch in "kv"] + ["tokens", "subset"]
+    assert targets(gm)[ops.text_segment] == 2 * len(with_text)
+    caches = [t.contiguous().clone() for kv in ref.kv for t in kv]
+    idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
+    _, extras = run(gm, ctx, [*c.example_inputs, idx, torch.zeros(2, plan.num_image_tokens, plan.out_channels),
+                              *caches])
+    for i, (kt, vt) in zip(with_text, ref.text_kv):
+        torch.testing.assert_close(extras[f"kt{i}"], kt, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(extras[f"vt{i}"], vt, atol=1e-5, rtol=1e-4)
+    # False computes the text too but returns nothing extra
+    gm, ctx, _ = apply(c, passes, variant="sparse", k=5, config=CFG.replace(cache_context=False))
+    assert list(ctx.extras) == ["tokens", "subset"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_gather_token_subset_drops_the_text_tokens_with_context_caching(captured, name):
     c = captured(name)
     passes = [gather_token_subset, attend_with_kv_cache, expose_token_output, finalize_outputs]

@@ -60,6 +60,33 @@ def test_default_options_cache_tokens(name):
     assert rep.flops_fraction < 1.0
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_context_interval_in_a_pipeline(name):
+    """``context_interval=1`` recomputes the context on every cached step: the image equals
+    ``cache_context=False`` (the same computation, plus returned text K/V). With 2 the
+    cached steps alternate between the two sparse variants, and the image differs."""
+    steps = 12
+    computed = run_pipe(name, {"inductor": False, "cache_context": False}, num_inference_steps=steps)
+    every = run_pipe(name, {"inductor": False, "cache_context": True, "context_interval": 1},
+                     num_inference_steps=steps)
+    assert specdiff_fx.last_generation().context_cached is True
+    torch.testing.assert_close(every, computed, atol=1e-6, rtol=1e-6)
+    second = run_pipe(name, {"inductor": False, "cache_context": True, "context_interval": 2},
+                      num_inference_steps=steps)
+    rep = specdiff_fx.last_generation()
+    lo, hi = sorted({s.flops for s in rep.steps if s.kind == "cached"})
+    age = 0  # cached steps since the text K/V were computed (a full step computes them)
+    for s in rep.main_steps:
+        if s.kind == "full":
+            age = 0
+        else:
+            refresh = age + 1 >= 2
+            assert s.flops == (hi if refresh else lo), s
+            age = 0 if refresh else age + 1
+    assert rep.compiles == 3 and torch.isfinite(second).all()
+    assert (second - computed).abs().max() > 1e-6
+
+
 @pytest.mark.inductor
 def test_default_options_with_inductor_sd3():
     """The real configuration: both variants compiled by Inductor inside the pipeline."""

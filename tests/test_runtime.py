@@ -40,7 +40,8 @@ class FakeExecutor:
         kv = [torch.zeros(B, 1, N, 4), torch.zeros(B, 1, N, 4)]
         return StepOutput((-x,), -x, self.score(sigma), kv)
 
-    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None):
+    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None,
+                   refresh_text=False):
         x, t = args
         sigma = float(t[0]) / 1000.0
         self.calls.append(("sparse", sigma, idx.clone()))
@@ -358,14 +359,23 @@ def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
 class TextExecutor(FakeExecutor):
     """A model with text tokens: full steps return text K/V, cached steps record what they get."""
 
+    def flops(self, kind, cache_context=False):  # sparse: text computed / cached / computed and returned
+        return 100 if kind == "full" else {False: 30, True: 20, None: 31}[cache_context]
+
     def run_full(self, args):
         out = super().run_full(args)
         text = {"specdiff_kt0": torch.zeros(B, 1, 3, 4), "specdiff_vt0": torch.zeros(B, 1, 3, 4)}
         return StepOutput(out.user, out.tokens, out.score, out.kv, text)
 
-    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None):
+    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None,
+                   refresh_text=False):
         self.text_inputs = text
-        return super().run_sparse(args, idx, history, weights, caches, prev, ratio, text)
+        self.refreshes = getattr(self, "refreshes", []) + [refresh_text]
+        out = super().run_sparse(args, idx, history, weights, caches, prev, ratio, text)
+        if refresh_text:  # a step that computes the context returns its text K/V
+            sigma = float(args[1][0]) / 1000.0
+            out.text = {"specdiff_kt0": torch.full((B, 1, 3, 4), sigma), "specdiff_vt0": torch.zeros(B, 1, 3, 4)}
+        return out
 
 
 @pytest.mark.parametrize("option, guided, expected", [
@@ -392,3 +402,32 @@ def test_context_caching_is_off_under_guidance_unless_forced(option, guided, exp
         torch.testing.assert_close(ex.text_inputs["specdiff_kv_ratio_txt"], torch.full((B,), 1.5))
     else:  # and the text caches are dropped for the rest of the generation
         assert not names and not rt.branches[0].text and not rt.branches[0].text_prev
+
+
+def test_context_interval_refreshes_the_text_caches_on_cached_steps():
+    """``context_interval=2``: every second cached step computes the context and its text
+    K/V become the caches the next cached steps read (extrapolated from the last two)."""
+    ex = TextExecutor()
+    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
+                         context_interval=2)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    x = torch.randn(B, N, C)
+    sigmas = torch.linspace(1, 0, 11)
+    seen = []
+    for i in range(7):
+        rt(x, torch.full((B,), float(sigmas[i]) * 1000))
+        if i >= 2:
+            seen.append(dict(ex.text_inputs))
+    # cached steps 2..6: read, refresh, read, refresh, read
+    assert ex.refreshes == [False, True, False, True, False]
+    assert [bool(t) for t in seen] == [True, False, True, False, True]
+    state = rt.branches[0]
+    assert state.text_sigmas == pytest.approx([0.5, 0.7])  # the two refreshing cached steps
+    torch.testing.assert_close(state.text["specdiff_kt0"], torch.full((B, 1, 3, 4), 0.5))
+    torch.testing.assert_close(state.text_prev["specdiff_kt0"], torch.full((B, 1, 3, 4), 0.7))
+    # r = (s1 - sigma) / (s2 - s1): step 2 (0.8) from the full steps 0.9 and 1.0; step 4
+    # (0.6) from 0.7 (a refresh) and 0.9 (full); step 6 (0.4) from the refreshes 0.5 and 0.7
+    for j, r in ((0, 1.0), (2, 0.5), (4, 0.5)):
+        torch.testing.assert_close(seen[j]["specdiff_kv_ratio_txt"], torch.full((B,), r))
+    # each cached step reports the FLOPs of the variant it ran
+    assert [s.flops for s in rt.report.steps if s.kind == "cached"] == [20, 31, 20, 31, 20]

@@ -18,6 +18,10 @@ With ``config.cache_context=True`` the subset graph has no text tokens (see
 (``[B, H, M, d]``, the text keys/values of the last full step) take their place in the
 keys (with extrapolation also ``specdiff_ktp{i}`` / ``specdiff_vtp{i}`` and one
 ``specdiff_kv_ratio_txt`` ``[B]``); they are read, never written.
+With ``config.cache_context=None`` the subset graph computes every text token (as with
+``False``) and also returns their fresh keys/values as extras ``kt{i}`` / ``vt{i}``
+(``[B, H, M, d]``, like the full variant's), so a cached step can refresh the text K/V
+caches (``context_interval``).
 Keeps true: queries are only the computed tokens; the attention output has the query's
 layout; with ``idx`` = all tokens the result equals the full graph's.
 """
@@ -68,6 +72,9 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
                 offset = 0  # the subset's joint sequence is its image tokens alone
             with gm.graph.inserting_before(sdpa):
                 new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, offset), kwargs)
+                if cfg.cache_context is None and m:  # the fresh text K/V, for the runtime's text caches
+                    ctx.extras[f"{name[0]}t{i}"] = gm.graph.call_function(
+                        ops.text_segment, (fresh, 2, offset, ctx.k))
         positional = ["query", "key", "value"]
         sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
         sdpa.kwargs = {key: new.get(key, a) for key, a in sdpa.kwargs.items()}
