@@ -9,7 +9,11 @@ counted), 28 Euler steps, the sweep's 4 prompts:
 2. *The backend* (rewritten graphs run as plain FX, so it takes minutes, not an hour): the
    options one at a time, against the defaults, on the SD3 and the FLUX shapes models.
 
-    python benchmarks/ablation.py              # both tables (about 15 minutes on 2 CPU cores)
+3. ``--robustness``: a few settings on 8 prompts x 2 seeds (about 20 minutes), to see how far
+   PSNR moves with the images: neighbouring settings differ by 1-2 dB on 4 prompts.
+
+    python benchmarks/ablation.py              # tables 1 and 2 (about 15 minutes on 2 CPU cores)
+    python benchmarks/ablation.py --robustness # table 3
     python benchmarks/ablation.py --tiny       # CI smoke mode: 1 prompt, 6 steps, 2 rows
 """
 
@@ -42,12 +46,26 @@ BACKEND_ROWS: list[tuple[str, dict]] = [
     ("speculative_steps=3", {"speculative_steps": 3}),
     ("context cached (cache_context=True)", {"cache_context": True}),
     ("context computed (cache_context=False)", {"cache_context": False}),
+    ("context cached, refreshed every 2nd cached step", {"cache_context": True, "context_interval": 2}),
     ("warmup_steps=3", {"warmup_steps": 3}),
     ("refresh_at=(0.8,)", {"refresh_at": (0.8,)}),
     ("refresh_at=(0.8,), no speculation", {"refresh_at": (0.8,), "speculative_steps": 0}),
     ("refresh_at=()", {"refresh_at": ()}),
     ("refresh_at=(0.4, 0.65, 0.85)", {"refresh_at": (0.4, 0.65, 0.85)}),
     ("cache_ratio=0.95", {"cache_ratio": 0.95}),
+]
+
+
+#: table 3: the sweep's prompts and four more, two seeds
+MORE_PROMPTS = [
+    "a orange square at the bottom on a black background",  # the zoo's vocabulary has no "an"
+    "a blue triangle at the right on a white background",
+    "a red square at the top on a gray background",
+    "a green circle at the bottom on a navy background",
+]
+ROBUSTNESS_ROWS: list[dict] = [
+    {}, {"speculative_steps": 0}, {"speculative_steps": 0, "refresh_at": (0.3,)},
+    {"speculative_steps": 0, "refresh_at": (0.2, 0.5)}, {"refresh_at": (0.3,)}, {"refresh_at": (0.25, 0.6)},
 ]
 
 
@@ -135,10 +153,39 @@ def backend_table(family: str, prompts: list[str], steps: int, rows: list[tuple[
     return "\n".join(lines)
 
 
+def robustness_table(family: str, prompts: list[str], steps: int, seeds: tuple[int, ...],
+                     rows: list[dict]) -> str:
+    """PSNR per seed (over all ``prompts``) and their mean, per option set."""
+    model = load_shapes_dit(family)
+    lines = [f"| model | options (rest default) | {' | '.join(f'seed {s}' for s in seeds)} | mean | FLOPs |",
+             "|---|---|" + "---|" * (len(seeds) + 2)]
+    with torch.no_grad():
+        refs = {s: model.sample(prompts, num_steps=steps, seed=s) for s in seeds}
+        for options in rows:
+            psnrs, fraction = [], 0.0
+            for s in seeds:
+                torch._dynamo.reset()
+                comp = torch.compile(model.transformer, backend="specdiff", options={**options, "inductor": False})
+                psnrs.append(metrics.psnr(model.sample(prompts, num_steps=steps, seed=s, transformer=comp), refs[s]))
+                fraction = specdiff_fx.last_generation().flops_fraction
+            label = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "defaults"
+            cells = " | ".join(f"{p:.2f}" for p in psnrs)
+            lines.append(f"| {family} | {label} | {cells} | {sum(psnrs) / len(psnrs):.2f} | {fraction:.1%} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CI smoke mode")
+    p.add_argument("--robustness", action="store_true", help="table 3 only: 8 prompts x 2 seeds")
     a = p.parse_args(argv)
+    if a.robustness:
+        prompts, steps, seeds = (PROMPTS[:1], 6, (0,)) if a.tiny else ([*PROMPTS, *MORE_PROMPTS], 28, (0, 1))
+        for family in ("sd3",) if a.tiny else ("sd3", "flux"):
+            print(robustness_table(family, prompts, steps, seeds, ROBUSTNESS_ROWS[:1] if a.tiny else ROBUSTNESS_ROWS),
+                  flush=True)
+        return
     prompts, steps = (PROMPTS[:1], 6) if a.tiny else (PROMPTS, 28)
     print(exact_selection_table(prompts, steps, (3,) if a.tiny else (26, 64, 128)), flush=True)
     for family in ("sd3",) if a.tiny else ("sd3", "flux"):

@@ -54,6 +54,8 @@ def _compiled(model, mode):
         return torch.compile(model)
     if mode == "specdiff_context_cached":  # not the default under CFG: costs fidelity (BENCHMARKS.md)
         return torch.compile(model, backend="specdiff", options={"cache_context": True})
+    if mode == "specdiff_context_every_2nd":  # the context computed on every second cached step
+        return torch.compile(model, backend="specdiff", options={"cache_context": True, "context_interval": 2})
     return torch.compile(model, backend="specdiff")
 
 
@@ -83,7 +85,8 @@ def test_mid_step(benchmark, mid, mid_graph, mode):
         benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("mode", ["eager", "inductor", "specdiff", "specdiff_context_cached"])
+@pytest.mark.parametrize("mode", ["eager", "inductor", "specdiff", "specdiff_context_cached",
+                                  "specdiff_context_every_2nd"])
 def test_mid_generation(benchmark, mid, mode):
     benchmark.group = f"mid: {STEPS}-step generation"
     model, inputs = mid

@@ -8,3 +8,8 @@ def test_ablation_tiny(capsys):
     out = capsys.readouterr().out
     assert "| random | round-robin | drift | oracle |" in out
     assert "| defaults |" in out and "as published" in out
+
+
+def test_robustness_tiny(capsys):
+    ablation.main(["--robustness", "--tiny"])
+    assert "| sd3 | defaults |" in capsys.readouterr().out
