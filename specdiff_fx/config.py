@@ -186,6 +186,12 @@ class SpecDiffConfig:
     def replace(self, **changes: Any) -> "SpecDiffConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def history_depth(self) -> int:
+        """H, the past per-token outputs a sparse step reads: ``blend_history`` whole past steps
+        for the paper blend, otherwise each token's last two computed outputs."""
+        return self.blend_history if self.blend and self.blend_mode == "paper" else 2
+
     def num_computed(self, num_image_tokens: int) -> int:
         """k, the number of image tokens computed on a cached step (at least 1)."""
         return max(1, min(num_image_tokens, round((1.0 - self.cache_ratio) * num_image_tokens)))

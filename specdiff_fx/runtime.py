@@ -408,16 +408,15 @@ class SpecDiffRuntime:
             score = torch.zeros_like(score).index_add_(0, state.groups, score)[state.groups]
         idx, tier = schedule.assign_tiers(score, self.k, cfg.reuse_mass, cfg.blend)
         tokens0 = state.fresh[0]
-        history = torch.zeros((cfg.blend_history, *tokens0.shape), dtype=tokens0.dtype, device=tokens0.device)
         if self._paper_blend:
+            history = torch.zeros((cfg.blend_history, *tokens0.shape), dtype=tokens0.dtype, device=tokens0.device)
             for j, (_, tok) in enumerate(state.history):
                 history[j] = tok
             blend = schedule.blend_weights([s for s, _ in state.history], sigma, cfg.blend_history)
             weights = schedule.tier_weights(tier, blend)
-        else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs
-            n = min(2, cfg.blend_history)
-            history[:n] = state.fresh[:n]
-            weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.blend_history)
+        else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs: no copy
+            history = state.fresh  # read by the graph before _push_fresh updates it
+            weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.history_depth)
         idx = idx.to(tokens0.device)
         ratio = None
         if cfg.kv_extrapolation:

@@ -138,7 +138,8 @@ def test_gather_token_subset(captured, reference, name):
 def test_blend_token_history(captured, reference, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
-    n, k, h = plan.num_image_tokens, 4, CFG.blend_history
+    n, k, h = plan.num_image_tokens, 4, CFG.history_depth
+    assert h == 2  # no paper blend: each token's last two computed outputs
     gm, ctx, _ = apply(c, [gather_token_subset, blend_token_history, expose_token_output, finalize_outputs],
                        variant="sparse", k=k)
     names = [p.name for p in gm.graph.find_nodes(op="placeholder")][len(c.example_inputs):]

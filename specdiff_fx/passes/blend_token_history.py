@@ -1,9 +1,10 @@
 """Subset variant: the non-computed tokens get a blend of their past outputs, in-graph.
 
 Reads: the ``specdiff_base`` input added by :func:`gather_token_subset` (must run first),
-``config.blend_history`` (``H``).
+``config.history_depth`` (``H``: ``blend_history`` for the paper blend, else 2).
 Writes: new inputs ``specdiff_history`` (``[H, B, N, C]``, the last ``H`` per-token
-outputs, newest first) and ``specdiff_weights`` (``[B, N, H]``); ``specdiff_base`` is
+outputs, newest first: whole past steps for the paper blend, each token's last two
+computed outputs otherwise) and ``specdiff_weights`` (``[B, N, H]``); ``specdiff_base`` is
 replaced by :func:`specdiff_fx.ops.tier_blend` of the two and removed. The runtime sets
 a token's weight row to one-hot on the newest output for reuse (tier C2), to the
 normalised time-decay weights for blending (tier C3), and to anything for the computed
@@ -24,7 +25,7 @@ def blend_token_history(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
     plan = ctx.plan
     base = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "specdiff_base")
     val = base.meta["val"]
-    h = ctx.config.blend_history
+    h = ctx.config.history_depth
     history = ctx.add_input(gm, "specdiff_history", (h, *val.shape), val.dtype, val.device)
     weights = ctx.add_input(gm, "specdiff_weights", (plan.batch, plan.num_image_tokens, h), val.dtype, val.device)
     with gm.graph.inserting_after(weights):
