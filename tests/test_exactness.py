@@ -79,10 +79,11 @@ def test_inductor_full_variant_matches_eager(captured):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("cache_context", [False, True])
+@pytest.mark.parametrize("cache_context", [False, True, None])
 def test_inductor_sparse_variant_matches_fx(captured, cache_context):
     """FLUX: the subset variant compiled by Inductor equals the plain FX run, and the
-    in-place cache writes survive compilation (with and without the text tokens)."""
+    in-place cache writes survive compilation (with and without the text tokens; with
+    ``None`` the fresh text K/V it returns too)."""
     c = captured("flux")
     plan = analyze_dit(c.gm)
     k = 7
@@ -100,7 +101,9 @@ def test_inductor_sparse_variant_matches_fx(captured, cache_context):
     with torch.no_grad():
         _, a = compiled.split(compiled(*c.example_inputs, idx, *c1))
         _, b = plain.split(plain(*c.example_inputs, idx, *c2))
-    for key in ("tokens", "subset", "score"):
+    assert {"tokens", "subset", "score"} <= b.keys() and a.keys() == b.keys()
+    assert any(key.startswith("kt") for key in b) == (cache_context is None)
+    for key in b:
         assert rel_err(a[key], b[key]) <= 1e-4, key
     written = [j for j, i in enumerate(rest) if _CACHE_INPUT.fullmatch(i.name)]
     assert len(written) == 4 * len(plan.attention)
