@@ -77,6 +77,10 @@ class SpecDiffConfig:
             them as plain FX graphs (debugging, fast tests).
         strict: ``True`` raises instead of falling back to plain Inductor.
         max_cache_bytes: cap on the bytes specdiff's caches may hold (``None`` = no cap).
+            Checked when a full step stores its caches; over it, a generation keeps the
+            first that fits of: no text K/V caches (context computed), no K/V
+            extrapolation, neither; else it computes every token and keeps no caches.
+            Each fallback is logged, warned once and noted in the report.
     """
 
     cache_ratio: float = 0.9

@@ -65,30 +65,38 @@ class GraphExecutor:
         self.gm, self.example_inputs, self.plan, self.config, self.mode = gm, list(example_inputs), plan, config, mode
         self.k = config.num_computed(plan.num_image_tokens)
         self.full: Variant = build_variant(gm, example_inputs, plan, config, "full", mode=mode)
-        self._sparse: dict[bool, Variant] = {}  # by whether it caches the context tokens
+        self._sparse: dict[tuple[bool | None, bool], Variant] = {}  # by (context mode, K/V extrapolation)
         self.full_flops = count_flops(gm, example_inputs)
 
     @property
     def compiled(self) -> list[Variant]:
         return [self.full, *self._sparse.values()]
 
-    def sparse(self, cache_context: bool | None = False) -> Variant:
+    def sparse(self, cache_context: bool | None = False, extrapolate: bool | None = None) -> Variant:
         """The sparse variant that computes the context tokens (``False``), caches them
         (``True``) or computes them and returns their fresh K/V (``None``: a cached step that
-        refreshes the text caches, see ``context_interval``); built on first use. The example
-        inputs are kept until every variant this config may need exists."""
-        if cache_context not in self._sparse:
-            config = self.config.replace(cache_context=cache_context)
-            self._sparse[cache_context] = build_variant(self.gm, self.example_inputs, self.plan, config, "sparse",
-                                                        k=self.k, mode=self.mode)
-            needed = {False}
+        refreshes the text caches, see ``context_interval``), with or without K/V
+        extrapolation (``None``: as configured; a generation drops it when the caches would
+        exceed ``max_cache_bytes``); built on first use. The example inputs are kept until
+        every variant this config may need exists."""
+        if extrapolate is None:
+            extrapolate = self.config.kv_extrapolation
+        key = (cache_context, extrapolate)
+        if key not in self._sparse:
+            config = self.config.replace(cache_context=cache_context, kv_extrapolation=extrapolate)
+            self._sparse[key] = build_variant(self.gm, self.example_inputs, self.plan, config, "sparse",
+                                              k=self.k, mode=self.mode)
+            modes = {False}
             if self.config.cache_context is not False:
-                needed = {True} | ({None} if self.config.context_interval else set())
+                modes = {True} | ({None} if self.config.context_interval else set())
                 if self.config.cache_context is None:  # auto may decide against caching
-                    needed.add(False)
-            if needed <= self._sparse.keys():
+                    modes.add(False)
+            extrapolations = {self.config.kv_extrapolation}
+            if self.config.max_cache_bytes is not None:  # the cap may drop the extrapolation
+                extrapolations.add(False)
+            if {(m, e) for m in modes for e in extrapolations} <= self._sparse.keys():
                 self.example_inputs = None  # every variant built: do not keep the first call's tensors
-        return self._sparse[cache_context]
+        return self._sparse[key]
 
     def run_full(self, args: Sequence[Any]) -> StepOutput:
         user, ex = self.full.split(self.full(*args))
@@ -104,7 +112,7 @@ class GraphExecutor:
         ``text`` holds the context-caching inputs by name (text K/V, their previous values
         and ``specdiff_kv_ratio_txt``); they are only read. ``refresh_text`` computes every
         context token and returns their fresh K/V in ``StepOutput.text``."""
-        v = self.sparse(cache_context=None if refresh_text else bool(text))
+        v = self.sparse(None if refresh_text else bool(text), extrapolate=prev is not None)
         named = {"specdiff_idx": idx, "specdiff_history": history, "specdiff_weights": weights,
                  "specdiff_kv_ratio": ratio, **(text or {})}
         for i in range(len(self.plan.attention)):
@@ -115,8 +123,8 @@ class GraphExecutor:
         user, ex = v.split(v(*args, *v.extra_inputs(named)))
         return StepOutput(user, ex["tokens"], ex.get("score"), caches, _text_outputs(ex, len(self.plan.attention)))
 
-    def flops(self, kind: str, cache_context: bool | None = False) -> int:
-        return (self.full if kind == "full" else self.sparse(cache_context)).flops
+    def flops(self, kind: str, cache_context: bool | None = False, extrapolate: bool | None = None) -> int:
+        return (self.full if kind == "full" else self.sparse(cache_context, extrapolate)).flops
 
 
 def _text_outputs(extras: dict[str, Any], attentions: int) -> dict[str, torch.Tensor]:
@@ -144,10 +152,15 @@ class BranchState:
     cache_context: bool | None = None  # decided at the first cached step
     history: collections.deque = field(default_factory=collections.deque)  # (sigma, tokens), newest first
     refreshed: set[float] = field(default_factory=set)
-    degraded: bool = False  # cache cap exceeded: every step full
+    degraded: bool = False  # cache cap exceeded even without extrapolation: every step full, no caches
+    extrapolate: bool = True  # K/V extrapolation in this generation (config, unless the cap dropped it)
     groups: torch.Tensor | None = None  # [B]: samples that started from the same latent share a group
     fresh: torch.Tensor | None = None  # [2, B, N, C]: each token's last two computed outputs (kept always)
     fresh_sigma: torch.Tensor | None = None  # [2, B, N]: the sigmas they were computed at
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _detached(t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +199,7 @@ class SpecDiffRuntime:
         self._check_owner(args)
         sigma = self._sigma(args)
         branch = self._route(sigma, args[self.plan.sample_input])
-        state = self.branches.setdefault(branch, BranchState())
+        state = self.branches.setdefault(branch, BranchState(extrapolate=self.config.kv_extrapolation))
         if state.step == 0:
             out = self._first_step(args, sigma, branch, state)
         elif state.degraded or schedule.is_full_step(state.step, sigma, state.refreshed, self.config):
@@ -260,38 +273,87 @@ class SpecDiffRuntime:
 
     # -- steps ---------------------------------------------------------------------------
     def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
+        if not self._fits_cap(state, out):
+            return
         caches = [_detached(t) for t in out.kv]
-        if self.config.kv_extrapolation:  # the old caches hold each token's computation before this one
+        if state.extrapolate:  # the old caches hold each token's computation before this one
             same = len(state.caches) == len(caches) and all(
                 a.shape == b.shape for a, b in zip(state.caches, caches))
             state.prev = state.caches if same else [c.clone() for c in caches]
         state.caches = caches
-        if out.text and state.cache_context is not False:  # not once the generation decided against it
+        if out.text and self._may_cache_context(state):  # not once decided against it, nor under batched CFG
             self._store_text(state, out.text, sigma)
         state.his = out.score
         state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
         self._push_history(state, sigma, out.tokens)
         self._push_fresh(state, sigma, out.tokens, None)
-        cap = self.config.max_cache_bytes
-        kv = sum(t.numel() * t.element_size() for t in
-                 [*state.caches, *state.prev, *state.text.values(), *state.text_prev.values()])
-        tokens = out.tokens.numel() * out.tokens.element_size()
-        nbytes = kv + tokens * (2 + (len(state.history) if self._paper_blend else 0))
+        nbytes = sum(_nbytes(t) for t in [*state.caches, *state.prev, *state.text.values(), *state.text_prev.values()])
+        nbytes += _nbytes(out.tokens) * (2 + (len(state.history) if self._paper_blend else 0))
         self.report.cache_bytes = max(self.report.cache_bytes, nbytes)
-        if cap is not None and nbytes > cap and not state.degraded:
+
+    def _fits_cap(self, state: BranchState, out: StepOutput) -> bool:
+        """Apply ``max_cache_bytes`` before a full step stores its caches: the bytes they will
+        hold follow from the step's outputs (the previous K/V have the same sizes). Over the
+        cap, the generation keeps the first of these that fits: without the text K/V caches
+        (the context is then computed on cached steps), without K/V extrapolation (halves the
+        K/V caches; cached steps reuse the K/V), without both; if none fits it computes every
+        token on every step and keeps no caches. Each is logged, warned once and noted in the
+        report."""
+        cap = self.config.max_cache_bytes
+        if state.degraded:
+            return False
+        if cap is None:
+            return True
+        kv = _nbytes(*out.kv)
+        text = _nbytes(*out.text.values()) if self._may_cache_context(state) else 0
+        tokens = _nbytes(out.tokens) * (2 + (self.config.blend_history if self._paper_blend else 0))
+
+        def need(extrapolate: bool, context: bool) -> int:
+            return (kv + text * context) * (1 + extrapolate) + tokens
+
+        options = [(e, c) for e in dict.fromkeys((state.extrapolate, False)) for c in dict.fromkeys((text > 0, False))]
+        fit = next((o for o in options if need(*o) <= cap), None)
+        if fit == options[0]:
+            return True
+        over = f"specdiff: caches need {need(*options[0])} bytes > max_cache_bytes={cap}"
+        if fit is None:
             state.degraded = True
-            msg = (f"specdiff: caches need {nbytes} bytes > max_cache_bytes={cap}; "
-                   "this generation computes every token (no caching)")
-            self.report.notes.append(msg)
-            if msg not in self._warned:
-                self._warned.add(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            state.caches, state.prev, state.text, state.text_prev = [], [], {}, {}
+            state.fresh = state.fresh_sigma = None
+            state.history.clear()
+            self._note(f"{over} even without text K/V caches and K/V extrapolation ({need(False, False)} bytes); "
+                       "this generation computes every token (no caching)")
+            return False
+        dropped = []
+        if options[0][1] and not fit[1]:
+            state.cache_context, state.text, state.text_prev = False, {}, {}
+            self.report.context_cached = False
+            dropped.append("the text K/V caches (context computed on cached steps)")
+        if options[0][0] and not fit[0]:
+            state.extrapolate, state.prev, state.text_prev = False, [], {}
+            dropped.append("K/V extrapolation (cached steps reuse the cached K/V)")
+        self._note(f"{over}; this generation drops {' and '.join(dropped)}: {need(*fit)} bytes")
+        return True
+
+    def _may_cache_context(self, state: BranchState) -> bool:
+        """Whether this generation may still keep text K/V caches: not when the option or an
+        earlier decision says no, nor under batched CFG with ``cache_context=None`` (auto)."""
+        if self.config.cache_context is False or state.cache_context is False:
+            return False
+        return state.cache_context is True or self.config.cache_context is True or state.groups is None
+
+    def _note(self, msg: str) -> None:
+        log.info(msg)
+        self.report.notes.append(msg)
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=5)
 
     def _store_text(self, state: BranchState, text: dict[str, torch.Tensor], sigma: float) -> None:
         """The context tokens' K/V were computed at ``sigma`` (a full step, or a cached step
         that refreshed them): shift them into the text caches."""
         text = {name: _detached(t) for name, t in text.items()}
-        if self.config.kv_extrapolation:
+        if state.extrapolate:
             same = state.text.keys() == text.keys() and all(state.text[n].shape == t.shape for n, t in text.items())
             state.text_prev = state.text if same else {n: t.clone() for n, t in text.items()}
         state.text = text
@@ -338,7 +400,9 @@ class SpecDiffRuntime:
         self._store_full(state, out, sigma)
         self._record(0, branch, "full", sigma, self.executor.flops("full"),
                      note="shared with speculative step 1" if self.config.speculative_steps else "")
-        state.spec = [(sigma, self._spec_record(out))] if self.config.speculative_steps else []
+        state.spec = [(sigma, self._spec_record(out))] if self.config.speculative_steps and not state.degraded else []
+        if state.degraded:  # no caches: nothing for a speculative run to inform
+            return out.user
         self._speculate(args, out, sigma, branch, state)
         return out.user
 
@@ -419,14 +483,14 @@ class SpecDiffRuntime:
             weights = schedule.taylor_weights(tier, state.fresh_sigma, sigma, cfg.history_depth)
         idx = idx.to(tokens0.device)
         ratio = None
-        if cfg.kv_extrapolation:
+        if state.extrapolate:
             ratio = schedule.extrapolation_ratio(state.fresh_sigma, sigma).to(state.caches[0])
         text, refresh_text = {}, False
         if self._uses_context_cache(state):
             refresh_text = bool(cfg.context_interval) and state.text_age + 1 >= cfg.context_interval
             text = {} if refresh_text else self._text_inputs(state, sigma, ratio)
         out = self.executor.run_sparse(args, idx, history, weights.to(tokens0.dtype), state.caches,
-                                       state.prev if cfg.kv_extrapolation else None, ratio, text, refresh_text)
+                                       state.prev if state.extrapolate else None, ratio, text, refresh_text)
         if refresh_text:
             self._store_text(state, out.text, sigma)
         elif text:
@@ -436,7 +500,8 @@ class SpecDiffRuntime:
         state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
         self._push_history(state, sigma, out.tokens)
         variant = None if refresh_text else bool(text)
-        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse", variant), tier=tier)
+        self._record(state.step, branch, "cached", sigma, self.executor.flops("sparse", variant, state.extrapolate),
+                     tier=tier)
         if branch == 0:
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report

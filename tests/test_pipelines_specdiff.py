@@ -87,6 +87,24 @@ def test_context_interval_in_a_pipeline(name):
     assert (second - computed).abs().max() > 1e-6
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_cache_cap_drops_kv_extrapolation_in_a_pipeline(name):
+    """A ``max_cache_bytes`` the defaults exceed but reused K/V fit: the generation runs as
+    ``kv_extrapolation=False`` would, from its first step, within the cap."""
+    steps = 10
+    run_pipe(name, {"inductor": False}, num_inference_steps=steps)
+    full_bytes = specdiff_fx.last_generation().cache_bytes
+    reused = run_pipe(name, {"inductor": False, "kv_extrapolation": False}, num_inference_steps=steps)
+    reused_bytes = specdiff_fx.last_generation().cache_bytes
+    assert reused_bytes < full_bytes
+    cap = (reused_bytes + full_bytes) // 2
+    with pytest.warns(RuntimeWarning, match="drops K/V extrapolation"):
+        capped = run_pipe(name, {"inductor": False, "max_cache_bytes": cap}, num_inference_steps=steps)
+    rep = specdiff_fx.last_generation()
+    assert rep.cache_bytes == reused_bytes <= cap and rep.count("cached") > 0
+    torch.testing.assert_close(capped, reused, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.inductor
 def test_default_options_with_inductor_sd3():
     """The real configuration: both variants compiled by Inductor inside the pipeline."""

@@ -1,6 +1,7 @@
 """The controller with a fake executor (no model): schedule, tiers, scores, speculation,
 branches, generations, telemetry. Plus the pure schedule functions."""
 
+import contextlib
 import math
 
 import pytest
@@ -50,7 +51,7 @@ class FakeExecutor:
         tokens.scatter_(1, idx[..., None].expand(-1, -1, C), torch.gather(-x, 1, idx[..., None].expand(-1, -1, C)))
         return StepOutput((tokens,), tokens, self.score(sigma), caches)
 
-    def flops(self, kind, cache_context=False):
+    def flops(self, kind, cache_context=False, extrapolate=None):
         return 100 if kind == "full" else 30
 
 
@@ -237,6 +238,46 @@ def test_cache_cap_degrades_to_full_compute():
     assert all(k == "full" for k, _, _ in ex.calls) and rt.report.notes
 
 
+def test_cache_cap_first_drops_kv_extrapolation():
+    """K/V 2 x 640 bytes, outputs 2 x 480: 3520 bytes with the previous K/V, 2240 without.
+    A cap in between keeps caching with reused K/V; below both, no caches at all."""
+    ex = FakeExecutor()
+    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=2, max_cache_bytes=3000)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    with pytest.warns(RuntimeWarning, match="drops K/V extrapolation"):
+        generate(rt, 6)
+    state, rep = rt.branches[0], rt.report
+    assert not state.extrapolate and state.prev == [] and not state.degraded
+    assert ex.kv_inputs == (None, None)  # the sparse variant without extrapolation inputs
+    assert rep.count("cached") == 4 and rep.cache_bytes == 2240 <= cfg.max_cache_bytes
+    assert any("2240 bytes" in n for n in rep.notes)
+
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), cfg.replace(max_cache_bytes=2000), ex)
+    with pytest.warns(RuntimeWarning, match="computes every token"):
+        generate(rt, 6)
+    state = rt.branches[0]
+    assert state.degraded and state.caches == [] and state.fresh is None and rt.report.cache_bytes == 0
+    assert [k for k, _, _ in ex.calls] == ["full"] * 6  # no speculative run either
+
+
+@pytest.mark.parametrize("cap, extrapolate, context", [(5000, True, True), (3600, True, False),
+                                                       (3000, False, True), (2300, False, False)])
+def test_cache_cap_keeps_the_first_setting_that_fits(cap, extrapolate, context):
+    """With text K/V (2 x 96 bytes): 3904 bytes with everything, 3520 without the text caches,
+    2432 without extrapolation, 2240 without both; the first that fits the cap is kept."""
+    ex = TextExecutor()
+    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
+                         max_cache_bytes=cap)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    with pytest.warns(RuntimeWarning, match="drops") if not (extrapolate and context) else contextlib.nullcontext():
+        generate(rt, 5)
+    state, rep = rt.branches[0], rt.report
+    assert state.extrapolate is extrapolate and rep.context_cached is context and not state.degraded
+    assert bool(ex.text_inputs) is context and (ex.kv_inputs[0] is not None) is extrapolate
+    assert rep.cache_bytes <= cap and (len(rep.notes) == 0) is (extrapolate and context)
+
+
 class WeightedExecutor(FakeExecutor):
     def run_full(self, args):
         return super().run_full(args[:2])
@@ -359,7 +400,7 @@ def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
 class TextExecutor(FakeExecutor):
     """A model with text tokens: full steps return text K/V, cached steps record what they get."""
 
-    def flops(self, kind, cache_context=False):  # sparse: text computed / cached / computed and returned
+    def flops(self, kind, cache_context=False, extrapolate=None):  # sparse: text computed / cached / returned
         return 100 if kind == "full" else {False: 30, True: 20, None: 31}[cache_context]
 
     def run_full(self, args):
