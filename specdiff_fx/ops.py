@@ -85,6 +85,10 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
     (``offset`` 0) and the text keys come from ``text`` (extrapolated with ``text_prev``
     and ``text_ratio`` ``[B]`` when given; never written), split around the image segment
     at ``text_offset`` as in the model's own order.
+
+    The flat argument list is deliberate: this function is an FX ``call_function`` target
+    that Inductor traces, so every argument must be a node (tensor) or a constant; a small
+    dataclass grouping the caches would not survive tracing.
     """
     k = idx.shape[1]
     batch, heads, _, dim = fresh.shape
