@@ -86,9 +86,10 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
     and ``text_ratio`` ``[B]`` when given; never written), split around the image segment
     at ``text_offset`` as in the model's own order.
 
-    The flat argument list is deliberate: this function is an FX ``call_function`` target
-    that Inductor traces, so every argument must be a node (tensor) or a constant; a small
-    dataclass grouping the caches would not survive tracing.
+    The flat argument list is deliberate: this function is an FX ``call_function`` target,
+    and FX only finds the nodes an argument depends on inside tuples, lists and dicts (a
+    dataclass grouping the caches would hide them); the pass passes the optional ones as
+    keyword arguments, which keeps the graph readable.
     """
     k = idx.shape[1]
     batch, heads, _, dim = fresh.shape
