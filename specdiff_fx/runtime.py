@@ -92,7 +92,8 @@ class GraphExecutor:
                 if self.config.cache_context is None:  # auto may decide against caching
                     modes.add(False)
             extrapolations = {self.config.kv_extrapolation}
-            if self.config.max_cache_bytes is not None:  # the cap may drop the extrapolation
+            if self.config.max_cache_bytes is not None:  # the cap may drop the text caches and the extrapolation
+                modes.add(False)
                 extrapolations.add(False)
             if {(m, e) for m in modes for e in extrapolations} <= self._sparse.keys():
                 self.example_inputs = None  # every variant built: do not keep the first call's tensors

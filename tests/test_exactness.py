@@ -109,3 +109,24 @@ def test_inductor_sparse_variant_matches_fx(captured, cache_context):
     assert len(written) == 4 * len(plan.attention)
     for x, y, before in ((c1[j], c2[j], caches[j]) for j in written):  # the K/V caches, written in place
         assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)
+
+
+def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(captured):
+    """With ``max_cache_bytes`` a generation may drop the text caches and the K/V
+    extrapolation, so the executor keeps the example inputs until those variants exist."""
+    from specdiff_fx.runtime import GraphExecutor
+
+    c = captured("flux")
+    plan = analyze_dit(c.gm)
+    cfg = SpecDiffConfig(inductor=False, cache_context=True, max_cache_bytes=10**12)
+    ex = GraphExecutor(c.gm, c.example_inputs, plan, cfg)
+    ex.sparse(True)
+    assert ex.example_inputs is not None
+    fallback = ex.sparse(False, extrapolate=False)
+    assert not any(i.name.startswith(("specdiff_kp", "specdiff_kt")) for i in fallback.new_inputs)
+    ex.sparse(True, extrapolate=False)
+    ex.sparse(False)
+    assert ex.example_inputs is None  # every variant this config may need is built
+    plain = GraphExecutor(c.gm, c.example_inputs, plan, cfg.replace(max_cache_bytes=None))
+    plain.sparse(True)
+    assert plain.example_inputs is None
