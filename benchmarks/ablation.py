@@ -9,7 +9,7 @@ counted), 28 Euler steps, the sweep's 4 prompts:
 2. *The backend* (rewritten graphs run as plain FX, so it takes minutes, not an hour): the
    options one at a time, against the defaults, on the SD3 and the FLUX shapes models.
 
-3. ``--robustness``: a few settings on 8 prompts x 2 seeds (about 20 minutes), to see how far
+3. ``--robustness``: a few settings on 8 prompts x 2 seeds (about 35 minutes), to see how far
    PSNR moves with the images: neighbouring settings differ by 1-2 dB on 4 prompts.
 
     python benchmarks/ablation.py              # tables 1 and 2 (about 15 minutes on 2 CPU cores)
@@ -66,6 +66,7 @@ MORE_PROMPTS = [
 ROBUSTNESS_ROWS: list[dict] = [
     {}, {"speculative_steps": 0}, {"speculative_steps": 0, "refresh_at": (0.3,)},
     {"speculative_steps": 0, "refresh_at": (0.2, 0.5)}, {"refresh_at": (0.3,)}, {"refresh_at": (0.25, 0.6)},
+    {"refresh_at": (0.5, 0.75)}, {"refresh_at": (0.55, 0.8)}, {"refresh_at": (0.4, 0.7)}, {"refresh_at": (0.45, 0.8)},
 ]
 
 
