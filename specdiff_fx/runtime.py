@@ -288,7 +288,7 @@ class SpecDiffRuntime:
         state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
         self._push_history(state, sigma, out.tokens)
         self._push_fresh(state, sigma, out.tokens, None)
-        nbytes = sum(_nbytes(t) for t in [*state.caches, *state.prev, *state.text.values(), *state.text_prev.values()])
+        nbytes = _nbytes(*state.caches, *state.prev, *state.text.values(), *state.text_prev.values())
         nbytes += _nbytes(out.tokens) * (2 + (len(state.history) if self._paper_blend else 0))
         self.report.cache_bytes = max(self.report.cache_bytes, nbytes)
 
