@@ -136,6 +136,14 @@ def exact_selection_table(prompts: list[str], steps: int, ks: tuple[int, ...]) -
     return "\n".join(lines)
 
 
+def _generate(model, options: dict, prompts: list[str], steps: int, seed: int):
+    """One generation with a freshly compiled specdiff transformer (plain-FX path): (images, report)."""
+    torch._dynamo.reset()
+    comp = torch.compile(model.transformer, backend="specdiff", options={**options, "inductor": False})
+    out = model.sample(prompts, num_steps=steps, seed=seed, transformer=comp)
+    return out, specdiff_fx.last_generation()
+
+
 def backend_table(family: str, prompts: list[str], steps: int, rows: list[tuple[str, dict]]) -> str:
     model = load_shapes_dit(family)
     lines = [f"| {family}: options (rest default) | PSNR (dB) | SSIM | FLOPs executed | context |",
@@ -143,10 +151,7 @@ def backend_table(family: str, prompts: list[str], steps: int, rows: list[tuple[
     with torch.no_grad():
         ref = model.sample(prompts, num_steps=steps, seed=0)
         for label, options in rows:
-            torch._dynamo.reset()
-            comp = torch.compile(model.transformer, backend="specdiff", options={**options, "inductor": False})
-            out = model.sample(prompts, num_steps=steps, seed=0, transformer=comp)
-            rep = specdiff_fx.last_generation()
+            out, rep = _generate(model, options, prompts, steps, seed=0)
             ctx = "cached" if rep.context_cached else "computed"
             lines.append(f"| {label} | {metrics.psnr(out, ref):.2f} | {metrics.ssim(out, ref):.4f} | "
                          f"{rep.flops_fraction:.1%} | {ctx} |")
@@ -165,10 +170,9 @@ def robustness_table(family: str, prompts: list[str], steps: int, seeds: tuple[i
         for options in rows:
             psnrs, fraction = [], 0.0
             for s in seeds:
-                torch._dynamo.reset()
-                comp = torch.compile(model.transformer, backend="specdiff", options={**options, "inductor": False})
-                psnrs.append(metrics.psnr(model.sample(prompts, num_steps=steps, seed=s, transformer=comp), refs[s]))
-                fraction = specdiff_fx.last_generation().flops_fraction
+                out, rep = _generate(model, options, prompts, steps, seed=s)
+                psnrs.append(metrics.psnr(out, refs[s]))
+                fraction = rep.flops_fraction
             label = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "defaults"
             cells = " | ".join(f"{p:.2f}" for p in psnrs)
             lines.append(f"| {family} | {label} | {cells} | {sum(psnrs) / len(psnrs):.2f} | {fraction:.1%} |")
