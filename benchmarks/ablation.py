@@ -184,9 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="CI smoke mode")
     p.add_argument("--robustness", action="store_true", help="table 3 only: 8 prompts x 2 seeds")
+    p.add_argument("--seeds", default="0,1", help="table 3's seeds, comma-separated (default 0,1)")
     a = p.parse_args(argv)
     if a.robustness:
-        prompts, steps, seeds = (PROMPTS[:1], 6, (0,)) if a.tiny else ([*PROMPTS, *MORE_PROMPTS], 28, (0, 1))
+        seeds = tuple(int(x) for x in a.seeds.split(","))
+        prompts, steps, seeds = (PROMPTS[:1], 6, seeds[:1]) if a.tiny else ([*PROMPTS, *MORE_PROMPTS], 28, seeds)
         for family in ("sd3",) if a.tiny else ("sd3", "flux"):
             print(robustness_table(family, prompts, steps, seeds, ROBUSTNESS_ROWS[:1] if a.tiny else ROBUSTNESS_ROWS),
                   flush=True)
