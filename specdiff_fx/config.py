@@ -61,7 +61,8 @@ class SpecDiffConfig:
             from their last two computations (instead of reusing the last); doubles the K/V
             cache.
         cache_context: ``True``: on cached steps compute no context (text) tokens at all;
-            the image queries read the text keys/values of the last full step
+            the image queries read the text keys/values of their last computation (a full step,
+            or a refreshing cached step with ``context_interval``)
             (extrapolated like the image ones). ``False``: recompute every text token on
             every step. ``None`` (auto): cache them unless the generation uses
             classifier-free guidance (batched halves that start from the same latent, or

@@ -15,7 +15,7 @@ in sigma before the attention reads them, and both caches shift in place for the
 computed tokens (see :func:`specdiff_fx.ops.attend_keys`).
 With ``config.cache_context=True`` the subset graph has no text tokens (see
 :func:`gather_token_subset`): per attention ``specdiff_kt{i}`` / ``specdiff_vt{i}``
-(``[B, H, M, d]``, the text keys/values of the last full step) take their place in the
+(``[B, H, M, d]``, the text keys/values of their last computation) take their place in the
 keys (with extrapolation also ``specdiff_ktp{i}`` / ``specdiff_vtp{i}`` and one
 ``specdiff_kv_ratio_txt`` ``[B]``); they are read, never written.
 With ``config.cache_context=None`` the subset graph computes every text token (as with
