@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import specdiff_fx  # noqa: E402
 from benchmarks.sweep import PAPER, PROMPTS  # noqa: E402
 from specdiff_fx import metrics  # noqa: E402
-from specdiff_fx.zoo import load_shapes_dit, pack_pixels, unpack_pixels  # noqa: E402
+from specdiff_zoo import load_shapes_dit, pack_pixels, unpack_pixels  # noqa: E402
 
 #: (label, options) of table 2; the defaults first
 BACKEND_ROWS: list[tuple[str, dict]] = [

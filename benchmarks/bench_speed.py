@@ -99,8 +99,8 @@ def test_mid_generation(benchmark, mid, mode):
 
 @pytest.mark.parametrize("mode", ["eager", "inductor", "specdiff"])
 def test_trained_generation(benchmark, mode):
-    from specdiff_fx.demo import PROMPTS
-    from specdiff_fx.zoo import load_shapes_dit
+    from specdiff_zoo.demo import PROMPTS
+    from specdiff_zoo import load_shapes_dit
 
     benchmark.group = f"trained shapes model: {STEPS}-step generation"
     model = load_shapes_dit("sd3")

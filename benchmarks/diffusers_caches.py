@@ -3,7 +3,7 @@
 diffusers 0.42 ships seven caching hooks (``diffusers/hooks``): TaylorSeer, FirstBlockCache,
 MagCache, FasterCache, PyramidAttentionBroadcast (PAB), SeaCache and TextKVCache. This module
 applies the ones that work on :class:`diffusers.SD3Transformer2DModel` to the trained SD3
-"shapes" model of :mod:`specdiff_fx.zoo` and measures them against full compute.
+"shapes" model of :mod:`specdiff_zoo` and measures them against full compute.
 
 How the caches are driven here (and why not with ``transformer.enable_cache``):
 
@@ -91,7 +91,7 @@ from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.utils import logging as diffusers_logging
 
 from specdiff_fx.metrics import psnr
-from specdiff_fx.zoo import ShapesModel, load_shapes_dit
+from specdiff_zoo import ShapesModel, load_shapes_dit
 
 __all__ = [
     "CACHES",

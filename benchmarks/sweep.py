@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import specdiff_fx  # noqa: E402
 from specdiff_fx import metrics  # noqa: E402
-from specdiff_fx.zoo import load_shapes_dit  # noqa: E402
+from specdiff_zoo import load_shapes_dit  # noqa: E402
 
 PROMPTS = [
     "a red circle at the left on a blue background",

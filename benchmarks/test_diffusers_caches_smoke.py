@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffusers_caches as dc  # noqa: E402
-from specdiff_fx.zoo import ShapesModel, load_shapes_dit  # noqa: E402
+from specdiff_zoo import ShapesModel, load_shapes_dit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")  # FasterCache
 

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/env.sh
-exec .venv/bin/python -m specdiff_fx.demo "$@"
+exec .venv/bin/python -m specdiff_zoo.demo "$@"

@@ -1,12 +1,12 @@
 """Train a shapes-zoo DiT (SD3 or FLUX family) with rectified flow on one CPU core.
 
 Pixel-space training on the procedural coloured-shapes dataset
-(:mod:`specdiff_fx.zoo.data`): ``x_t = (1 - t) x0 + t eps``, target
+(:mod:`specdiff_zoo.data`): ``x_t = (1 - t) x0 + t eps``, target
 ``v = eps - x0``, ``t ~ sigmoid(N(0, 1))`` (logit-normal), MSE loss. The text
-encoder (:mod:`specdiff_fx.zoo.text`) is trained jointly; captions are dropped
+encoder (:mod:`specdiff_zoo.text`) is trained jointly; captions are dropped
 to ``""`` with probability ``--p-uncond`` for classifier-free guidance. The
 transformer calling convention (timestep scaling, FLUX packing and ids) is the
-one of :func:`specdiff_fx.zoo.call_transformer`.
+one of :func:`specdiff_zoo.call_transformer`.
 
 Writes ``shapes_<family>.safetensors`` (EMA weights, keys prefixed
 ``transformer.`` / ``text_encoder.``), ``shapes_<family>.json`` and
@@ -14,8 +14,8 @@ Writes ``shapes_<family>.safetensors`` (EMA weights, keys prefixed
 
 Usage::
 
-    python scripts/train_shapes.py --family sd3 --steps 1400 --seed 0 --out specdiff_fx/zoo/weights
-    python scripts/train_shapes.py --family flux --steps 900 --seed 0 --out specdiff_fx/zoo/weights
+    python scripts/train_shapes.py --family sd3 --steps 1400 --seed 0 --out specdiff_zoo/weights
+    python scripts/train_shapes.py --family flux --steps 900 --seed 0 --out specdiff_zoo/weights
     python scripts/train_shapes.py --family sd3 --quick --out /tmp/zoo_quick
 """
 
@@ -38,14 +38,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from specdiff_fx.zoo import (  # noqa: E402
+from specdiff_zoo import (  # noqa: E402
     TIMESTEP_CONVENTION,
     ShapesModel,
     build_transformer,
     call_transformer,
     default_transformer_config,
 )
-from specdiff_fx.zoo.data import (  # noqa: E402
+from specdiff_zoo.data import (  # noqa: E402
     MAX_LEN,
     VOCAB,
     make_dataset,
@@ -55,7 +55,7 @@ from specdiff_fx.zoo.data import (  # noqa: E402
     shape_colour_check,
     tokenize_batch,
 )
-from specdiff_fx.zoo.text import ShapesTextEncoder, TextEncoderConfig  # noqa: E402
+from specdiff_zoo.text import ShapesTextEncoder, TextEncoderConfig  # noqa: E402
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "sd3": {"steps": 1400, "batch_size": 32, "lr": 1e-3, "guidance_scale": 4.0},
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", choices=("sd3", "flux"), default="sd3")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (family default if omitted)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "specdiff_fx" / "zoo" / "weights")
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "specdiff_zoo" / "weights")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--warmup", type=int, default=100)
@@ -147,7 +147,7 @@ def save_grid(images: torch.Tensor, path: Path, cols: int = 8, scale: int = 4) -
     """Save ``[B, 3, 32, 32]`` images in ``[-1, 1]`` as an upscaled PNG grid."""
     from PIL import Image
 
-    from specdiff_fx.zoo import to_uint8
+    from specdiff_zoo import to_uint8
 
     x = to_uint8(images).numpy()
     b, h, w, _ = x.shape

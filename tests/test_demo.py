@@ -2,7 +2,7 @@
 
 
 import specdiff_fx
-from specdiff_fx import demo
+from specdiff_zoo import demo
 
 
 def test_demo_smoke(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import torch
 
 import specdiff_fx
-from specdiff_fx.zoo import load_shapes_dit
+from specdiff_zoo import load_shapes_dit
 
 
 def test_speculative_steps_change_the_selection():

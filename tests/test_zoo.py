@@ -1,4 +1,4 @@
-"""Tests for the shapes model zoo (:mod:`specdiff_fx.zoo`): data, loaders, sample quality, training CLI."""
+"""Tests for the shapes model zoo (:mod:`specdiff_zoo`): data, loaders, sample quality, training CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from specdiff_fx.zoo import (
+from specdiff_zoo import (
     FAMILIES,
     WEIGHTS_DIR,
     ShapesModel,
@@ -22,7 +22,7 @@ from specdiff_fx.zoo import (
     to_uint8,
     unpack_pixels,
 )
-from specdiff_fx.zoo.data import (
+from specdiff_zoo.data import (
     MAX_LEN,
     PAD_ID,
     SHAPE_COLOURS,
@@ -32,7 +32,7 @@ from specdiff_fx.zoo.data import (
     nearest_colour,
     tokenize,
 )
-from specdiff_fx.zoo.text import ShapesTextEncoder, TextEncoderConfig
+from specdiff_zoo.text import ShapesTextEncoder, TextEncoderConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUALITY_PROMPTS = 12

@@ -1,7 +1,7 @@
 """Small trained text-to-image DiTs ("shapes zoo") for fidelity measurements.
 
 Two pixel-space (no VAE) rectified-flow models trained on the procedural
-coloured-shapes dataset of :mod:`specdiff_fx.zoo.data`:
+coloured-shapes dataset of :mod:`specdiff_zoo.data`:
 
 * ``"sd3"``: a :class:`diffusers.SD3Transformer2DModel`, input ``[B, 3, 32, 32]``
   (patch 2, 256 image tokens), called with ``timestep = sigma * 1000`` exactly
@@ -12,7 +12,7 @@ coloured-shapes dataset of :mod:`specdiff_fx.zoo.data`:
   the call) and a raw ``guidance`` scale.
 
 Both predict the velocity ``v = noise - x0`` for ``x_sigma = (1 - sigma) x0 +
-sigma noise``. Weights live in ``specdiff_fx/zoo/weights`` and load fully
+sigma noise``. Weights live in ``specdiff_zoo/weights`` and load fully
 offline with :func:`load_shapes_dit`.
 """
 
@@ -303,7 +303,7 @@ def load_shapes_dit(
     transformer = build_transformer(family, config["transformer"])
     text_encoder = ShapesTextEncoder(TextEncoderConfig(**config["text_encoder"]))
     if list(config.get("vocab", VOCAB)) != list(VOCAB):
-        raise ValueError("vocabulary in the weights config does not match specdiff_fx.zoo.data.VOCAB")
+        raise ValueError("vocabulary in the weights config does not match specdiff_zoo.data.VOCAB")
     for prefix, module in (("transformer.", transformer), ("text_encoder.", text_encoder)):
         sub = {k[len(prefix) :]: v.float() for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(sub, strict=True)

@@ -7,7 +7,7 @@ PSNR/SSIM of specdiff against full compute and the fraction of transformer FLOPs
 executed; writes a PNG grid: full | specdiff | |difference| | how often each token was
 recomputed.
 
-    python -m specdiff_fx.demo [--family sd3|flux] [--steps 28] [--out demo.png]
+    python -m specdiff_zoo.demo [--family sd3|flux] [--steps 28] [--out demo.png]
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
-from .telemetry import last_generation
-from .zoo import load_shapes_dit, to_uint8
+from specdiff_fx import metrics
+from specdiff_fx.telemetry import last_generation
+from specdiff_zoo import load_shapes_dit, to_uint8
 
 PROMPTS = [
     "a red circle at the left on a blue background",
