@@ -32,6 +32,9 @@ class SpecDiffConfig:
         cache_ratio: fraction of image tokens *not* recomputed on a cached step,
             ``0 <= r < 1``. ``0`` computes every token on every step (the output then
             equals plain Inductor/eager).
+        controller: the policy that decides, per call, between a full step, a sparse step
+            and (where the policy allows) a skipped one: a name registered in
+            :mod:`specdiff_fx.control` (``"fixed"``: ``warmup_steps`` + ``refresh_at``).
         speculative_steps: steps of the self-speculative pre-run (``0`` = history only).
         warmup_steps: leading steps of a generation that compute every token.
         refresh_at: progress points in ``(0, 1)`` (progress = ``1 - sigma``) at which a
@@ -82,9 +85,13 @@ class SpecDiffConfig:
             first that fits of: no text K/V caches (context computed), no K/V
             extrapolation, neither; else it computes every token and keeps no caches.
             Each fallback is logged, warned once and noted in the report.
+        max_generations: generations one compiled graph keeps in flight (a server
+            interleaving requests); past it the least recently used is evicted (noted in its
+            report) and its next call starts over.
     """
 
     cache_ratio: float = 0.9
+    controller: str = "fixed"
     speculative_steps: int = 2
     warmup_steps: int = 4
     refresh_at: tuple[float, ...] = (0.45, 0.7)
@@ -101,6 +108,7 @@ class SpecDiffConfig:
     inductor: bool = True
     strict: bool = False
     max_cache_bytes: int | None = field(default=None)
+    max_generations: int = 8
 
     # -- validation ---------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -112,6 +120,10 @@ class SpecDiffConfig:
 
         if not (_is_real(self.cache_ratio) and 0.0 <= self.cache_ratio < 1.0):
             raise bad("cache_ratio", "a number with 0 <= cache_ratio < 1")
+        from .control import policies
+
+        if self.controller not in policies():
+            raise bad("controller", " or ".join(repr(p) for p in policies()))
         if not (_is_int(self.speculative_steps) and 0 <= self.speculative_steps <= 16):
             raise bad("speculative_steps", "an int with 0 <= speculative_steps <= 16")
         if not (_is_int(self.warmup_steps) and 1 <= self.warmup_steps <= 1000):
@@ -149,6 +161,8 @@ class SpecDiffConfig:
             raise bad("starvation_scale", "a number with 0 <= starvation_scale <= 10")
         if not (_is_int(self.score_queries) and self.score_queries >= 0):
             raise bad("score_queries", "an int >= 0 (0 = every query row)")
+        if not (_is_int(self.max_generations) and 1 <= self.max_generations <= 10_000):
+            raise bad("max_generations", "an int with 1 <= max_generations <= 10000")
         if self.max_cache_bytes is not None and not (
             _is_int(self.max_cache_bytes) and self.max_cache_bytes >= 0
         ):

@@ -99,7 +99,8 @@ class SpecDiffBackend:
         except Exception as e:  # a bug of ours must not cost the user a working model
             return self._fallback(gm, example_inputs, f"analysis failed: {type(e).__name__}: {e}", None, t0, e)
 
-        from .runtime import GraphExecutor, SpecDiffRuntime
+        from .control import make_policy
+        from .runtime import GraphExecutor, SpecDiffRuntime, variants_needed
 
         if self.config.cache_ratio == 0.0 or torch.is_grad_enabled():
             reason = "cache_ratio=0: every token computed" if self.config.cache_ratio == 0.0 else (
@@ -110,7 +111,10 @@ class SpecDiffBackend:
             self._record(CompileRecord("plain", reason, plan.family, plan, time.perf_counter() - t0))
             return fn
         try:
-            runtime = SpecDiffRuntime(plan, self.config, GraphExecutor(gm, example_inputs, plan, self.config, self.mode))
+            policy = make_policy(self.config, plan.num_image_tokens)
+            executor = GraphExecutor(gm, example_inputs, plan, self.config, self.mode,
+                                     may_need=variants_needed(self.config, policy))
+            runtime = SpecDiffRuntime(plan, self.config, executor, policy)
         except Exception as e:
             return self._fallback(gm, example_inputs, f"rewrite failed: {type(e).__name__}: {e}", plan, t0, e)
         self.runtimes.append(runtime)

@@ -66,6 +66,9 @@ class DiTPlan:
     sample_input: int  # index of the latent (hidden_states) among the graph inputs
     timestep_per_sigma: float
     weight_input: int | None = None  # index of a parameter input: identifies the model at run time
+    #: indices of the conditioning inputs (neither latent, timestep nor module state): fixed
+    #: through a generation, they tell interleaved generations apart at run time
+    condition_inputs: tuple[int, ...] = ()
     layouts: Mapping[str, NodeLayout] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -1,12 +1,22 @@
 """What happened in a generation, readable after ``pipe(...)``.
 
 ``specdiff_fx.last_generation()`` returns the :class:`GenerationReport` of the most recent
-generation run by any specdiff-compiled model in this process; ``report.summary()`` prints
-one line per model call.
+generation started by any specdiff-compiled model in this process; ``report.summary()``
+prints one line per model call. A server that runs several generations at once reads each
+request's report with :func:`track`::
+
+    with specdiff_fx.track() as tracked:
+        image = pipe(prompt).images[0]
+    log(tracked.report.summary())
+
+``track`` collects the generations that ran a call inside the block *in this thread* (a
+thread per request works as is; a loop that interleaves requests step by step enters the
+request's tracker around each of its steps: trackers are re-entrant).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 
@@ -15,8 +25,8 @@ class StepRecord:
     """One call of the transformer (or one internal speculative call).
 
     ``kind``: ``"speculative"`` (internal pre-run call, not returned to the pipeline),
-    ``"full"`` (every token computed; step 0 doubles as the first speculative step) or
-    ``"cached"``. ``c1``/``c2``/``c3`` are per-sample tier sizes (computed / reused /
+    ``"full"`` (every token computed; step 0 doubles as the first speculative step),
+    ``"cached"`` (``c1`` image tokens computed) or ``"skipped"`` (no token computed). ``c1``/``c2``/``c3`` are per-sample tier sizes (computed / reused /
     blended); ``flops`` is this call's transformer FLOPs (counted once per variant with
     ``torch.utils.flop_counter`` on fake tensors).
     """
@@ -50,6 +60,12 @@ class GenerationReport:
     computed_counts: object = None
     #: whether cached steps read the context tokens' K/V from caches (``None``: no cached step yet)
     context_cached: bool | None = None
+    #: the generation's number (unique in the process, increasing)
+    id: int = 0
+    #: generations the runtime held after this generation's last call (itself included), and
+    #: the bytes of state they held together (caches, traces, speculative records)
+    live_generations: int = 0
+    held_bytes: int = 0
 
     @property
     def main_steps(self) -> list[StepRecord]:
@@ -69,12 +85,14 @@ class GenerationReport:
 
     def summary(self) -> str:
         lines = [
-            f"specdiff generation: {self.family}, {self.num_image_tokens} image tokens, batch {self.batch}, "
+            f"specdiff generation {self.id}: {self.family}, {self.num_image_tokens} image tokens, batch {self.batch}, "
             f"cache_ratio {self.cache_ratio}",
             f"  calls: {self.count('speculative')} speculative, {self.count('full')} full, "
-            f"{self.count('cached')} cached; FLOPs executed: {self.flops_fraction:.1%} of full compute; "
+            f"{self.count('cached')} cached" + (f", {self.count('skipped')} skipped" if self.count("skipped") else "")
+            + f"; FLOPs executed: {self.flops_fraction:.1%} of full compute; "
             f"cache {self.cache_bytes / 2**20:.1f} MiB; {self.compiles} compiles, {self.compile_seconds:.1f} s; "
-            f"context tokens {'cached' if self.context_cached else 'computed'} on cached steps",
+            f"context tokens {'cached' if self.context_cached else 'computed'} on cached steps; "
+            f"{self.live_generations} generation(s) in flight holding {self.held_bytes / 2**20:.1f} MiB",
             "  step branch kind         sigma    C1/C2/C3 (sample 0)   FLOPs vs full",
         ]
         for s in self.steps:
@@ -91,6 +109,7 @@ class GenerationReport:
 
 
 _LAST: list[GenerationReport | None] = [None]
+_TRACKERS = threading.local()
 
 
 def set_last(report: GenerationReport) -> None:
@@ -98,5 +117,43 @@ def set_last(report: GenerationReport) -> None:
 
 
 def last_generation() -> GenerationReport | None:
-    """The report of the most recent generation run by a specdiff-compiled model."""
+    """The report of the most recent generation started by a specdiff-compiled model."""
     return _LAST[0]
+
+
+class Tracker:
+    """The reports of the generations that ran calls while the tracker was active in this
+    thread, in the order they first did; see :func:`track`."""
+
+    def __init__(self) -> None:
+        self.reports: list[GenerationReport] = []
+
+    @property
+    def report(self) -> GenerationReport:
+        """The one generation tracked (``ValueError`` if none or several)."""
+        if len(self.reports) != 1:
+            raise ValueError(f"the tracker saw {len(self.reports)} generations; read .reports")
+        return self.reports[0]
+
+    def __enter__(self) -> "Tracker":
+        stack = getattr(_TRACKERS, "stack", None)
+        if stack is None:
+            stack = _TRACKERS.stack = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _TRACKERS.stack.remove(self)
+
+
+def track() -> Tracker:
+    """A context manager collecting the reports of the generations that run calls inside it,
+    in this thread (re-entrant: enter the same tracker again for a request's next step)."""
+    return Tracker()
+
+
+def note_call(report: GenerationReport) -> None:
+    """Called by the runtime on every call: the active trackers of this thread see ``report``."""
+    for tracker in getattr(_TRACKERS, "stack", ()):
+        if not any(r is report for r in tracker.reports):
+            tracker.reports.append(report)

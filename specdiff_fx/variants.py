@@ -1,11 +1,10 @@
-"""Build one compiled variant (plain, full or sparse) of an analysed DiT graph."""
+"""Build one compiled variant (full, sparse or skip) of an analysed DiT graph."""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -15,8 +14,7 @@ from .graph_utils import clone_graph_module
 from .passes import NewInput, RewriteContext, passes_for, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
-
-_CACHE_INPUT = re.compile(r"specdiff_[kv]p?\d+")  # K/V caches, updated in place
+from .signature import Port, Role, VariantKey, VariantKind
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
@@ -35,46 +33,69 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Spe
 class Variant:
     """A rewritten and compiled graph.
 
-    Call with the original graph inputs followed by ``new_inputs`` (in order); returns the
-    user outputs (full variant only) followed by the extras named in ``extras``.
+    Call with the original graph inputs followed by the values of ``new_inputs`` (in order;
+    :meth:`run` looks them up by port); returns the user outputs followed by the extras
+    whose ports ``outputs`` lists.
     """
 
-    name: str
+    key: VariantKey
     gm: fx.GraphModule
     fn: Callable[..., Any]
     new_inputs: tuple[NewInput, ...]
     num_user_outputs: int
-    extras: tuple[str, ...]
-    k: int | None = None
+    outputs: tuple[Port, ...]
     compile_seconds: float = 0.0
     plan_tokens: int = 0  # N, the image tokens of the graph
     flops: int = 0  # per call (count_flops on fake tensors, at build time)
     calls: int = field(default=0)
 
+    @property
+    def name(self) -> str:
+        return self.key.kind.value
+
+    @property
+    def k(self) -> int | None:
+        return self.key.k
+
+    @property
+    def extras(self) -> tuple[str, ...]:
+        """The extra outputs' short names (``k0``, ``tokens`` ...), in order."""
+        return tuple(p.key for p in self.outputs)
+
     def __call__(self, *args: Any) -> tuple[Any, ...]:
-        """Run the variant. Tensor inputs are made contiguous: the variant was compiled for
-        contiguous inputs, whatever strides the caller's tensors have (pipelines pass e.g.
-        expanded timesteps; the runtime builds its own inputs). Caches are contiguous
-        already, so their in-place updates land in the caller's tensors."""
+        """Run the variant on flat arguments. Tensor inputs are made contiguous: the variant
+        was compiled for contiguous inputs, whatever strides the caller's tensors have
+        (pipelines pass e.g. expanded timesteps; the runtime builds its own inputs). Caches
+        are contiguous already, so their in-place updates land in the caller's tensors."""
         self.calls += 1
-        if self.name == "sparse":
-            n_in = len(args) - len(self.new_inputs)
-            check_index(args[n_in], self.new_inputs[0].shape, self.plan_tokens)
-            for spec, a in zip(self.new_inputs, args[n_in:]):
-                if _CACHE_INPUT.fullmatch(spec.name) and not a.is_contiguous():
-                    raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
+        n_in = len(args) - len(self.new_inputs)
+        for spec, a in zip(self.new_inputs, args[n_in:]):
+            if spec.port.role is Role.IDX:
+                check_index(a, spec.shape, self.plan_tokens)
+            elif spec.port.updated_in_place and not a.is_contiguous():
+                raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
         out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
         return tuple(out)
 
-    def extra_inputs(self, named: dict[str, Any]) -> list[Any]:
-        """The values of ``new_inputs`` in order, looked up by name in ``named``."""
+    def run(self, args: Sequence[Any], values: Mapping[Port, Any]) -> tuple[tuple[Any, ...], dict[Port, Any]]:
+        """Run on the model's inputs ``args`` and the added inputs ``values`` (by port);
+        returns (user outputs, {port: extra output})."""
+        missing = [i.name for i in self.new_inputs if i.port not in values]
+        if missing:
+            raise KeyError(f"specdiff: no value for the inputs {missing} of the {self.key} variant")
+        outputs = self(*args, *[values[i.port] for i in self.new_inputs])
+        n = self.num_user_outputs
+        return tuple(outputs[:n]), dict(zip(self.outputs, outputs[n:]))
+
+    def extra_inputs(self, named: Mapping[str, Any]) -> list[Any]:
+        """The values of ``new_inputs`` in order, looked up by input name in ``named``."""
         missing = [i.name for i in self.new_inputs if i.name not in named]
         if missing:
             raise KeyError(f"specdiff: no value for the variant inputs {missing}")
         return [named[i.name] for i in self.new_inputs]
 
     def split(self, outputs: Sequence[Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """(user outputs, {extra name: value})."""
+        """(user outputs, {extra short name: value})."""
         n = self.num_user_outputs
         return tuple(outputs[:n]), dict(zip(self.extras, outputs[n:]))
 
@@ -84,37 +105,37 @@ def build_variant(
     example_inputs: Sequence[Any],
     plan: DiTPlan,
     config: SpecDiffConfig,
-    variant: str,
-    k: int | None = None,
+    key: VariantKey,
     mode: str | None = None,
 ) -> Variant:
-    """Clone ``gm``, run the variant's passes, compile. ``variant``: "full" or "sparse".
+    """Clone ``gm``, run the passes of the variant ``key``, compile.
 
     Compiles under ``torch.no_grad()``: the variants are inference graphs.
     """
     t0 = time.perf_counter()
-    if variant not in ("full", "sparse"):
-        raise ValueError(f"unknown variant {variant!r}")
+    if not isinstance(key, VariantKey):
+        raise TypeError(f"build_variant takes a VariantKey, got {key!r}")
+    if key.kind is VariantKind.SPARSE and not 1 <= key.k <= plan.num_image_tokens:
+        raise ValueError(f"k={key.k} outside [1, {plan.num_image_tokens}]")
     clone = clone_graph_module(gm)
-    ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k)
+    ctx = RewriteContext(plan=plan, config=config, key=key)
     seed_placeholder_values(clone, example_inputs, ctx)
-    rewritten = run_passes(clone, passes_for(variant, config), ctx)
+    rewritten = run_passes(clone, passes_for(key, config), ctx)
     added = [n.name for n in rewritten.graph.find_nodes(op="placeholder")][len(example_inputs):]
     assert added == [i.name for i in ctx.new_inputs], (added, ctx.new_inputs)
     examples = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in example_inputs] + [
         torch.zeros(i.shape, dtype=i.dtype, device=i.device) for i in ctx.new_inputs
     ]
-    if variant == "sparse":  # valid, distinct indices for the example call
-        examples[len(example_inputs)] = (
-            torch.arange(k, device=ctx.new_inputs[0].device).expand(plan.batch, k).contiguous()
-        )
+    for j, spec in enumerate(ctx.new_inputs):  # valid, distinct indices for the example call
+        if spec.port.role is Role.IDX:
+            examples[len(example_inputs) + j] = torch.arange(key.k, device=spec.device).expand(plan.batch, key.k).contiguous()
     flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
         fn = compile_graph(rewritten, examples, config, mode)
     meta = rewritten.meta["specdiff_outputs"]
     return Variant(
-        name=variant, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
-        num_user_outputs=meta["user"], extras=meta["extras"], k=k,
+        key=key, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
+        num_user_outputs=meta["user"], outputs=meta["ports"],
         compile_seconds=time.perf_counter() - t0, plan_tokens=plan.num_image_tokens, flops=flops,
     )
 

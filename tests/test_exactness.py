@@ -10,7 +10,7 @@ import torch
 import specdiff_fx
 from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
-from specdiff_fx.variants import _CACHE_INPUT
+from specdiff_fx.signature import ContextMode, VariantKey
 
 MODELS = {"sd3": lambda: tiny_sd3(0), "sd35": lambda: tiny_sd3(0, sd35=True), "flux": lambda: tiny_flux(0)}
 SHAPES = {"sd3": [(8, 8), (16, 8)], "flux": [(4, 4), (6, 3)]}  # latent HxW / token grid; square + not
@@ -67,8 +67,9 @@ def test_inductor_full_variant_matches_eager(captured):
     """SD3.5 config: the full variant (extra outputs added) compiled by Inductor."""
     c = captured("sd35")
     plan = analyze_dit(c.gm)
-    full = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(score_queries=0), "full")
-    plain = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(score_queries=0, inductor=False), "full")
+    full = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(score_queries=0), VariantKey.full())
+    plain = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(score_queries=0, inductor=False),
+                          VariantKey.full())
     with torch.no_grad():
         ref = c.model(**c.inputs).sample
         user, extras = full.split(full(*c.example_inputs))
@@ -79,18 +80,19 @@ def test_inductor_full_variant_matches_eager(captured):
 
 
 @pytest.mark.inductor
-@pytest.mark.parametrize("cache_context", [False, True, None])
-def test_inductor_sparse_variant_matches_fx(captured, cache_context):
+@pytest.mark.parametrize("context", list(ContextMode))
+def test_inductor_sparse_variant_matches_fx(captured, context):
     """FLUX: the subset variant compiled by Inductor equals the plain FX run, and the
     in-place cache writes survive compilation (with and without the text tokens; with
-    ``None`` the fresh text K/V it returns too)."""
+    ``REFRESH`` the fresh text K/V it returns too)."""
     c = captured("flux")
     plan = analyze_dit(c.gm)
     k = 7
     # the score too; K/V extrapolated (default)
-    cfg = SpecDiffConfig(score_queries=0, score="attention", cache_context=cache_context)
-    compiled = build_variant(c.gm, c.example_inputs, plan, cfg, "sparse", k=k)
-    plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), "sparse", k=k)
+    cfg = SpecDiffConfig(score_queries=0, score="attention")
+    key = VariantKey.sparse(k, context, extrapolate=True)
+    compiled = build_variant(c.gm, c.example_inputs, plan, cfg, key)
+    plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), key)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k] for _ in range(2)])
     rest = compiled.new_inputs[1:]  # history, weights, K/V ratio, K/V caches (current and previous)
@@ -102,10 +104,10 @@ def test_inductor_sparse_variant_matches_fx(captured, cache_context):
         _, a = compiled.split(compiled(*c.example_inputs, idx, *c1))
         _, b = plain.split(plain(*c.example_inputs, idx, *c2))
     assert {"tokens", "subset", "score"} <= b.keys() and a.keys() == b.keys()
-    assert any(key.startswith("kt") for key in b) == (cache_context is None)
-    for key in b:
-        assert rel_err(a[key], b[key]) <= 1e-4, key
-    written = [j for j, i in enumerate(rest) if _CACHE_INPUT.fullmatch(i.name)]
+    assert any(name.startswith("kt") for name in b) == (context is ContextMode.REFRESH)
+    for name in b:
+        assert rel_err(a[name], b[name]) <= 1e-4, name
+    written = [j for j, i in enumerate(rest) if i.port.updated_in_place]
     assert len(written) == 4 * len(plan.attention)
     for x, y, before in ((c1[j], c2[j], caches[j]) for j in written):  # the K/V caches, written in place
         assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)
@@ -114,19 +116,28 @@ def test_inductor_sparse_variant_matches_fx(captured, cache_context):
 def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(captured):
     """With ``max_cache_bytes`` a generation may drop the text caches and the K/V
     extrapolation, so the executor keeps the example inputs until those variants exist."""
-    from specdiff_fx.runtime import GraphExecutor
+    from specdiff_fx.control import make_policy
+    from specdiff_fx.runtime import GraphExecutor, variants_needed
 
     c = captured("flux")
     plan = analyze_dit(c.gm)
     cfg = SpecDiffConfig(inductor=False, cache_context=True, max_cache_bytes=10**12)
-    ex = GraphExecutor(c.gm, c.example_inputs, plan, cfg)
-    ex.sparse(True)
+    k = cfg.num_computed(plan.num_image_tokens)
+
+    def executor(config):
+        return GraphExecutor(c.gm, c.example_inputs, plan, config,
+                             may_need=variants_needed(config, make_policy(config, plan.num_image_tokens)))
+
+    ex = executor(cfg)
+    assert ex.may_need == {VariantKey.sparse(k, ctx, e) for ctx in (ContextMode.CACHED, ContextMode.COMPUTE)
+                           for e in (True, False)}
+    ex.variant(VariantKey.sparse(k, ContextMode.CACHED, True))
     assert ex.example_inputs is not None
-    fallback = ex.sparse(False, extrapolate=False)
+    fallback = ex.variant(VariantKey.sparse(k, ContextMode.COMPUTE, False))
     assert not any(i.name.startswith(("specdiff_kp", "specdiff_kt")) for i in fallback.new_inputs)
-    ex.sparse(True, extrapolate=False)
-    ex.sparse(False)
+    ex.variant(VariantKey.sparse(k, ContextMode.CACHED, False))
+    ex.variant(VariantKey.sparse(k, ContextMode.COMPUTE, True))
     assert ex.example_inputs is None  # every variant this config may need is built
-    plain = GraphExecutor(c.gm, c.example_inputs, plan, cfg.replace(max_cache_bytes=None))
-    plain.sparse(True)
+    plain = executor(cfg.replace(max_cache_bytes=None))
+    plain.variant(VariantKey.sparse(k, ContextMode.CACHED, True))
     assert plain.example_inputs is None

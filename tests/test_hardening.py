@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import specdiff_fx
 from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+from specdiff_fx.signature import VariantKey
 from specdiff_fx.variants import check_index
 
 FAST = {"inductor": False, "warmup_steps": 2, "refresh_at": (0.6,)}
@@ -82,7 +83,7 @@ def test_fuzz_token_index_validation(data):
 def test_sparse_variant_rejects_bad_indices_and_caches(captured):
     c = captured("sd3")
     plan = analyze_dit(c.gm)
-    v = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(inductor=False), "sparse", k=3)
+    v = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(inductor=False), VariantKey.sparse(3))
     rest = [torch.zeros(i.shape) for i in v.new_inputs[1:]]
     with pytest.raises(ValueError, match="duplicates"):
         v(*c.example_inputs, torch.tensor([[1, 1, 2], [0, 1, 2]]), *rest)
@@ -276,9 +277,9 @@ def test_caches_hold_no_autograd_state():
     with torch.no_grad():  # caches made under inference_mode are updated under no_grad
         euler(cm, inputs)
     rt = be.runtimes[-1]
-    tensors = [t for s in rt.branches.values() for t in s.caches + [h for _, h in s.history]]
+    tensors = [t for s in rt.branches.values() for t in [*s.kv.kv, *s.kv.prev, s.tokens.outputs]]
     assert tensors and not any(t.requires_grad or t.grad_fn is not None for t in tensors)
-    assert not any(t.is_inference() for s in rt.branches.values() for t in s.caches)
+    assert not any(t.is_inference() for t in tensors)
 
 
 def test_a_generation_causes_no_recompiles():

@@ -23,15 +23,23 @@ from specdiff_fx.passes import (
     run_passes,
 )
 from specdiff_fx.passes.context import seed_placeholder_values
+from specdiff_fx.signature import ContextMode, VariantKey
 
 CFG = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False)
 MODELS = ["sd3", "flux"]
 
 
-def apply(c, passes, variant="full", k=None, config=CFG):
+def apply(c, passes, variant="full", k=None, config=CFG, context=None):
+    """Run ``passes`` on a clone of ``c``'s graph for the variant ``variant`` (``k`` tokens);
+    ``context`` defaults to what the runtime's full variant does (text K/V returned) and to
+    computing the context in a sparse one."""
     plan = analyze_dit(c.gm)
     gm = clone_graph_module(c.gm)
-    ctx = RewriteContext(plan=plan, config=config, variant=variant, k=k)
+    if variant == "full":
+        key = VariantKey.full(refresh_text=context is not ContextMode.COMPUTE)
+    else:
+        key = VariantKey.sparse(k, context or ContextMode.COMPUTE, config.kv_extrapolation)
+    ctx = RewriteContext(plan=plan, config=config, key=key)
     seed_placeholder_values(gm, c.example_inputs, ctx)
     gm = run_passes(gm, passes, ctx)
     return gm, ctx, plan
@@ -59,7 +67,7 @@ def test_runner_keeps_meta_val_true(captured, name):
 @pytest.mark.parametrize("name", MODELS)
 def test_expose_attention_kv(captured, reference, name):
     c = captured(name)
-    gm, ctx, plan = apply(c, [expose_attention_kv, finalize_outputs])  # cache_context auto: text K/V too
+    gm, ctx, plan = apply(c, [expose_attention_kv, finalize_outputs])  # the full variant: text K/V too
     n_attn = len(plan.attention)
     assert targets(gm)[ops.image_segment] == targets(gm)[ops.text_segment] == 2 * n_attn
     assert gm.meta["specdiff_outputs"]["extras"] == tuple(
@@ -73,7 +81,7 @@ def test_expose_attention_kv(captured, reference, name):
         torch.testing.assert_close(extras[f"v{i}"], v, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(extras[f"kt{i}"], kt, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(extras[f"vt{i}"], vt, atol=1e-5, rtol=1e-4)
-    gm, _, _ = apply(c, [expose_attention_kv, finalize_outputs], config=CFG.replace(cache_context=False))
+    gm, _, _ = apply(c, [expose_attention_kv, finalize_outputs], context=ContextMode.COMPUTE)
     assert gm.meta["specdiff_outputs"]["extras"] == tuple(f"{c}{i}" for i in range(n_attn) for c in "kv")
 
 
@@ -203,17 +211,17 @@ def test_attend_with_kv_cache(captured, reference, name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_attend_with_kv_cache_returns_fresh_text_kv_for_context_refresh(captured, reference, name):
-    """``cache_context=None`` (a cached step that refreshes the text caches): every text
+    """``ContextMode.REFRESH`` (a cached step that refreshes the text caches): every text
     token is computed and its K/V returned; with exact image caches they equal the full
     step's text K/V."""
     c = captured(name)
     plan = analyze_dit(c.gm)
     passes = [gather_token_subset, attend_with_kv_cache, expose_token_output, finalize_outputs]
-    gm, ctx, _ = apply(c, passes, variant="sparse", k=5, config=CFG.replace(cache_context=None))
+    gm, ctx, _ = apply(c, passes, variant="sparse", k=5, context=ContextMode.REFRESH)
     ref = reference(name)
     with_text = [i for i, s in enumerate(plan.attention) if s.layout.length > plan.num_image_tokens]
     assert len(with_text) == len(ref.text_kv) > 0
-    assert list(ctx.extras) == [f"{ch}t{i}" for i in with_text for ch in "kv"] + ["tokens", "subset"]
+    assert [p.key for p in ctx.extras] == [f"{ch}t{i}" for i in with_text for ch in "kv"] + ["tokens", "subset"]
     assert targets(gm)[ops.text_segment] == 2 * len(with_text)
     caches = [t.contiguous().clone() for kv in ref.kv for t in kv]
     idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
@@ -222,17 +230,16 @@ def test_attend_with_kv_cache_returns_fresh_text_kv_for_context_refresh(captured
     for i, (kt, vt) in zip(with_text, ref.text_kv):
         torch.testing.assert_close(extras[f"kt{i}"], kt, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(extras[f"vt{i}"], vt, atol=1e-5, rtol=1e-4)
-    # False computes the text too but returns nothing extra
-    gm, ctx, _ = apply(c, passes, variant="sparse", k=5, config=CFG.replace(cache_context=False))
-    assert list(ctx.extras) == ["tokens", "subset"]
+    # COMPUTE computes the text too but returns nothing extra
+    gm, ctx, _ = apply(c, passes, variant="sparse", k=5, context=ContextMode.COMPUTE)
+    assert [p.key for p in ctx.extras] == ["tokens", "subset"]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_gather_token_subset_drops_the_text_tokens_with_context_caching(captured, name):
     c = captured(name)
     passes = [gather_token_subset, attend_with_kv_cache, expose_token_output, finalize_outputs]
-    cached = CFG.replace(cache_context=True)
-    gm, ctx, plan = apply(c, passes, variant="sparse", k=5, config=cached)
+    gm, ctx, plan = apply(c, passes, variant="sparse", k=5, context=ContextMode.CACHED)
     kept, _, _ = apply(c, passes, variant="sparse", k=5)
     calls = [n for n in gm.graph.nodes if n.target is ops.attend_keys]
     assert len(calls) == 2 * len(plan.attention) and all("text" in n.kwargs for n in calls)

@@ -11,6 +11,7 @@ from specdiff_fx import SpecDiffConfig, last_generation, schedule
 from specdiff_fx.layout import Layout, Seg
 from specdiff_fx.plan import AttentionSite, DiTPlan
 from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
+from specdiff_fx.signature import ContextMode, VariantKind
 
 B, N, C = 2, 20, 3
 
@@ -29,6 +30,10 @@ class FakeExecutor:
         self.calls = []  # (kind, sigma, idx or None)
         self.full_flops = 100
         self.compiled = []
+        self.prepared = []  # variant keys the runtime asked to compile ahead
+
+    def prepare(self, keys):
+        self.prepared.extend(keys)
 
     def score(self, sigma):
         pos = torch.arange(N, dtype=torch.float32)
@@ -41,18 +46,20 @@ class FakeExecutor:
         kv = [torch.zeros(B, 1, N, 4), torch.zeros(B, 1, N, 4)]
         return StepOutput((-x,), -x, self.score(sigma), kv)
 
-    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None,
-                   refresh_text=False):
+    def run_sparse(self, args, key, inputs):
         x, t = args
         sigma = float(t[0]) / 1000.0
-        self.calls.append(("sparse", sigma, idx.clone()))
-        self.kv_inputs = (prev, ratio)
-        tokens = torch.einsum("hbnc,bnh->bnc", history, weights)
-        tokens.scatter_(1, idx[..., None].expand(-1, -1, C), torch.gather(-x, 1, idx[..., None].expand(-1, -1, C)))
-        return StepOutput((tokens,), tokens, self.score(sigma), caches)
+        idx = inputs.idx
+        self.calls.append(("sparse" if idx is not None else "skip", sigma, None if idx is None else idx.clone()))
+        self.kv_inputs = (inputs.kv_prev, inputs.ratio)
+        tokens = torch.einsum("hbnc,bnh->bnc", inputs.history, inputs.weights)
+        if idx is not None:
+            rows = idx[..., None].expand(-1, -1, C)
+            tokens.scatter_(1, rows, torch.gather(-x, 1, rows))
+        return StepOutput((tokens,), tokens, self.score(sigma), list(inputs.kv))
 
-    def flops(self, kind, cache_context=False, extrapolate=None):
-        return 100 if kind == "full" else 30
+    def flops(self, key):
+        return 100 if key.kind is VariantKind.FULL else 30
 
 
 def generate(rt, steps, seed=0, branches=1):
@@ -247,7 +254,7 @@ def test_cache_cap_first_drops_kv_extrapolation():
     with pytest.warns(RuntimeWarning, match="drops K/V extrapolation"):
         generate(rt, 6)
     state, rep = rt.branches[0], rt.report
-    assert not state.extrapolate and state.prev == [] and not state.degraded
+    assert not state.extrapolate and state.kv.prev == [] and not state.degraded
     assert ex.kv_inputs == (None, None)  # the sparse variant without extrapolation inputs
     assert rep.count("cached") == 4 and rep.cache_bytes == 2240 <= cfg.max_cache_bytes
     assert any("2240 bytes" in n for n in rep.notes)
@@ -257,7 +264,7 @@ def test_cache_cap_first_drops_kv_extrapolation():
     with pytest.warns(RuntimeWarning, match="computes every token"):
         generate(rt, 6)
     state = rt.branches[0]
-    assert state.degraded and state.caches == [] and state.fresh is None and rt.report.cache_bytes == 0
+    assert state.degraded and state.kv.kv == [] and state.tokens is None and rt.report.cache_bytes == 0
     assert [k for k, _, _ in ex.calls] == ["full"] * 6  # no speculative run either
 
 
@@ -274,7 +281,7 @@ def test_cache_cap_keeps_the_first_setting_that_fits(cap, extrapolate, context):
         generate(rt, 5)
     state, rep = rt.branches[0], rt.report
     assert state.extrapolate is extrapolate and rep.context_cached is context and not state.degraded
-    assert bool(ex.text_inputs) is context and (ex.kv_inputs[0] is not None) is extrapolate
+    assert (ex.text_inputs is not None) is context and (ex.kv_inputs[0] is not None) is extrapolate
     assert rep.cache_bytes <= cap and (len(rep.notes) == 0) is (extrapolate and context)
 
 
@@ -282,32 +289,28 @@ class WeightedExecutor(FakeExecutor):
     def run_full(self, args):
         return super().run_full(args[:2])
 
-    def run_sparse(self, args, *rest):
-        return super().run_sparse(args[:2], *rest)
+    def run_sparse(self, args, key, inputs):
+        return super().run_sparse(args[:2], key, inputs)
 
 
-def test_a_runtime_resumed_after_another_shape_restarts():
-    """Two specialisations of one model (same weights): if the caller switched shape
-    mid-generation and comes back, the first runtime's caches are stale: full step, reset."""
+def test_another_shape_in_between_does_not_reset_a_generation():
+    """Two specialisations of one model (same weights) serving two generations at two
+    resolutions, interleaved: each runtime continues its own generation (the latent moved as
+    the sampler moves it); the other shape's calls in between change nothing."""
     from dataclasses import replace
 
     plan = replace(fake_plan(), weight_input=2)
     weight = torch.zeros(3)
     a, b = (SpecDiffRuntime(plan, SpecDiffConfig(warmup_steps=1), WeightedExecutor()) for _ in range(2))
-    x = torch.randn(B, N, C)
-    for sigma in (1.0, 0.9, 0.8):
-        a(x, torch.full((B,), sigma * 1000), weight)
-    b(x, torch.full((B,), 700.0), weight)  # the other shape's runtime (same model)
-    a.executor.calls.clear()
-    a(x, torch.full((B,), 600.0), weight)
-    assert a.executor.calls[0][0] == "full" and a.report.steps[0].step == 0
-    assert any("another shape mid-generation" in n for n in a.report.notes)
-    a(x, torch.full((B,), 500.0), weight)  # no switch in between: no reset
-    assert a.report.main_steps[-1].step == 1
-    other = torch.zeros(3)  # another model (other weights) never resets this one
-    b(x, torch.full((B,), 400.0), other)
-    a(x, torch.full((B,), 300.0), weight)
-    assert a.report.main_steps[-1].step == 2
+    xa, xb = torch.randn(B, N, C), torch.randn(B, N, C)
+    sig = torch.linspace(1, 0, 6)
+    for i in range(5):
+        t = torch.full((B,), float(sig[i]) * 1000)
+        (va,) = a(xa, t, weight)
+        (vb,) = b(xb, t, weight)
+        xa, xb = xa + (sig[i + 1] - sig[i]) * va, xb + (sig[i + 1] - sig[i]) * vb
+    for rt in (a, b):
+        assert [s.step for s in rt.report.main_steps] == [0, 1, 2, 3, 4] and not rt.report.notes
 
 
 def test_taylor_weights_extrapolate_and_reuse():
@@ -381,17 +384,17 @@ def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
                                                          kv_extrapolation=extrapolate), ex)
         x = torch.randn(B, N, C)
         rt(x, torch.full((B,), 1000.0))
-        first = rt.branches[0].caches
+        first = rt.branches[0].kv.kv
         rt(x, torch.full((B,), 900.0))
         state = rt.branches[0]
         if extrapolate:  # the caches of the step before, each token's computation before the last
-            assert all(p is c for p, c in zip(state.prev, first))
+            assert all(p is c for p, c in zip(state.kv.prev, first))
         else:
-            assert state.prev == []
+            assert state.kv.prev == []
         rt(x, torch.full((B,), 800.0))
         prev, ratio = ex.kv_inputs
         if extrapolate:
-            assert prev is state.prev and ratio.shape == (B, N)
+            assert prev is state.kv.prev and ratio.shape == (B, N)
             torch.testing.assert_close(ratio, torch.ones(B, N))  # (0.9 - 0.8) / (1.0 - 0.9)
         else:
             assert prev is None and ratio is None
@@ -400,22 +403,24 @@ def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
 class TextExecutor(FakeExecutor):
     """A model with text tokens: full steps return text K/V, cached steps record what they get."""
 
-    def flops(self, kind, cache_context=False, extrapolate=None):  # sparse: text computed / cached / returned
-        return 100 if kind == "full" else {False: 30, True: 20, None: 31}[cache_context]
+    def flops(self, key):  # sparse: text computed / cached / returned
+        if key.kind is VariantKind.FULL:
+            return 100
+        return {ContextMode.COMPUTE: 30, ContextMode.CACHED: 20, ContextMode.REFRESH: 31}[key.context]
 
     def run_full(self, args):
         out = super().run_full(args)
-        text = {"specdiff_kt0": torch.zeros(B, 1, 3, 4), "specdiff_vt0": torch.zeros(B, 1, 3, 4)}
+        text = [torch.zeros(B, 1, 3, 4), torch.zeros(B, 1, 3, 4)]  # k0, v0 of the one attention
         return StepOutput(out.user, out.tokens, out.score, out.kv, text)
 
-    def run_sparse(self, args, idx, history, weights, caches, prev=None, ratio=None, text=None,
-                   refresh_text=False):
-        self.text_inputs = text
-        self.refreshes = getattr(self, "refreshes", []) + [refresh_text]
-        out = super().run_sparse(args, idx, history, weights, caches, prev, ratio, text)
-        if refresh_text:  # a step that computes the context returns its text K/V
+    def run_sparse(self, args, key, inputs):
+        self.text_inputs = inputs if key.context is ContextMode.CACHED else None
+        refresh = key.context is ContextMode.REFRESH
+        self.refreshes = getattr(self, "refreshes", []) + [refresh]
+        out = super().run_sparse(args, key, inputs)
+        if refresh:  # a step that computes the context returns its text K/V
             sigma = float(args[1][0]) / 1000.0
-            out.text = {"specdiff_kt0": torch.full((B, 1, 3, 4), sigma), "specdiff_vt0": torch.zeros(B, 1, 3, 4)}
+            out.text = [torch.full((B, 1, 3, 4), sigma), torch.zeros(B, 1, 3, 4)]
         return out
 
 
@@ -436,13 +441,13 @@ def test_context_caching_is_off_under_guidance_unless_forced(option, guided, exp
         for _ in range(2 if guided == "calls" else 1):
             rt(x, t)
     assert rt.report.context_cached is expected
-    names = set(ex.text_inputs)
+    got = ex.text_inputs
     if expected:
-        assert {"specdiff_kt0", "specdiff_vt0", "specdiff_ktp0", "specdiff_vtp0", "specdiff_kv_ratio_txt"} <= names
+        assert len(got.text) == len(got.text_prev) == 2 and got.text_ratio is not None
         # the text was computed at sigma 1.0 and 0.75 (the full steps); now 0.25: r = 0.5 / 0.25, clamped
-        torch.testing.assert_close(ex.text_inputs["specdiff_kv_ratio_txt"], torch.full((B,), 1.5))
+        torch.testing.assert_close(got.text_ratio, torch.full((B,), 1.5))
     else:  # and the text caches are dropped for the rest of the generation
-        assert not names and not rt.branches[0].text and not rt.branches[0].text_prev
+        assert got is None and not rt.branches[0].text and not rt.branches[0].text.prev
 
 
 def test_context_interval_refreshes_the_text_caches_on_cached_steps():
@@ -458,17 +463,17 @@ def test_context_interval_refreshes_the_text_caches_on_cached_steps():
     for i in range(7):
         rt(x, torch.full((B,), float(sigmas[i]) * 1000))
         if i >= 2:
-            seen.append(dict(ex.text_inputs))
+            seen.append(ex.text_inputs)
     # cached steps 2..6: read, refresh, read, refresh, read
     assert ex.refreshes == [False, True, False, True, False]
-    assert [bool(t) for t in seen] == [True, False, True, False, True]
+    assert [t is not None for t in seen] == [True, False, True, False, True]
     state = rt.branches[0]
-    assert state.text_sigmas == pytest.approx([0.5, 0.7])  # the two refreshing cached steps
-    torch.testing.assert_close(state.text["specdiff_kt0"], torch.full((B, 1, 3, 4), 0.5))
-    torch.testing.assert_close(state.text_prev["specdiff_kt0"], torch.full((B, 1, 3, 4), 0.7))
+    assert state.text.sigmas == pytest.approx([0.5, 0.7])  # the two refreshing cached steps
+    torch.testing.assert_close(state.text.kv[0], torch.full((B, 1, 3, 4), 0.5))
+    torch.testing.assert_close(state.text.prev[0], torch.full((B, 1, 3, 4), 0.7))
     # r = (s1 - sigma) / (s2 - s1): step 2 (0.8) from the full steps 0.9 and 1.0; step 4
     # (0.6) from 0.7 (a refresh) and 0.9 (full); step 6 (0.4) from the refreshes 0.5 and 0.7
     for j, r in ((0, 1.0), (2, 0.5), (4, 0.5)):
-        torch.testing.assert_close(seen[j]["specdiff_kv_ratio_txt"], torch.full((B,), r))
+        torch.testing.assert_close(seen[j].text_ratio, torch.full((B,), r))
     # each cached step reports the FLOPs of the variant it ran
     assert [s.flops for s in rt.report.steps if s.kind == "cached"] == [20, 31, 20, 31, 20]

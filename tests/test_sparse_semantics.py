@@ -8,17 +8,18 @@ from hypothesis import strategies as st
 
 from oracle import full_reference, sparse_reference
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+from specdiff_fx.signature import ContextMode, VariantKey
 
 # the attention score is checked too; K/V extrapolation has its own test below
 CFG = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False)
 _VARIANTS: dict = {}
 
 
-def sparse_variant(c, k, config=CFG):
-    key = (c.name, k, config)
-    if key not in _VARIANTS:
-        _VARIANTS[key] = build_variant(c.gm, c.example_inputs, analyze_dit(c.gm), config, "sparse", k=k)
-    return _VARIANTS[key]
+def sparse_variant(c, k, config=CFG, context=ContextMode.COMPUTE):
+    key = VariantKey.sparse(k, context, config.kv_extrapolation)
+    if (c.name, key, config) not in _VARIANTS:
+        _VARIANTS[(c.name, key, config)] = build_variant(c.gm, c.example_inputs, analyze_dit(c.gm), config, key)
+    return _VARIANTS[(c.name, key, config)]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_all_tokens_equal_the_full_variant(captured, stale, name):
     c = captured(name)
     plan = analyze_dit(c.gm)
     n = plan.num_image_tokens
-    full = build_variant(c.gm, c.example_inputs, plan, CFG, "full")
+    full = build_variant(c.gm, c.example_inputs, plan, CFG, VariantKey.full())
     with torch.no_grad():
         user, fx = full.split(full(*c.example_inputs))
     idx = torch.arange(n).expand(2, n).contiguous()
@@ -148,12 +149,12 @@ def test_kv_extrapolation_matches_the_oracle_on_extrapolated_caches(captured, re
 
 @pytest.mark.parametrize("name", ["sd3", "sd35", "flux"])
 def test_context_caching_matches_the_oracle(captured, reference, stale, name):
-    """With ``cache_context=True`` no text token is computed: every attention reads the
+    """With the context cached (``ContextMode.CACHED``) no text token is computed: every attention reads the
     text K/V from the given caches (extrapolated like the image ones)."""
     c = captured(name)
     plan = analyze_dit(c.gm)
     n, k = plan.num_image_tokens, 5
-    variant = sparse_variant(c, k, CFG.replace(cache_context=True, kv_extrapolation=True))
+    variant = sparse_variant(c, k, CFG.replace(kv_extrapolation=True), ContextMode.CACHED)
     names = [i.name for i in variant.new_inputs]
     old, now = reference(name, stale=True), reference(name)
     assert len(now.text_kv) == sum(n_.startswith("specdiff_kt") and not n_.startswith("specdiff_ktp") for n_ in names)

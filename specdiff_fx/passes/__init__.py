@@ -16,7 +16,9 @@ from .expose_attention_score import expose_attention_score
 from .expose_token_output import expose_token_output
 from .finalize_outputs import finalize_outputs
 from .gather_token_subset import gather_token_subset
+from .skip_token_stream import skip_token_stream
 from .specialize_shapes import specialize_shapes
+from ..signature import VariantKey, VariantKind
 
 #: full variant: the original computation plus K/V, score and per-token outputs
 FULL_PASSES = (expose_attention_kv, expose_attention_score, expose_token_output, finalize_outputs)
@@ -33,17 +35,22 @@ SPARSE_PASSES = (
 )
 
 
-def passes_for(variant: str, config) -> tuple:
-    """The pass list of ``variant`` ("full" or "sparse") under ``config``: the attention
-    score is only computed when the token score reads it (``score="attention"``)."""
-    passes = FULL_PASSES if variant == "full" else SPARSE_PASSES
+#: skip variant: no token computed, the per-token outputs from history, then the epilogue
+SKIP_PASSES = (skip_token_stream, finalize_outputs)
+
+
+def passes_for(key: VariantKey, config) -> tuple:
+    """The pass list of the variant ``key`` under ``config``: the attention score is only
+    computed when the token score reads it (``score="attention"``)."""
+    passes = {VariantKind.FULL: FULL_PASSES, VariantKind.SPARSE: SPARSE_PASSES, VariantKind.SKIP: SKIP_PASSES}[key.kind]
     if config.score != "attention":
         passes = tuple(p for p in passes if p is not expose_attention_score)
     return passes
 
 
 __all__ = [
-    "FULL_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
+    "FULL_PASSES", "SKIP_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
     "attend_with_kv_cache", "blend_token_history", "expose_attention_kv", "expose_attention_score",
-    "expose_token_output", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "specialize_shapes",
+    "expose_token_output", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "skip_token_stream",
+    "specialize_shapes",
 ]

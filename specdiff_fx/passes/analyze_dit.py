@@ -129,6 +129,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         if lay is not None and lay.axis == 0:
             raise NotADiT("a tensor carries image tokens on its batch axis")
 
+    timestep_input, sample_input = _input_index(gm, "timestep"), _input_index(gm, "hidden_states")
     return DiTPlan(
         family=family.name,
         batch=batch,
@@ -140,10 +141,12 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         blocks=_blocks(gm, family),
         attention=tuple(sites),
         side_inputs=tuple(dict.fromkeys(sides)),
-        timestep_input=_input_index(gm, "timestep"),
-        sample_input=_input_index(gm, "hidden_states"),
+        timestep_input=timestep_input,
+        sample_input=sample_input,
         timestep_per_sigma=family.timestep_per_sigma,
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if "_parameters_" in p.name), None),
+        condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
+                               if not p.name.startswith("l_self_") and i not in (timestep_input, sample_input)),
         layouts={n.name: i for n, i in infos.items()},
     )

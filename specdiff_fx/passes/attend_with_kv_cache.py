@@ -1,27 +1,28 @@
 """Subset variant: each attention's subset queries attend to all tokens via K/V caches.
 
-Reads: ``plan.attention``, the ``specdiff_idx`` input added by
-:func:`gather_token_subset` (must run first).
-Writes: per attention call ``i`` two new inputs ``specdiff_k{i}`` / ``specdiff_v{i}``
-(``[B, H, N, d]``, the image-token keys/values of the last step that computed them);
-the SDPA's key/value become :func:`specdiff_fx.ops.attend_keys`: the fresh keys of the
-``k`` computed tokens are scattered into the cache *in place* (so the cache holds the
-newest keys afterwards) and the attention sees text + all ``N`` image keys, in the
-model's own order.
-With ``config.kv_extrapolation`` it also adds ``specdiff_kv_ratio`` (``[B, N]``, once)
-and per attention ``specdiff_kp{i}`` / ``specdiff_vp{i}`` (each token's keys/values from
-the computation before the cached one): the cached keys are extrapolated to first order
-in sigma before the attention reads them, and both caches shift in place for the
-computed tokens (see :func:`specdiff_fx.ops.attend_keys`).
-With ``config.cache_context=True`` the subset graph has no text tokens (see
-:func:`gather_token_subset`): per attention ``specdiff_kt{i}`` / ``specdiff_vt{i}``
-(``[B, H, M, d]``, the text keys/values of their last computation) take their place in the
-keys (with extrapolation also ``specdiff_ktp{i}`` / ``specdiff_vtp{i}`` and one
-``specdiff_kv_ratio_txt`` ``[B]``); they are read, never written.
-With ``config.cache_context=None`` the subset graph computes every text token (as with
-``False``) and also returns their fresh keys/values as extras ``kt{i}`` / ``vt{i}``
-(``[B, H, M, d]``, like the full variant's), so a cached step can refresh the text K/V
-caches (``context_interval``).
+Reads: ``plan.attention``, the ``Role.IDX`` input added by :func:`gather_token_subset`
+(must run first), ``ctx.key`` (context mode, K/V extrapolation).
+Writes: per attention call ``i`` two new inputs ``Role.KV`` ``specdiff_k{i}`` /
+``specdiff_v{i}`` (``[B, H, N, d]``, the image-token keys/values of the last step that
+computed them); the SDPA's key/value become :func:`specdiff_fx.ops.attend_keys`: the fresh
+keys of the ``k`` computed tokens are scattered into the cache *in place* (so the cache
+holds the newest keys afterwards) and the attention sees text + all ``N`` image keys, in
+the model's own order.
+With ``key.extrapolate`` it also adds ``Role.KV_RATIO`` ``specdiff_kv_ratio`` (``[B, N]``,
+once) and per attention ``Role.KV_PREV`` ``specdiff_kp{i}`` / ``specdiff_vp{i}`` (each
+token's keys/values from the computation before the cached one): the cached keys are
+extrapolated to first order in sigma before the attention reads them, and both caches
+shift in place for the computed tokens (see :func:`specdiff_fx.ops.attend_keys`).
+With ``ContextMode.CACHED`` the subset graph has no text tokens (see
+:func:`gather_token_subset`): per attention ``Role.TEXT_KV`` ``specdiff_kt{i}`` /
+``specdiff_vt{i}`` (``[B, H, M, d]``, the text keys/values of their last computation) take
+their place in the keys (with extrapolation also ``Role.TEXT_KV_PREV`` ``specdiff_ktp{i}`` /
+``specdiff_vtp{i}`` and one ``Role.TEXT_RATIO`` ``specdiff_kv_ratio_txt`` ``[B]``); they are
+read, never written.
+With ``ContextMode.REFRESH`` the subset graph computes every text token (as with
+``COMPUTE``) and also returns their fresh keys/values as extras ``Role.TEXT_KV`` ``kt{i}`` /
+``vt{i}`` (``[B, H, M, d]``, like the full variant's), so a cached step can refresh the text
+K/V caches.
 Keeps true: queries are only the computed tokens; the attention output has the query's
 layout; with ``idx`` = all tokens the result equals the full graph's.
 """
@@ -33,6 +34,7 @@ import torch.fx as fx
 from .. import ops
 from ..graph_utils import nodes_by_name
 from ..layout import node_shape, sdpa_args
+from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
 
@@ -40,42 +42,44 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
     plan = ctx.plan
     idx = ctx.memo["idx"]
     nodes = nodes_by_name(gm)
-    cfg = ctx.config
+    key = ctx.key
     ratio = text_ratio = None
     first = sdpa_args(nodes[plan.attention[0].node])["key"].meta["val"]
-    if cfg.kv_extrapolation:
-        ratio = ctx.add_input(gm, "specdiff_kv_ratio", (plan.batch, plan.num_image_tokens), first.dtype, first.device)
-        if cfg.cache_context is True:
-            text_ratio = ctx.add_input(gm, "specdiff_kv_ratio_txt", (plan.batch,), first.dtype, first.device)
+    if key.extrapolate:
+        ratio = ctx.add_input(gm, Port(Role.KV_RATIO), (plan.batch, plan.num_image_tokens), first.dtype,
+                              first.device)
+        if key.context is ContextMode.CACHED:
+            text_ratio = ctx.add_input(gm, Port(Role.TEXT_RATIO), (plan.batch,), first.dtype, first.device)
     for i, site in enumerate(plan.attention):
         sdpa = nodes[site.node]
         args = sdpa_args(sdpa)
         new = {}
         for name in ("key", "value"):
+            t = name[0]
             fresh = args[name]
             val = fresh.meta["val"]
             shape = (plan.batch, node_shape(fresh)[1], plan.num_image_tokens, node_shape(fresh)[3])
-            cache = ctx.add_input(gm, f"specdiff_{name[0]}{i}", shape, val.dtype, val.device)
+            cache = ctx.add_input(gm, Port(Role.KV, i, t), shape, val.dtype, val.device)
             kwargs = {}
             if ratio is not None:
-                kwargs.update(prev=ctx.add_input(gm, f"specdiff_{name[0]}p{i}", shape, val.dtype, val.device),
+                kwargs.update(prev=ctx.add_input(gm, Port(Role.KV_PREV, i, t), shape, val.dtype, val.device),
                               ratio=ratio)
             offset = site.img_offset
             m = site.layout.length - plan.num_image_tokens
-            if cfg.cache_context is True and m:
+            if key.context is ContextMode.CACHED and m:
                 text_shape = (*shape[:2], m, shape[3])
-                kwargs.update(text=ctx.add_input(gm, f"specdiff_{name[0]}t{i}", text_shape, val.dtype, val.device),
+                kwargs.update(text=ctx.add_input(gm, Port(Role.TEXT_KV, i, t), text_shape, val.dtype, val.device),
                               text_offset=offset)
                 if text_ratio is not None:
-                    kwargs.update(text_prev=ctx.add_input(gm, f"specdiff_{name[0]}tp{i}", text_shape, val.dtype,
+                    kwargs.update(text_prev=ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), text_shape, val.dtype,
                                                           val.device), text_ratio=text_ratio)
                 offset = 0  # the subset's joint sequence is its image tokens alone
             with gm.graph.inserting_before(sdpa):
                 new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, offset), kwargs)
-                if cfg.cache_context is None and m:  # the fresh text K/V, for the runtime's text caches
-                    ctx.extras[f"{name[0]}t{i}"] = gm.graph.call_function(
+                if key.context is ContextMode.REFRESH and m:  # the fresh text K/V, for the runtime's text caches
+                    ctx.extras[Port(Role.TEXT_KV, i, t)] = gm.graph.call_function(
                         ops.text_segment, (fresh, 2, offset, ctx.k))
         positional = ["query", "key", "value"]
         sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
-        sdpa.kwargs = {key: new.get(key, a) for key, a in sdpa.kwargs.items()}
+        sdpa.kwargs = {name: new.get(name, a) for name, a in sdpa.kwargs.items()}
     return gm

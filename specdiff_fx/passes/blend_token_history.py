@@ -18,19 +18,20 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import ops
+from ..signature import Port, Role
 from .context import RewriteContext
 
 
 def blend_token_history(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     plan = ctx.plan
-    base = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == "specdiff_base")
+    base = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == Port(Role.BASE).input_name)
     val = base.meta["val"]
     h = ctx.config.history_depth
-    history = ctx.add_input(gm, "specdiff_history", (h, *val.shape), val.dtype, val.device)
-    weights = ctx.add_input(gm, "specdiff_weights", (plan.batch, plan.num_image_tokens, h), val.dtype, val.device)
+    history = ctx.add_input(gm, Port(Role.HISTORY), (h, *val.shape), val.dtype, val.device)
+    weights = ctx.add_input(gm, Port(Role.WEIGHTS), (plan.batch, plan.num_image_tokens, h), val.dtype, val.device)
     with gm.graph.inserting_after(weights):
         blended = gm.graph.call_function(ops.tier_blend, (history, weights))
     base.replace_all_uses_with(blended)
     gm.graph.erase_node(base)
-    ctx.new_inputs[:] = [i for i in ctx.new_inputs if i.name != "specdiff_base"]
+    ctx.new_inputs[:] = [i for i in ctx.new_inputs if i.port.role is not Role.BASE]
     return gm

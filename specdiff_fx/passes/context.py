@@ -14,6 +14,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from ..config import SpecDiffConfig
 from ..graph_utils import add_placeholder
 from ..plan import DiTPlan
+from ..signature import ContextMode, Port, VariantKey, VariantKind
 
 log = logging.getLogger("specdiff_fx.passes")
 
@@ -22,34 +23,52 @@ log = logging.getLogger("specdiff_fx.passes")
 class NewInput:
     """A graph input a pass added: the runtime must pass a tensor of this spec."""
 
-    name: str
+    port: Port
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.port.input_name
 
 
 @dataclass
 class RewriteContext:
     """What the passes of one variant read and write besides the graph.
 
-    ``extras`` are extra outputs (name -> node) in the order the variant returns them;
-    ``new_inputs`` are the inputs added after the original ones, in placeholder order.
+    ``key`` says which variant the passes build; ``extras`` are extra outputs (port ->
+    node) in the order the variant returns them; ``new_inputs`` are the inputs added after
+    the original ones, in placeholder order.
     """
 
     plan: DiTPlan
     config: SpecDiffConfig
-    variant: str  # "full" or "sparse"
-    k: int | None = None
+    key: VariantKey
     fake_mode: FakeTensorMode = field(default_factory=lambda: FakeTensorMode(allow_non_fake_inputs=True))
-    extras: dict[str, fx.Node] = field(default_factory=dict)
+    extras: dict[Port, fx.Node] = field(default_factory=dict)
     new_inputs: list[NewInput] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
 
-    def add_input(self, gm: fx.GraphModule, name: str, shape, dtype, device) -> fx.Node:
+    @property
+    def variant(self) -> str:
+        return self.key.kind.value
+
+    @property
+    def k(self) -> int | None:
+        return self.key.k
+
+    @property
+    def context(self) -> ContextMode:
+        return self.key.context
+
+    def add_input(self, gm: fx.GraphModule, port: Port, shape, dtype, device) -> fx.Node:
         with self.fake_mode:
             example = torch.empty(tuple(shape), dtype=dtype, device=device)
-        node = add_placeholder(gm, name, example)
-        self.new_inputs.append(NewInput(node.name, tuple(shape), dtype, torch.device(device)))
+        node = add_placeholder(gm, port.input_name, example)
+        if node.name != port.input_name:
+            raise RuntimeError(f"graph input {port.input_name} exists already")
+        self.new_inputs.append(NewInput(port, tuple(shape), dtype, torch.device(device)))
         return node
 
 

@@ -1,10 +1,11 @@
 """Full variant: return every attention call's image-token keys and values.
 
 Reads: ``plan.attention`` (SDPA node names, their layouts and image offsets).
-Writes: extra outputs ``k{i}`` / ``v{i}`` (``[B, H, N, d]``, the keys and values exactly
-as fed to SDPA: after qk-norm and RoPE) in attention order; unless
-``config.cache_context`` is ``False`` also ``kt{i}`` / ``vt{i}`` (``[B, H, M, d]``, the text tokens'
-keys/values in the model's order, for :func:`attend_with_kv_cache` to read on cached steps).
+Writes: extra outputs ``Role.KV`` ``k{i}`` / ``v{i}`` (``[B, H, N, d]``, the keys and values
+exactly as fed to SDPA: after qk-norm and RoPE) in attention order; with
+``ContextMode.REFRESH`` also ``Role.TEXT_KV`` ``kt{i}`` / ``vt{i}`` (``[B, H, M, d]``, the text
+tokens' keys/values in the model's order, for :func:`attend_with_kv_cache` to read on cached
+steps).
 Keeps true: the attention and every user output are unchanged.
 """
 
@@ -15,6 +16,7 @@ import torch.fx as fx
 from .. import ops
 from ..graph_utils import nodes_by_name
 from ..layout import sdpa_args
+from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
 
@@ -26,12 +28,12 @@ def expose_attention_kv(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
         args = sdpa_args(sdpa)
         with gm.graph.inserting_before(sdpa):
             for name in ("key", "value"):
-                ctx.extras[f"{name[0]}{i}"] = gm.graph.call_function(
+                ctx.extras[Port(Role.KV, i, name[0])] = gm.graph.call_function(
                     ops.image_segment, (args[name], 2, site.img_offset, n)
                 )
-            if ctx.config.cache_context is not False and site.layout.length > n:  # attentions with text
+            if ctx.context is ContextMode.REFRESH and site.layout.length > n:  # attentions with text
                 for name in ("key", "value"):
-                    ctx.extras[f"{name[0]}t{i}"] = gm.graph.call_function(
+                    ctx.extras[Port(Role.TEXT_KV, i, name[0])] = gm.graph.call_function(
                         ops.text_segment, (args[name], 2, site.img_offset, n)
                     )
     return gm

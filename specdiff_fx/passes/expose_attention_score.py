@@ -20,6 +20,7 @@ import torch.fx as fx
 from .. import ops
 from ..graph_utils import nodes_by_name
 from ..layout import sdpa_args
+from ..signature import Port, Role
 from .context import RewriteContext
 
 
@@ -40,5 +41,5 @@ def expose_attention_score(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphM
         else:
             with gm.graph.inserting_after(score):
                 total = gm.graph.call_function(operator.add, (total, score))
-    ctx.extras["score"] = total
+    ctx.extras[Port(Role.SCORE)] = total
     return gm

@@ -13,13 +13,15 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph_utils import nodes_by_name
+from ..signature import Port, Role
 from .context import RewriteContext
 
 
 def expose_token_output(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     if "stream_out" in ctx.memo:
-        ctx.extras["tokens"] = ctx.memo["stream_out"]
-        ctx.extras["subset"] = ctx.memo["subset_out"]
+        ctx.extras[Port(Role.TOKENS)] = ctx.memo["stream_out"]
+        if "subset_out" in ctx.memo:
+            ctx.extras[Port(Role.SUBSET)] = ctx.memo["subset_out"]
     else:
-        ctx.extras["tokens"] = nodes_by_name(gm)[ctx.plan.end]
+        ctx.extras[Port(Role.TOKENS)] = nodes_by_name(gm)[ctx.plan.end]
     return gm

@@ -2,7 +2,8 @@
 
 Reads: ``ctx.extras`` (in insertion order).
 Writes: the output node = user outputs + extras; ``gm.meta["specdiff_outputs"]`` counts
-the user outputs and names the extras; dead code is removed.
+the user outputs (``"user"``) and lists the extras' ports (``"ports"``) and short names
+(``"extras"``); dead code is removed.
 Keeps true: the user outputs keep their positions.
 """
 
@@ -18,6 +19,7 @@ def finalize_outputs(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     user = out.args[0]
     user = list(user) if isinstance(user, (tuple, list)) else [user]
     out.args = (tuple(user) + tuple(ctx.extras.values()),)
-    gm.meta["specdiff_outputs"] = {"user": len(user), "extras": tuple(ctx.extras)}
+    gm.meta["specdiff_outputs"] = {"user": len(user), "ports": tuple(ctx.extras),
+                                   "extras": tuple(p.key for p in ctx.extras)}
     gm.graph.eliminate_dead_code()
     return gm

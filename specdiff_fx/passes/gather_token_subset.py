@@ -16,7 +16,7 @@ Writes:
   slices and ``split_with_sizes`` sections at segment boundaries) rewritten for ``k``
   (view sizes written out in full, so a ``-1`` never has to be inferred from an empty
   tensor).
-With ``config.cache_context=True`` the text segments are dropped as well (length 0 in the
+With the context cached (``ContextMode.CACHED``) the text segments are dropped as well (length 0 in the
 subset graph): token-axis ``cat`` s lose their text operands, full-length text operands
 of text-only tensors are gathered to zero tokens, and the text stream's work before the
 first attention becomes dead code (the runner removes it); the attention then reads the
@@ -34,6 +34,7 @@ import torch.fx as fx
 from .. import ops
 from ..graph_utils import get_operand, nodes_by_name, set_operand
 from ..layout import Layout, _shape_args, node_shape
+from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
 
@@ -62,11 +63,11 @@ def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
 def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     plan, k = ctx.plan, ctx.k
     assert k is not None and 1 <= k <= plan.num_image_tokens
-    keep_txt = ctx.config.cache_context is not True
+    keep_txt = ctx.context is not ContextMode.CACHED
     nodes = nodes_by_name(gm)
     start = nodes[plan.start]
     device = start.meta.get("val", start.meta.get("example_value")).device
-    idx = ctx.add_input(gm, "specdiff_idx", (plan.batch, k), torch.int64, device)
+    idx = ctx.add_input(gm, Port(Role.IDX), (plan.batch, k), torch.int64, device)
     ctx.memo["idx"] = idx
 
     with gm.graph.inserting_after(start):
@@ -75,7 +76,7 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
 
     end = nodes[plan.end]
     end_val = end.meta.get("val", end.meta.get("example_value"))
-    base = ctx.add_input(gm, "specdiff_base", (plan.batch, plan.num_image_tokens, plan.out_channels),
+    base = ctx.add_input(gm, Port(Role.BASE), (plan.batch, plan.num_image_tokens, plan.out_channels),
                          end_val.dtype, device)
     with gm.graph.inserting_after(end):
         restored = gm.graph.call_function(ops.scatter_tokens, (end, idx, base))

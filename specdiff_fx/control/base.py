@@ -1,0 +1,120 @@
+"""The decision interface every controller implements, and the policy registry."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from ..config import SpecDiffConfig
+
+
+class Action(enum.Enum):
+    FULL = "full"  # every token computed, every cache refreshed
+    SPARSE = "sparse"  # k image tokens computed, the others from their history and the K/V caches
+    SKIP = "skip"  # no token computed: every token's output from its history
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    k: int | None = None  # sparse: image tokens computed per sample
+    reason: str = ""  # for the telemetry
+
+    @classmethod
+    def full(cls, reason: str = "") -> "Decision":
+        return cls(Action.FULL, reason=reason)
+
+    @classmethod
+    def sparse(cls, k: int, reason: str = "") -> "Decision":
+        return cls(Action.SPARSE, k, reason)
+
+    @classmethod
+    def skip(cls, reason: str = "") -> "Decision":
+        return cls(Action.SKIP, reason=reason)
+
+
+@dataclass
+class StepView:
+    """What a policy may read before a main-run call of one branch.
+
+    Only what the pipeline's calls reveal: the step index in this branch, the current sigma
+    and those of the earlier calls. No step count, no shift, no guidance mode."""
+
+    step: int  # main-run calls of this branch so far (>= 1 when decide is called)
+    sigma: float
+    sigmas: Sequence[float]  # sigmas of the earlier main-run calls, oldest first
+    num_tokens: int  # N, image tokens per sample
+    #: per-token estimate of the error of not computing each token now ([B, N]), when the
+    #: runtime has one (each token's predicted drift since its last computation)
+    drift: Callable[[], torch.Tensor | None] = lambda: None
+
+
+@dataclass
+class Observation:
+    """What the runtime measured on the call a decision led to."""
+
+    decision: Decision
+    sigma: float
+    flops: int  # of the call
+    full_flops: int  # of a full call
+    #: full calls: the relative error the history prediction had against the fresh outputs,
+    #: per sample (``||pred - fresh|| / ||fresh||``); sparse calls: the same on the computed tokens
+    prediction_error: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Policy:
+    """A controller. Subclasses set ``name`` and implement :meth:`decide`.
+
+    One policy object serves every generation of a compiled graph; per-branch state lives in
+    what :meth:`start` returns (kept in the branch's state and passed back)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: SpecDiffConfig, num_tokens: int) -> None:
+        self.config, self.num_tokens = config, num_tokens
+
+    def token_counts(self) -> tuple[int, ...]:
+        """The ``k`` values :meth:`decide` may return in a sparse decision."""
+        return (self.config.num_computed(self.num_tokens),)
+
+    def may_skip(self) -> bool:
+        """Whether :meth:`decide` may return a skip decision."""
+        return False
+
+    def start(self) -> Any:
+        """Fresh per-branch state (the first call of a branch is always full)."""
+        return None
+
+    def decide(self, state: Any, view: StepView) -> Decision:
+        raise NotImplementedError
+
+    def observe(self, state: Any, view: StepView, obs: Observation) -> None:
+        """After every main-run call of the branch (the first included)."""
+
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator: make ``cls`` selectable as ``controller=cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"policy name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policies() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def make_policy(config: SpecDiffConfig, num_tokens: int) -> Policy:
+    """The policy ``config.controller`` names, for graphs with ``num_tokens`` image tokens."""
+    try:
+        cls = _REGISTRY[config.controller]
+    except KeyError:
+        raise ValueError(f"unknown controller {config.controller!r}; registered: {', '.join(_REGISTRY)}") from None
+    return cls(config, num_tokens)

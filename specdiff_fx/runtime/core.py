@@ -1,0 +1,443 @@
+"""The SpecDiff runtime: plain Python around the compiled variants.
+
+One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per call it
+
+1. reads the timestep, converts it to sigma (``families.py`` knows each family's scale) and
+   asks the router (:mod:`.routing`) which generation and branch the call belongs to (by
+   model, conditioning, monotone sigma and how the latent moved, never by call order), or
+   starts a new generation;
+2. on the first call of a branch runs main step 0 with the full variant and then
+   ``speculative_steps - 1`` more Euler steps of the same model on a uniform sigma grid from
+   the same latent and conditioning, recording each step's per-token outputs
+   (attention-received scores with ``score="attention"``; step 0 *is* the first speculative
+   step: shared, not run twice); the speculative calls' K/V and outputs never reach the
+   main caches;
+3. on later calls asks the controller policy (:mod:`specdiff_fx.control`) for a decision:
+   ``full`` runs the full variant and refreshes every cache; ``sparse(k)`` scores the image
+   tokens (``score="drift"``: each token's predicted staleness times the change the
+   speculative run saw; ``"attention"``: SpecDiff's ``his * fut``; both times
+   ``exp(s * cached_for)``), splits them into tiers and runs the sparse variant, whose graph
+   extrapolates the cached K/V, estimates the non-computed tokens' outputs from their
+   history and unpatchifies (with the context cached, the text K/V come from their caches
+   too; every ``context_interval``-th cached step computes the context tokens instead and
+   refreshes those caches); ``skip`` runs no token at all (every output from its history);
+4. records telemetry (:mod:`specdiff_fx.telemetry`).
+
+What belongs where: the router (:mod:`.routing`) keeps the live generations; the executor
+(:mod:`.executor`) alone knows the variants and their inputs; the per-branch state
+(:mod:`.state`) holds the caches; the policy decides; this module sequences them and
+enforces the memory cap. One lock serialises the calls of a runtime: threads that share a
+compiled model take turns, each with its own generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+from typing import Any
+
+import torch
+
+from .. import schedule
+from ..config import SpecDiffConfig
+from ..control import Action, Decision, Observation, Policy, StepView, make_policy
+from ..plan import DiTPlan
+from ..signature import ContextMode, VariantKey
+from ..telemetry import GenerationReport, StepRecord, note_call, set_last
+from .executor import GraphExecutor, SparseInputs, StepOutput
+from .routing import Branch, Generation, Router
+from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
+
+log = logging.getLogger("specdiff_fx.runtime")
+
+_LIVE: "weakref.WeakSet[SpecDiffRuntime]" = weakref.WeakSet()
+
+
+def variants_needed(config: SpecDiffConfig, policy: Policy) -> set[VariantKey]:
+    """Every variant besides the full one that a runtime with ``config`` and ``policy`` may
+    run: one sparse variant per token count, per context mode the generation may pick (the
+    auto mode decides per generation; ``context_interval`` refreshes; the memory cap may
+    drop the text caches) and per K/V extrapolation setting (the cap may drop it)."""
+    contexts = {ContextMode.COMPUTE}
+    if config.cache_context is not False:
+        contexts = {ContextMode.CACHED} | ({ContextMode.REFRESH} if config.context_interval else set())
+        if config.cache_context is None:
+            contexts.add(ContextMode.COMPUTE)
+    extrapolations = {config.kv_extrapolation}
+    if config.max_cache_bytes is not None:
+        contexts.add(ContextMode.COMPUTE)
+        extrapolations.add(False)
+    keys = {VariantKey.sparse(k, c, e) for k in policy.token_counts() for c in contexts for e in extrapolations}
+    if policy.may_skip():
+        keys.add(VariantKey.skip())
+    return keys
+
+
+class SpecDiffRuntime:
+    """The callable Dynamo runs in place of a DiT graph."""
+
+    def __init__(self, plan: DiTPlan, config: SpecDiffConfig, executor: Any, policy: Policy | None = None) -> None:
+        self.plan, self.config, self.executor = plan, config, executor
+        self.policy = policy if policy is not None else make_policy(config, plan.num_image_tokens)
+        self.k = config.num_computed(plan.num_image_tokens)
+        self.router = Router(config.max_generations)
+        self.generation: Generation | None = None  # the one the current (or last) call belongs to
+        self._warned: set[str] = set()
+        self._lock = threading.RLock()
+        _LIVE.add(self)
+
+    # -- public -----------------------------------------------------------------------
+    @property
+    def report(self) -> GenerationReport | None:
+        """The report of the generation of the current (or last) call."""
+        return self.generation.report if self.generation is not None else None
+
+    @property
+    def branches(self) -> dict[int, BranchState]:
+        """The branch states of the generation of the current (or last) call."""
+        return {} if self.generation is None else {j: b.state for j, b in enumerate(self.generation.branches)}
+
+    def reset(self) -> None:
+        """Forget every generation; the next call starts a new one."""
+        with self._lock:
+            self.router.clear()
+            self.generation = None
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        with self._lock:
+            args = list(args)
+            sigma = self._sigma(args)
+            sample = args[self.plan.sample_input]
+            conditioning = tuple(args[i] for i in self.plan.condition_inputs)
+            model = self._model(args)
+            hit = self.router.route(model, conditioning, sigma, sample)
+            gen, j = hit if hit is not None else (self._start_generation(model), 0)
+            if j == len(gen.branches):
+                kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
+                gen.branches.append(Branch(kept, BranchState(extrapolate=self.config.kv_extrapolation,
+                                                            policy=self.policy.start())))
+            self.generation = gen
+            branch = gen.branches[j]
+            state = branch.state
+            if state.step == 0:
+                out = self._first_step(args, sigma, j, state)
+            else:
+                out = self._later_step(args, sigma, j, state)
+            branch.trace.push(sigma, sample, out[0] if out else None)
+            state.sigmas.append(sigma)
+            state.step += 1
+            gen.report.live_generations = len(self.router.generations)
+            gen.report.held_bytes = self.router.held_bytes
+            note_call(gen.report)
+            return out
+
+    # -- routing ------------------------------------------------------------------------
+    def _model(self, args: list[Any]) -> int | None:
+        """The model's identity: the storage of one of its weights (two models may share one
+        compiled graph, weights being graph inputs)."""
+        i = self.plan.weight_input
+        if i is None or not isinstance(args[i], torch.Tensor):
+            return None
+        return args[i].untyped_storage().data_ptr()
+
+    def _sigma(self, args: list[Any]) -> float:
+        t = args[self.plan.timestep_input]
+        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        return value / self.plan.timestep_per_sigma
+
+    def _start_generation(self, model: int | None) -> Generation:
+        report = GenerationReport(  # compile count and time are filled in by _record
+            family=self.plan.family, num_image_tokens=self.plan.num_image_tokens, batch=self.plan.batch,
+            cache_ratio=self.config.cache_ratio, full_flops=self.executor.full_flops,
+        )
+        gen = Generation(model, report)
+        report.id = gen.id
+        for old in self.router.add(gen):
+            msg = (f"specdiff: generation {old.id} evicted (least recently used; more than "
+                   f"max_generations={self.config.max_generations} in flight); its next call starts over")
+            old.report.notes.append(msg)
+            log.info(msg)
+        set_last(report)
+        return gen
+
+    def _prepare(self, state: BranchState) -> None:
+        """Compile the variants this generation will most likely run before its first cached
+        step (the rest, e.g. a memory-cap fallback, compile on first use)."""
+        cfg = self.config
+        context = ContextMode.COMPUTE if cfg.cache_context is False or (
+            cfg.cache_context is None and state.groups is not None) else ContextMode.CACHED
+        keys = [VariantKey.sparse(k, context, cfg.kv_extrapolation) for k in self.policy.token_counts()]
+        if self.policy.may_skip():
+            keys.append(VariantKey.skip())
+        self.executor.prepare(keys)
+
+    def _record(self, step: int, branch: int, kind: str, sigma: float, flops: int,
+                tier: torch.Tensor | None = None, note: str = "") -> None:
+        n, b = self.plan.num_image_tokens, self.plan.batch
+        if tier is None:  # every token computed
+            sizes = ((n,) * b, (0,) * b, (0,) * b)
+        else:
+            sizes = tuple(tuple(int(x) for x in (tier == t).sum(dim=1)) for t in (1, 2, 3))
+        ex = self.executor
+        self.report.compiles = len(ex.compiled)
+        self.report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
+        self.report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note))
+
+    # -- steps ---------------------------------------------------------------------------
+    def _view(self, state: BranchState, sigma: float) -> StepView:
+        drift = (lambda: state.tokens.drift(sigma)) if state.tokens is not None else (lambda: None)
+        return StepView(step=state.step, sigma=sigma, sigmas=tuple(state.sigmas),
+                        num_tokens=self.plan.num_image_tokens, drift=drift)
+
+    def _later_step(self, args, sigma: float, branch: int, state: BranchState) -> tuple[Any, ...]:
+        view = self._view(state, sigma)
+        decision = self.policy.decide(state.policy, view)
+        if state.degraded:
+            decision = Decision.full("memory cap: no caches")
+        if decision.action is Action.FULL:
+            out = self._full_step(args, sigma, branch, state, "full")
+            flops = self.executor.full_flops
+        else:
+            out, flops = self._cached_step(args, sigma, branch, state, decision)
+        self.policy.observe(state.policy, view, Observation(decision, sigma, flops, self.executor.full_flops))
+        return out
+
+    def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
+        if not self._fits_cap(state, out):
+            return
+        state.kv.store(out.kv, state.extrapolate)
+        if out.text is not None and self._may_cache_context(state):  # not once decided against it, nor under batched CFG
+            state.text.store(out.text, sigma, state.extrapolate)
+        state.his = out.score
+        state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
+        self._push_past(state, sigma, out.tokens)
+        if state.tokens is None:
+            state.tokens = TokenHistory.start(out.tokens, sigma)
+        else:
+            state.tokens.push_all(out.tokens, sigma)
+        self.report.cache_bytes = max(self.report.cache_bytes, state.cache_bytes)
+
+    def _fits_cap(self, state: BranchState, out: StepOutput) -> bool:
+        """Apply ``max_cache_bytes`` before a full step stores its caches: the bytes they will
+        hold follow from the step's outputs (the previous K/V have the same sizes). Over the
+        cap, the generation keeps the first of these that fits: without the text K/V caches
+        (the context is then computed on cached steps), without K/V extrapolation (halves the
+        K/V caches; cached steps reuse the K/V), without both; if none fits it computes every
+        token on every step and keeps no caches. Each is logged, warned once and noted in the
+        report."""
+        cap = self.config.max_cache_bytes
+        if state.degraded:
+            return False
+        if cap is None:
+            return True
+        kv = nbytes(*out.kv)
+        text = nbytes(*out.text) if out.text is not None and self._may_cache_context(state) else 0
+        tokens = nbytes(out.tokens) * (2 + (self.config.blend_history if self._paper_blend else 0))
+
+        def need(extrapolate: bool, context: bool) -> int:
+            return (kv + text * context) * (1 + extrapolate) + tokens
+
+        options = [(e, c) for e in dict.fromkeys((state.extrapolate, False)) for c in dict.fromkeys((text > 0, False))]
+        fit = next((o for o in options if need(*o) <= cap), None)
+        if fit == options[0]:
+            return True
+        over = f"specdiff: caches need {need(*options[0])} bytes > max_cache_bytes={cap}"
+        if fit is None:
+            state.degraded = True
+            state.drop_caches()
+            self._note(f"{over} even without text K/V caches and K/V extrapolation ({need(False, False)} bytes); "
+                       "this generation computes every token (no caching)")
+            return False
+        dropped = []
+        if options[0][1] and not fit[1]:
+            state.context = ContextCaching.COMPUTED
+            state.text.clear()
+            self.report.context_cached = False
+            dropped.append("the text K/V caches (context computed on cached steps)")
+        if options[0][0] and not fit[0]:
+            state.extrapolate = False
+            state.kv.prev = []
+            state.text.drop_prev()
+            dropped.append("K/V extrapolation (cached steps reuse the cached K/V)")
+        self._note(f"{over}; this generation drops {' and '.join(dropped)}: {need(*fit)} bytes")
+        return True
+
+    def _may_cache_context(self, state: BranchState) -> bool:
+        """Whether this generation may still keep text K/V caches: not when the option or an
+        earlier decision says no, nor under batched CFG with ``cache_context=None`` (auto)."""
+        if self.config.cache_context is False or state.context is ContextCaching.COMPUTED:
+            return False
+        return state.context is ContextCaching.CACHED or self.config.cache_context is True or state.groups is None
+
+    def _note(self, msg: str) -> None:
+        log.info(msg)
+        self.report.notes.append(msg)
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=6)
+
+    @property
+    def _paper_blend(self) -> bool:
+        return self.config.blend and self.config.blend_mode == "paper"
+
+    def _push_past(self, state: BranchState, sigma: float, tokens: torch.Tensor) -> None:
+        if not self._paper_blend:  # only the paper blend reads whole past steps
+            return
+        state.past.appendleft((sigma, detached(tokens)))
+        while len(state.past) > self.config.blend_history:
+            state.past.pop()
+
+    def _full_step(self, args, sigma, branch, state, kind, note: str = "") -> tuple[Any, ...]:
+        out = self.executor.run_full(args)
+        self._store_full(state, out, sigma)
+        self._record(state.step, branch, kind, sigma, self.executor.full_flops, note=note)
+        return out.user
+
+    def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
+        state.sigma0 = sigma
+        state.groups = same_latent_groups(args[self.plan.sample_input])
+        self._prepare(state)
+        out = self.executor.run_full(args)
+        self._store_full(state, out, sigma)
+        self._record(0, branch, "full", sigma, self.executor.full_flops,
+                     note="shared with speculative step 1" if self.config.speculative_steps else "")
+        state.spec = [(sigma, self._spec_record(out))] if self.config.speculative_steps and not state.degraded else []
+        if not state.degraded:  # no caches: nothing for a speculative run to inform
+            self._speculate(args, out, sigma, branch, state)
+        self.policy.observe(state.policy, self._view(state, sigma),
+                            Observation(Decision.full("first call"), sigma, self.executor.full_flops,
+                                        self.executor.full_flops))
+        return out.user
+
+    def _speculate(self, args, out0: StepOutput, sigma0: float, branch: int, state: BranchState) -> None:
+        steps = self.config.speculative_steps
+        if steps <= 1:
+            return
+        sample_i, t_i = self.plan.sample_input, self.plan.timestep_input
+        x = args[sample_i]
+        v = out0.user[0] if out0.user else None
+        if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+            self.report.notes.append("speculative run skipped: the model output is not shaped like its input")
+            return
+        sigmas = schedule.speculative_sigmas(sigma0, steps)
+        t = args[t_i]
+        for j in range(1, steps):
+            x = (x.float() + (sigmas[j] - sigmas[j - 1]) * v.float()).to(x.dtype)
+            spec_args = list(args)
+            spec_args[sample_i] = x
+            spec_args[t_i] = torch.full_like(t, sigmas[j] * self.plan.timestep_per_sigma)
+            out = self.executor.run_full(spec_args)
+            state.spec.append((sigmas[j], self._spec_record(out)))
+            self._record(-1, branch, "speculative", sigmas[j], self.executor.full_flops)
+            v = out.user[0]
+
+    def _spec_record(self, out: StepOutput) -> torch.Tensor:
+        """What the token score needs from a speculative call."""
+        return out.score if self.config.score == "attention" else detached(out.tokens)
+
+    def _context_mode(self, state: BranchState) -> ContextCaching:
+        """``cache_context`` for this generation: the option, or with ``None`` (auto) on
+        unless it uses classifier-free guidance (batched halves from the same latent, or
+        more than one call per step), whose guidance scale amplifies stale text K/V."""
+        if state.context is ContextCaching.UNDECIDED:
+            wanted = self.config.cache_context
+            guided = state.groups is not None or len(self.generation.branches) > 1
+            cache = (not guided) if wanted is None else wanted
+            cache = cache and bool(state.text)  # a graph without text tokens
+            state.context = ContextCaching.CACHED if cache else ContextCaching.COMPUTED
+            if not cache:
+                state.text.clear()
+            self.report.context_cached = cache
+        return state.context
+
+    def _scores(self, state: BranchState, sigma: float) -> torch.Tensor:
+        cfg = self.config
+        if cfg.score == "attention":
+            base, fut = state.his, schedule.future_score(state.spec, sigma)
+        else:
+            base, fut = state.tokens.drift(sigma), schedule.future_drift(state.spec, sigma)
+        score = schedule.token_scores(base, fut, state.cached_for, cfg.starvation_scale)
+        if state.groups is not None:  # CFG halves of one image select the same tokens
+            score = torch.zeros_like(score).index_add_(0, state.groups, score)[state.groups]
+        return score
+
+    def _cached_step(self, args, sigma: float, branch: int, state: BranchState,
+                     decision: Decision) -> tuple[tuple[Any, ...], int]:
+        cfg = self.config
+        latest = state.tokens.latest
+        n = self.plan.num_image_tokens
+        if decision.action is Action.SKIP:
+            idx = None
+            tier = torch.full(latest.shape[:2], 2, dtype=torch.int8, device=latest.device)
+        else:
+            idx, tier = schedule.assign_tiers(self._scores(state, sigma), decision.k, cfg.reuse_mass, cfg.blend)
+            idx = idx.to(latest.device)
+        if self._paper_blend:
+            history = torch.zeros((cfg.blend_history, *latest.shape), dtype=latest.dtype, device=latest.device)
+            for j, (_, tok) in enumerate(state.past):
+                history[j] = tok
+            blend = schedule.blend_weights([s for s, _ in state.past], sigma, cfg.blend_history)
+            weights = schedule.tier_weights(tier, blend)
+        else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs: no copy
+            history = state.tokens.outputs  # read by the graph before the history is updated
+            weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, cfg.history_depth)
+        inputs = SparseInputs(idx, history, weights.to(latest.dtype))
+        refresh_text = False
+        if decision.action is Action.SKIP:
+            key = VariantKey.skip()
+        else:
+            inputs.kv = state.kv.kv
+            if state.extrapolate:
+                inputs.kv_prev, inputs.ratio = state.kv.prev, state.tokens.ratio(sigma).to(state.kv.kv[0])
+            context = ContextMode.COMPUTE
+            if self._context_mode(state) is ContextCaching.CACHED:
+                refresh_text = bool(cfg.context_interval) and state.text.age + 1 >= cfg.context_interval
+                context = ContextMode.REFRESH if refresh_text else ContextMode.CACHED
+                if not refresh_text:
+                    inputs.text = state.text.kv
+                    if state.extrapolate:
+                        inputs.text_prev = state.text.prev
+                        inputs.text_ratio = state.text.ratio(sigma, self.plan.batch, inputs.ratio)
+            key = VariantKey.sparse(decision.k, context, state.extrapolate)
+        out = self.executor.run_sparse(args, key, inputs)
+        if refresh_text:
+            state.text.store(out.text, sigma, state.extrapolate)
+        elif key.context is ContextMode.CACHED:
+            state.text.age += 1
+        if idx is not None:
+            state.tokens.push(idx, out.tokens, sigma)
+        state.his = out.score
+        state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
+        self._push_past(state, sigma, out.tokens)
+        flops = self.executor.flops(key)
+        self._record(state.step, branch, "cached" if idx is not None else "skipped", sigma, flops, tier=tier,
+                     note=decision.reason)
+        if branch == 0:
+            counts = (tier == 1).to(torch.int32).cpu()
+            rep = self.report
+            rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts
+        return out.user, flops
+
+
+def same_latent_groups(sample: torch.Tensor) -> torch.Tensor | None:
+    """``[B]`` group ids: samples whose latents are equal (the uncond/cond halves of a batched
+    CFG call) get the same id, so they select the same tokens: guidance amplifies the
+    difference of the two halves, and stale outputs from the same step keep that difference
+    consistent. ``None`` when every sample is distinct."""
+    b = sample.shape[0]
+    flat = sample.reshape(b, -1)
+    groups = torch.arange(b)
+    for i in range(b):
+        for j in range(i):
+            if groups[j] == j and torch.equal(flat[i], flat[j]):
+                groups[i] = j
+                break
+    return None if bool((groups == torch.arange(b)).all()) else groups.to(sample.device)
+
+
+def reset_all() -> None:
+    """Reset every live specdiff runtime in this process (see :meth:`SpecDiffRuntime.reset`)."""
+    for rt in list(_LIVE):
+        rt.reset()

@@ -1,0 +1,199 @@
+"""Call routing: which generation, and which branch of it, a call belongs to.
+
+A server interleaves requests, so "the previous call" is not the same generation. A call is
+matched by what stays fixed through a generation and by how its latent moved:
+
+* the **model** (the storage of one of its weights: two models that share one compiled graph
+  keep separate state) and the **conditioning** (every graph input that is neither the
+  latent, the timestep nor a weight: prompt embeddings, pooled projections, guidance, ids),
+  compared exactly;
+* a **monotone sigma**: a continuation runs at a lower sigma than the branch's last call;
+* the **latent update**: a sampler moves the latent by a combination of what the model just
+  returned (for every branch of the generation: CFG combines cond and uncond) and of the
+  latents themselves (multistep samplers), so ``x - x_last`` lies in the span of
+  ``{x_last, x_prev, the branches' last two outputs}`` (per sample, over the samples that
+  started from the same latent: batched CFG), up to the rounding of the latent's dtype.
+  The candidate that explains the update best wins if what it leaves unexplained stays
+  below :data:`SPAN_TOLERANCE` of the update. A latent that no live generation explains
+  starts a new generation: a wrong match would read another image's caches, a missed one
+  only costs a full step.
+
+A call that continues no branch but has the *same* sigma and the *same* latent as a
+branch's last call is a further branch of that generation (FLUX true-CFG: cond, then
+uncond, each with its own conditioning).
+
+Generations are kept in a bounded LRU (``SpecDiffConfig.max_generations``); the least
+recently used one is evicted with a note when a new one would exceed the bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..telemetry import GenerationReport
+from .state import BranchState, nbytes
+
+log = logging.getLogger("specdiff_fx.runtime")
+
+#: a continuation's latent update may leave at most this share of its norm unexplained
+#: (beyond the latent dtype's rounding); another generation's latent leaves nearly all of it
+SPAN_TOLERANCE = 0.05
+_IDS = itertools.count(1)
+
+
+def _same_sigma(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-7 * max(1.0, abs(a))
+
+
+@dataclass
+class Trace:
+    """What routing remembers of a branch's calls: the last two latents, sigmas and outputs."""
+
+    sigmas: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))  # newest first
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
+    outputs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
+
+    def push(self, sigma: float, sample: torch.Tensor, output: Any) -> None:
+        self.sigmas.appendleft(sigma)
+        self.samples.appendleft(sample.detach().clone())
+        out = output if isinstance(output, torch.Tensor) and output.shape == sample.shape else None
+        self.outputs.appendleft(None if out is None else out.detach().clone())
+
+    def output_at(self, sigma: float) -> torch.Tensor | None:
+        for s, out in zip(self.sigmas, self.outputs):
+            if _same_sigma(s, sigma):
+                return out
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(*self.samples, *[o for o in self.outputs if o is not None])
+
+
+@dataclass
+class Branch:
+    """One stream of calls within a generation."""
+
+    conditioning: tuple[Any, ...]
+    state: BranchState
+    trace: Trace = field(default_factory=Trace)
+
+
+@dataclass
+class Generation:
+    """One denoising run: its branches, its report, its model."""
+
+    model: int | None
+    report: GenerationReport
+    branches: list[Branch] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(_IDS))
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(b.state.held_bytes + b.trace.nbytes for b in self.branches)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and (a is b or torch.equal(a, b)))
+    return a == b
+
+
+def same_conditioning(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
+                groups: torch.Tensor | None) -> float:
+    """The largest, over samples, relative residual of ``sample - x_last`` after projecting
+    it onto the span of what a sampler could have combined it from (see the module
+    docstring), less the latent dtype's rounding of ``sample``; ``inf`` when the branch has
+    no earlier call of this shape or nothing to project on."""
+    trace = branch.trace
+    if not trace.samples or trace.samples[0].shape != sample.shape:
+        return float("inf")
+    b = sample.shape[0]
+    latents = [t.reshape(b, -1) for t in trace.samples]  # x_last (, x_prev)
+    outputs = [out.reshape(b, -1) for other in generation.branches for s in trace.sigmas
+               for out in [other.trace.output_at(s)] if out is not None and out.shape == sample.shape]
+    if not outputs:
+        return float("inf")
+    group_of = groups.tolist() if groups is not None else list(range(b))
+    d_all = sample.reshape(b, -1).double() - latents[0].double()
+    if not (bool(torch.isfinite(d_all).all()) and all(bool(torch.isfinite(o).all()) for o in outputs)):
+        return float("inf")  # NaN/Inf latents or outputs: nothing to match on
+    worst = 0.0
+    for i in range(b):
+        members = [j for j in range(b) if group_of[j] == group_of[i]]
+        a = torch.stack([x[i] for x in latents] + [o[j] for o in outputs for j in members], dim=1).double()
+        d = d_all[i]
+        norm2 = float(d @ d)
+        if norm2 == 0.0:  # the latent did not move (a zero update is in every span)
+            continue
+        gram = a.T @ a
+        proj = a.T @ d
+        coef = torch.linalg.lstsq(gram, proj.unsqueeze(1)).solution.squeeze(1)
+        residual = float((d - a @ coef).norm())
+        slack = 2 * _rounding(sample.dtype) * float(sample[i].double().norm())
+        worst = max(worst, max(0.0, residual - slack) / norm2 ** 0.5)
+    return worst
+
+
+class Router:
+    """The live generations of one runtime, and the matching of calls to them."""
+
+    def __init__(self, max_generations: int) -> None:
+        self.max_generations = max_generations
+        self.generations: collections.OrderedDict[int, Generation] = collections.OrderedDict()  # LRU order
+        self.evicted = 0
+
+    def clear(self) -> None:
+        self.generations.clear()
+
+    def route(self, model: int | None, conditioning: tuple[Any, ...], sigma: float,
+              sample: torch.Tensor) -> tuple[Generation, int] | None:
+        """The (generation, branch index) this call continues or joins; ``None``: a new
+        generation. Marks the generation most recently used."""
+        best, best_score = None, SPAN_TOLERANCE
+        live = [g for g in self.generations.values() if g.model == model]
+        for gen in live:  # a continuation: same conditioning, lower sigma, the latent moved as a sampler moves it
+            for j, br in enumerate(gen.branches):
+                last = br.trace.sigmas[0] if br.trace.sigmas else None
+                if (last is not None and last > sigma and not _same_sigma(last, sigma)
+                        and same_conditioning(br.conditioning, conditioning)):
+                    score = unexplained(sample, gen, br, br.state.groups)
+                    if score < best_score or (best is None and score <= best_score):
+                        best, best_score = (gen, j), score
+        if best is None:  # a further branch: the same sigma and latent as a call of this generation
+            best = next(((gen, len(gen.branches)) for gen in live for br in gen.branches
+                         if br.trace.sigmas and _same_sigma(br.trace.sigmas[0], sigma)
+                         and br.trace.samples[0].shape == sample.shape
+                         and torch.equal(br.trace.samples[0], sample)), None)
+        if best is not None:
+            self.generations.move_to_end(best[0].id)
+        return best
+
+    def add(self, generation: Generation) -> list[Generation]:
+        """Register a new generation; returns the generations evicted to make room."""
+        evicted = []
+        while len(self.generations) >= self.max_generations:
+            _, old = self.generations.popitem(last=False)
+            evicted.append(old)
+            self.evicted += 1
+        self.generations[generation.id] = generation
+        return evicted
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(g.held_bytes for g in self.generations.values())

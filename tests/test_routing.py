@@ -1,0 +1,243 @@
+"""Many generations in flight: call routing by model, conditioning, sigma and latent update;
+bounded state; per-generation telemetry; threads. A fake executor (velocity = cond - x)
+here; the tiny real models and pipelines in test_serving.py."""
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+import specdiff_fx
+from specdiff_fx import SpecDiffConfig
+from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
+from specdiff_fx.runtime.routing import Branch, Generation, unexplained
+from specdiff_fx.telemetry import GenerationReport
+from test_runtime import B, C, N, FakeExecutor, fake_plan
+
+CFG = SpecDiffConfig(warmup_steps=2, refresh_at=(0.5,), speculative_steps=2)
+
+
+def plan(weight=False):
+    return replace(fake_plan(), condition_inputs=(2,), weight_input=3 if weight else None)
+
+
+class CondExecutor(FakeExecutor):
+    """Velocity = cond - x: the conditioning input changes the output."""
+
+    def run_full(self, args):
+        x, t, cond = args[:3]
+        out = super().run_full((x - cond, t))
+        return StepOutput(out.user, out.tokens, out.score, out.kv)
+
+    def run_sparse(self, args, key, inputs):
+        x, t, cond = args[:3]
+        return super().run_sparse((x - cond, t), key, inputs)
+
+
+class Gen:
+    """One generation driven step by step: Euler on a fixed sigma grid, optionally true CFG
+    (two calls per step: cond, then uncond)."""
+
+    def __init__(self, rt, seed, cond=0.0, steps=10, weight=None, true_cfg=False, start=1.0):
+        g = torch.Generator().manual_seed(seed)
+        self.rt, self.x = rt, torch.randn(B, N, C, generator=g)
+        self.cond = torch.full((B, N, C), float(cond))
+        self.sig = torch.linspace(start, 0, steps + 1)
+        self.i, self.steps, self.weight, self.true_cfg = 0, steps, weight, true_cfg
+
+    def _call(self, cond):
+        t = torch.full((B,), float(self.sig[self.i]) * 1000)
+        args = (self.x, t, cond) + ((self.weight,) if self.weight is not None else ())
+        return self.rt(*args)[0]
+
+    def step(self):
+        v = self._call(self.cond)
+        if self.true_cfg:
+            v_neg = self._call(torch.zeros_like(self.cond))
+            v = v_neg + 3.0 * (v - v_neg)
+        self.x = self.x + (self.sig[self.i + 1] - self.sig[self.i]) * v
+        self.i += 1
+        return self.i < self.steps
+
+    def run(self):
+        while self.step():
+            pass
+        return self.x
+
+
+def runtime(weight=False, **options):
+    return SpecDiffRuntime(plan(weight), CFG.replace(**options), CondExecutor())
+
+
+def alone(**kw):
+    """A generation's result and FLOPs, run alone on a fresh runtime."""
+    rt = runtime(weight=kw.get("weight") is not None)
+    out = Gen(rt, **kw).run()
+    return out, sum(s.flops for s in rt.report.steps)
+
+
+def total_flops(reports):
+    return sum(s.flops for r in reports for s in r.steps)
+
+
+def interleave(gens, starts=None):
+    """Run the generations call by call: one step each in turn (generation j joins at step
+    starts[j] of the round robin)."""
+    starts = starts or [0] * len(gens)
+    live, r = [], 0
+    pending = list(range(len(gens)))
+    while pending or live:
+        for j in list(pending):
+            if starts[j] <= r:
+                live.append(j)
+                pending.remove(j)
+        for j in list(live):
+            if not gens[j].step():
+                live.remove(j)
+        r += 1
+    return [g.x for g in gens]
+
+
+@pytest.mark.parametrize("same_prompt", [True, False])
+def test_two_generations_alternating_equal_each_alone(same_prompt):
+    kws = [dict(seed=1, cond=0.5), dict(seed=2, cond=0.5 if same_prompt else -0.5)]
+    refs = [alone(**kw) for kw in kws]
+    rt = runtime()
+    with specdiff_fx.track() as tracked:
+        outs = interleave([Gen(rt, **kw) for kw in kws])
+    for out, (ref, _) in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+    assert len(tracked.reports) == 2
+    assert total_flops(tracked.reports) <= 1.15 * sum(f for _, f in refs)
+    assert [r.count("speculative") for r in tracked.reports] == [1, 1]
+
+
+def test_three_generations_started_apart():
+    kws = [dict(seed=s, cond=0.3) for s in (1, 2, 3)]
+    refs = [alone(**kw) for kw in kws]
+    rt = runtime()
+    with specdiff_fx.track() as tracked:
+        outs = interleave([Gen(rt, **kw) for kw in kws], starts=[0, 4, 8])
+    for out, (ref, _) in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+    assert total_flops(tracked.reports) <= 1.15 * sum(f for _, f in refs)
+
+
+def test_same_seed_other_prompt_is_another_generation():
+    kws = [dict(seed=1, cond=0.5), dict(seed=1, cond=-0.5)]
+    refs = [alone(**kw) for kw in kws]
+    rt = runtime()
+    outs = interleave([Gen(rt, **kw) for kw in kws])
+    for out, (ref, _) in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+
+
+def test_two_models_sharing_one_graph_keep_separate_state():
+    """Same graph (weights are inputs), same prompt and seed: the weights tell them apart."""
+    w1, w2 = torch.zeros(3), torch.ones(3)
+    refs = [alone(seed=1, cond=0.5, weight=w) for w in (w1, w2)]
+    rt = runtime(weight=True)
+    with specdiff_fx.track() as tracked:
+        outs = interleave([Gen(rt, seed=1, cond=0.5, weight=w) for w in (w1, w2)])
+    assert len(tracked.reports) == 2
+    for out, (ref, _) in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+
+
+def test_true_cfg_generations_interleaved():
+    """Two calls per step (cond, uncond) are two branches of one generation, also when two
+    such generations alternate."""
+    kws = [dict(seed=1, cond=0.5, true_cfg=True), dict(seed=2, cond=0.5, true_cfg=True)]
+    refs = [alone(**kw) for kw in kws]
+    rt = runtime()
+    with specdiff_fx.track() as tracked:
+        outs = interleave([Gen(rt, **kw) for kw in kws])
+    for out, (ref, _) in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+    assert len(tracked.reports) == 2
+    for rep in tracked.reports:
+        assert {s.branch for s in rep.steps} == {0, 1} and rep.count("speculative") == 2
+        assert rep.context_cached is False  # several calls per step: guided
+    assert total_flops(tracked.reports) <= 1.15 * sum(f for _, f in refs)
+
+
+def test_a_latent_no_generation_explains_starts_a_new_one():
+    """Same prompt, lower sigma, but the latent is not a sampler update of any live
+    generation's (an abandoned generation, then a new one started below its sigma)."""
+    rt = runtime()
+    g = Gen(rt, seed=1, cond=0.5)
+    for _ in range(3):
+        g.step()
+    first = rt.report
+    h = Gen(rt, seed=5, cond=0.5, start=0.6)  # starts below the first one's sigma
+    h.step()
+    assert rt.report is not first and rt.report.steps[0].step == 0 and rt.report.steps[0].kind == "full"
+    g.step()  # and the first one continues where it was
+    assert rt.report is first and first.main_steps[-1].step == 3
+
+
+def test_state_stays_bounded_with_many_abandoned_generations():
+    rt = runtime(max_generations=4)
+    reports = []
+    for seed in range(50):
+        g = Gen(rt, seed=seed, cond=0.5)
+        for _ in range(3):
+            g.step()
+        reports.append(rt.report)
+    assert len(rt.router.generations) == 4 and rt.router.evicted == 46
+    assert rt.report.live_generations == 4
+    per_generation = rt.router.generations[rt.report.id].held_bytes
+    assert 0 < rt.report.held_bytes <= 4 * per_generation * 1.01
+    assert any("evicted" in n for n in reports[0].notes) and not any("evicted" in n for n in reports[-1].notes)
+    # an evicted generation's next call starts over (a full step) instead of failing
+    g_old = reports[0]
+    assert g_old.id not in rt.router.generations
+
+
+def test_threads_each_with_its_generation_equal_alone():
+    kws = [dict(seed=s, cond=c) for s, c in ((1, 0.5), (2, 0.5), (3, -0.2))]
+    refs = [alone(**kw) for kw in kws]
+    rt = runtime()
+    results, reports, errors = [None] * 3, [None] * 3, []
+    barrier = threading.Barrier(3)
+
+    def work(j):
+        try:
+            g = Gen(rt, **kws[j])
+            barrier.wait()
+            with specdiff_fx.track() as tracked:
+                results[j] = g.run()
+            reports[j] = tracked.report
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for out, (ref, flops), rep in zip(results, refs, reports):
+        torch.testing.assert_close(out, ref)
+        assert sum(s.flops for s in rep.steps) == flops
+
+
+def test_span_test_explains_sampler_updates_only():
+    rt = runtime()
+    g = Gen(rt, seed=1, cond=0.5)
+    g.step()
+    g.step()
+    gen = rt.generation
+    br = gen.branches[0]
+    v = br.trace.outputs[0]
+    x_last = br.trace.samples[0]
+    assert unexplained(x_last - 0.07 * v, gen, br, None) < 1e-6  # Euler
+    assert unexplained(x_last - 0.07 * v + 0.01 * br.trace.outputs[1], gen, br, None) < 1e-6  # multistep
+    assert unexplained(torch.randn(B, N, C), gen, br, None) > 0.5  # another latent
+    assert unexplained(x_last, gen, br, None) == 0.0  # did not move: a zero update
+    # bf16 latents: the dtype's rounding is allowed on top
+    xb = (x_last - 0.01 * v).to(torch.bfloat16)
+    empty = Generation(None, GenerationReport("f", N, B, 0.9, 1))
+    empty.branches.append(Branch((), br.state, br.trace))
+    assert unexplained(xb, empty, empty.branches[0], None) < 0.05
