@@ -25,6 +25,10 @@ class Family:
         out_proj: module path whose output is the per-token output before unpatchify.
         timestep_per_sigma: ``timestep = sigma * timestep_per_sigma`` at the model input
             (SD3 pipelines pass ``sigma * 1000``; FLUX pipelines pass ``sigma``).
+        context_ids: ``(input, column)`` when the image-token stream may also carry
+            context tokens (FLUX.2's reference images for editing, appended to the latent
+            tokens): a stream token whose position id ``input[..., column]`` is nonzero is
+            context — always computed, never selected or cached as an image token.
     """
 
     name: str
@@ -34,6 +38,7 @@ class Family:
     embed: str
     out_proj: str
     timestep_per_sigma: float
+    context_ids: tuple[str, int] | None = None
 
 
 FAMILIES: tuple[Family, ...] = (

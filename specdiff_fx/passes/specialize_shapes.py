@@ -10,13 +10,16 @@ Reads: the graph and one concrete call's arguments (tensors, and ints for SymInt
 Writes: a new graph in which every non-tensor value (SymInt inputs, size arithmetic,
 shape asserts, ``.item()`` of scalar inputs) is replaced by its constant, SymInt inputs are removed, and every node's
 ``meta["val"]`` is a fake tensor with static shapes (Dynamo's symbolic
-``example_value`` is dropped).
+``example_value`` is dropped); each tensor input's ``meta["specdiff_example"]`` is a weak
+reference to the concrete argument (read by :func:`~specdiff_fx.graph_utils.example_value`
+while the call that specialises is running; never kept alive by the graph).
 Keeps true: for inputs of that concrete shape the new graph computes what the old one did.
 Returns the graph and the indices of the inputs it still takes.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -68,6 +71,10 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
         Interp(new).run(*fake_args)
 
     placeholders = list(new.graph.find_nodes(op="placeholder"))
+    for node, a in zip(placeholders, args):  # the concrete inputs, for analyses that read values
+        node.meta.pop("specdiff_example", None)
+        if isinstance(a, torch.Tensor):
+            node.meta["specdiff_example"] = weakref.ref(a)
     for node in list(new.graph.nodes):
         if node.op == "output":
             continue
