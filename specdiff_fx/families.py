@@ -60,6 +60,43 @@ FAMILIES: tuple[Family, ...] = (
         out_proj="proj_out",
         timestep_per_sigma=1.0,
     ),
+    Family(
+        name="chroma",
+        model_class="ChromaTransformer2DModel",
+        block_types=("ChromaTransformerBlock", "ChromaSingleTransformerBlock"),
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        embed="x_embedder",
+        out_proj="proj_out",
+        timestep_per_sigma=1.0,  # ChromaPipeline: timestep=t / 1000, t = sigma * 1000
+    ),
+    Family(
+        name="flux2",
+        model_class="Flux2Transformer2DModel",
+        block_types=("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        embed="x_embedder",
+        out_proj="proj_out",
+        timestep_per_sigma=1.0,  # Flux2Pipeline / Flux2KleinPipeline: timestep=t / 1000
+        context_ids=("img_ids", 0),  # (T, H, W, L) ids: the latent has T = 0, reference images T = 10, 20, ...
+    ),
+    Family(
+        name="qwenimage",
+        model_class="QwenImageTransformer2DModel",
+        block_types=("QwenImageTransformerBlock",),
+        block_lists=("transformer_blocks",),
+        embed="img_in",
+        out_proj="proj_out",
+        timestep_per_sigma=1.0,  # QwenImagePipeline: timestep=t / 1000
+    ),
+    Family(
+        name="wan",
+        model_class="WanTransformer3DModel",
+        block_types=("WanTransformerBlock",),
+        block_lists=("blocks",),
+        embed="patch_embedding",  # Conv3d: the stream starts after its flatten(2).transpose(1, 2)
+        out_proj="proj_out",
+        timestep_per_sigma=1000.0,  # WanPipeline: timestep=t, t = sigma * 1000 (UniPC / flow-match)
+    ),
 )
 
 
