@@ -102,8 +102,8 @@ class DiTPlan:
         ids = args[i]
         if not isinstance(ids, torch.Tensor):
             return False
-        segs = stream_segments(ids, column)
-        return self.stream is not None and tuple((s.kind, s.length) for s in segs) == self.stream.spec()
+        expected = self.stream.spec() if self.stream is not None else (("img", self.num_image_tokens),)
+        return tuple((s.kind, s.length) for s in stream_segments(ids, column)) == expected
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}

@@ -5,6 +5,7 @@ for) and where it must refuse (a :class:`LayoutError`, so the model falls back).
 families' real graphs exercise them end to end in ``test_families.py``.
 """
 
+import dataclasses
 import math
 import operator
 
@@ -255,6 +256,8 @@ def test_stream_matches_checks_a_calls_position_ids_against_the_plan():
     other = torch.zeros(N + 4, 4)
     other[N - 2:, 0] = 10  # same total length, two more reference tokens
     assert not plan.stream_matches([None, other])
+    plain = dataclasses.replace(plan, stream=None, num_image_tokens=N + 4)  # compiled without references
+    assert plain.stream_matches([None, torch.zeros(N + 4, 4)]) and not plain.stream_matches([None, ids])
 
 
 def test_restore_stream_puts_context_rows_around_the_image_rows():

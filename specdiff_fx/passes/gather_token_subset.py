@@ -17,7 +17,7 @@ Writes:
   context caching dropped them);
 * for every full-length token operand without a layout of its own (RoPE tables,
   positional terms): ``take_tokens`` at the same positions (text positions kept whole)
-  just before the op that meets the subset;
+  just before the first op that meets the subset (one gather per operand and layout);
 * for an attention mask with one row per query: its rows gathered like the queries; for a
   joint attention's mask also its key columns, gathered like the keys (the subset graph's
   attention is then over the subset's own tokens, a valid graph between passes);
@@ -112,10 +112,12 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
                 continue
             operand = get_operand(node, path)
             rank = len(node_shape(node))
-            index = _index_for(gm, ctx, layout, idx, keep_txt)
-            with gm.graph.inserting_before(node):
-                taken = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
-            set_operand(node, path, taken)
+            key = ("take", operand, rank, layout.axis, layout.spec())
+            if key not in ctx.memo:  # one gather per operand and layout (RoPE tables meet q and k twice)
+                index = _index_for(gm, ctx, layout, idx, keep_txt)
+                with gm.graph.inserting_before(node):
+                    ctx.memo[key] = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
+            set_operand(node, path, ctx.memo[key])
         if not info.rewrite:
             continue
         kind = info.rewrite[0]
