@@ -606,8 +606,11 @@ class _Propagator:
     def sdpa(self, node: fx.Node) -> NodeLayout:
         """Attention mixes tokens only along the key axis. Two kinds keep the rewrite exact:
 
-        * *joint* (self) attention: query, key and value share one layout (the subset's
-          queries then attend to all keys through the K/V caches);
+        * attention over image keys: key and value share one layout holding the image
+          segment, the query holds it too (joint self-attention: the same layout; the keys
+          may also hold context tokens the queries lack, e.g. FLUX.2 Klein's cached
+          reference-image K/V spliced in): the subset's queries attend to all keys through
+          the K/V caches;
         * *query-only* (cross) attention: the query carries image tokens, key and value
           carry none (text keys, as in Wan's cross-attention): it is per query token, so
           the subset's queries attend to the same keys as before and no cache is needed.
@@ -626,8 +629,10 @@ class _Propagator:
         rank = len(node_shape(q))
         if lq.axis != rank - 2:
             raise LayoutError(f"node {node.name}: attention whose token axis is not the sequence axis")
-        if (lk is None) != (lv is None) or (lk is not None and (lk != lq or lv != lq)):
-            raise LayoutError(f"node {node.name}: attention with mismatched token layouts")
+        if (lk is None) != (lv is None) or (lk is not None and (lv != lk or lk.axis != lq.axis)):
+            raise LayoutError(f"node {node.name}: attention with mismatched key and value token layouts")
+        if lk is not None and [s for s in lk.segs if s.kind == "img"] != [s for s in lq.segs if s.kind == "img"]:
+            raise LayoutError(f"node {node.name}: attention whose queries and keys hold different image tokens")
         if args.get("is_causal") or args.get("dropout_p", 0.0):
             raise LayoutError(f"node {node.name}: causal or dropout attention is not supported")
         gathers, rewrite = [], ()

@@ -26,7 +26,9 @@ class Block:
 class AttentionSite:
     """One scaled-dot-product attention call on image tokens (its queries carry them).
 
-    ``layout`` is the token layout of its query/key/value (token axis ``-2``);
+    ``layout`` is the token layout of its keys and values (token axis ``-2``; the queries'
+    is the same, or the same without context tokens that only the keys hold; for a
+    cross-attention site, whose keys carry no image tokens, the queries');
     ``img_offset`` is where the image segment starts in that axis (0: image first,
     as in SD3; M: text first, as in FLUX).
     """

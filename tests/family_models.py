@@ -9,6 +9,9 @@ diffusers pipeline (timestep scale, position ids, masks).
 * FLUX.2: 1 double + 1 single block, 4-axis RoPE; ``refs`` appends reference-image tokens
   (time coordinate 10) to the image stream, as ``Flux2Pipeline`` does for editing.
 * Qwen-Image: 2 blocks, text mask (``encoder_hidden_states_mask``), ``img_shapes``.
+* FLUX.2 Klein KV (``flux2_kv``): the same model with the KV processors of
+  ``Flux2KleinKVPipeline`` in ``kv_cache_mode="cached"``: the reference images' K/V come from
+  a ``Flux2KVCache`` and are spliced into every attention's keys (never into its queries).
 * Wan: 2 blocks (self-attention + cross-attention to text), video latent ``[B, C, F, H, W]``.
 """
 
@@ -20,6 +23,11 @@ from diffusers import (
     Flux2Transformer2DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
+)
+from diffusers.models.transformers.transformer_flux2 import (
+    Flux2KVAttnProcessor,
+    Flux2KVCache,
+    Flux2KVParallelSelfAttnProcessor,
 )
 
 TEXT = 5  # context tokens
@@ -49,6 +57,16 @@ def tiny_flux2(seed: int = 0) -> Flux2Transformer2DModel:
     return _ready(Flux2Transformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=TEXT_DIM, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2)), seed)
+
+
+def tiny_flux2_kv(seed: int = 0) -> Flux2Transformer2DModel:
+    """``tiny_flux2`` with the processors ``Flux2KleinKVPipeline`` installs."""
+    model = tiny_flux2(seed)
+    for block in model.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    return model
 
 
 def tiny_qwen(seed: int = 0) -> QwenImageTransformer2DModel:
@@ -116,6 +134,18 @@ def flux2_inputs(batch: int, h: int, w: int, seed: int = 0, refs: tuple[int, int
     }
 
 
+def flux2_kv_inputs(batch: int, h: int, w: int, seed: int = 0, refs: int = 6) -> dict:
+    """``Flux2KleinKVPipeline`` after its first step: ``kv_cache_mode="cached"`` with a
+    ``Flux2KVCache`` holding ``refs`` reference tokens' K/V per block (random here)."""
+    inputs = flux2_inputs(batch, h, w, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    cache = Flux2KVCache(num_double_layers=1, num_single_layers=1)
+    cache.num_ref_tokens = refs
+    for layer in (*cache.double_block_caches, *cache.single_block_caches):
+        layer.store(torch.randn(batch, refs, 2, 8, generator=g), torch.randn(batch, refs, 2, 8, generator=g))
+    return {**inputs, "kv_cache": cache, "kv_cache_mode": "cached"}
+
+
 def qwen_inputs(batch: int, h: int, w: int, seed: int = 0) -> dict:
     """``QwenImagePipeline``: timestep = sigma, packed latent tokens, text mask, img_shapes."""
     g = torch.Generator().manual_seed(seed)
@@ -144,6 +174,7 @@ FAMILY_MODELS = {
     "chroma": (tiny_chroma, chroma_inputs),
     "flux2": (tiny_flux2, flux2_inputs),
     "flux2_ref": (tiny_flux2, lambda b, h, w, seed=0: flux2_inputs(b, h, w, seed, refs=(2, 3))),
+    "flux2_kv": (tiny_flux2_kv, flux2_kv_inputs),
     "qwenimage": (tiny_qwen, qwen_inputs),
     "wan": (tiny_wan, wan_inputs),
 }

@@ -85,6 +85,8 @@ EXPECTED = {  # family, block kinds, attention layouts (image keys), cross-atten
     "flux2": ("flux2", {"Flux2TransformerBlock": 1, "Flux2SingleTransformerBlock": 1}, [JOINT] * 2, 0, 2 * 4),
     "flux2_ref": ("flux2", {"Flux2TransformerBlock": 1, "Flux2SingleTransformerBlock": 1},
                   [Layout(2, (Seg("txt", TEXT), Seg("img", N), Seg("txt", REFS)))] * 2, 0, 2 * 4),
+    "flux2_kv": ("flux2", {"Flux2TransformerBlock": 1, "Flux2SingleTransformerBlock": 1},  # cached reference K/V
+                 [Layout(2, (Seg("txt", TEXT), Seg("txt", REFS), Seg("img", N)))] * 2, 0, 2 * 4),
     "qwenimage": ("qwenimage", {"QwenImageTransformerBlock": 2}, [JOINT] * 2, 0,
                   2 * 2),  # complex RoPE frequencies for q and k; the text mask is key-only
     "wan": ("wan", {"WanTransformerBlock": 2}, [Layout(2, (Seg("img", N),))] * 2, 2, 2 * 4),
@@ -133,12 +135,13 @@ def test_sparse_graph_structure(family, name):
     assert t[ops.take_tokens] == 1 + len(plan.side_inputs)  # the stream start and each side input (mask rows too)
     for site in plan.attention:  # queries: the subset; keys: all tokens through the caches
         args = sdpa_args(_node(sparse.gm, site.node))
+        queries = plan.layouts[site.node].layout.sub_length(k)  # the keys may hold more context (flux2_kv)
         assert args["key"].target is ops.attend_keys and args["value"].target is ops.attend_keys
-        assert args["query"].meta["val"].shape[2] == site.layout.sub_length(k)
+        assert args["query"].meta["val"].shape[2] == queries
+        assert args["key"].meta["val"].shape[2] == site.layout.length
         mask = args.get("attn_mask")
         if isinstance(mask, torch.fx.Node):  # rows for the computed queries, columns for every key
-            assert tuple(mask.meta["val"].shape[-2:]) in ((site.layout.sub_length(k), site.layout.length),
-                                                          (1, site.layout.length))
+            assert tuple(mask.meta["val"].shape[-2:]) in ((queries, site.layout.length), (1, site.layout.length))
     for site in plan.cross_attention:  # cross-attention: subset queries, the text keys untouched
         args = sdpa_args(_node(sparse.gm, site.node))
         assert args["key"].target is not ops.attend_keys and args["key"].meta["val"].shape[2] == TEXT

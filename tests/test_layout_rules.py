@@ -135,6 +135,29 @@ def test_cross_attention_to_text_keys_keeps_the_query_layout():
     assert sdpa.kwargs.get("key", sdpa.args[1]) not in infos  # the keys carry no image tokens
 
 
+def test_keys_may_hold_context_tokens_the_queries_lack():
+    """FLUX.2 Klein KV: cached reference-image K/V spliced between the text and image keys."""
+
+    def spliced(x, txt, ref):
+        q = heads(torch.cat([txt, x], dim=1))
+        k = heads(torch.cat([txt, ref, x], dim=1))
+        return F.scaled_dot_product_attention(q, k, k)
+
+    infos, gm = layouts(spliced, torch.randn(B, N, D), torch.randn(B, M, D), torch.randn(B, 4, D))
+    sdpa = next(node for node in infos if op_name(node) == "sdpa")
+    assert infos[sdpa].layout == JOINT  # the output follows the queries
+    assert infos[sdpa.kwargs.get("key", sdpa.args[1])].layout == Layout(2, (Seg("txt", M), Seg("txt", 4), Seg("img", N)))
+
+    def two_streams(x, txt):
+        q = heads(torch.cat([txt, x], dim=1))
+        k = heads(torch.cat([x, txt], dim=1))
+        v = heads(torch.cat([txt, x], dim=1))
+        return F.scaled_dot_product_attention(q, k, v)
+
+    with pytest.raises(LayoutError, match="key and value"):
+        layouts(two_streams, torch.randn(B, N, D), torch.randn(B, M, D))
+
+
 def test_attention_whose_keys_carry_image_tokens_but_queries_do_not_is_refused():
     def reverse(x, txt):
         return F.scaled_dot_product_attention(heads(txt), heads(x), heads(x))

@@ -172,9 +172,11 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
             args = sdpa_args(node)
             _, heads, _, head_dim = node_shape(args["query"])
             block = next((p for p, _ in module_paths(node) if p.count(".") == 1), "")
-            site = AttentionSite(node.name, block, info.layout, heads, head_dim, args.get("scale"))
-            # keys without image tokens (cross-attention to text): no K/V cache, no score
-            (sites if args["key"] in infos else cross).append(site)
+            if args["key"] in infos:  # the site's layout is its keys' (the queries may lack context tokens)
+                sites.append(AttentionSite(node.name, block, infos[args["key"]].layout, heads, head_dim,
+                                           args.get("scale")))
+            else:  # keys without image tokens (cross-attention to text): no K/V cache, no score
+                cross.append(AttentionSite(node.name, block, info.layout, heads, head_dim, args.get("scale")))
     if not sites:
         raise NotADiT(f"{family.model_class}: no attention over image tokens found")
     for info in infos.values():
