@@ -23,6 +23,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     QwenImageTransformer2DModel,
     WanTransformer3DModel,
+    WanVACETransformer3DModel,
 )
 from diffusers.models.transformers.transformer_flux2 import (
     Flux2KVAttnProcessor,
@@ -76,11 +77,22 @@ def tiny_qwen(seed: int = 0) -> QwenImageTransformer2DModel:
         joint_attention_dim=TEXT_DIM, axes_dims_rope=(2, 2, 4)), seed)
 
 
-def tiny_wan(seed: int = 0) -> WanTransformer3DModel:
+def tiny_wan(seed: int = 0, **config) -> WanTransformer3DModel:
+    """``config`` overrides, e.g. the I2V config: ``image_dim``, ``added_kv_proj_dim``, ``in_channels``."""
     torch.manual_seed(seed)
-    return _ready(WanTransformer3DModel(
+    return _ready(WanTransformer3DModel(**{
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+        "out_channels": 4, "text_dim": TEXT_DIM, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2,
+        "rope_max_seq_len": 32, **config}), seed)
+
+
+def tiny_wan_vace(seed: int = 0) -> WanVACETransformer3DModel:
+    """Wan with a VACE control branch (one VACE block, at layer 0; control latents of 6 channels)."""
+    torch.manual_seed(seed)
+    return _ready(WanVACETransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32), seed)
+        text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0],
+        vace_in_channels=6), seed)
 
 
 def _grid_ids(h: int, w: int, columns: int, t: float = 0.0) -> torch.Tensor:
