@@ -2,8 +2,30 @@
 
 Everything else in the backend is generic (token layouts are *propagated*, not looked
 up); what a model family must tell us is only where the image-token stream is born and
-where it leaves, which modules are the transformer blocks, and how its ``timestep``
-input maps onto the flow-matching sigma (for the runtime's speculative pre-run).
+where it leaves, which modules are the transformer blocks, how its ``timestep`` input maps
+onto the flow-matching sigma (for the runtime's speculative pre-run), and whether position
+ids mark context tokens inside the stream.
+
+========  ===========================  ==================  ===========  ========  ==========================
+name      model class                  embed -> out_proj   t / sigma    context   what the general rules meet
+========  ===========================  ==================  ===========  ========  ==========================
+sd3       SD3Transformer2DModel        pos_embed           1000         -         joint attention, image first
+flux      FluxTransformer2DModel       x_embedder          1            -         text first, RoPE tables
+chroma    ChromaTransformer2DModel     x_embedder          1            -         + a text mask [B, 1, S, S]
+flux2     Flux2Transformer2DModel      x_embedder          1            img_ids   4-axis RoPE; reference images
+                                                                        col 0     in the stream (T != 0); cached
+                                                                                  reference K/V in the keys (Klein KV)
+qwenimage QwenImageTransformer2DModel  img_in              1            -         key-only text mask, complex RoPE
+wan       WanTransformer3DModel        patch_embedding     1000         -         Conv3d + flatten/transpose,
+                                                                                  cross-attention to text, RoPE
+                                                                                  written in place, per-token t
+========  ===========================  ==================  ===========  ========  ==========================
+
+``t / sigma`` is ``timestep_per_sigma`` as read off each family's pipelines (``__call__``):
+SD3 passes ``t = sigma * 1000``; FLUX, Chroma, FLUX.2 (and Klein) and Qwen-Image pass
+``t / 1000``; Wan passes ``t`` (its UniPC / flow-match schedulers' ``sigma * 1000``).
+``out_proj`` is ``proj_out`` for all. Anything a family needs beyond this row is a general
+layout rule in :mod:`specdiff_fx.layout`, never a per-model branch.
 """
 
 from __future__ import annotations
