@@ -96,7 +96,7 @@ class DiTPlan:
         a later call of the same shapes may mark other tokens (another reference-image
         layout of the same total length), and Dynamo does not recompile on values. A
         runtime must check this per call and compute every token when it is ``False``.
-        Always ``True`` for a stream without context tokens.
+        Always ``True`` for a family that marks no context tokens (``context_ids`` is None).
         """
         if self.context_ids is None:
             return True
