@@ -92,3 +92,23 @@ def get_operand(node: fx.Node, path: tuple) -> Any:
         v = node.args[path[1]]
         return v if len(path) == 2 else v[path[2]]
     return node.kwargs[path[1]]
+
+
+def example_value(placeholder: fx.Node) -> torch.Tensor | None:
+    """The concrete tensor a graph input held when the graph was compiled, if still known:
+    what :func:`~specdiff_fx.passes.specialize_shapes` recorded for a specialised graph
+    (``meta["specdiff_example"]``, a weak reference), else Dynamo's ``meta["grapharg"]``.
+    ``None`` when neither is available or the value no longer matches the input's shape."""
+    ref = placeholder.meta.get("specdiff_example")
+    value = ref() if callable(ref) else None
+    if value is None:
+        try:
+            value = placeholder.meta["grapharg"].example
+        except (KeyError, AttributeError, TypeError):
+            value = None
+    if not isinstance(value, torch.Tensor) or isinstance(value, torch._subclasses.FakeTensor):
+        return None
+    fake = placeholder.meta.get("val", placeholder.meta.get("example_value"))
+    if isinstance(fake, torch.Tensor) and tuple(fake.shape) != tuple(value.shape):
+        return None
+    return value

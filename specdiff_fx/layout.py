@@ -116,6 +116,10 @@ _FUNCTION_NAMES: dict[Any, str] = {
     operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "div",
     operator.neg: "neg", operator.pow: "pow", operator.getitem: "getitem",
     operator.iadd: "add", operator.imul: "mul",
+    operator.gt: "gt", operator.lt: "lt", operator.ge: "ge", operator.le: "le", operator.eq: "eq", operator.ne: "ne",
+    operator.and_: "logical_and", operator.or_: "logical_or", operator.invert: "logical_not",
+    torch.where: "where", torch.logical_and: "logical_and", torch.logical_or: "logical_or",
+    torch.logical_not: "logical_not",
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
     torch.neg: "neg", torch.pow: "pow", torch.exp: "exp", torch.sin: "sin", torch.cos: "cos",
     torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.rsqrt: "rsqrt", torch.sqrt: "sqrt",
@@ -132,6 +136,9 @@ _FUNCTION_NAMES: dict[Any, str] = {
     F.gelu: "gelu", torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu",
     F.dropout: "dropout", F.softmax: "softmax", F.mish: "mish",
     F.scaled_dot_product_attention: "sdpa",
+    torch.view_as_complex: "view_as_complex", torch.view_as_real: "view_as_real",
+    torch.empty_like: "empty_like", torch.zeros_like: "zeros_like", torch.ones_like: "ones_like",
+    torch.full_like: "full_like", operator.setitem: "setitem",
 }
 
 # per-token ops whose every tensor operand broadcasts against the output
@@ -139,10 +146,16 @@ POINTWISE = {
     "add", "sub", "mul", "div", "neg", "pow", "exp", "sin", "cos", "tanh", "sigmoid",
     "rsqrt", "sqrt", "abs", "clamp", "square", "erf", "gelu", "silu", "relu", "mish",
     "dropout", "to", "float", "half", "bfloat16", "type", "type_as", "contiguous", "clone",
-    "detach",
+    "detach", "gt", "lt", "ge", "le", "eq", "ne", "where", "logical_and", "logical_or", "logical_not",
 }
+# conversions whose tensor operands after the first only give a dtype (and device)
+DTYPE_FROM = {"type_as", "to"}
 # ops acting on trailing dims only (the token axis must stay out of them)
 TRAILING = {"linear", "layer_norm", "rms_norm"}
+# complex <-> real views: a trailing dim of size 2 becomes one complex element and back
+COMPLEX_VIEWS = {"view_as_complex", "view_as_real"}
+# new tensors shaped like their first operand (values independent of it)
+LIKE = {"empty_like", "zeros_like", "ones_like", "full_like", "new_empty", "new_zeros", "new_ones", "new_full"}
 REDUCE = {"mean", "sum", "softmax", "amax"}
 VIEWS = {"view", "reshape", "flatten", "unflatten", "expand"}
 SPLITS = {"chunk", "split", "split_with_sizes", "unbind"}
@@ -248,11 +261,11 @@ def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> 
 
 
 class _Propagator:
-    def __init__(self, graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int) -> None:
+    def __init__(self, graph: fx.Graph, start: fx.Node, end: fx.Node, stream: Layout) -> None:
         self.graph = graph
         self.start = start
         self.end = end
-        self.n_img = n_img
+        self.stream = stream
         self.info: dict[fx.Node, NodeLayout] = {}
 
     def lay(self, x: Any) -> Layout | None:
@@ -260,7 +273,7 @@ class _Propagator:
         return info.layout if info else None
 
     def run(self) -> dict[fx.Node, NodeLayout]:
-        self.info[self.start] = NodeLayout(Layout(1, (Seg("img", self.n_img),)))
+        self.info[self.start] = NodeLayout(self.stream)
         started = False
         for node in self.graph.nodes:
             if node is self.start:
@@ -296,6 +309,12 @@ class _Propagator:
             return self.reduce(node, name)
         if name in VIEWS:
             return self.view(node, name)
+        if name in COMPLEX_VIEWS:
+            return self.complex_view(node, name)
+        if name in LIKE:
+            return self.like(node, name)
+        if name == "setitem":
+            return self.setitem(node)
         if name in ("transpose", "permute", "movedim", "unsqueeze", "squeeze"):
             return self.axes(node, name)
         if name == "cat":
@@ -321,7 +340,10 @@ class _Propagator:
             raise LayoutError(f"node {node.name}: pointwise op without a tensor value")
         rank = len(out_shape)
         out_layout: Layout | None = None
-        for _, x in _tensor_operands(node):
+        operands = _tensor_operands(node)
+        if op_name(node) in DTYPE_FROM:  # x.type_as(other), x.to(other): other gives a dtype only
+            operands = operands[:1]
+        for _, x in operands:
             lay = self.lay(x)
             if lay is None:
                 continue
@@ -334,7 +356,7 @@ class _Propagator:
         if out_shape[out_layout.axis] != out_layout.length:
             raise LayoutError(f"node {node.name}: token axis broadcast away")
         gathers = []  # text-only layouts too: with context caching their text is dropped
-        for path, x in _tensor_operands(node):
+        for path, x in operands:
             if self.lay(x) is not None:
                 continue
             shp = node_shape(x)
@@ -359,6 +381,46 @@ class _Propagator:
             if self.lay(x) is not None:
                 raise LayoutError(f"node {node.name}: {name} with a token-shaped parameter")
         return NodeLayout(lay)
+
+    def complex_view(self, node: fx.Node, name: str) -> NodeLayout:
+        """``view_as_complex`` folds the trailing dim (size 2) into complex elements,
+        ``view_as_real`` unfolds it: the token axis keeps its index unless it is that dim."""
+        src, lay = self._single(node)
+        if name == "view_as_complex" and lay.axis == len(node_shape(src)) - 1:
+            raise LayoutError(f"node {node.name}: view_as_complex over the token axis")
+        return NodeLayout(lay)
+
+    def like(self, node: fx.Node, name: str) -> NodeLayout:
+        """``empty_like(x)`` and kin: a fresh tensor of ``x``'s shape (the ``new_*``
+        methods take their size as an argument and so must not be shaped by tokens)."""
+        src, lay = self._single(node)
+        if name.startswith("new_"):
+            raise LayoutError(f"node {node.name}: {name} with a size taken from a token tensor")
+        return NodeLayout(lay)
+
+    def setitem(self, node: fx.Node) -> NodeLayout:
+        """``x[index] = value`` in place (Dynamo's ``operator.setitem``): exact on a token
+        subset when ``x`` carries tokens, the index keeps the token axis whole and ``value``
+        is a token tensor that lines up with ``x[index]`` token for token (or has no token
+        axis at all, e.g. a scalar). The node has no value."""
+        target, index, value = node.args[:3]
+        lay = self.lay(target)
+        if lay is None:
+            raise LayoutError(f"node {node.name}: image tokens written into a tensor that carries none")
+        region = self._slice_entries(node, target, lay)
+        if region.rewrite:
+            raise LayoutError(f"node {node.name}: an in-place write into part of the token axis")
+        if isinstance(value, fx.Node):
+            vshape, vlay = node_shape(value), self.lay(value)
+            entries = index if isinstance(index, tuple) else (index,)
+            rank = len(node_shape(target)) - sum(isinstance(e, int) for e in entries) + sum(e is None for e in entries)
+            if vlay is not None:
+                if vlay.with_axis(vlay.axis + rank - len(vshape)) != region.layout:
+                    raise LayoutError(f"node {node.name}: written tokens do not line up with the target's")
+            elif vshape is not None and region.layout.axis - (rank - len(vshape)) >= 0 \
+                    and vshape[region.layout.axis - (rank - len(vshape))] == region.layout.length != 1:
+                raise LayoutError(f"node {node.name}: a full-length value without a token layout written in place")
+        return NodeLayout(None)
 
     def reduce(self, node: fx.Node, name: str) -> NodeLayout:
         src, lay = self._single(node)
@@ -542,25 +604,70 @@ class _Propagator:
         return NodeLayout(la.with_axis(la.axis + len(node_shape(node)) - rank_a))
 
     def sdpa(self, node: fx.Node) -> NodeLayout:
+        """Attention mixes tokens only along the key axis. Two kinds keep the rewrite exact:
+
+        * attention over image keys: key and value share one layout holding the image
+          segment, the query holds it too (joint self-attention: the same layout; the keys
+          may also hold context tokens the queries lack, e.g. FLUX.2 Klein's cached
+          reference-image K/V spliced in): the subset's queries attend to all keys through
+          the K/V caches;
+        * *query-only* (cross) attention: the query carries image tokens, key and value
+          carry none (text keys, as in Wan's cross-attention): it is per query token, so
+          the subset's queries attend to the same keys as before and no cache is needed.
+
+        A mask (``attn_mask``, boolean or additive, broadcast against
+        ``[B, H, S_q, S_k]``) must not be computed from image tokens; its query axis is 1
+        or the full query length (then its rows are gathered with the queries, listed in
+        ``gathers``), its key axis 1 or the full key length (the keys stay whole in the
+        subset graph).
+        """
         args = sdpa_args(node)
         q, k, v = args["query"], args["key"], args["value"]
         lq, lk, lv = self.lay(q), self.lay(k), self.lay(v)
-        if lq is None or lk is None or lv is None:
-            raise LayoutError(f"node {node.name}: attention whose query/key/value are not all token tensors")
+        if lq is None:
+            raise LayoutError(f"node {node.name}: attention whose keys carry image tokens but whose queries do not")
         rank = len(node_shape(q))
-        if lq.axis != rank - 2 or lk != lq or lv != lq:
-            raise LayoutError(f"node {node.name}: attention with mismatched token layouts")
-        if isinstance(args.get("attn_mask"), fx.Node):
-            raise LayoutError(f"node {node.name}: attention masks are not supported yet")
+        if lq.axis != rank - 2:
+            raise LayoutError(f"node {node.name}: attention whose token axis is not the sequence axis")
+        if (lk is None) != (lv is None) or (lk is not None and (lv != lk or lk.axis != lq.axis)):
+            raise LayoutError(f"node {node.name}: attention with mismatched key and value token layouts")
+        if lk is not None and [s for s in lk.segs if s.kind == "img"] != [s for s in lq.segs if s.kind == "img"]:
+            raise LayoutError(f"node {node.name}: attention whose queries and keys hold different image tokens")
         if args.get("is_causal") or args.get("dropout_p", 0.0):
             raise LayoutError(f"node {node.name}: causal or dropout attention is not supported")
-        return NodeLayout(lq)
+        gathers, rewrite = [], ()
+        mask = args.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            if self.lay(mask) is not None:
+                raise LayoutError(f"node {node.name}: an attention mask computed from image tokens")
+            shp = node_shape(mask)
+            keys = node_shape(k)[-2]
+            if shp is None or len(shp) < 2 or shp[-1] not in (1, keys) or shp[-2] not in (1, lq.length):
+                raise LayoutError(f"node {node.name}: attention mask of shape {shp} does not broadcast against "
+                                  f"{lq.length} queries x {keys} keys")
+            path = next(p for p, x in _tensor_operands(node) if x is mask)
+            if shp[-2] == lq.length != 1:  # one row per query: the rows follow the computed queries
+                gathers.append((path, lq))
+            if lk is not None and shp[-1] == lk.length != 1:
+                # its columns follow the keys: in the subset graph they are the subset's until the
+                # attention rewrite widens the keys to all tokens again
+                rewrite = ("mask_keys", path, lk.with_axis(rank - 1))
+        return NodeLayout(lq, gathers=tuple(gathers), rewrite=rewrite)
 
 
-def propagate_layouts(graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int) -> dict[fx.Node, NodeLayout]:
+def propagate_layouts(graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int,
+                      stream: Layout | None = None) -> dict[fx.Node, NodeLayout]:
     """Give every node between ``start`` and ``end`` that carries image tokens its layout.
+
+    ``start`` is the token stream ``[B, L, D]``: ``n_img`` image tokens, or, when
+    ``stream`` is given, the segments it lists along axis 1 (image tokens and context
+    tokens that travel with them, e.g. FLUX.2's reference-image tokens).
 
     Reads: node shapes (``meta["val"]`` or Dynamo's ``meta["example_value"]``).
     Raises: :class:`LayoutError` for any op on image tokens without a valid rule.
     """
-    return _Propagator(graph, start, end, n_img).run()
+    if stream is None:
+        stream = Layout(1, (Seg("img", n_img),))
+    if stream.axis != 1 or sum(s.kind == "img" for s in stream.segs) != 1:
+        raise LayoutError(f"stream layout {stream} must hold one image segment along axis 1")
+    return _Propagator(graph, start, end, stream).run()

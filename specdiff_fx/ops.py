@@ -122,12 +122,15 @@ def received_attention(
     n_img: int,
     max_queries: int,
     scale: float | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention each image token receives: head-mean softmax column mass, ``[B, N]``.
 
-    The softmax rows are those of the attention itself (same keys, same scale). With
-    ``max_queries > 0`` only every ``ceil(S_q / max_queries)``-th query row is used and
-    the column sums are scaled back by the sampling ratio.
+    The softmax rows are those of the attention itself (same keys, same scale, same
+    ``mask``: boolean, ``True`` = may attend, or additive, broadcast against
+    ``[B, H, S_q, S_k]``; a query row with every key masked receives and gives nothing).
+    With ``max_queries > 0`` only every ``ceil(S_q / max_queries)``-th query row is used
+    and the column sums are scaled back by the sampling ratio.
 
     Cost per call: one ``[B, H, S_q', d] x [B, H, d, S_k]`` matmul plus a softmax over
     ``[B, H, S_q', S_k]`` (``S_q' <= max_queries``), i.e. ``S_q'/S_q`` of the attention's
@@ -136,11 +139,43 @@ def received_attention(
     """
     n_q = query.shape[-2]
     if max_queries and n_q > max_queries:
-        query = query[..., :: math.ceil(n_q / max_queries), :]
+        step = math.ceil(n_q / max_queries)
+        query = query[..., ::step, :]
+        if mask is not None and mask.dim() >= 2 and mask.shape[-2] == n_q:
+            mask = mask[..., ::step, :]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     logits = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
-    mass = torch.softmax(logits, dim=-1).mean(dim=1).sum(dim=1)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.float()
+    probs = torch.softmax(logits, dim=-1)
+    if mask is not None:
+        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows
+    mass = probs.mean(dim=1).sum(dim=1)
     return mass.narrow(1, img_offset, n_img) * (n_q / query.shape[-2])
+
+
+def restore_stream(subset: torch.Tensor, image: torch.Tensor, spec: tuple[tuple[str, int], ...],
+                   keep_txt: bool = True) -> torch.Tensor:
+    """A token stream at full length ``[B, L, C]`` laid out as ``spec``: the image segment
+    from ``image`` (``[B, N, C]``) and each context segment from ``subset`` (the subset
+    graph's stream end, image segment ``k = subset.shape[1] - (context tokens)`` long), or
+    zeros when context caching did not compute them (``keep_txt=False``)."""
+    parts, off = [], 0
+    n_ctx = sum(length for kind, length in spec if kind != "img")
+    k = subset.shape[1] - (n_ctx if keep_txt else 0)
+    for kind, length in spec:
+        if kind == "img":
+            parts.append(image.to(subset.dtype))
+            off += k
+        elif keep_txt:
+            parts.append(subset.narrow(1, off, length))
+            off += length
+        else:
+            parts.append(subset.new_zeros(subset.shape[0], length, *subset.shape[2:]))
+    return torch.cat(parts, dim=1)
 
 
 def scatter_tokens(subset: torch.Tensor, idx: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

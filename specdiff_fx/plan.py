@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
-from .layout import Layout, NodeLayout
+import torch
+
+from .layout import Layout, NodeLayout, Seg
 
 
 @dataclass(frozen=True)
@@ -22,9 +24,11 @@ class Block:
 
 @dataclass(frozen=True)
 class AttentionSite:
-    """One scaled-dot-product attention call on image tokens.
+    """One scaled-dot-product attention call on image tokens (its queries carry them).
 
-    ``layout`` is the token layout of its query/key/value (token axis ``-2``);
+    ``layout`` is the token layout of its keys and values (token axis ``-2``; the queries'
+    is the same, or the same without context tokens that only the keys hold; for a
+    cross-attention site, whose keys carry no image tokens, the queries');
     ``img_offset`` is where the image segment starts in that axis (0: image first,
     as in SD3; M: text first, as in FLUX).
     """
@@ -69,10 +73,42 @@ class DiTPlan:
     #: indices of the conditioning inputs (neither latent, timestep nor module state): fixed
     #: through a generation, they tell interleaved generations apart at run time
     condition_inputs: tuple[int, ...] = ()
+    # attention calls whose queries are image tokens but whose keys are not (cross-attention to
+    # text): per query token, so they need no K/V cache; ``attention`` lists only those with image keys
+    cross_attention: tuple[AttentionSite, ...] = ()
+    # the token stream's segments when it carries context tokens besides the image tokens (FLUX.2's
+    # reference images: ``(("img", N), ("txt", R))``); None: the stream is the N image tokens alone
+    stream: Layout | None = None
+    # where those context tokens are marked: (graph input index, column) of the position ids whose
+    # nonzero entries are context; the segmentation holds for calls whose ids mark the same tokens
+    context_ids: tuple[int, int] | None = None
     layouts: Mapping[str, NodeLayout] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layouts", MappingProxyType(dict(self.layouts)))
+
+    @property
+    def stream_length(self) -> int:
+        """Tokens of the stream ``[B, L, D]`` (image tokens plus any context tokens in it)."""
+        return self.stream.length if self.stream is not None else self.num_image_tokens
+
+    def stream_matches(self, args: Sequence[Any]) -> bool:
+        """Whether a call's inputs mark the stream's context tokens as at compile time.
+
+        The segmentation comes from the position-id values of the compile-time example;
+        a later call of the same shapes may mark other tokens (another reference-image
+        layout of the same total length), and Dynamo does not recompile on values. A
+        runtime must check this per call and compute every token when it is ``False``.
+        Always ``True`` for a family that marks no context tokens (``context_ids`` is None).
+        """
+        if self.context_ids is None:
+            return True
+        i, column = self.context_ids
+        ids = args[i]
+        if not isinstance(ids, torch.Tensor):
+            return False
+        expected = self.stream.spec() if self.stream is not None else (("img", self.num_image_tokens),)
+        return tuple((s.kind, s.length) for s in stream_segments(ids, column)) == expected
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -80,6 +116,25 @@ class DiTPlan:
             kinds[b.kind] = kinds.get(b.kind, 0) + 1
         return (
             f"{self.family}: {self.num_image_tokens} image tokens x {self.width} channels, batch {self.batch}, "
-            f"blocks {kinds}, {len(self.attention)} attention calls, "
+            f"blocks {kinds}, {len(self.attention)} attention calls"
+            + (f" (+{len(self.cross_attention)} cross-attention)" if self.cross_attention else "") + ", "
             f"{len(self.side_inputs)} token-shaped side inputs"
+            + (f", {self.stream_length - self.num_image_tokens} context tokens in the stream" if self.stream else "")
         )
+
+
+def stream_segments(ids: torch.Tensor, column: int) -> tuple[Seg, ...]:
+    """Runs of image tokens (``ids[..., column] == 0``) and context tokens (nonzero) along
+    the rows of position ids ``[L, c]`` (or ``[B, L, c]``, read from the first sample, as
+    the models do)."""
+    if ids.dim() == 3:
+        ids = ids[0]
+    context = (ids[:, column] != 0).tolist()
+    segs: list[Seg] = []
+    for flag in context:
+        kind = "txt" if flag else "img"
+        if segs and segs[-1].kind == kind:
+            segs[-1] = Seg(kind, segs[-1].length + 1)
+        else:
+            segs.append(Seg(kind, 1))
+    return tuple(segs)

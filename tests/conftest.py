@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 
 import pytest
 import torch
@@ -26,6 +27,11 @@ def capture(model: torch.nn.Module, inputs: dict) -> tuple[torch.fx.GraphModule,
 
     def grab(gm, example_inputs):
         store["gm"], store["ex"] = gm, list(example_inputs)
+        # Dynamo drops its placeholders' "grapharg" (which holds the concrete inputs) once
+        # the backend returns: keep what analyses that read input values see inside the backend
+        for node, ex in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
+            if isinstance(ex, torch.Tensor):
+                node.meta["specdiff_example"] = weakref.ref(ex)
         return gm.forward
 
     torch._dynamo.reset()

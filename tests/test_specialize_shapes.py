@@ -1,5 +1,7 @@
 """Dynamic (symbolic-shape) graphs: specialise per concrete shape, then rewrite as usual."""
 
+import operator
+
 import pytest
 import torch
 
@@ -69,3 +71,37 @@ def test_backend_specialises_each_resolution():
             torch.testing.assert_close(out, model(**inputs(shape)).sample, atol=1e-5, rtol=1e-4)
     assert [r.status for r in be.records] == ["specdiff"] * 3
     assert [r.plan.num_image_tokens for r in be.records] == [16, 24, 32]
+
+
+def test_in_place_writes_survive_specialisation():
+    """A graph whose values are written in place (``out[..., 0::2] = ...``, a ``setitem``
+    node without users, as in Wan's RoPE) keeps those writes, and the value read after
+    them, when specialised."""
+
+    class Rope(torch.nn.Module):
+        def forward(self, x, cos):
+            x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+            out = torch.empty_like(x)
+            out[..., 0::2] = x1 * cos
+            out[..., 1::2] = x2 * cos
+            return out + 1
+
+    store = []
+
+    def grab(gm, example_inputs):
+        def run(*args):
+            store.append((gm, list(args)))
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    model, compiled = Rope(), torch.compile(Rope(), backend=grab)
+    for n in (3, 5):  # the second length makes the graph dynamic
+        x, cos = torch.randn(2, n, 4), torch.randn(n, 2)
+        compiled(x, cos)
+    gm, args = store[-1]
+    static, kept = specialize_shapes(gm, args)
+    assert sum(n.target is operator.setitem for n in static.graph.nodes) == 2
+    torch.testing.assert_close(static(*[args[i] for i in kept])[0], model(x, cos))
+    assert all(p.meta["specdiff_example"]() is args[i] for p, i in zip(static.graph.find_nodes(op="placeholder"), kept))

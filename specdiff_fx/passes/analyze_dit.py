@@ -1,7 +1,9 @@
 """Analysis: recognise a diffusers DiT in a Dynamo graph and describe it as a DiTPlan.
 
 Reads: the Dynamo graph of a whole ``transformer.forward`` (``nn_module_stack`` and
-``example_value``/``val`` metadata, placeholder names).
+``example_value``/``val`` metadata, placeholder names); for a family whose token stream
+may carry context tokens marked by position ids (``Family.context_ids``), the
+compile-time example of that one input (:func:`~specdiff_fx.graph_utils.example_value`).
 Writes: ``node.meta["specdiff"]`` (the node's :class:`~specdiff_fx.layout.NodeLayout`) on
 the graph it analyses; returns a frozen :class:`~specdiff_fx.plan.DiTPlan`.
 Keeps true: the graph's nodes and edges are untouched.
@@ -13,10 +15,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..families import Family, family_for_block_types
-from ..graph_utils import get_operand, module_paths
-from ..layout import LayoutError, node_shape, op_name, propagate_layouts, sdpa_args
-from ..plan import AttentionSite, Block, DiTPlan
+from ..families import FAMILIES, Family, family_for_block_types
+from ..graph_utils import example_value, get_operand, module_paths
+from ..layout import Layout, LayoutError, Seg, node_shape, op_name, propagate_layouts, sdpa_args
+from ..plan import AttentionSite, Block, DiTPlan, stream_segments
 
 
 class NotADiT(RuntimeError):
@@ -38,16 +40,40 @@ def _has_symbolic_shapes(gm: fx.GraphModule) -> bool:
     return False
 
 
-def _last_node_of(gm: fx.GraphModule, path: str) -> fx.Node | None:
-    """The last non-placeholder node produced inside module ``path`` that is a 3-d tensor."""
+def _last_node_of(gm: fx.GraphModule, path: str, rank: int | None = 3) -> fx.Node | None:
+    """The last non-placeholder node produced inside module ``path`` that is a tensor (of
+    rank ``rank``, unless ``None``)."""
     found = None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
         if any(p == path for p, _ in module_paths(node)):
             shape = node_shape(node)
-            if shape is not None and len(shape) == 3:
+            if shape is not None and (rank is None or len(shape) == rank):
                 found = node
+    return found
+
+
+#: ops that only rearrange a tensor (no arithmetic): a patch embedding's output may pass
+#: through them before it is the ``[B, N, D]`` token stream
+_REARRANGE = {"flatten", "transpose", "permute", "view", "reshape", "contiguous", "movedim"}
+
+
+def _stream_start(gm: fx.GraphModule, path: str) -> fx.Node | None:
+    """Where the image-token stream starts: the output of the embedding module ``path`` if
+    it is already ``[B, N, D]``, else (a convolutional patch embedding, e.g. Wan's
+    ``Conv3d`` giving ``[B, D, F, H, W]``) the last 3-d tensor of the chain of rearranging
+    ops (``flatten(2).transpose(1, 2)``) that its output alone feeds."""
+    node = _last_node_of(gm, path, rank=None)
+    if node is None or len(node_shape(node)) == 3:
+        return node
+    found = None
+    while len(node.users) == 1:
+        node = next(iter(node.users))
+        if op_name(node) not in _REARRANGE or node_shape(node) is None:
+            break
+        if len(node_shape(node)) == 3:
+            found = node
     return found
 
 
@@ -86,6 +112,29 @@ def _input_index(gm: fx.GraphModule, *names: str) -> int:
     raise NotADiT(f"no graph input named {' or '.join(names)}")
 
 
+def _stream_layout(gm: fx.GraphModule, family: Family, n_stream: int) -> tuple[Layout, tuple[int, int] | None]:
+    """The segments of the token stream: all image tokens, unless the family marks context
+    tokens by their position ids (``Family.context_ids``: FLUX.2's reference images carry a
+    nonzero time coordinate). Position ids are data, not graph structure, so they are read
+    from the input's compile-time example; returns the layout and ``(input index, column)``
+    for the per-call check (:meth:`DiTPlan.stream_matches`)."""
+    if family.context_ids is None:
+        return Layout(1, (Seg("img", n_stream),)), None
+    name, column = family.context_ids
+    i = _input_index(gm, name)
+    ids = example_value(list(gm.graph.find_nodes(op="placeholder"))[i])
+    if ids is None:
+        raise NotADiT(f"{family.model_class}: cannot read the values of {name} (needed to tell reference-image "
+                      "tokens from image tokens)")
+    segs = stream_segments(ids, column)
+    if sum(seg.length for seg in segs) != n_stream:
+        raise NotADiT(f"{family.model_class}: {name} has {sum(seg.length for seg in segs)} rows for "
+                      f"{n_stream} stream tokens")
+    if sum(seg.kind == "img" for seg in segs) != 1:
+        raise NotADiT(f"{family.model_class}: the image tokens (zero {name}[..., {column}]) are not one contiguous run")
+    return Layout(1, segs), (i, column)
+
+
 def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     """Find the image-token stream, blocks, attention calls and side inputs of a DiT graph."""
     type_names = {cls for node in gm.graph.nodes for _, cls in module_paths(node)}
@@ -93,25 +142,27 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     if family is None:
         raise NotADiT(
             "no supported DiT found: the graph has none of the transformer blocks of "
-            "SD3Transformer2DModel or FluxTransformer2DModel"
+            + ", ".join(f.model_class for f in FAMILIES)
         )
     if _has_symbolic_shapes(gm):
         raise DynamicShapes(f"{family.model_class} traced with dynamic (symbolic) shapes")
-    start = _last_node_of(gm, family.embed)
+    start = _stream_start(gm, family.embed)
     end = _last_node_of(gm, family.out_proj)
     if start is None or end is None:
         raise NotADiT(f"{family.model_class}: no image-token stream ({family.embed} -> {family.out_proj})")
-    batch, n_img, width = node_shape(start)
-    if node_shape(end)[:2] != (batch, n_img):
-        raise NotADiT(f"output projection {end.name} is not [B, N, C] over the {n_img} image tokens")
+    batch, n_stream, width = node_shape(start)
+    if node_shape(end)[:2] != (batch, n_stream):
+        raise NotADiT(f"output projection {end.name} is not [B, L, C] over the {n_stream} stream tokens")
+    stream, context_ids = _stream_layout(gm, family, n_stream)
+    n_img = next(seg.length for seg in stream.segs if seg.kind == "img")
     try:
-        infos = propagate_layouts(gm.graph, start, end, n_img)
+        infos = propagate_layouts(gm.graph, start, end, n_img, stream)
     except LayoutError as e:
         raise NotADiT(f"{family.model_class}: {e}") from e
-    if infos[end].layout is None or infos[end].layout.spec() != (("img", n_img),) or infos[end].layout.axis != 1:
-        raise NotADiT(f"output projection {end.name} does not carry exactly the image tokens")
+    if infos[end].layout != stream:
+        raise NotADiT(f"output projection {end.name} does not carry the stream's tokens in their order")
 
-    sites, sides = [], []
+    sites, cross, sides = [], [], []
     for node, info in infos.items():
         node.meta["specdiff"] = info
         for path, layout in info.gathers:
@@ -121,7 +172,11 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
             args = sdpa_args(node)
             _, heads, _, head_dim = node_shape(args["query"])
             block = next((p for p, _ in module_paths(node) if p.count(".") == 1), "")
-            sites.append(AttentionSite(node.name, block, info.layout, heads, head_dim, args.get("scale")))
+            if args["key"] in infos:  # the site's layout is its keys' (the queries may lack context tokens)
+                sites.append(AttentionSite(node.name, block, infos[args["key"]].layout, heads, head_dim,
+                                           args.get("scale")))
+            else:  # keys without image tokens (cross-attention to text): no K/V cache, no score
+                cross.append(AttentionSite(node.name, block, info.layout, heads, head_dim, args.get("scale")))
     if not sites:
         raise NotADiT(f"{family.model_class}: no attention over image tokens found")
     for info in infos.values():
@@ -140,6 +195,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         end=end.name,
         blocks=_blocks(gm, family),
         attention=tuple(sites),
+        cross_attention=tuple(cross),
         side_inputs=tuple(dict.fromkeys(sides)),
         timestep_input=timestep_input,
         sample_input=sample_input,
@@ -149,4 +205,6 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                                if not p.name.startswith("l_self_") and i not in (timestep_input, sample_input)),
         layouts={n.name: i for n, i in infos.items()},
+        stream=stream if len(stream.segs) > 1 else None,
+        context_ids=context_ids,
     )

@@ -23,6 +23,8 @@ With ``ContextMode.REFRESH`` the subset graph computes every text token (as with
 ``COMPUTE``) and also returns their fresh keys/values as extras ``Role.TEXT_KV`` ``kt{i}`` /
 ``vt{i}`` (``[B, H, M, d]``, like the full variant's), so a cached step can refresh the text
 K/V caches.
+An attention mask gets back its columns for every key (:func:`gather_token_subset` cut
+them to the subset's keys; ``ctx.memo["mask_rows"]``).
 Keeps true: queries are only the computed tokens; the attention output has the query's
 layout; with ``idx`` = all tokens the result equals the full graph's.
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from .. import ops
-from ..graph_utils import nodes_by_name
+from ..graph_utils import nodes_by_name, set_operand
 from ..layout import node_shape, sdpa_args
 from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
@@ -82,4 +84,6 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
         positional = ["query", "key", "value"]
         sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
         sdpa.kwargs = {name: new.get(name, a) for name, a in sdpa.kwargs.items()}
+        if site.node in ctx.memo.get("mask_rows", {}):  # the keys are whole again: so are the mask's columns
+            set_operand(sdpa, *ctx.memo["mask_rows"][site.node])
     return gm

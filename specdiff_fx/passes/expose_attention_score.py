@@ -1,6 +1,6 @@
 """Both variants: return the attention each image token received, summed over layers.
 
-Reads: ``plan.attention``; the query and key each SDPA node uses *now* (so after
+Reads: ``plan.attention``; the query, key and mask each SDPA node uses *now* (so after
 :func:`attend_with_kv_cache` the keys cover all N image tokens even in the subset graph);
 ``config.score_queries``.
 Writes: one extra output ``score`` ``[B, N]`` float32 = sum over attention calls of
@@ -35,6 +35,7 @@ def expose_attention_score(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphM
                 ops.received_attention,
                 (args["query"], args["key"], site.img_offset, ctx.plan.num_image_tokens,
                  ctx.config.score_queries, site.scale),
+                {"mask": args["attn_mask"]} if isinstance(args.get("attn_mask"), fx.Node) else {},
             )
         if total is None:
             total = score

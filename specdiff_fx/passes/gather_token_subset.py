@@ -8,10 +8,21 @@ Writes:
 * ``take_tokens`` right after the stream start, all its users moved onto the subset;
 * ``scatter_tokens`` right after the stream end: the ``k`` fresh outputs written into
   ``base``, so whatever follows the output projection (unpatchify) sees ``N`` tokens
-  again; ``ctx.memo["subset_out"]`` / ``["stream_out"]`` name the two nodes;
+  again; ``ctx.memo["subset_out"]`` / ``["stream_out"]`` name the ``[B, k, C]`` and
+  ``[B, N, C]`` nodes;
+* for a stream that carries context tokens too (``plan.stream``, FLUX.2's reference
+  images): the stream start is gathered at the image indices *and* every context
+  position, and the stream end is rebuilt at full length by
+  :func:`~specdiff_fx.ops.restore_stream` (context rows as computed, or zeros when
+  context caching dropped them);
 * for every full-length token operand without a layout of its own (RoPE tables,
   positional terms): ``take_tokens`` at the same positions (text positions kept whole)
-  just before the op that meets the subset;
+  just before the first op that meets the subset (one gather per operand and layout);
+* for an attention mask with one row per query: its rows gathered like the queries; for a
+  joint attention's mask also its key columns, gathered like the keys (the subset graph's
+  attention is then over the subset's own tokens, a valid graph between passes);
+  ``ctx.memo["mask_rows"]`` maps the attention to the rows-only mask, which
+  :func:`attend_with_kv_cache` puts back once the keys cover every token again;
 * constant sizes that spelled the token count (``view``/``reshape``/``expand`` sizes,
   slices and ``split_with_sizes`` sections at segment boundaries) rewritten for ``k``
   (view sizes written out in full, so a ``-1`` never has to be inferred from an empty
@@ -70,18 +81,30 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
     idx = ctx.add_input(gm, Port(Role.IDX), (plan.batch, k), torch.int64, device)
     ctx.memo["idx"] = idx
 
+    stream = plan.stream  # None: the stream is the image tokens alone
     with gm.graph.inserting_after(start):
-        sub = gm.graph.call_function(ops.take_tokens, (start, 3, 1, idx))
+        index = idx if stream is None else _index_for(gm, ctx, stream, idx, keep_txt)
+        sub = gm.graph.call_function(ops.take_tokens, (start, 3, 1, index))
     start.replace_all_uses_with(sub, delete_user_cb=lambda user: user is not sub)
 
     end = nodes[plan.end]
     end_val = end.meta.get("val", end.meta.get("example_value"))
     base = ctx.add_input(gm, Port(Role.BASE), (plan.batch, plan.num_image_tokens, plan.out_channels),
                          end_val.dtype, device)
-    with gm.graph.inserting_after(end):
-        restored = gm.graph.call_function(ops.scatter_tokens, (end, idx, base))
-    end.replace_all_uses_with(restored, delete_user_cb=lambda user: user is not restored)
-    ctx.memo["subset_out"], ctx.memo["stream_out"] = end, restored
+    if stream is None:
+        subset = end
+        with gm.graph.inserting_after(end):
+            restored = whole = gm.graph.call_function(ops.scatter_tokens, (end, idx, base))
+    else:  # the image rows scattered into base, the context rows around them as computed
+        offset = stream.to_sub(stream.img_offset(), k, keep_txt)
+        with gm.graph.inserting_after(end):
+            subset = gm.graph.call_function(ops.image_segment, (end, 1, offset, k))
+        with gm.graph.inserting_after(subset):
+            restored = gm.graph.call_function(ops.scatter_tokens, (subset, idx, base))
+        with gm.graph.inserting_after(restored):
+            whole = gm.graph.call_function(ops.restore_stream, (end, restored, stream.spec(), keep_txt))
+    end.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in (subset, restored, whole))
+    ctx.memo["subset_out"], ctx.memo["stream_out"] = subset, restored
 
     for name, info in plan.layouts.items():
         node = nodes[name]
@@ -90,10 +113,12 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
                 continue
             operand = get_operand(node, path)
             rank = len(node_shape(node))
-            index = _index_for(gm, ctx, layout, idx, keep_txt)
-            with gm.graph.inserting_before(node):
-                taken = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
-            set_operand(node, path, taken)
+            key = ("take", operand, rank, layout.axis, layout.spec())
+            if key not in ctx.memo:  # one gather per operand and layout (RoPE tables meet q and k twice)
+                index = _index_for(gm, ctx, layout, idx, keep_txt)
+                with gm.graph.inserting_before(node):
+                    ctx.memo[key] = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
+            set_operand(node, path, ctx.memo[key])
         if not info.rewrite:
             continue
         kind = info.rewrite[0]
@@ -113,6 +138,14 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
                     node.args = (kept, *node.args[1:])
                 else:
                     node.kwargs = {**node.kwargs, "tensors": kept}
+        elif kind == "mask_keys":  # a joint attention's mask: its key columns follow the subset keys
+            _, path, lay = info.rewrite
+            rows = get_operand(node, path)
+            index = _index_for(gm, ctx, lay, idx, keep_txt)
+            with gm.graph.inserting_before(node):
+                cols = gm.graph.call_function(ops.take_tokens, (rows, len(node_shape(node)), lay.axis, index))
+            set_operand(node, path, cols)
+            ctx.memo.setdefault("mask_rows", {})[node.name] = (path, rows)
         elif kind == "sections":
             sizes = [part.sub_length(k, keep_txt) for part in info.parts]
             if len(node.args) > 1:

@@ -10,13 +10,17 @@ Reads: the graph and one concrete call's arguments (tensors, and ints for SymInt
 Writes: a new graph in which every non-tensor value (SymInt inputs, size arithmetic,
 shape asserts, ``.item()`` of scalar inputs) is replaced by its constant, SymInt inputs are removed, and every node's
 ``meta["val"]`` is a fake tensor with static shapes (Dynamo's symbolic
-``example_value`` is dropped).
-Keeps true: for inputs of that concrete shape the new graph computes what the old one did.
+``example_value`` is dropped); each tensor input's ``meta["specdiff_example"]`` is a weak
+reference to the concrete argument (read by :func:`~specdiff_fx.graph_utils.example_value`
+while the call that specialises is running; never kept alive by the graph).
+Keeps true: for inputs of that concrete shape the new graph computes what the old one did
+(side-effectful nodes, e.g. the ``setitem`` of an in-place write, are never removed).
 Returns the graph and the indices of the inputs it still takes.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -68,6 +72,10 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
         Interp(new).run(*fake_args)
 
     placeholders = list(new.graph.find_nodes(op="placeholder"))
+    for node, a in zip(placeholders, args):  # the concrete inputs, for analyses that read values
+        node.meta.pop("specdiff_example", None)
+        if isinstance(a, torch.Tensor):
+            node.meta["specdiff_example"] = weakref.ref(a)
     for node in list(new.graph.nodes):
         if node.op == "output":
             continue
@@ -82,9 +90,9 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
         for user in list(node.users):
             user.args = fx.map_arg(user.args, lambda x, node=node, c=constant: c if x is node else x)
             user.kwargs = fx.map_arg(user.kwargs, lambda x, node=node, c=constant: c if x is node else x)
-    for node in reversed(list(new.graph.nodes)):
+    for node in reversed(list(new.graph.nodes)):  # unused constants; in-place writes (value None) stay
         if node.op != "output" and not node.users and not isinstance(values.get(node), torch.Tensor) \
-                and _is_constant(values.get(node)):
+                and _is_constant(values.get(node)) and (node.op == "placeholder" or not node.is_impure()):
             new.graph.erase_node(node)
     remaining = {n.name for n in new.graph.find_nodes(op="placeholder")}
     kept = [i for i, p in enumerate(placeholders) if p.name in remaining]

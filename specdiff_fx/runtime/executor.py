@@ -56,17 +56,17 @@ class GraphExecutor:
 
     ``may_need`` lists the variants a runtime may ask for besides the full one; the first
     call's example inputs are kept until each of them exists (building a variant needs
-    them), then dropped.
+    them), then dropped. ``None`` keeps them (any variant may be built later).
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], plan: DiTPlan,
                  config: SpecDiffConfig, mode: str | None = None,
-                 may_need: Iterable[VariantKey] = ()) -> None:
+                 may_need: Iterable[VariantKey] | None = None) -> None:
         self.gm, self.plan, self.config, self.mode = gm, plan, config, mode
         self.example_inputs: list[Any] | None = list(example_inputs)
         self.full_key = VariantKey.full(refresh_text=config.cache_context is not False)
         self._variants: dict[VariantKey, Variant] = {}
-        self.may_need: set[VariantKey] = set(may_need)
+        self.may_need: set[VariantKey] | None = None if may_need is None else set(may_need)
         self.full: Variant = self.variant(self.full_key)
         self.full_flops = count_flops(gm, example_inputs)
         self._attentions = len(plan.attention)
@@ -83,7 +83,7 @@ class GraphExecutor:
                                    "inputs needed to build it are gone")
             self._variants[key] = build_variant(self.gm, self.example_inputs, self.plan, self.config, key, self.mode)
             log.info("specdiff: compiled the %s variant in %.1f s", key, self._variants[key].compile_seconds)
-            if self.may_need <= self._variants.keys():
+            if self.may_need is not None and self.may_need <= self._variants.keys():
                 self.example_inputs = None  # every variant built: do not keep the first call's tensors
         return self._variants[key]
 

@@ -1,0 +1,59 @@
+"""specdiff inside real ``QwenImagePipeline`` (no CFG) and ``WanPipeline`` (CFG: cond and
+uncond as two calls per step) built from tiny local components (``family_pipelines.py``)."""
+
+import pytest
+import torch
+
+import specdiff_fx
+from family_pipelines import qwenimage_call_kwargs, tiny_qwenimage_pipeline, tiny_wan_pipeline, wan_call_kwargs
+
+CASES = {  # make, call kwargs, transformer calls per step, image tokens (64: 8 x 8; 96: 3 frames x 4 x 8)
+    "qwenimage": (tiny_qwenimage_pipeline, qwenimage_call_kwargs, 1, 64),
+    "wan": (tiny_wan_pipeline, wan_call_kwargs, 2, 96),
+}
+_EAGER: dict = {}
+STEPS = 10
+
+
+def run_pipe(name, options=None, **call):
+    make, kwargs, _, _ = CASES[name]
+    pipe = make()
+    if options is not None:
+        torch._dynamo.reset()
+        pipe.transformer = torch.compile(pipe.transformer, backend="specdiff", options=options)
+    out = pipe(**kwargs(**call))
+    return out.frames if name == "wan" else out.images
+
+
+def eager(name, steps):
+    if (name, steps) not in _EAGER:
+        _EAGER[(name, steps)] = run_pipe(name, num_inference_steps=steps)
+    return _EAGER[(name, steps)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cache_ratio_zero_equals_eager(name):
+    out = run_pipe(name, {"cache_ratio": 0.0, "inductor": False}, num_inference_steps=STEPS)
+    torch.testing.assert_close(out, eager(name, STEPS), atol=1e-5, rtol=1e-4)
+    assert specdiff_fx.last_record().status == "plain" and specdiff_fx.last_record().family == name
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_default_options_cache_tokens(name):
+    steps = STEPS
+    _, _, calls, n = CASES[name]
+    out = run_pipe(name, {"inductor": False}, num_inference_steps=steps)
+    rep = specdiff_fx.last_generation()
+    assert specdiff_fx.last_record().status == "specdiff"
+    assert rep.family == name and rep.num_image_tokens == n and rep.batch == 1
+    assert len(rep.main_steps) == steps * calls
+    cached = [s for s in rep.steps if s.kind == "cached"]
+    k = specdiff_fx.SpecDiffConfig().num_computed(n)  # every call of a cached step, both CFG branches
+    cfg = specdiff_fx.SpecDiffConfig()
+    full = [s.step for s in rep.steps if s.kind == "full" and s.branch == 0]
+    assert full[: cfg.warmup_steps] == list(range(cfg.warmup_steps)) and len(full) == cfg.warmup_steps + 2
+    assert len(cached) == (steps - len(full)) * calls and all(s.c1 == (k,) for s in cached)
+    assert rep.flops_fraction < 0.8
+    ref = eager(name, steps)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.25  # cached, not identical; close on a random tiny model
