@@ -4,6 +4,9 @@ diffusers 0.42 ships seven caching hooks (``diffusers/hooks``): TaylorSeer, Firs
 MagCache, FasterCache, PyramidAttentionBroadcast (PAB), SeaCache and TextKVCache. This module
 applies the ones that work on :class:`diffusers.SD3Transformer2DModel` to the trained SD3
 "shapes" model of :mod:`specdiff_zoo` and measures them against full compute.
+``benchmarks/protocol.py`` applies the same five to the FLUX-architecture zoo models too (all five
+run on :class:`diffusers.FluxTransformer2DModel` unchanged; FasterCache there with
+``is_guidance_distilled=True``, since FLUX has no batched [uncond, cond] call to split).
 
 How the caches are driven here (and why not with ``transformer.enable_cache``):
 
