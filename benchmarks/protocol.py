@@ -483,10 +483,16 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
                 outs, flops, calls = {}, [], []
                 for s in seeds:
                     specdiff_fx.reset()
+                    before = specdiff_fx.last_generation()
                     outs[s] = SAMPLERS[cell.sampler](model, compiled, prompts, noise[s], cell.steps)
                     rep = specdiff_fx.last_generation()
-                    flops.append(rep.flops_fraction if rep is not None else float("nan"))
-                    calls.append(None if rep is None else {
+                    if rep is None or rep is before:  # no specdiff runtime ran: the untouched graph did
+                        record_ = specdiff_fx.last_record()
+                        flops.append(1.0)
+                        calls.append({"untouched_graph": str(record_) if record_ is not None else "no compile record"})
+                        continue
+                    flops.append(rep.flops_fraction)
+                    calls.append({
                         "speculative": rep.count("speculative"), "full": rep.count("full"),
                         "cached": rep.count("cached"), "branches": len({st.branch for st in rep.steps}),
                         "context_cached": rep.context_cached, "compiles": rep.compiles, "notes": list(rep.notes)})
