@@ -24,12 +24,12 @@ in [-1, 1]; ``transformer`` is the eager module, a ``torch.compile``d one or a c
   guidance embedding input 3.5 (``torch.full([1], 3.5).expand(B)``), ``txt_ids`` zeros,
   ``img_ids`` (0, row, col), ``joint_attention_kwargs={}``. Each call runs inside
   ``transformer.cache_context("cond")`` when the transformer has that method (diffusers' FLUX
-  model does; a compiled module forwards the attribute; so does the cache wrapper below).
+  model does, a compiled module forwards the attribute, and the cache wrapper below has its own).
   ``flux_truecfg`` adds a second call per step inside ``cache_context("uncond")`` with the
   prompt ``""`` and combines ``uncond + 4.0 * (cond - uncond)``; ``flux_nocfg`` makes one call.
 
-Steps 20, 28 and 50. Prompts: the 8 of ``benchmarks/ablation.py`` (``PROMPTS + MORE_PROMPTS``),
-seeds 0 and 1. Initial noise: for seed ``s``, ``torch.randn(8, 3, S, S, generator=
+Steps 20, 28 and 50. Prompts: the 8 of ``ablation.py --robustness`` (``sweep.PROMPTS +
+ablation.MORE_PROMPTS``), seeds 0 and 1. Initial noise: for seed ``s``, ``torch.randn(8, 3, S, S, generator=
 torch.Generator().manual_seed(s))``, row ``p`` for prompt ``p`` (what a pipeline draws with one
 generator for a list of 8 prompts); FLUX packs it into 2x2 tokens. All prompts of one seed run
 as one batch, except FirstBlockCache: its skip decision compares the first block's residual
@@ -87,8 +87,14 @@ model's cells, a segment down to the worst image).
     python benchmarks/protocol.py --specdiff '{"cache_ratio": 0.9}' --specdiff '{}' --methods eager,specdiff
     python benchmarks/protocol.py --tiny                     # CI: seconds, no files unless --write
 
-Wall time, measured on the shared 2-core CPU VM (one core busy with other work, 1 torch thread),
-default methods, 8 prompts x 2 seeds, no ``--speed``: ESTIMATE_PLACEHOLDER
+Wall time (no ``--speed``), measured on the shared 2-core CPU VM (load average 4-6 from other jobs,
+1 torch thread), the 15 default methods, 8 prompts x 2 seeds: one sd3_cfg cell 6.4 min at 28 steps;
+both FLUX samplers 15.7 min at 20 steps. Time grows with the steps, so the full run over the models
+present today (sd3, flux; 9 cells) takes about 6.4 x 98/28 + 15.7 x 98/20 = 22 + 77 = 100 min; each
+further 256-token model adds its family's share (SD3 ~22, FLUX ~77 min), a 1024-token one at least
+4x that per call (not measured). ``--methods eager,specdiff`` takes about a third. ``--speed`` adds,
+per model, an Inductor compile per specdiff setting (2.6 min on that VM) and 2 + 2 x repeats
+28-step generations per method.
 """
 
 from __future__ import annotations
