@@ -325,7 +325,8 @@ def method(kind: str, params: dict | None = None, label: str | None = None) -> M
 
 
 DEFAULT_SPECDIFF: list[dict] = [{}, {"speculative_steps": 0}, {"cache_ratio": 0.75}, {"cache_ratio": 0.95}]
-#: 2 settings per cache, its faster and its safer end on the sweep (benchmarks/sweep.md, SD3 model, 28 steps)
+#: 2 settings per cache, a safer and a faster one (all but the last PAB one measured by the sweep,
+#: benchmarks/sweep.md: SD3 model, shift 1, 28 steps)
 DEFAULT_CACHES: list[tuple[str, dict]] = [
     ("taylorseer", {"cache_interval": 2, "disable_cache_before_step": 3}),
     ("taylorseer", {"cache_interval": 4, "disable_cache_before_step": 3}),

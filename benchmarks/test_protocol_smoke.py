@@ -124,3 +124,31 @@ def test_flop_count_equals_flop_counter_mode(family, sampler):
     finally:
         runner.remove()
     assert counted == reference > 0 and torch.equal(mine, theirs)
+
+
+def test_registry_and_held_out_summary(monkeypatch):
+    """With ``specdiff_zoo.MODELS`` the protocol lists the registry's models and splits; the
+    summary judges the specdiff defaults on held-out cells only (synthetic results, no model)."""
+    from types import SimpleNamespace
+
+    import specdiff_zoo
+
+    zoo = {n: SimpleNamespace(name=n, family=f, split=s) for n, f, s in
+           [("sd3", "sd3", "tune"), ("sd3_b", "sd3", "heldout"), ("flux_64", "flux", "heldout")]}
+    monkeypatch.setattr(specdiff_zoo, "MODELS", zoo, raising=False)
+    assert [(e.name, e.split) for e in protocol.zoo_models()] == [("sd3", "tune"), ("sd3_b", "heldout"),
+                                                                   ("flux_64", "heldout")]
+
+    def row(model, split, params, psnrs, flops):
+        return {"model": model, "split": split, "sampler": "s", "steps": 28, "kind": "specdiff", "params": params,
+                "psnr": psnrs, "mean_psnr": sum(psnrs) / len(psnrs), "worst_psnr": min(psnrs), "flops": flops}
+
+    results = [row("sd3", "tune", {}, [40.0, 40.0], 0.2), row("sd3_b", "heldout", {}, [33.0, 31.0], 0.30),
+               row("flux_64", "heldout", {}, [29.0, 24.0], 0.34), row("sd3_b", "heldout", {"cache_ratio": 0.5},
+                                                                      [50.0, 50.0], 0.6)]
+    summary = protocol.summary_rows(results, "heldout")
+    assert [r["cell"].split(" / ")[0] for r in summary[:2]] == ["sd3_b", "flux_64"]
+    overall = summary[-1]
+    assert overall["mean_psnr"] == pytest.approx(29.25) and overall["worst_psnr"] == 24.0 and overall["flops"] == 0.34
+    assert overall["meets"] == {"mean_psnr": False, "worst_psnr": False, "flops": True}
+    assert summary[0]["meets"] == {"mean_psnr": True, "worst_psnr": True, "flops": True}
