@@ -4,6 +4,9 @@ diffusers 0.42 ships seven caching hooks (``diffusers/hooks``): TaylorSeer, Firs
 MagCache, FasterCache, PyramidAttentionBroadcast (PAB), SeaCache and TextKVCache. This module
 applies the ones that work on :class:`diffusers.SD3Transformer2DModel` to the trained SD3
 "shapes" model of :mod:`specdiff_zoo` and measures them against full compute.
+``benchmarks/protocol.py`` applies the same five to the FLUX-architecture zoo models too (all five
+run on :class:`diffusers.FluxTransformer2DModel` unchanged; FasterCache there with
+``is_guidance_distilled=True``, since FLUX has no batched [uncond, cond] call to split).
 
 How the caches are driven here (and why not with ``transformer.enable_cache``):
 
@@ -24,10 +27,17 @@ How the caches are driven here (and why not with ``transformer.enable_cache``):
   ...)` ...`` without one; MagCache falls back to a context named ``"inference"``; PAB and
   FasterCache keep state on the hook itself and instead need a ``current_timestep_callback``.
   :class:`CachedTransformer` (from :func:`cached_sampler`) covers all of them: every call runs
-  inside ``context("cond", step_index=..., num_inference_steps=..., timestep=..., sigma=...)``
-  — one context, because SD3 classifier-free guidance is one batched call (uncond first), as
-  in ``FluxPipeline``'s ``with self.transformer.cache_context("cond"):`` — and publishes the
-  current 1000-scale timestep to the callbacks.
+  inside ``context(name, step_index=..., num_inference_steps=..., timestep=..., sigma=...)``
+  and publishes the current 1000-scale timestep to the callbacks. ``name`` is ``"cond"`` unless
+  the caller entered ``CachedTransformer.cache_context(name)`` (SD3 classifier-free guidance is
+  one batched call, uncond first, in one context; ``FluxPipeline`` wraps its call in
+  ``cache_context("cond")`` and, with true CFG, a second call in ``cache_context("uncond")``).
+* State per cache context. TaylorSeer, FirstBlockCache and MagCache hold theirs in a
+  ``StateManager`` keyed by the context name, so cond and uncond never mix (MagCache still uses
+  one calibrated ``mag_ratios`` list for every context). PAB and FasterCache keep one state
+  object on each hook, which stock diffusers shares across contexts: under FLUX true CFG the
+  uncond call would reuse attention outputs the cond call cached and advance the same
+  iteration counters. :meth:`CacheHandle.context` gives those hooks one state per context name.
 * State must be reset between generations (TaylorSeer's step counter, PAB's and FasterCache's
   iteration counters and caches otherwise carry over). :class:`CachedTransformer` resets when
   it sees the timestep jump back up (a new generation), and :meth:`CachedTransformer.reset`
@@ -87,7 +97,7 @@ from diffusers.hooks import (
     apply_pyramid_attention_broadcast,
     apply_taylorseer_cache,
 )
-from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from diffusers.hooks.hooks import CacheContext, StateManager, _set_cache_context
 from diffusers.utils import logging as diffusers_logging
 
 from specdiff_fx.metrics import psnr
@@ -109,6 +119,7 @@ __all__ = [
     "evaluate",
     "main",
     "reproduce_not_applicable",
+    "timestep_scale",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -294,18 +305,40 @@ class CacheHandle:
     #: the timestep of the current call (1000 scale); read by PAB/FasterCache callbacks
     current_timestep: float = 1000.0
     removed: bool = False
+    #: cache context name -> (id of hook -> its state in that context), for the hooks that keep
+    #: their state on the hook itself (``hook.state``: PAB, FasterCache), which stock diffusers
+    #: shares across contexts; see :meth:`context`
+    context_states: dict[str, dict[int, Any]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Forget all cached state (call between generations), like ``_reset_stateful_cache``."""
         HookRegistry.check_if_exists_or_initialize(self.transformer).reset_stateful_hooks(recurse=True)
+        self.context_states.clear()
+
+    def _select_context_states(self, name: str) -> None:
+        """Point every hook that keeps its state on itself at context ``name``'s own state
+        (a fresh one on the context's first call since the last reset)."""
+        states = self.context_states.setdefault(name, {})
+        for module, hook_name in self.hooks:
+            hook = module._diffusers_hook.hooks.get(hook_name)
+            state = getattr(hook, "state", None)
+            if state is None or isinstance(state, StateManager):
+                continue
+            if id(hook) not in states:
+                states[id(hook)] = type(state)()
+            hook.state = states[id(hook)]
 
     @contextlib.contextmanager
     def context(self, name: str = "cond", *, step_index: int | None = None,
                 num_inference_steps: int | None = None, timestep: float | None = None,
                 sigma: float | None = None) -> Iterator[None]:
-        """``transformer.cache_context(name, ...)`` for any module (CacheMixin's implementation)."""
+        """``transformer.cache_context(name, ...)`` for any module (CacheMixin's implementation),
+        with one difference: hooks that keep their state on the hook (PAB, FasterCache) get one
+        state per context name here, where stock diffusers shares one across contexts (so
+        FLUX true CFG's "uncond" call would read what the "cond" call cached)."""
         if timestep is not None:
             self.current_timestep = float(timestep)
+        self._select_context_states(name)
         _set_cache_context(self.transformer, CacheContext(
             name, step_index=step_index, num_inference_steps=num_inference_steps, timestep=timestep, sigma=sigma))
         try:
@@ -394,37 +427,63 @@ def apply_cache(transformer: nn.Module, name: str, **params: Any) -> CacheHandle
 # a transformer callable for ShapesModel.sample
 
 
+def timestep_scale(model: ShapesModel) -> float:
+    """Transformer ``timestep`` per unit sigma as the pipelines pass it: SD3 ``sigma * 1000``,
+    FLUX ``sigma`` (``FluxPipeline`` divides the scheduler's timestep by 1000)."""
+    return 1.0 if model.family == "flux" else 1000.0
+
+
 class CachedTransformer:
     """The transformer with a cache, callable like the diffusers model (keyword arguments).
 
-    Each call runs inside ``handle.context(context_name, step_index=i, num_inference_steps=n,
-    timestep=t, sigma=t / timestep_scale)``, where ``i`` counts calls since the last reset.
-    With ``auto_reset`` a call whose timestep is above the previous one starts a new
-    generation and resets the cache first.
+    Each call runs inside ``handle.context(name, step_index=i, num_inference_steps=n,
+    timestep=1000 * sigma, sigma=sigma)`` with ``sigma = timestep / timestep_scale``: ``name`` is
+    the innermost :meth:`cache_context` the caller entered (``context_name`` outside any), ``i``
+    counts that context's calls since the last reset, and the 1000-scale timestep is what PAB and
+    FasterCache compare with their timestep ranges (``FluxPipeline`` publishes the scheduler's
+    timestep, not the ``timestep / 1000`` it passes to the model). With ``auto_reset`` a call whose
+    timestep is above the previous one starts a new generation and resets the cache first.
     """
 
     def __init__(self, transformer: nn.Module, handle: CacheHandle, num_steps: int, *,
                  auto_reset: bool = True, context_name: str = "cond", timestep_scale: float = 1000.0) -> None:
         self.transformer, self.handle, self.num_steps = transformer, handle, num_steps
         self.auto_reset, self.context_name, self.timestep_scale = auto_reset, context_name, timestep_scale
-        self.step = 0
+        self.step = 0  # calls since the last reset, all contexts together
+        self.context_steps: dict[str, int] = {}
+        self._active: str | None = None
         self._last_timestep: float | None = None
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """What ``CacheMixin.cache_context`` is to a pipeline: the calls inside run in cache
+        context ``name`` (``FluxPipeline``: ``"cond"``, and ``"uncond"`` for true CFG)."""
+        previous, self._active = self._active, name
+        try:
+            yield
+        finally:
+            self._active = previous
 
     def __call__(self, **kwargs: Any) -> Any:
         timestep = float(torch.as_tensor(kwargs["timestep"]).flatten()[0])
         if self._last_timestep is not None and timestep > self._last_timestep and self.auto_reset:
             self.reset()
-        with self.handle.context(self.context_name, step_index=self.step, num_inference_steps=self.num_steps,
-                                 timestep=timestep, sigma=timestep / self.timestep_scale):
+        name = self._active or self.context_name
+        index = self.context_steps.get(name, 0)
+        sigma = timestep / self.timestep_scale
+        with self.handle.context(name, step_index=index, num_inference_steps=self.num_steps,
+                                 timestep=sigma * 1000.0, sigma=sigma):
             out = self.transformer(**kwargs)
+        self.context_steps[name] = index + 1
         self.step += 1
         self._last_timestep = timestep
         return out
 
     def reset(self) -> None:
-        """Start a new generation: clear the cache's state and the step counter."""
+        """Start a new generation: clear the cache's state and the step counters."""
         self.handle.reset()
         self.step = 0
+        self.context_steps.clear()
         self._last_timestep = None
 
     def remove(self) -> None:
@@ -432,27 +491,38 @@ class CachedTransformer:
         self.handle.remove()
 
 
-_MAG_RATIOS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, tuple[str, ...]], list[float]]]" = (
+_MAG_RATIOS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, tuple[str, ...], str], list[float]]]" = (
     weakref.WeakKeyDictionary())
+
+#: ``sample(transformer, prompts, seed)``: one generation with ``transformer`` in place of the model's
+Sampler = Callable[[Callable[..., Any], Sequence[str], int], Any]
 
 
 def calibrate_mag_ratios(model: ShapesModel, num_steps: int = 28,
-                         prompts: Sequence[str] = CALIBRATION_PROMPTS, seed: int = 1234) -> list[float]:
+                         prompts: Sequence[str] = CALIBRATION_PROMPTS, seed: int = 1234, *,
+                         sample: Sampler | None = None, sampler_name: str = "") -> list[float]:
     """MagCache ``mag_ratios`` of ``model`` with diffusers' calibration mode.
 
     Runs one generation with ``MagCacheConfig(calibrate=True)`` (nothing skipped) and parses
     the list it prints at the end ("Copy these values to MagCacheConfig(mag_ratios=...)").
-    Cached per (transformer, steps, prompts).
+    The generation is ``model.sample`` unless ``sample`` is given (then ``sampler_name`` tells
+    calibrations apart). With several cache contexts per step (FLUX true CFG) each context
+    calibrates its own list; the first printed, the ``"cond"`` context's, is returned: a
+    ``MagCacheConfig`` holds one list for every context. Cached per (transformer, steps,
+    prompts, sampler name).
     """
     known = _MAG_RATIOS.setdefault(model.transformer, {})
-    key = (num_steps, tuple(prompts))
+    key = (num_steps, tuple(prompts), sampler_name)
     if key not in known:
         handle = apply_cache(model.transformer, "mag_cache", calibrate=True, num_inference_steps=num_steps)
         try:
-            runner = CachedTransformer(model.transformer, handle, num_steps)
+            runner = CachedTransformer(model.transformer, handle, num_steps, timestep_scale=timestep_scale(model))
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
-                model.sample(list(prompts), num_steps=num_steps, seed=seed, transformer=runner)
+                if sample is None:
+                    model.sample(list(prompts), num_steps=num_steps, seed=seed, transformer=runner)
+                else:
+                    sample(runner, list(prompts), seed)
         finally:
             handle.remove()
         lines = buf.getvalue().splitlines()
@@ -479,7 +549,8 @@ def cached_sampler(model: ShapesModel, name: str, params: dict[str, Any], *, num
         if "mag_ratios" not in params and not params.get("calibrate", False):
             params["mag_ratios"] = calibrate_mag_ratios(model, num_steps)
     handle = apply_cache(model.transformer, name, **params)
-    return CachedTransformer(model.transformer, handle, num_steps, auto_reset=auto_reset)
+    return CachedTransformer(model.transformer, handle, num_steps, auto_reset=auto_reset,
+                             timestep_scale=timestep_scale(model))
 
 
 def reproduce_not_applicable(model: ShapesModel, num_steps: int = 6) -> dict[str, str]:

@@ -156,41 +156,10 @@ def table(rows: list[Row]) -> str:
 
 def plot(rows: list[Row], path: Path) -> None:
     """Speedup (x) against PSNR (y), one colour per method; drawn with Pillow."""
-    from PIL import Image, ImageDraw
+    from benchmarks.plotting import Point, scatter
 
-    pts = [r for r in rows if r.method != "eager" and r.psnr != float("inf")]
-    if not pts:
-        return
-    w, h, pad = 720, 480, 60
-    xs = [r.speedup for r in pts]
-    ys = [min(r.psnr, 60.0) for r in pts]
-    x0, x1 = 0.0, max(xs) * 1.1
-    y0, y1 = min(ys) - 2, max(ys) + 2
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.line([(pad, h - pad), (w - pad, h - pad)], fill="black")
-    d.line([(pad, pad), (pad, h - pad)], fill="black")
-    d.text((w // 2 - 80, h - pad + 25), "speedup vs eager (wall clock)", fill="black")
-    d.text((5, pad - 30), "PSNR vs full compute (dB)", fill="black")
-    for i in range(6):
-        xv, yv = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
-        px, py = pad + (w - 2 * pad) * i / 5, h - pad - (h - 2 * pad) * i / 5
-        d.text((px - 10, h - pad + 5), f"{xv:.1f}", fill="black")
-        d.text((5, py - 5), f"{yv:.0f}", fill="black")
-    palette = ["blue", "green", "orange", "purple", "brown", "gray", "cyan", "magenta"]
-    others = sorted({r.method for r in pts} - {"specdiff", "inductor"})
-    colours = {"specdiff": "red", "inductor": "black", **{m: palette[i % len(palette)] for i, m in enumerate(others)}}
-    for r, x, y in zip(pts, xs, ys):
-        colour = colours[r.method]
-        px = pad + (w - 2 * pad) * (x - x0) / (x1 - x0)
-        py = h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)
-        d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-    legend = sorted({r.method for r in pts})
-    for i, m in enumerate(legend):
-        colour = colours[m]
-        d.rectangle([w - pad - 150, pad + 15 * i, w - pad - 142, pad + 15 * i + 8], fill=colour)
-        d.text((w - pad - 135, pad + 15 * i - 2), m, fill="black")
-    img.save(path)
+    points = [Point(r.method, r.speedup, r.psnr) for r in rows if r.method != "eager" and r.psnr != float("inf")]
+    scatter(points, path, x_label="speedup vs eager (wall clock)", y_label="PSNR vs full compute (dB)")
 
 
 def main(argv: list[str] | None = None) -> None:

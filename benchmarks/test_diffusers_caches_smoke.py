@@ -91,3 +91,58 @@ def test_new_generation_resets_automatically(model: ShapesModel) -> None:
     finally:
         sampler.remove()
     assert torch.equal(first, second)
+
+
+#: FLUX settings that skip work within 6 calls (timesteps 1000 ... 250 on the 1000 scale)
+FLUX_CONTEXT_KINDS: dict[str, dict] = {
+    "taylorseer": {"cache_interval": 2, "disable_cache_before_step": 2},
+    "first_block_cache": {"threshold": 2.0},
+    "mag_cache": {"threshold": 0.5, "max_skip_steps": 3, "retention_ratio": 0.2, "mag_ratios": [1.0] * 6,
+                  "num_inference_steps": 6},
+    "faster_cache": {"is_guidance_distilled": True, "spatial_attention_timestep_skip_range": (-1, 801)},
+    "pyramid_attention_broadcast": {"spatial_attention_block_skip_range": 2,
+                                    "spatial_attention_timestep_skip_range": (-1, 801)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLUX_CONTEXT_KINDS))
+def test_cache_contexts_keep_separate_state(name: str) -> None:
+    """FLUX true CFG: a "cond" call and an "uncond" call per step, each in its cache context.
+    The "cond" outputs must not depend on whether "uncond" calls run in between: every cache
+    keeps one state per context (stock PAB and FasterCache share theirs; the handle splits it)."""
+    from specdiff_zoo import pack_pixels, pixel_ids
+
+    assert set(FLUX_CONTEXT_KINDS) == set(dc.CACHES)
+    model = load_shapes_dit("flux")
+    hidden, pooled = model.encode(PROMPTS)
+    neg_hidden, neg_pooled = model.encode([""])
+    gen = torch.Generator().manual_seed(0)
+    latents = [pack_pixels(torch.randn(1, 3, 32, 32, generator=gen)) for _ in range(6)]
+    sigmas = torch.linspace(1.0, 0.25, 6)
+    common = {"txt_ids": torch.zeros(hidden.shape[1], 3), "img_ids": pixel_ids(32, 32),
+              "guidance": torch.full((1,), 3.5), "return_dict": False}
+    with torch.no_grad():
+        full = [model.transformer(hidden_states=x, encoder_hidden_states=hidden, pooled_projections=pooled,
+                                  timestep=s.reshape(1), **common)[0] for x, s in zip(latents, sigmas)]
+    runner = dc.cached_sampler(model, name, FLUX_CONTEXT_KINDS[name], num_steps=6, auto_reset=False)
+    assert runner.timestep_scale == 1.0  # FLUX gets sigma; PAB/FasterCache still see 1000-scale timesteps
+    streams = []
+    try:
+        with torch.no_grad():
+            for interleave in (False, True):
+                runner.reset()
+                cond = []
+                for x, s in zip(latents, sigmas):
+                    with runner.cache_context("cond"):
+                        cond.append(runner(hidden_states=x, encoder_hidden_states=hidden, pooled_projections=pooled,
+                                           timestep=s.reshape(1), **common)[0])
+                    if interleave:
+                        with runner.cache_context("uncond"):
+                            runner(hidden_states=x, encoder_hidden_states=neg_hidden, pooled_projections=neg_pooled,
+                                   timestep=s.reshape(1), **common)
+                streams.append(cond)
+    finally:
+        runner.remove()
+    alone, interleaved = streams
+    assert any(not torch.equal(a, f) for a, f in zip(alone, full)), f"{name} skipped nothing"
+    assert all(torch.equal(a, b) for a, b in zip(alone, interleaved)), f"{name}: uncond calls changed the cond stream"
