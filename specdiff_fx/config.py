@@ -34,7 +34,13 @@ class SpecDiffConfig:
             equals plain Inductor/eager).
         controller: the policy that decides, per call, between a full step, a sparse step
             and (where the policy allows) a skipped one: a name registered in
-            :mod:`specdiff_fx.control` (``"fixed"``: ``warmup_steps`` + ``refresh_at``).
+            :mod:`specdiff_fx.control` (``"fixed"``: ``warmup_steps`` + ``refresh_at``;
+            ``"error"``: full calls when the measured error of caching would exceed
+            ``tolerance``).
+        tolerance: with ``controller="error"``: the relative error of its outputs a cached
+            call may have (``||F - F_reused|| / ||F||`` over the tokens it does not compute,
+            measured as the generation runs); a call predicted above it computes every token.
+            Lower is sharper and slower.
         speculative_steps: steps of the self-speculative pre-run (``0`` = history only).
         warmup_steps: leading steps of a generation that compute every token.
         refresh_at: progress points in ``(0, 1)`` (progress = ``1 - sigma``) at which a
@@ -92,6 +98,7 @@ class SpecDiffConfig:
 
     cache_ratio: float = 0.9
     controller: str = "fixed"
+    tolerance: float = 0.1
     speculative_steps: int = 2
     warmup_steps: int = 4
     refresh_at: tuple[float, ...] = (0.45, 0.7)
@@ -124,6 +131,8 @@ class SpecDiffConfig:
 
         if self.controller not in policies():
             raise bad("controller", " or ".join(repr(p) for p in policies()))
+        if not (_is_real(self.tolerance) and 0.0 < self.tolerance <= 10.0):
+            raise bad("tolerance", "a number with 0 < tolerance <= 10")
         if not (_is_int(self.speculative_steps) and 0 <= self.speculative_steps <= 16):
             raise bad("speculative_steps", "an int with 0 <= speculative_steps <= 16")
         if not (_is_int(self.warmup_steps) and 1 <= self.warmup_steps <= 1000):

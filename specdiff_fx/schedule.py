@@ -118,17 +118,39 @@ def extrapolation_ratio(fresh_sigma: torch.Tensor, sigma: float, max_ratio: floa
     return torch.where(known, r, torch.zeros_like(r)).clamp(0.0, max_ratio)
 
 
-def assign_tiers(score: torch.Tensor, k: int, reuse_mass: float, blend: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_tokens(score: torch.Tensor, k: int, probes: int = 0, seed: int = 0,
+                  groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` tokens to compute per sample: the ``k - probes`` best scores and ``probes``
+    tokens drawn uniformly at random from the others (a deterministic draw for ``seed``;
+    samples of one group, the CFG halves of an image, draw the same).
+
+    Returns ``idx`` ``[B, k]`` sorted by position and ``probe`` ``[B, probes]``, the drawn
+    positions: their fresh outputs against their reused ones measure, without bias, the
+    error of not computing the tokens the score left out."""
+    b, n = score.shape
+    top = torch.topk(score, k - probes, dim=1).indices
+    if probes <= 0:
+        return top.sort(dim=1).values, top[:, :0]
+    draw = torch.rand(b, n, generator=torch.Generator().manual_seed(seed)).to(score.device)
+    if groups is not None:
+        draw = draw[groups]
+    draw.scatter_(1, top, -1.0)  # never draw a top token
+    probe = torch.topk(draw, probes, dim=1).indices
+    return torch.cat([top, probe], dim=1).sort(dim=1).values, probe
+
+
+def assign_tiers(score: torch.Tensor, k: int, reuse_mass: float, blend: bool = True,
+                 idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The three tiers per sample.
 
-    Returns ``idx`` ``[B, k]`` (C1: top-k scores, sorted by position) and ``tier``
-    ``[B, N]`` int8: 1 computed, 2 reused (the lowest scores whose sum stays within
-    ``reuse_mass`` of the total score mass), 3 blended (the rest). ``blend=False`` puts
-    every non-computed token in C2.
+    Returns ``idx`` ``[B, k]`` (C1: top-k scores, sorted by position; or the given ``idx``)
+    and ``tier`` ``[B, N]`` int8: 1 computed, 2 reused (the lowest scores whose sum stays
+    within ``reuse_mass`` of the total score mass), 3 blended (the rest). ``blend=False``
+    puts every non-computed token in C2.
     """
     b, n = score.shape
-    idx = torch.topk(score, k, dim=1).indices.sort(dim=1).values
+    if idx is None:
+        idx = torch.topk(score, k, dim=1).indices.sort(dim=1).values
     tier = torch.full((b, n), 3 if blend else 2, dtype=torch.int8, device=score.device)
     tier.scatter_(1, idx, 1)
     if blend and reuse_mass > 0:

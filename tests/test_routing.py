@@ -239,5 +239,5 @@ def test_span_test_explains_sampler_updates_only():
     # bf16 latents: the dtype's rounding is allowed on top
     xb = (x_last - 0.01 * v).to(torch.bfloat16)
     empty = Generation(None, GenerationReport("f", N, B, 0.9, 1))
-    empty.branches.append(Branch((), br.state, br.trace))
+    empty.branches.append(Branch((), br.state, trace=br.trace))
     assert unexplained(xb, empty, empty.branches[0], None) < 0.05

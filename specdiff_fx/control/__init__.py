@@ -13,6 +13,6 @@ Policies are registered by name (``register_policy``) and chosen by the config
 from __future__ import annotations
 
 from .base import Action, Decision, Observation, Policy, StepView, make_policy, policies, register_policy
-from . import fixed  # noqa: F401  (registers "fixed")
+from . import error, fixed  # noqa: F401  (register "error" and "fixed")
 
 __all__ = ["Action", "Decision", "Observation", "Policy", "StepView", "make_policy", "policies", "register_policy"]

@@ -60,9 +60,10 @@ class Observation:
     sigma: float
     flops: int  # of the call
     full_flops: int  # of a full call
-    #: full calls: the relative error the history prediction had against the fresh outputs,
-    #: per sample (``||pred - fresh|| / ||fresh||``); sparse calls: the same on the computed tokens
-    prediction_error: torch.Tensor | None = None
+    #: with :meth:`Policy.measures`: the relative error of the outputs a sparse call does not
+    #: compute, ``||F - F_reused|| / ||F||`` over those tokens (a full call: exact, for the
+    #: tokens a sparse call would have left out; a sparse call: estimated from its probes)
+    prediction_error: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -84,6 +85,17 @@ class Policy:
     def may_skip(self) -> bool:
         """Whether :meth:`decide` may return a skip decision."""
         return False
+
+    def measures(self) -> bool:
+        """Whether the runtime should measure each call's error of caching for
+        :meth:`observe` (``Observation.prediction_error``)."""
+        return False
+
+    def probes(self, k: int) -> int:
+        """How many of a sparse call's ``k`` computed tokens are drawn at random from the
+        tokens the score left out, so that their fresh outputs measure the error of caching
+        those (0: none; only read when :meth:`measures`)."""
+        return 0
 
     def start(self) -> Any:
         """Fresh per-branch state (the first call of a branch is always full)."""

@@ -47,7 +47,7 @@ from ..plan import DiTPlan
 from ..signature import ContextMode, VariantKey
 from ..telemetry import GenerationReport, StepRecord, note_call, set_last
 from .executor import GraphExecutor, SparseInputs, StepOutput
-from .routing import Branch, Generation, Router
+from .routing import Branch, Generation, Router, StepPlan
 from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
@@ -84,6 +84,7 @@ class SpecDiffRuntime:
         self.k = config.num_computed(plan.num_image_tokens)
         self.router = Router(config.max_generations)
         self.generation: Generation | None = None  # the one the current (or last) call belongs to
+        self._j = 0  # the branch of the current call in it
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         _LIVE.add(self)
@@ -116,9 +117,10 @@ class SpecDiffRuntime:
             gen, j = hit if hit is not None else (self._start_generation(model), 0)
             if j == len(gen.branches):
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
-                gen.branches.append(Branch(kept, BranchState(extrapolate=self.config.kv_extrapolation,
-                                                            policy=self.policy.start())))
-            self.generation = gen
+                gen.branches.append(Branch(kept, BranchState(extrapolate=self.config.kv_extrapolation),
+                                           policy=self.policy.start()))
+            gen.confirm(j, sigma, sample)
+            self.generation, self._j = gen, j
             branch = gen.branches[j]
             state = branch.state
             if state.step == 0:
@@ -193,15 +195,20 @@ class SpecDiffRuntime:
 
     def _later_step(self, args, sigma: float, branch: int, state: BranchState) -> tuple[Any, ...]:
         view = self._view(state, sigma)
-        decision = self.policy.decide(state.policy, view)
+        leader = self.generation.leader(self._j)
+        if leader.plan is not None and leader.plan.sigma == sigma:  # a further member at this step: the same decision
+            decision = leader.plan.decision
+        else:
+            decision = self.policy.decide(leader.policy, view)
+            leader.plan = StepPlan(sigma, decision)
         if state.degraded:
             decision = Decision.full("memory cap: no caches")
         if decision.action is Action.FULL:
-            out = self._full_step(args, sigma, branch, state, "full")
+            out, error = self._full_step(args, sigma, branch, state, "full", note=decision.reason)
             flops = self.executor.full_flops
         else:
-            out, flops = self._cached_step(args, sigma, branch, state, decision)
-        self.policy.observe(state.policy, view, Observation(decision, sigma, flops, self.executor.full_flops))
+            out, flops, error = self._cached_step(args, sigma, branch, state, decision)
+        self.policy.observe(leader.policy, view, Observation(decision, sigma, flops, self.executor.full_flops, error))
         return out
 
     def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
@@ -289,11 +296,23 @@ class SpecDiffRuntime:
         while len(state.past) > self.config.blend_history:
             state.past.pop()
 
-    def _full_step(self, args, sigma, branch, state, kind, note: str = "") -> tuple[Any, ...]:
+    def _full_step(self, args, sigma, branch, state, kind, note: str = "") -> tuple[tuple[Any, ...], float | None]:
         out = self.executor.run_full(args)
+        error = self._full_step_error(state, out, sigma)
         self._store_full(state, out, sigma)
         self._record(state.step, branch, kind, sigma, self.executor.full_flops, note=note)
-        return out.user
+        return out.user, error
+
+    def _full_step_error(self, state: BranchState, out: StepOutput, sigma: float) -> float | None:
+        """The error a sparse call would have made here: over the tokens it would have left
+        out, the fresh outputs against the reused ones (relative to the fresh outputs)."""
+        if not self.policy.measures() or state.tokens is None:
+            return None
+        k = self.config.num_computed(self.plan.num_image_tokens)
+        left_out = torch.ones(out.tokens.shape[:2], dtype=torch.bool, device=out.tokens.device)
+        left_out.scatter_(1, torch.topk(self._scores(state, sigma), k, dim=1).indices.to(left_out.device), False)
+        err = (out.tokens.float() - state.tokens.latest.float()).pow(2).sum(dim=-1)
+        return float((err * left_out).sum().sqrt() / out.tokens.float().norm().clamp_min(1e-12))
 
     def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         state.sigma0 = sigma
@@ -306,7 +325,7 @@ class SpecDiffRuntime:
         state.spec = [(sigma, self._spec_record(out))] if self.config.speculative_steps and not state.degraded else []
         if not state.degraded:  # no caches: nothing for a speculative run to inform
             self._speculate(args, out, sigma, branch, state)
-        self.policy.observe(state.policy, self._view(state, sigma),
+        self.policy.observe(self.generation.leader(self._j).policy, self._view(state, sigma),
                             Observation(Decision.full("first call"), sigma, self.executor.full_flops,
                                         self.executor.full_flops))
         return out.user
@@ -343,7 +362,7 @@ class SpecDiffRuntime:
         more than one call per step), whose guidance scale amplifies stale text K/V."""
         if state.context is ContextCaching.UNDECIDED:
             wanted = self.config.cache_context
-            guided = state.groups is not None or len(self.generation.branches) > 1
+            guided = state.groups is not None or len(self.generation.members) > 1
             cache = (not guided) if wanted is None else wanted
             cache = cache and bool(state.text)  # a graph without text tokens
             state.context = ContextCaching.CACHED if cache else ContextCaching.COMPUTED
@@ -363,17 +382,39 @@ class SpecDiffRuntime:
             score = torch.zeros_like(score).index_add_(0, state.groups, score)[state.groups]
         return score
 
+    def _step_score(self, state: BranchState, sigma: float, own: torch.Tensor) -> torch.Tensor:
+        """The score the step's token choice ranks: summed over the generation's branches
+        (each branch's own score at ``sigma``), as over the halves of a batched CFG call."""
+        total = own
+        gen = self.generation
+        for m in gen.members if self._j in gen.members else ():
+            st = gen.branches[m].state
+            if st is not state and st.tokens is not None and st.cached_for is not None \
+                    and st.tokens.latest.shape[:2] == own.shape:
+                total = total + self._scores(st, sigma)
+        return total
+
     def _cached_step(self, args, sigma: float, branch: int, state: BranchState,
-                     decision: Decision) -> tuple[tuple[Any, ...], int]:
+                     decision: Decision) -> tuple[tuple[Any, ...], int, float | None]:
         cfg = self.config
         latest = state.tokens.latest
         n = self.plan.num_image_tokens
+        probe = None
         if decision.action is Action.SKIP:
             idx = None
             tier = torch.full(latest.shape[:2], 2, dtype=torch.int8, device=latest.device)
         else:
-            idx, tier = schedule.assign_tiers(self._scores(state, sigma), decision.k, cfg.reuse_mass, cfg.blend)
-            idx = idx.to(latest.device)
+            score = self._scores(state, sigma)
+            plan = self.generation.leader(self._j).plan
+            if plan.idx is None or plan.idx.shape[1] != decision.k:  # the step's first branch chooses
+                probes = self.policy.probes(decision.k) if self.policy.measures() else 0
+                plan.idx, plan.probe = schedule.choose_tokens(self._step_score(state, sigma, score), decision.k, probes,
+                                                              seed=state.step, groups=state.groups)
+            idx, tier = schedule.assign_tiers(score, decision.k, cfg.reuse_mass, cfg.blend, idx=plan.idx)
+            idx, probe = idx.to(latest.device), plan.probe.to(latest.device)
+        reused = None
+        if probe is not None and probe.shape[1]:  # what the probes would have reused (before the history moves)
+            reused = torch.gather(latest, 1, probe.unsqueeze(-1).expand(-1, -1, latest.shape[-1])).float()
         if self._paper_blend:
             history = torch.zeros((cfg.blend_history, *latest.shape), dtype=latest.dtype, device=latest.device)
             for j, (_, tok) in enumerate(state.past):
@@ -402,6 +443,12 @@ class SpecDiffRuntime:
                         inputs.text_ratio = state.text.ratio(sigma, self.plan.batch, inputs.ratio)
             key = VariantKey.sparse(decision.k, context, state.extrapolate)
         out = self.executor.run_sparse(args, key, inputs)
+        error = None
+        if reused is not None:  # the probes measure the error of the tokens left out
+            fresh = torch.gather(out.tokens, 1, probe.unsqueeze(-1).expand(-1, -1, out.tokens.shape[-1])).float()
+            left_out = n - decision.k
+            total = (fresh - reused).pow(2).sum() * (left_out / probe.shape[1])
+            error = float(total.sqrt() / out.tokens.float().norm().clamp_min(1e-12))
         if refresh_text:
             state.text.store(out.text, sigma, state.extrapolate)
         elif key.context is ContextMode.CACHED:
@@ -418,7 +465,7 @@ class SpecDiffRuntime:
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report
             rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts
-        return out.user, flops
+        return out.user, flops, error
 
 
 def same_latent_groups(sample: torch.Tensor) -> torch.Tensor | None:

@@ -20,7 +20,11 @@ matched by what stays fixed through a generation and by how its latent moved:
 
 A call that continues no branch but has the *same* sigma and the *same* latent as a
 branch's last call is a further branch of that generation (FLUX true-CFG: cond, then
-uncond, each with its own conditioning).
+uncond, each with its own conditioning). It becomes a *member* that shares the step's
+decision and token choice with the first branch once it is called with that branch's latent
+at a second sigma as well (true CFG updates both from one guided velocity); until then it
+decides alone: two requests that merely started from the same noise at the same time never
+share anything.
 
 Generations are kept in a bounded LRU (``SpecDiffConfig.max_generations``); the least
 recently used one is evicted with a note when a new one would exceed the bound.
@@ -78,21 +82,55 @@ class Trace:
 
 @dataclass
 class Branch:
-    """One stream of calls within a generation."""
+    """One stream of calls within a generation, with the controller's state and the step's
+    plan it uses while it is not a member (see the module docstring)."""
 
     conditioning: tuple[Any, ...]
     state: BranchState
+    policy: Any = None
     trace: Trace = field(default_factory=Trace)
+    plan: "StepPlan | None" = None
+
+
+@dataclass
+class StepPlan:
+    """What the first member called at a sigma decided, for the generation's other members
+    at that sigma (true CFG: cond and uncond compute the same tokens on the same steps, as
+    the two halves of a batched CFG call do: guidance amplifies their difference)."""
+
+    sigma: float
+    decision: Any
+    idx: torch.Tensor | None = None  # [B, k] the computed tokens (sparse)
+    probe: torch.Tensor | None = None  # [B, p] those of them drawn at random
 
 
 @dataclass
 class Generation:
-    """One denoising run: its branches, its report, its model."""
+    """One denoising run: its branches, its report, its model. Branch 0 and the branches
+    confirmed to move with it (``members``) share branch 0's controller state and plans."""
 
     model: int | None
     report: GenerationReport
     branches: list[Branch] = field(default_factory=list)
+    members: set[int] = field(default_factory=lambda: {0})
     id: int = field(default_factory=lambda: next(_IDS))
+
+    def leader(self, j: int) -> Branch:
+        """The branch whose controller state and plans branch ``j`` uses."""
+        return self.branches[0] if j in self.members else self.branches[j]
+
+    def confirm(self, j: int, sigma: float, sample: torch.Tensor) -> None:
+        """Branch ``j`` becomes a member if a member was called at ``sigma`` with ``sample``
+        and ``j`` already ran at an earlier sigma."""
+        br = self.branches[j]
+        if j in self.members or not br.trace.sigmas:
+            return
+        for m in self.members:
+            t = self.branches[m].trace
+            if t.sigmas and _same_sigma(t.sigmas[0], sigma) and t.samples[0].shape == sample.shape \
+                    and torch.equal(t.samples[0], sample):
+                self.members.add(j)
+                return
 
     @property
     def held_bytes(self) -> int:

@@ -6,7 +6,9 @@ owns a :class:`BranchState`: its step counter and sigmas, what the token choice 
 (:class:`TokenHistory`, the speculative run, starvation counters), the K/V caches the
 sparse graph reads (:class:`KVStore` for image tokens, :class:`TextKVStore` for context
 tokens), the decisions taken for the generation (context caching, K/V extrapolation, a
-memory fallback) and the controller policy's own state.
+memory fallback). What a generation decides once per step for all its branches (the
+controller's state, the step's decision and token choice) lives on the generation
+(:mod:`.routing`).
 
 Cache tensors are allocated outside inference mode (:func:`detached`): the sparse graphs
 update them in place later, which inference tensors forbid outside inference mode.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import collections
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -180,7 +182,6 @@ class BranchState:
     past: collections.deque = field(default_factory=collections.deque)  # paper blend: (sigma, tokens), newest first
     context: ContextCaching = ContextCaching.UNDECIDED
     degraded: bool = False  # cache cap exceeded even without extrapolation: every step full, no caches
-    policy: Any = None  # the controller policy's per-branch state
 
     def drop_caches(self) -> None:
         self.kv.clear()

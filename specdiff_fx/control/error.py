@@ -1,0 +1,78 @@
+"""The error-controlled schedule: a full step when the error of caching would exceed a tolerance.
+
+The error of a cached step is, to a close approximation, the error of the outputs it does
+not compute: each non-computed token reuses its last computed output, so the step's relative
+error is ``e = ||F - F_reused|| / ||F||`` over those tokens (measured against full compute
+on our models: it tracks the true relative error of the step's output within a few per
+cent, ``BENCHMARKS.md``). The runtime measures ``e`` on every call:
+
+* on a full call exactly: the fresh outputs against what each token would have reused;
+* on a cached call by sampling: a share of the computed tokens are drawn at random from the
+  tokens the score would have left out (probes); their fresh outputs against their reused
+  ones estimate ``e`` for all the tokens left out, unbiased.
+
+Between two full calls the error grows with the sigma travelled since the last one. The
+policy keeps the measured rate ``e / (sigma_refresh - sigma)`` of the branch and predicts
+the next call's error as ``rate * (sigma_refresh - sigma_next)``: above ``tolerance`` the
+call is full, otherwise sparse. For an error that grows linearly between refreshes, a fixed
+threshold on the end-of-interval error minimises the summed error for a given number of
+refreshes (equal ``rate * length`` on every interval). It reads only sigmas and
+measurements: no step count, no shift, no guidance mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Action, Decision, Observation, Policy, StepView, register_policy
+
+
+@dataclass
+class ErrorState:
+    """Per-branch: where the last full call was and the error rate measured since."""
+
+    refresh_sigma: float | None = None  # sigma of the last full call
+    rate: float | None = None  # measured relative error per unit of sigma since that call
+    predicted: float = 0.0  # the prediction of the last decision (telemetry)
+
+
+@register_policy
+class ErrorControlled(Policy):
+    name = "error"
+    #: share of a cached call's computed tokens drawn at random to measure the error
+    probe_fraction = 0.25
+
+    def measures(self) -> bool:
+        return True
+
+    def probes(self, k: int) -> int:
+        return max(1, round(self.probe_fraction * k)) if k > 1 else 0
+
+    def start(self) -> ErrorState:
+        return ErrorState()
+
+    #: EXPERIMENT: sensitivity slope s in w(sigma) = 1 + s * sigma
+    slope = float(__import__("os").environ.get("SPECDIFF_SLOPE", "0"))
+
+    def decide(self, state: ErrorState, view: StepView) -> Decision:
+        if state.rate is None or state.refresh_sigma is None:
+            return Decision.full("no error measured yet")
+        predicted = state.rate * max(0.0, state.refresh_sigma - view.sigma)
+        gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
+        if gap > 0:  # a step can move at most sigma: the last one's error weighs little
+            predicted *= min(1.0, view.sigma / gap)
+        predicted *= (1 + self.slope * view.sigma) / (1 + self.slope)
+        state.predicted = predicted
+        tol = self.config.tolerance
+        if predicted > tol:
+            return Decision.full(f"predicted error {predicted:.3f} > tolerance {tol:g}")
+        return Decision.sparse(self.config.num_computed(self.num_tokens), f"predicted error {predicted:.3f}")
+
+    def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
+        err = obs.prediction_error
+        if state.refresh_sigma is not None and err is not None:
+            travelled = state.refresh_sigma - obs.sigma
+            if travelled > 1e-9:
+                state.rate = err / travelled
+        if obs.decision.action is Action.FULL:
+            state.refresh_sigma = obs.sigma
