@@ -109,11 +109,13 @@ class SpecDiffRuntime:
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         with self._lock:
             args = list(args)
+            if not self.plan.stream_matches(args):
+                return self._unsegmented(args)
             sigma = self._sigma(args)
             sample = args[self.plan.sample_input]
             conditioning = tuple(args[i] for i in self.plan.condition_inputs)
             model = self._model(args)
-            hit = self.router.route(model, conditioning, sigma, sample)
+            hit = self.router.route(model, conditioning, sigma, sample, self._image_rows(sample))
             gen, j = hit if hit is not None else (self._start_generation(model), 0)
             if j == len(gen.branches):
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
@@ -135,6 +137,17 @@ class SpecDiffRuntime:
             note_call(gen.report)
             return out
 
+    def _unsegmented(self, args: list[Any]) -> tuple[Any, ...]:
+        """A call whose context tokens in the stream (FLUX.2 reference images) sit elsewhere
+        than at compile time: the variants' split does not hold, so every token is computed
+        and no generation state is touched."""
+        msg = ("specdiff: this call's reference tokens are laid out differently from the compiled "
+               "graph's (same shapes, other position ids); computing every token")
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return self.executor.run_full(args).user
+
     # -- routing ------------------------------------------------------------------------
     def _model(self, args: list[Any]) -> int | None:
         """The model's identity: the storage of one of its weights (two models may share one
@@ -145,8 +158,10 @@ class SpecDiffRuntime:
         return args[i].untyped_storage().data_ptr()
 
     def _sigma(self, args: list[Any]) -> float:
+        """The call's sigma: its timestep over the family's scale (the largest entry: Wan 2.2
+        passes a timestep per token, 0 for the conditioning frame's)."""
         t = args[self.plan.timestep_input]
-        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        value = float(t.max()) if isinstance(t, torch.Tensor) else float(t)
         return value / self.plan.timestep_per_sigma
 
     def _start_generation(self, model: int | None) -> Generation:
@@ -342,15 +357,31 @@ class SpecDiffRuntime:
             return
         sigmas = schedule.speculative_sigmas(sigma0, steps)
         t = args[t_i]
+        rows = self._image_rows(x)
         for j in range(1, steps):
-            x = (x.float() + (sigmas[j] - sigmas[j - 1]) * v.float()).to(x.dtype)
+            step = (sigmas[j] - sigmas[j - 1]) * v.float()
+            if rows is not None:  # only the image tokens move; context tokens in the stream stay
+                keep = torch.zeros_like(step)
+                keep.narrow(1, *rows).copy_(step.narrow(1, *rows))
+                step = keep
+            x = (x.float() + step).to(x.dtype)
             spec_args = list(args)
             spec_args[sample_i] = x
-            spec_args[t_i] = torch.full_like(t, sigmas[j] * self.plan.timestep_per_sigma)
+            # the timesteps scale with sigma (entries at 0, e.g. a conditioning frame's, stay 0)
+            spec_args[t_i] = t * (sigmas[j] / sigma0) if isinstance(t, torch.Tensor) and sigma0 > 0 else \
+                torch.full_like(t, sigmas[j] * self.plan.timestep_per_sigma)
             out = self.executor.run_full(spec_args)
             state.spec.append((sigmas[j], self._spec_record(out)))
             self._record(-1, branch, "speculative", sigmas[j], self.executor.full_flops)
             v = out.user[0]
+
+    def _image_rows(self, sample: torch.Tensor) -> tuple[int, int] | None:
+        """``(offset, length)`` of the image tokens on axis 1 of the latent when the stream
+        carries context tokens too (FLUX.2 reference images); None otherwise."""
+        stream = self.plan.stream
+        if stream is None or sample.dim() != 3 or sample.shape[1] != stream.length:
+            return None
+        return stream.img_offset(), self.plan.num_image_tokens
 
     def _spec_record(self, out: StepOutput) -> torch.Tensor:
         """What the token score needs from a speculative call."""

@@ -153,18 +153,22 @@ def _rounding(dtype: torch.dtype) -> float:
 
 
 def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
-                groups: torch.Tensor | None) -> float:
+                groups: torch.Tensor | None, rows: tuple[int, int] | None = None) -> float:
     """The largest, over samples, relative residual of ``sample - x_last`` after projecting
     it onto the span of what a sampler could have combined it from (see the module
     docstring), less the latent dtype's rounding of ``sample``; ``inf`` when the branch has
-    no earlier call of this shape or nothing to project on."""
+    no earlier call of this shape or nothing to project on. ``rows`` (offset, length on
+    axis 1) restricts the test to the image tokens of a latent that carries context tokens
+    the sampler does not move (FLUX.2 reference images)."""
     trace = branch.trace
     if not trace.samples or trace.samples[0].shape != sample.shape:
         return float("inf")
     b = sample.shape[0]
-    latents = [t.reshape(b, -1) for t in trace.samples]  # x_last (, x_prev)
-    outputs = [out.reshape(b, -1) for other in generation.branches for s in trace.sigmas
+    take = (lambda t: t.narrow(1, *rows)) if rows is not None else (lambda t: t)
+    latents = [take(t).reshape(b, -1) for t in trace.samples]  # x_last (, x_prev)
+    outputs = [take(out).reshape(b, -1) for other in generation.branches for s in trace.sigmas
                for out in [other.trace.output_at(s)] if out is not None and out.shape == sample.shape]
+    sample = take(sample)
     if not outputs:
         return float("inf")
     group_of = groups.tolist() if groups is not None else list(range(b))
@@ -200,7 +204,7 @@ class Router:
         self.generations.clear()
 
     def route(self, model: int | None, conditioning: tuple[Any, ...], sigma: float,
-              sample: torch.Tensor) -> tuple[Generation, int] | None:
+              sample: torch.Tensor, rows: tuple[int, int] | None = None) -> tuple[Generation, int] | None:
         """The (generation, branch index) this call continues or joins; ``None``: a new
         generation. Marks the generation most recently used."""
         best, best_score = None, SPAN_TOLERANCE
@@ -210,7 +214,7 @@ class Router:
                 last = br.trace.sigmas[0] if br.trace.sigmas else None
                 if (last is not None and last > sigma and not _same_sigma(last, sigma)
                         and same_conditioning(br.conditioning, conditioning)):
-                    score = unexplained(sample, gen, br, br.state.groups)
+                    score = unexplained(sample, gen, br, br.state.groups, rows)
                     if score < best_score or (best is None and score <= best_score):
                         best, best_score = (gen, j), score
         if best is None:  # a further branch: the same sigma and latent as a call of this generation
