@@ -51,17 +51,20 @@ class ErrorControlled(Policy):
     def start(self) -> ErrorState:
         return ErrorState()
 
-    #: EXPERIMENT: sensitivity slope s in w(sigma) = 1 + s * sigma
-    slope = float(__import__("os").environ.get("SPECDIFF_SLOPE", "0"))
+    #: a rate of error growth (relative error per unit of sigma) above which the model is in
+    #: its fast phase (the first steps at high noise, where the composition forms): every call
+    #: is full there, whatever the tolerance
+    fast_rate = float(__import__("os").environ.get("SPECDIFF_FAST_RATE", "4.0"))
 
     def decide(self, state: ErrorState, view: StepView) -> Decision:
         if state.rate is None or state.refresh_sigma is None:
             return Decision.full("no error measured yet")
+        if state.rate > self.fast_rate:
+            return Decision.full(f"fast phase: error rate {state.rate:.1f} per unit sigma")
         predicted = state.rate * max(0.0, state.refresh_sigma - view.sigma)
         gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
-        if gap > 0:  # a step can move at most sigma: the last one's error weighs little
+        if gap > 0:  # a step moves at most sigma: the last one's error weighs little
             predicted *= min(1.0, view.sigma / gap)
-        predicted *= (1 + self.slope * view.sigma) / (1 + self.slope)
         state.predicted = predicted
         tol = self.config.tolerance
         if predicted > tol:
