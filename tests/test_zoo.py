@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -78,6 +79,23 @@ def test_dataset_deterministic_per_seed() -> None:
     assert not torch.equal(a, c) or ca != cc
     assert a.shape == (16, 3, 32, 32) and a.dtype == torch.float32
     assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
+
+
+# sha256 of make_dataset(8, seed)[0].numpy().tobytes(), computed with the 32-px-only generator
+# before the dataset took an image_size: 32-px images must stay bit-identical.
+PINNED_32PX_SHA256 = {
+    0: "044e58bb8967fc0e6c3df6c83447143c9cd7d43eaf3a04bae15cc95c5660b0fc",
+    1: "2fe0223379acc17c69e7221cea771e6839ce501444b1ca9ea46fcb4cdc6873ec",
+    7: "2cf6fd11e2af53d6a36238fbb677ba02bdb696faf4351ddd4e05a7a9b17d78ff",
+}
+
+
+@pytest.mark.parametrize("seed", sorted(PINNED_32PX_SHA256))
+def test_dataset_32px_pinned(seed: int) -> None:
+    images, _, descs = make_dataset(8, seed=seed)
+    assert hashlib.sha256(images.numpy().tobytes()).hexdigest() == PINNED_32PX_SHA256[seed]
+    assert all("image_size" not in d for d in descs)
+    assert torch.equal(make_dataset(8, seed=seed, image_size=32)[0], images)
 
 
 def test_captions_match_drawings() -> None:
