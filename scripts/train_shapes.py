@@ -110,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, default=None, help="optional PNG grid of final samples")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 tiny steps, no eval")
     p.add_argument("--init", type=Path, default=None,
-                   help="continue from shapes_<family>.safetensors of an earlier run (its JSON must sit beside it)")
+                   help="continue from shapes_<name>.safetensors of an earlier run with the same architecture and "
+                        "image size (its JSON must sit beside it; its loss CSV, if there, is carried over)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.name = args.name or args.family
@@ -231,6 +232,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                pooled_dim=tcfg["pooled_projection_dim"])
     text_encoder = ShapesTextEncoder(te_cfg)
     previous: dict[str, Any] | None = None
+    previous_rows: list[list[str]] = []
     if args.init is not None:
         from safetensors.torch import load_file
 
@@ -238,9 +240,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         transformer.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("transformer.")})
         text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
         prev_meta = json.loads(args.init.with_suffix(".json").read_text())
-        if prev_meta["transformer"] != tcfg:
-            raise SystemExit(f"--init {args.init}: its architecture differs from this run's {tcfg}")
+        if prev_meta["transformer"] != tcfg or prev_meta.get("image_size", IMAGE_SIZE) != args.image_size:
+            raise SystemExit(f"--init {args.init}: its architecture or image size differs from this run's")
         previous = prev_meta["train"]
+        prev_csv = args.init.with_name(args.init.stem + "_loss.csv")
+        if prev_csv.is_file():  # read now: the output CSV may be the same file
+            with open(prev_csv, newline="") as fh:
+                previous_rows = list(csv.reader(fh))[1:]
+    step_offset = 0 if previous is None else previous.get("total_steps", previous["steps"])
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     ema_t = copy.deepcopy(transformer).requires_grad_(False)
@@ -258,6 +265,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     with open(args.out / f"shapes_{args.name}_loss.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["step", "loss"])
+        writer.writerows(previous_rows)
         for step in range(args.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, args)
@@ -279,7 +287,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 for pe, p in ema_pairs:
                     pe.lerp_(p, 1 - decay)
             losses.append(loss.item())
-            writer.writerow([step, f"{losses[-1]:.6f}"])
+            writer.writerow([step_offset + step, f"{losses[-1]:.6f}"])
             if (step + 1) % args.log_every == 0 or step == args.steps - 1:
                 fh.flush()
                 recent = float(np.mean(losses[-args.log_every :]))
@@ -344,11 +352,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "quick": bool(args.quick),
             "init_from": None if args.init is None else args.init.name,
             "previous_stage": previous,
-            "total_steps": args.steps + (0 if previous is None else previous.get("total_steps", previous["steps"])),
+            "total_steps": step_offset + args.steps,
         },
         "param_counts": {"transformer": n_tr, "text_encoder": n_te},
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
     }
+    if previous is not None:
+        meta["train"]["loss_csv_note"] = (
+            f"shapes_{args.name}_loss.csv holds every stage; rows from step {step_offset} on are this stage"
+            if previous_rows else
+            f"shapes_{args.name}_loss.csv holds this stage only (step index offset by {step_offset})")
     ema_t.eval()
     ema_e.eval()
     with torch.no_grad():  # evaluate exactly what is stored
