@@ -126,6 +126,8 @@ MODELS: dict[str, ZooModel] = {
                  "SD3 MMDiT, 4 layers, 4 heads x 32, 256 image tokens; tuned the SD3 defaults"),
         ZooModel("flux", "flux", "tune", 32, "shapes_flux",
                  "FLUX, 2 double + 4 single blocks, 4 heads x 32, 256 image tokens; tuned the FLUX defaults"),
+        ZooModel("sd3_b", "sd3", "heldout", 32, "shapes_sd3_b",
+                 "SD3 MMDiT, 6 layers, 3 heads x 32, 256 image tokens; seed 11, 1000 + 900 steps at batch 24"),
     )
 }
 """Every trained zoo model by name."""
