@@ -25,6 +25,11 @@ Usage::
     python scripts/train_shapes.py --family flux --steps 900 --seed 0 --out specdiff_zoo/weights
     python scripts/train_shapes.py --family sd3 --quick --out /tmp/zoo_quick
     python scripts/train_shapes.py --family flux --name x --image-size 64 --quick --out /tmp/zoo_quick
+
+``--init`` continues an earlier run's weights with a fresh optimizer and schedule
+(a second stage); for FLUX the stage may change ``--image-size`` (train at 32
+px, then continue at 64 px). The JSON keeps every earlier stage's record under
+``train.previous_stage``.
 """
 
 from __future__ import annotations
@@ -110,8 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--png", type=Path, default=None, help="optional PNG grid of final samples")
     p.add_argument("--quick", action="store_true", help="smoke test: 3 tiny steps, no eval")
     p.add_argument("--init", type=Path, default=None,
-                   help="continue from shapes_<name>.safetensors of an earlier run with the same architecture and "
-                        "image size (its JSON must sit beside it; its loss CSV, if there, is carried over)")
+                   help="continue from shapes_<name>.safetensors of an earlier run with the same transformer config "
+                        "(its JSON must sit beside it; its loss CSV, if there, is carried over); the image size may "
+                        "change where the config does not depend on it (FLUX: progressive resolution)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.name = args.name or args.family
@@ -236,12 +242,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.init is not None:
         from safetensors.torch import load_file
 
+        prev_meta = json.loads(args.init.with_suffix(".json").read_text())
+        if prev_meta["transformer"] != tcfg:  # SD3's config holds the image size, FLUX's does not
+            raise SystemExit(f"--init {args.init}: its transformer config {prev_meta['transformer']} differs "
+                             f"from this run's {tcfg}")
         state = load_file(str(args.init))
         transformer.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("transformer.")})
         text_encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
-        prev_meta = json.loads(args.init.with_suffix(".json").read_text())
-        if prev_meta["transformer"] != tcfg or prev_meta.get("image_size", IMAGE_SIZE) != args.image_size:
-            raise SystemExit(f"--init {args.init}: its architecture or image size differs from this run's")
         previous = prev_meta["train"]
         prev_csv = args.init.with_name(args.init.stem + "_loss.csv")
         if prev_csv.is_file():  # read now: the output CSV may be the same file
