@@ -128,6 +128,9 @@ MODELS: dict[str, ZooModel] = {
                  "FLUX, 2 double + 4 single blocks, 4 heads x 32, 256 image tokens; tuned the FLUX defaults"),
         ZooModel("sd3_b", "sd3", "heldout", 32, "shapes_sd3_b",
                  "SD3 MMDiT, 6 layers, 3 heads x 32, 256 image tokens; seed 11, 1000 + 900 steps at batch 24"),
+        ZooModel("flux_64", "flux", "heldout", 64, "shapes_flux_64",
+                 "FLUX, 2 double + 2 single blocks, 4 heads x 32, 1024 image tokens (64 px); seed 13, "
+                 "1000 steps at batch 12; undertrained: colour blobs rather than clean shapes"),
     )
 }
 """Every trained zoo model by name."""

@@ -199,6 +199,23 @@ def test_registry_contents_and_splits() -> None:
         ZooModel("x", "sd3", "test", 32, "shapes_x", "bad split")
 
 
+def test_heldout_models_differ_from_tune_models() -> None:
+    held = models(split="heldout")
+    assert {m.name for m in held} == {"sd3_b", "flux_64"}
+    assert {m.family for m in held} == set(FAMILIES)
+    assert max(m.num_image_tokens for m in held) >= 1024
+    tune = {m.family: json.loads(m.paths()[0].read_text()) for m in models(split="tune")}
+    for m in held:
+        meta = json.loads(m.paths()[0].read_text())
+        ref = tune[m.family]
+        assert meta["transformer"] != ref["transformer"], m.name  # another architecture or size
+        assert meta["train"]["seed"] not in (ref["train"]["seed"], ref["train"].get("previous_stage", {})
+                                             .get("seed")), m.name
+        assert meta["train"]["steps"] != ref["train"]["steps"], m.name
+        assert meta["train"]["command"].startswith("python scripts/train_shapes.py"), m.name
+        assert meta["train"]["image_size"] == m.image_size
+
+
 def test_default_config_unchanged_for_tune_models() -> None:
     for m in models(split="tune"):
         meta = json.loads(m.paths()[0].read_text())
@@ -319,3 +336,24 @@ def test_quick_training_named_64px(tmp_path: Path) -> None:
     assert m.config["architecture_overrides"]["heads"] == 2
     images = m.sample(["a red circle at the left on a navy background"], num_steps=2, seed=0)
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
+def test_init_continues_flux_at_a_new_size_and_refuses_sd3(tmp_path: Path) -> None:
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "train_shapes.py"), "--quick", "--num-layers", "1",
+              "--out", str(tmp_path)]
+    flux = ["--family", "flux", "--name", "f", "--num-single-layers", "1"]
+    subprocess.run(script + flux, check=True, cwd=REPO_ROOT, capture_output=True, timeout=120)
+    init = str(tmp_path / "shapes_f.safetensors")
+    subprocess.run(script + flux + ["--image-size", "64", "--seed", "1", "--init", init], check=True,
+                   cwd=REPO_ROOT, capture_output=True, timeout=120)
+    m = load_shapes_dit("f", weights_dir=tmp_path)
+    train = m.config["train"]
+    assert m.image_size == 64 and train["image_size"] == 64 and train["previous_stage"]["image_size"] == 32
+    assert train["total_steps"] == 6 and train["init_from"] == "shapes_f.safetensors"
+    rows = (tmp_path / "shapes_f_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(6)]
+    sd3 = ["--family", "sd3", "--name", "s"]
+    subprocess.run(script + sd3, check=True, cwd=REPO_ROOT, capture_output=True, timeout=120)
+    out = subprocess.run(script + sd3 + ["--image-size", "64", "--init", str(tmp_path / "shapes_s.safetensors")],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "transformer config" in out.stderr
