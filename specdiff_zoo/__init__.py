@@ -1,19 +1,23 @@
 """Small trained text-to-image DiTs ("shapes zoo") for fidelity measurements.
 
-Two pixel-space (no VAE) rectified-flow models trained on the procedural
-coloured-shapes dataset of :mod:`specdiff_zoo.data`:
+Pixel-space (no VAE) rectified-flow models trained on the procedural
+coloured-shapes dataset of :mod:`specdiff_zoo.data`, in two families:
 
-* ``"sd3"``: a :class:`diffusers.SD3Transformer2DModel`, input ``[B, 3, 32, 32]``
-  (patch 2, 256 image tokens), called with ``timestep = sigma * 1000`` exactly
-  like ``StableDiffusion3Pipeline``.
+* ``"sd3"``: a :class:`diffusers.SD3Transformer2DModel`, input ``[B, 3, S, S]``
+  (patch 2, ``(S/2)^2`` image tokens), called with ``timestep = sigma * 1000``
+  exactly like ``StableDiffusion3Pipeline``.
 * ``"flux"``: a :class:`diffusers.FluxTransformer2DModel`, input 2x2-packed pixel
-  tokens ``[B, 256, 12]`` (like ``FluxPipeline._pack_latents``), called with
+  tokens ``[B, (S/2)^2, 12]`` (like ``FluxPipeline._pack_latents``), called with
   ``timestep = sigma`` in ``[0, 1]`` (``FluxPipeline`` divides by 1000 before
   the call) and a raw ``guidance`` scale.
 
-Both predict the velocity ``v = noise - x0`` for ``x_sigma = (1 - sigma) x0 +
-sigma noise``. Weights live in ``specdiff_zoo/weights`` and load fully
-offline with :func:`load_shapes_dit`.
+All predict the velocity ``v = noise - x0`` for ``x_sigma = (1 - sigma) x0 +
+sigma noise``. The trained models are listed in :data:`MODELS` (a
+:class:`ZooModel` each): the ``"tune"`` split (``"sd3"``, ``"flux"``, 32 px,
+256 image tokens) is what the method's defaults were chosen on; the
+``"heldout"`` split differs in seed, depth/width, training length and image
+size and was not used to choose anything. Weights live in
+``specdiff_zoo/weights`` and load fully offline with :func:`load_shapes_dit`.
 """
 
 from __future__ import annotations
@@ -41,16 +45,21 @@ from .text import ShapesTextEncoder, TextEncoderConfig
 
 __all__ = [
     "FAMILIES",
+    "MODELS",
+    "SPLITS",
     "WEIGHTS_DIR",
     "ShapesModel",
+    "ZooModel",
     "build_transformer",
     "call_transformer",
     "colour_report",
+    "default_axes_dims_rope",
     "default_transformer_config",
     "description_from_caption",
     "flow_sigmas",
     "load_shapes_dit",
     "make_dataset",
+    "models",
     "pack_pixels",
     "pixel_ids",
     "sample",
@@ -65,9 +74,76 @@ FAMILIES: tuple[str, ...] = ("sd3", "flux")
 """Supported model families."""
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
-"""Directory holding ``shapes_<family>.safetensors`` and ``shapes_<family>.json``."""
+"""Directory holding ``<stem>.safetensors``, ``<stem>.json`` and ``<stem>_loss.csv`` per model."""
 
 IMAGE_SIZE: int = 32
+"""Image size of the tune models and default of the size-dependent helpers."""
+
+SPLITS: tuple[str, ...] = ("tune", "heldout")
+"""Registry splits: ``"tune"`` models chose the method's defaults, ``"heldout"`` models never did."""
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A registry entry: one trained zoo model.
+
+    ``weights`` is the file stem in :data:`WEIGHTS_DIR` (``<weights>.safetensors``
+    and ``<weights>.json``); ``image_size`` the side of its square pixel input.
+    """
+
+    name: str
+    family: str
+    split: str
+    image_size: int
+    weights: str
+    description: str
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; expected one of {FAMILIES}")
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; expected one of {SPLITS}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per sample: ``(image_size / 2)^2`` for both families."""
+        return (self.image_size // 2) ** 2
+
+    def paths(self, weights_dir: str | Path | None = None) -> tuple[Path, Path]:
+        """``(json, safetensors)`` paths in ``weights_dir`` (default :data:`WEIGHTS_DIR`)."""
+        root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        return root / f"{self.weights}.json", root / f"{self.weights}.safetensors"
+
+    def has_weights(self, weights_dir: str | Path | None = None) -> bool:
+        """Whether both weight files exist in ``weights_dir``."""
+        return all(p.is_file() for p in self.paths(weights_dir))
+
+
+MODELS: dict[str, ZooModel] = {
+    m.name: m
+    for m in (
+        ZooModel("sd3", "sd3", "tune", 32, "shapes_sd3",
+                 "SD3 MMDiT, 4 layers, 4 heads x 32, 256 image tokens; tuned the SD3 defaults"),
+        ZooModel("flux", "flux", "tune", 32, "shapes_flux",
+                 "FLUX, 2 double + 4 single blocks, 4 heads x 32, 256 image tokens; tuned the FLUX defaults"),
+        ZooModel("sd3_b", "sd3", "heldout", 32, "shapes_sd3_b",
+                 "SD3 MMDiT, 6 layers, 3 heads x 32, 256 image tokens; seed 11, 1000 + 900 steps at batch 24"),
+        ZooModel("flux_64", "flux", "heldout", 64, "shapes_flux_64",
+                 "FLUX, 2 double + 2 single blocks, 4 heads x 32, 1024 image tokens (64 px); seed 13, "
+                 "1000 steps at batch 12; undertrained: colour blobs rather than clean shapes"),
+    )
+}
+"""Every trained zoo model by name."""
+
+
+def models(split: str | None = None, family: str | None = None) -> list[ZooModel]:
+    """Registry entries, optionally filtered by ``split`` and/or ``family``, in registry order."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return [m for m in MODELS.values()
+            if (split is None or m.split == split) and (family is None or m.family == family)]
 
 TIMESTEP_CONVENTION: dict[str, str] = {
     "sd3": "transformer(timestep=sigma*1000); sigma in [0,1], x_sigma=(1-sigma)*x0+sigma*noise, predicts v=noise-x0",
@@ -81,36 +157,75 @@ TIMESTEP_CONVENTION: dict[str, str] = {
 """Human-readable timestep convention per family (also written to the JSON)."""
 
 
-def default_transformer_config(family: str) -> dict[str, Any]:
-    """Constructor kwargs of the zoo transformer for ``family``."""
+def default_axes_dims_rope(head_dim: int) -> list[int]:
+    """FLUX rotary dims ``[id, row, col]`` (even, summing to ``head_dim``); ``[8, 12, 12]`` for 32."""
+    if head_dim % 4 or head_dim < 8:
+        raise ValueError(f"FLUX head_dim must be a multiple of 4 and >= 8, got {head_dim}")
+    first = 2 * (head_dim // 8)
+    row = 2 * ((head_dim - first) // 4)
+    return [first, row, head_dim - first - row]
+
+
+def default_transformer_config(
+    family: str,
+    image_size: int = IMAGE_SIZE,
+    num_layers: int | None = None,
+    num_single_layers: int | None = None,
+    heads: int | None = None,
+    head_dim: int | None = None,
+    axes_dims_rope: list[int] | None = None,
+) -> dict[str, Any]:
+    """Constructor kwargs of the zoo transformer for ``family``.
+
+    With no overrides this is the tune models' architecture (at ``image_size``
+    32 exactly their stored config). ``num_layers`` counts SD3 joint blocks or
+    FLUX double-stream blocks; ``num_single_layers`` (FLUX only) the
+    single-stream blocks; ``heads`` x ``head_dim`` is the width. SD3's
+    ``caption_projection_dim`` follows the width and its ``sample_size`` /
+    ``pos_embed_max_size`` the image size; FLUX's ``axes_dims_rope`` defaults
+    to :func:`default_axes_dims_rope` of ``head_dim``.
+    """
+    if image_size <= 0 or image_size % 2:
+        raise ValueError(f"image_size must be a positive even number, got {image_size}")
     if family == "sd3":
+        if num_single_layers is not None:
+            raise ValueError("num_single_layers applies to the flux family only")
+        if axes_dims_rope is not None:
+            raise ValueError("axes_dims_rope applies to the flux family only")
+        h = 4 if heads is None else heads
+        d = 32 if head_dim is None else head_dim
         return {
-            "sample_size": IMAGE_SIZE,
+            "sample_size": image_size,
             "patch_size": 2,
             "in_channels": 3,
             "out_channels": 3,
-            "num_layers": 4,
-            "attention_head_dim": 32,
-            "num_attention_heads": 4,
+            "num_layers": 4 if num_layers is None else num_layers,
+            "attention_head_dim": d,
+            "num_attention_heads": h,
             "joint_attention_dim": 128,
-            "caption_projection_dim": 128,
+            # the context stream runs at the transformer width
+            "caption_projection_dim": h * d,
             "pooled_projection_dim": 64,
-            # PatchEmbed crops a (max x max) grid of patch positions: 32 px / patch 2 = 16.
-            "pos_embed_max_size": 16,
+            # PatchEmbed crops a (max x max) grid of patch positions: image_size / patch 2.
+            "pos_embed_max_size": image_size // 2,
         }
     if family == "flux":
+        d = 32 if head_dim is None else head_dim
+        rope = default_axes_dims_rope(d) if axes_dims_rope is None else [int(a) for a in axes_dims_rope]
+        if sum(rope) != d or len(rope) != 3 or any(a % 2 for a in rope):
+            raise ValueError(f"axes_dims_rope {rope} must be 3 even numbers summing to head_dim {d}")
         return {
             "patch_size": 1,
             "in_channels": 12,
             "out_channels": None,
-            "num_layers": 2,
-            "num_single_layers": 4,
-            "attention_head_dim": 32,
-            "num_attention_heads": 4,
+            "num_layers": 2 if num_layers is None else num_layers,
+            "num_single_layers": 4 if num_single_layers is None else num_single_layers,
+            "attention_head_dim": d,
+            "num_attention_heads": 4 if heads is None else heads,
             "joint_attention_dim": 128,
             "pooled_projection_dim": 64,
             "guidance_embeds": True,
-            "axes_dims_rope": [8, 12, 12],
+            "axes_dims_rope": rope,
         }
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -159,10 +274,12 @@ def call_transformer(
     sigma: torch.Tensor,
     guidance: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Predict the velocity for images ``x`` ``[B, 3, 32, 32]`` at noise level ``sigma`` ``[B]``.
+    """Predict the velocity for images ``x`` ``[B, 3, H, W]`` at noise level ``sigma`` ``[B]``.
 
     Encodes the per-family calling convention (timestep scale, packing, ids)
-    in one place; used by both training and sampling. Returns ``[B, 3, 32, 32]``.
+    in one place; used by both training and sampling. ``H`` and ``W`` are even
+    (and within the SD3 model's ``pos_embed_max_size`` patches). Returns
+    ``[B, 3, H, W]``.
     """
     if family == "sd3":
         out = transformer(
@@ -205,13 +322,30 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ShapesModel:
-    """A loaded zoo model: transformer + text encoder + tokenizer + config."""
+    """A loaded zoo model: transformer + text encoder + tokenizer + config.
+
+    ``name`` defaults to the family and ``image_size`` to the config's
+    ``image_size`` (32 when absent).
+    """
 
     family: str
     transformer: nn.Module
     text_encoder: ShapesTextEncoder
     config: dict[str, Any] = field(default_factory=dict)
     tokenize: Callable[[str], torch.LongTensor] = tokenize
+    name: str | None = None
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = self.family
+        if self.image_size is None:
+            self.image_size = int(self.config.get("image_size", IMAGE_SIZE))
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per sample: ``(image_size / 2)^2``."""
+        return (self.image_size // 2) ** 2
 
     @property
     def device(self) -> torch.device:
@@ -240,7 +374,9 @@ class ShapesModel:
         transformer: Callable[..., Any] | None = None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Reference Euler flow-matching sampler; returns images ``[B, 3, 32, 32]`` in ``[-1, 1]``.
+        """Reference Euler flow-matching sampler; returns images ``[B, 3, S, S]`` in ``[-1, 1]``.
+
+        ``S`` is :attr:`image_size` (``latents``, if given, set it instead).
 
         Uses the FlowMatchEulerDiscreteScheduler sigmas (shift 1) and the update
         ``x <- x + (sigma_next - sigma) * v``. SD3 applies classifier-free
@@ -258,7 +394,7 @@ class ShapesModel:
         b = len(prompts)
         if latents is None:
             gen = torch.Generator().manual_seed(seed)
-            latents = torch.randn(b, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen)
+            latents = torch.randn(b, 3, self.image_size, self.image_size, generator=gen)
         x = latents.to(self.device, self.dtype)
         hidden, pooled = self.encode(list(prompts))
         if self.family == "sd3":
@@ -282,24 +418,43 @@ class ShapesModel:
 
 
 def load_shapes_dit(
-    family: str = "sd3",
+    name: str = "sd3",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     weights_dir: str | Path | None = None,
 ) -> ShapesModel:
-    """Load a trained zoo model offline from ``weights_dir`` (default :data:`WEIGHTS_DIR`).
+    """Load a trained zoo model offline by registry name (see :data:`MODELS`).
 
-    Reads ``shapes_<family>.json`` (configs) and ``shapes_<family>.safetensors``
-    (keys prefixed ``transformer.`` / ``text_encoder.``). Modules are put in
-    eval mode, moved to ``device`` and cast to ``dtype``.
+    Reads ``<stem>.json`` (configs) and ``<stem>.safetensors`` (keys prefixed
+    ``transformer.`` / ``text_encoder.``, float32 or float16; loaded as float32)
+    from ``weights_dir`` (default :data:`WEIGHTS_DIR`), ``stem`` being the
+    entry's ``weights``. With an explicit ``weights_dir``, a name outside the
+    registry loads ``shapes_<name>`` from there (the output of
+    ``scripts/train_shapes.py --name <name>``). The family and image size come
+    from the JSON. Modules are put in eval mode, moved to ``device`` and cast to
+    ``dtype``. Raises :class:`ValueError` for an unknown name and
+    :class:`FileNotFoundError` when the weight files are missing.
     """
     from safetensors.torch import load_file
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    entry = MODELS.get(name)
+    if entry is None and weights_dir is None:
+        raise ValueError(f"unknown zoo model {name!r}; registered models: {', '.join(MODELS)}")
+    stem = entry.weights if entry is not None else f"shapes_{name}"
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    config = json.loads((root / f"shapes_{family}.json").read_text())
-    state = load_file(str(root / f"shapes_{family}.safetensors"))
+    json_path, st_path = root / f"{stem}.json", root / f"{stem}.safetensors"
+    for path in (json_path, st_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"zoo model {name!r}: missing {path}")
+    config = json.loads(json_path.read_text())
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"{json_path}: unknown family {family!r}; expected one of {FAMILIES}")
+    if entry is not None and (entry.family, entry.image_size) != (family, int(config.get("image_size", IMAGE_SIZE))):
+        raise ValueError(f"{json_path} does not match the registry entry {entry}")
+    state = load_file(str(st_path))
     transformer = build_transformer(family, config["transformer"])
     text_encoder = ShapesTextEncoder(TextEncoderConfig(**config["text_encoder"]))
     if list(config.get("vocab", VOCAB)) != list(VOCAB):
@@ -310,4 +465,5 @@ def load_shapes_dit(
         module.to(device=device).eval().requires_grad_(False)
         if dtype != torch.float32:
             module.to(dtype=dtype)
-    return ShapesModel(family=family, transformer=transformer, text_encoder=text_encoder, config=config)
+    return ShapesModel(family=family, transformer=transformer, text_encoder=text_encoder, config=config,
+                       name=name, image_size=int(config.get("image_size", IMAGE_SIZE)))
