@@ -1,0 +1,175 @@
+"""The controllers' decisions, with a fake error model and with the fake executor.
+
+The fake error model: the relative error of not computing grows at a known rate per unit of
+sigma travelled since the last full call. The error-controlled policy must then refresh
+every ``tolerance / rate`` of sigma, whatever the step count, the shift or the CFG mode."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from specdiff_fx import SpecDiffConfig, last_generation, schedule
+from specdiff_fx.control import Action, Decision, Observation, StepView, make_policy
+from specdiff_fx.runtime import SpecDiffRuntime
+from test_runtime import B, N, FakeExecutor, fake_plan, generate
+
+
+def pipeline_sigmas(steps: int, shift: float) -> list[float]:
+    s = FlowMatchEulerDiscreteScheduler(shift=shift)
+    s.set_timesteps(steps)
+    return s.sigmas[:-1].tolist()
+
+
+def drive(policy, sigmas, rate):
+    """Run ``policy`` over ``sigmas`` against the fake error model ``error = rate(sigma) *
+    (sigma at the last full call - sigma)``. Returns ``(decision, predicted)`` per call."""
+    state, out, refresh = policy.start(), [], None
+    for i, sigma in enumerate(sigmas):
+        view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas[:i]), num_tokens=N)
+        decision = Decision.full("first") if i == 0 else policy.decide(state, view)
+        out.append((decision, getattr(state, "predicted", None)))
+        error = None if refresh is None else rate(sigma) * (refresh - sigma)
+        policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
+        if decision.action is Action.FULL:
+            refresh = sigma
+    return out
+
+
+def full_sigmas(sigmas, run):
+    return [s for s, (d, _) in zip(sigmas, run) if d.action is Action.FULL]
+
+
+def test_sparse_only_while_the_predicted_error_is_within_tolerance():
+    tol = 0.1
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+    sigmas = pipeline_sigmas(28, 3.0)
+    run = drive(policy, sigmas, lambda s: 1.0)
+    assert {d.action for d, _ in run} == {Action.FULL, Action.SPARSE}
+    for i, (d, predicted) in enumerate(run[2:], start=2):
+        if d.action is Action.SPARSE:
+            assert predicted <= tol and d.k == SpecDiffConfig().num_computed(N)
+        elif "predicted" in d.reason:
+            assert predicted > tol
+
+
+@pytest.mark.parametrize("steps", [20, 28, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_refreshes_follow_sigma_not_the_step_count_or_the_shift(steps, shift):
+    """A constant error rate: refreshes every ``tol / rate`` of sigma (give or take one step),
+    on any step grid."""
+    tol, rate = 0.2, 1.0
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+    sigmas = pipeline_sigmas(steps, shift)
+    fulls = full_sigmas(sigmas, drive(policy, sigmas, lambda s: rate))
+    widest = max(a - b for a, b in zip(sigmas, sigmas[1:]))
+    gaps = np.diff(fulls) * -1
+    assert len(fulls) >= 3
+    # the first interval calibrates (no rate yet); the tail shortens as sigma runs out
+    for g in gaps[1:]:
+        if g < tol / rate - widest:
+            assert g == pytest.approx(gaps[-1])  # only the last interval may be short
+        assert g <= tol / rate + widest + 1e-6
+
+
+def test_full_where_the_error_demands_it():
+    """The error rate jumps at sigma 0.5: the policy refreshes much more often below it."""
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=0.1), N)
+    sigmas = pipeline_sigmas(50, 1.0)
+    fulls = full_sigmas(sigmas, drive(policy, sigmas, lambda s: 0.2 if s > 0.5 else 2.0))
+    above = sum(s > 0.5 for s in fulls)
+    below = sum(s <= 0.5 for s in fulls)
+    assert below >= 3 * max(above - 1, 1)
+
+
+def test_fast_phase_is_full_whatever_the_tolerance():
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=10.0), N)
+    fast = policy.fast_rate * 2
+    sigmas = pipeline_sigmas(28, 3.0)
+    run = drive(policy, sigmas, lambda s: fast if s > 0.8 else 0.01)
+    for s, (d, _) in zip(sigmas[2:], run[2:]):  # the second call has no measurement yet
+        if s > 0.8:
+            assert d.action is Action.FULL and "fast phase" in d.reason
+    assert any(d.action is Action.SPARSE for d, _ in run)
+
+
+def test_tolerance_trades_full_calls_monotonically():
+    sigmas = pipeline_sigmas(28, 3.0)
+    counts = []
+    for tol in (0.02, 0.05, 0.1, 0.2, 0.5):
+        policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+        counts.append(len(full_sigmas(sigmas, drive(policy, sigmas, lambda s: 1.0))))
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+
+
+def test_choose_tokens_draws_probes_outside_the_top_scores():
+    score = torch.rand(4, 50, generator=torch.Generator().manual_seed(0))
+    idx, probe = schedule.choose_tokens(score, 12, 3, seed=5)
+    top = torch.topk(score, 9, dim=1).indices
+    assert idx.shape == (4, 12) and probe.shape == (4, 3)
+    assert torch.equal(idx, idx.sort(dim=1).values)
+    for b in range(4):
+        assert set(top[b].tolist()) | set(probe[b].tolist()) == set(idx[b].tolist())
+        assert not set(top[b].tolist()) & set(probe[b].tolist())
+    again, _ = schedule.choose_tokens(score, 12, 3, seed=5)
+    other, _ = schedule.choose_tokens(score, 12, 3, seed=6)
+    assert torch.equal(idx, again) and not torch.equal(idx, other)
+    same = score[:2].repeat(2, 1)  # two CFG halves of two images
+    idx_g, _ = schedule.choose_tokens(same, 12, 3, seed=5, groups=torch.tensor([0, 1, 0, 1]))
+    assert torch.equal(idx_g[:2], idx_g[2:])
+    none, no_probe = schedule.choose_tokens(score, 12, 0)
+    assert no_probe.shape == (4, 0) and torch.equal(none, torch.topk(score, 12, dim=1).indices.sort(dim=1).values)
+
+
+class Recording:
+    """Wraps a policy and keeps what it was told."""
+
+    def __init__(self, policy):
+        self.policy, self.seen = policy, []
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def observe(self, state, view, obs):
+        self.seen.append(obs)
+        self.policy.observe(state, view, obs)
+
+
+def test_runtime_measures_the_error_of_caching_for_the_policy():
+    cfg = SpecDiffConfig(controller="error", tolerance=0.3, speculative_steps=0)
+    policy = Recording(make_policy(cfg, N))
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex, policy=policy)
+    generate(rt, 20)
+    kinds = [o.decision.action for o in policy.seen]
+    assert Action.SPARSE in kinds and kinds[0] is Action.FULL
+    assert policy.seen[0].prediction_error is None  # nothing to compare the first call with
+    assert all(o.prediction_error is not None and o.prediction_error >= 0 for o in policy.seen[1:])
+    # sparse calls computed probes: tokens beyond the top scores
+    sparse = [c for c in ex.calls if c[0] == "sparse"]
+    k = cfg.num_computed(N)
+    assert sparse and all(c[2].shape == (B, k) for c in sparse)
+
+
+def test_error_controller_tolerance_sets_the_compute():
+    flops = []
+    for tol in (0.01, 0.3, 5.0):
+        cfg = SpecDiffConfig(controller="error", tolerance=tol, speculative_steps=0)
+        rt = SpecDiffRuntime(fake_plan(), cfg, FakeExecutor())
+        generate(rt, 20)
+        flops.append(last_generation().flops_fraction)
+    assert flops[0] == pytest.approx(1.0) and flops[0] > flops[1] >= flops[2]
+
+
+def test_true_cfg_branches_share_one_plan():
+    """Two calls per step (cond, uncond) that move together: one decision per step for both."""
+    cfg = SpecDiffConfig(controller="error", tolerance=0.3, speculative_steps=0)
+    rt = SpecDiffRuntime(fake_plan(), cfg, FakeExecutor())
+    generate(rt, 16, branches=2)
+    rep = last_generation()
+    by_step = {}
+    for st in rep.main_steps:
+        by_step.setdefault(st.step, {})[st.branch] = st.kind
+    assert set(len(v) for v in by_step.values()) == {2}
+    assert all(v[0] == v[1] for v in by_step.values())
+    assert {"full", "cached"} <= {k for v in by_step.values() for k in v.values()}
