@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import specdiff_fx  # noqa: E402
 from benchmarks.sweep import PAPER, PROMPTS  # noqa: E402
-from specdiff_fx import metrics  # noqa: E402
+from specdiff_fx import SpecDiffConfig, metrics  # noqa: E402
+from specdiff_fx.control import Action, Decision, Observation, Policy, StepView, make_policy  # noqa: E402
 from specdiff_zoo import load_shapes_dit, pack_pixels, unpack_pixels  # noqa: E402
 
 #: (label, options) of table 2; the defaults first
@@ -74,11 +74,19 @@ class ExactSelection(torch.nn.Module):
     """Calls the model in full every step; on cached steps keeps only ``k`` tokens fresh per
     image (the CFG halves of one image share them) and reuses the others' last fresh output."""
 
-    def __init__(self, model: torch.nn.Module, k: int, rule: str, full_steps: Callable[[int], bool]) -> None:
+    def __init__(self, model: torch.nn.Module, k: int, rule: str, policy: Policy) -> None:
         super().__init__()
-        self.model, self.k, self.rule, self.full_steps = model, k, rule, full_steps
+        self.model, self.k, self.rule = model, k, rule
+        self.policy, self.state, self.sigmas = policy, policy.start(), []  # which steps are full: the backend's own
         self.step = 0
         self.gen = torch.Generator().manual_seed(0)
+
+    def _full(self, i: int, sigma: float) -> bool:
+        view = StepView(step=i, sigma=sigma, sigmas=tuple(self.sigmas), num_tokens=0)
+        decision = Decision.full() if i == 0 else self.policy.decide(self.state, view)
+        self.policy.observe(self.state, view, Observation(decision, sigma, 0, 0))
+        self.sigmas.append(sigma)
+        return decision.action is Action.FULL
 
     def forward(self, **kw):
         sigma = float(kw["timestep"].reshape(-1)[0]) / 1000.0
@@ -86,7 +94,7 @@ class ExactSelection(torch.nn.Module):
         out = pack_pixels(v)  # [B, N, 4C]: one token per 2x2 patch, as the SD3 model's tokens
         b, n, _ = out.shape
         i, self.step = self.step, self.step + 1
-        if i == 0 or self.full_steps(i):
+        if self._full(i, sigma):
             if i == 0:
                 self.f1, self.f2 = out.clone(), out.clone()
                 self.s1, self.s2 = torch.full((b, n), sigma), torch.full((b, n), sigma)
@@ -118,10 +126,8 @@ class ExactSelection(torch.nn.Module):
 def exact_selection_table(prompts: list[str], steps: int, ks: tuple[int, ...]) -> str:
     model = load_shapes_dit("sd3")
     n = (model.transformer.config.sample_size // model.transformer.config.patch_size) ** 2
-    # the default schedule's full steps for 28 steps: 0-3, and the refreshes at progress 0.45 / 0.7
-    sigmas = torch.linspace(1, 0, steps + 1)
-    refresh = {next(i for i in range(steps) if 1 - sigmas[i] >= p) for p in (0.45, 0.7)}
-    full = lambda i: i < 4 or i in refresh  # noqa: E731
+    # full steps where the default controller puts them (it only needs the sigmas)
+    policy = lambda: make_policy(SpecDiffConfig(), n)  # noqa: E731
     with torch.no_grad():
         ref = model.sample(prompts, num_steps=steps, seed=0)
         lines = ["| k of %d tokens fresh per cached step | random | round-robin | drift | oracle |" % n,
@@ -130,7 +136,7 @@ def exact_selection_table(prompts: list[str], steps: int, ks: tuple[int, ...]) -
             cells = []
             for rule in ("random", "round-robin", "drift", "oracle"):
                 out = model.sample(prompts, num_steps=steps, seed=0,
-                                   transformer=ExactSelection(model.transformer, k, rule, full))
+                                   transformer=ExactSelection(model.transformer, k, rule, policy()))
                 cells.append(f"{metrics.psnr(out, ref):.2f}")
             lines.append(f"| {k} (cache_ratio {1 - k / n:.2f}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
