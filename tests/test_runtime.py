@@ -414,6 +414,7 @@ class TextExecutor(FakeExecutor):
         return StepOutput(out.user, out.tokens, out.score, out.kv, text)
 
     def run_sparse(self, args, key, inputs):
+        self.keys = getattr(self, "keys", []) + [key]
         self.text_inputs = inputs if key.context is ContextMode.CACHED else None
         refresh = key.context is ContextMode.REFRESH
         self.refreshes = getattr(self, "refreshes", []) + [refresh]
@@ -441,6 +442,9 @@ def test_context_caching_is_off_under_guidance_unless_forced(option, guided, exp
         for _ in range(2 if guided == "calls" else 1):
             rt(x, t)
     assert rt.report.context_cached is expected
+    # the variant compiled ahead is the one that ran (true CFG: known once both calls were seen)
+    ran = {k for k in getattr(ex, "keys", [])}
+    assert ex.prepared and set(ex.prepared) == ran, (ex.prepared, ran)
     got = ex.text_inputs
     if expected:
         assert len(got.text) == len(got.text_prev) == 2 and got.text_ratio is not None

@@ -181,10 +181,12 @@ class SpecDiffRuntime:
 
     def _prepare(self, state: BranchState) -> None:
         """Compile the variants this generation will most likely run before its first cached
-        step (the rest, e.g. a memory-cap fallback, compile on first use)."""
+        step (the rest, e.g. a memory-cap fallback, compile on first use). Called at a
+        branch's second call, when every call of the first step (true CFG: cond and uncond)
+        has been seen, so that the context mode is the one :meth:`_context_mode` will pick."""
         cfg = self.config
-        context = ContextMode.COMPUTE if cfg.cache_context is False or (
-            cfg.cache_context is None and state.groups is not None) else ContextMode.CACHED
+        caching = (not self._guided(state)) if cfg.cache_context is None else cfg.cache_context
+        context = ContextMode.CACHED if caching and state.text else ContextMode.COMPUTE
         keys = [VariantKey.sparse(k, context, cfg.kv_extrapolation) for k in self.policy.token_counts()]
         if self.policy.may_skip():
             keys.append(VariantKey.skip())
@@ -209,6 +211,8 @@ class SpecDiffRuntime:
                         num_tokens=self.plan.num_image_tokens, drift=drift)
 
     def _later_step(self, args, sigma: float, branch: int, state: BranchState) -> tuple[Any, ...]:
+        if state.step == 1:
+            self._prepare(state)
         view = self._view(state, sigma)
         leader = self.generation.leader(self._j)
         if leader.plan is not None and leader.plan.sigma == sigma:  # a further member at this step: the same decision
@@ -332,7 +336,6 @@ class SpecDiffRuntime:
     def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         state.sigma0 = sigma
         state.groups = same_latent_groups(args[self.plan.sample_input])
-        self._prepare(state)
         out = self.executor.run_full(args)
         self._store_full(state, out, sigma)
         self._record(0, branch, "full", sigma, self.executor.full_flops,
@@ -387,14 +390,18 @@ class SpecDiffRuntime:
         """What the token score needs from a speculative call."""
         return out.score if self.config.score == "attention" else detached(out.tokens)
 
+    def _guided(self, state: BranchState) -> bool:
+        """Classifier-free guidance: batched halves from the same latent, or more than one
+        call per step (true CFG; any further branch counts, confirmed member or not)."""
+        return state.groups is not None or len(self.generation.branches) > 1
+
     def _context_mode(self, state: BranchState) -> ContextCaching:
         """``cache_context`` for this generation: the option, or with ``None`` (auto) on
         unless it uses classifier-free guidance (batched halves from the same latent, or
         more than one call per step), whose guidance scale amplifies stale text K/V."""
         if state.context is ContextCaching.UNDECIDED:
             wanted = self.config.cache_context
-            guided = state.groups is not None or len(self.generation.members) > 1
-            cache = (not guided) if wanted is None else wanted
+            cache = (not self._guided(state)) if wanted is None else wanted
             cache = cache and bool(state.text)  # a graph without text tokens
             state.context = ContextCaching.CACHED if cache else ContextCaching.COMPUTED
             if not cache:
