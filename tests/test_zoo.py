@@ -290,6 +290,9 @@ def test_load_dtype() -> None:
 
 
 def test_trained_samples_pass_colour_check(model: ShapesModel) -> None:
+    if not MODELS[model.name].follows_prompts:  # the registry says so; its training check agrees
+        assert model.config["quality_check"]["pass_rate"] < 0.7
+        return
     assert _pass_rate(model) >= 0.7
 
 
