@@ -183,10 +183,12 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
         norm2 = float(d @ d)
         if norm2 == 0.0:  # the latent did not move (a zero update is in every span)
             continue
-        gram = a.T @ a
-        proj = a.T @ d
-        coef = torch.linalg.lstsq(gram, proj.unsqueeze(1)).solution.squeeze(1)
-        residual = float((d - a @ coef).norm())
+        # an orthonormal basis of the span from the SVD of ``a`` itself (not of its Gram
+        # matrix, whose squared condition number let rounding decide the rank: a continuation
+        # was sometimes not recognised); directions below 1e-9 of the largest are rounding
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        basis = u[:, s > 1e-9 * float(s[0])] if s.numel() else u[:, :0]
+        residual = float((d - basis @ (basis.T @ d)).norm())
         slack = 2 * _rounding(sample.dtype) * float(sample[i].double().norm())
         worst = max(worst, max(0.0, residual - slack) / norm2 ** 0.5)
     return worst
