@@ -47,11 +47,11 @@ BACKEND_ROWS: list[tuple[str, dict]] = [
     ("context cached (cache_context=True)", {"cache_context": True}),
     ("context computed (cache_context=False)", {"cache_context": False}),
     ("context cached, refreshed every 2nd cached step", {"cache_context": True, "context_interval": 2}),
-    ("warmup_steps=3", {"warmup_steps": 3}),
-    ("refresh_at=(0.8,)", {"refresh_at": (0.8,)}),
-    ("refresh_at=(0.8,), no speculation", {"refresh_at": (0.8,), "speculative_steps": 0}),
-    ("refresh_at=()", {"refresh_at": ()}),
-    ("refresh_at=(0.4, 0.65, 0.85)", {"refresh_at": (0.4, 0.65, 0.85)}),
+    ("warmup_steps=3", {"controller": "fixed", "warmup_steps": 3}),
+    ("refresh_at=(0.8,)", {"controller": "fixed", "refresh_at": (0.8,)}),
+    ("refresh_at=(0.8,), no speculation", {"controller": "fixed", "refresh_at": (0.8,), "speculative_steps": 0}),
+    ("refresh_at=()", {"controller": "fixed", "refresh_at": ()}),
+    ("refresh_at=(0.4, 0.65, 0.85)", {"controller": "fixed", "refresh_at": (0.4, 0.65, 0.85)}),
     ("cache_ratio=0.95", {"cache_ratio": 0.95}),
 ]
 
@@ -64,9 +64,11 @@ MORE_PROMPTS = [
     "a green circle at the bottom on a navy background",
 ]
 ROBUSTNESS_ROWS: list[dict] = [
-    {}, {"speculative_steps": 0}, {"speculative_steps": 0, "refresh_at": (0.3,)},
-    {"speculative_steps": 0, "refresh_at": (0.2, 0.5)}, {"refresh_at": (0.3,)}, {"refresh_at": (0.25, 0.6)},
-    {"refresh_at": (0.5, 0.75)}, {"refresh_at": (0.55, 0.8)}, {"refresh_at": (0.4, 0.7)}, {"refresh_at": (0.45, 0.8)},
+    {}, {"speculative_steps": 0},
+    *({"controller": "fixed", **row} for row in (
+        {"speculative_steps": 0, "refresh_at": (0.3,)}, {"speculative_steps": 0, "refresh_at": (0.2, 0.5)},
+        {"refresh_at": (0.3,)}, {"refresh_at": (0.25, 0.6)}, {"refresh_at": (0.5, 0.75)}, {"refresh_at": (0.55, 0.8)},
+        {"refresh_at": (0.4, 0.7)}, {"refresh_at": (0.45, 0.8)})),
 ]
 
 
@@ -126,8 +128,8 @@ class ExactSelection(torch.nn.Module):
 def exact_selection_table(prompts: list[str], steps: int, ks: tuple[int, ...]) -> str:
     model = load_shapes_dit("sd3")
     n = (model.transformer.config.sample_size // model.transformer.config.patch_size) ** 2
-    # full steps where the default controller puts them (it only needs the sigmas)
-    policy = lambda: make_policy(SpecDiffConfig(), n)  # noqa: E731
+    # full steps where the fixed schedule puts them (it only needs the sigmas)
+    policy = lambda: make_policy(SpecDiffConfig(controller="fixed"), n)  # noqa: E731
     with torch.no_grad():
         ref = model.sample(prompts, num_steps=steps, seed=0)
         lines = ["| k of %d tokens fresh per cached step | random | round-robin | drift | oracle |" % n,

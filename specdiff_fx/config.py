@@ -34,16 +34,17 @@ class SpecDiffConfig:
             equals plain Inductor/eager).
         controller: the policy that decides, per call, between a full step, a sparse step
             and (where the policy allows) a skipped one: a name registered in
-            :mod:`specdiff_fx.control` (``"fixed"``: ``warmup_steps`` + ``refresh_at``;
-            ``"error"``: full calls when the measured error of caching would exceed
-            ``tolerance``).
+            :mod:`specdiff_fx.control` (``"error"``, the default: full calls when the
+            measured error of caching would exceed ``tolerance``; ``"fixed"``:
+            ``warmup_steps`` + ``refresh_at``).
         tolerance: with ``controller="error"``: the relative error of its outputs a cached
             call may have (``||F - F_reused|| / ||F||`` over the tokens it does not compute,
             measured as the generation runs); a call predicted above it computes every token.
             Lower is sharper and slower.
         speculative_steps: steps of the self-speculative pre-run (``0`` = history only).
-        warmup_steps: leading steps of a generation that compute every token.
-        refresh_at: progress points in ``(0, 1)`` (progress = ``1 - sigma``) at which a
+        warmup_steps: with ``controller="fixed"``: leading steps of a generation that
+            compute every token.
+        refresh_at: with ``controller="fixed"``: progress points in ``(0, 1)`` (progress = ``1 - sigma``) at which a
             full step refreshes every cache; derived from the timesteps, so the user
             never passes the step count.
         reuse_mass: share of the total score mass, taken from the lowest-scored tokens,
@@ -97,7 +98,7 @@ class SpecDiffConfig:
     """
 
     cache_ratio: float = 0.9
-    controller: str = "fixed"
+    controller: str = "error"
     tolerance: float = 0.1
     speculative_steps: int = 2
     warmup_steps: int = 4
@@ -127,7 +128,7 @@ class SpecDiffConfig:
 
         if not (_is_real(self.cache_ratio) and 0.0 <= self.cache_ratio < 1.0):
             raise bad("cache_ratio", "a number with 0 <= cache_ratio < 1")
-        from .control import policies
+        from .control import policies, policy_options
 
         if self.controller not in policies():
             raise bad("controller", " or ".join(repr(p) for p in policies()))
@@ -147,6 +148,14 @@ class SpecDiffConfig:
             and list(refresh) == sorted(set(refresh))
         ):
             raise bad("refresh_at", "a sorted tuple of distinct numbers in (0, 1), e.g. (0.45, 0.7)")
+        # an option of another controller is refused rather than silently ignored
+        defaults = {f.name: f.default for f in fields(self)}
+        reads = policy_options(self.controller)
+        for key in sorted(policy_options() - reads):
+            if getattr(self, key) != defaults[key]:
+                owners = [n for n in policies() if key in policy_options(n)]
+                raise ValueError(f"specdiff option {key!r} only applies with controller="
+                                 f"{' or '.join(map(repr, owners))}; got controller={self.controller!r}")
         if not (_is_real(self.reuse_mass) and 0.0 <= self.reuse_mass < 1.0):
             raise bad("reuse_mass", "a number with 0 <= reuse_mass < 1")
         if not (_is_int(self.blend_history) and 1 <= self.blend_history <= 8):

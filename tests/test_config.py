@@ -11,10 +11,24 @@ def test_defaults_and_round_trip():
     cfg = SpecDiffConfig()
     assert 0 < cfg.cache_ratio < 1 and cfg.speculative_steps == 2 and cfg.inductor and not cfg.strict
     assert SpecDiffConfig.from_options(cfg.to_dict()) == cfg
-    other = SpecDiffConfig.from_options({"cache_ratio": 0.5, "refresh_at": [0.3, 0.6]})
+    assert cfg.controller == "error"
+    other = SpecDiffConfig.from_options({"cache_ratio": 0.5, "controller": "fixed", "refresh_at": [0.3, 0.6]})
     assert other.refresh_at == (0.3, 0.6)
     assert SpecDiffConfig.from_options(other.to_dict()) == other
     assert "cache_ratio=0.5" in repr(other)
+
+
+@pytest.mark.parametrize("options, key, owner", [
+    ({"warmup_steps": 2}, "warmup_steps", "'fixed'"),
+    ({"refresh_at": (0.5,)}, "refresh_at", "'fixed'"),
+    ({"controller": "fixed", "tolerance": 0.2}, "tolerance", "'error'"),
+])
+def test_an_option_of_another_controller_is_refused(options, key, owner):
+    with pytest.raises(ValueError, match=f"'{key}' only applies with controller={owner}"):
+        SpecDiffConfig.from_options(options)
+    # the default values themselves, and lists for tuples, are fine with either controller
+    SpecDiffConfig(controller="fixed", tolerance=0.1)
+    SpecDiffConfig(refresh_at=[0.45, 0.7], warmup_steps=4)
 
 
 def test_unknown_key_lists_valid_keys():

@@ -13,7 +13,7 @@ from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
 from specdiff_fx.signature import VariantKey
 from specdiff_fx.variants import check_index
 
-FAST = {"inductor": False, "warmup_steps": 2, "refresh_at": (0.6,)}
+FAST = {"inductor": False, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
 
 
 def euler(model, inputs, steps=8, sigmas=None, on_step=None):

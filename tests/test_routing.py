@@ -15,7 +15,7 @@ from specdiff_fx.runtime.routing import Branch, Generation, unexplained
 from specdiff_fx.telemetry import GenerationReport
 from test_runtime import B, C, N, FakeExecutor, fake_plan
 
-CFG = SpecDiffConfig(warmup_steps=2, refresh_at=(0.5,), speculative_steps=2)
+CFG = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,), speculative_steps=2)
 
 
 def plan(weight=False):

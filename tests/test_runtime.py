@@ -74,7 +74,7 @@ def generate(rt, steps, seed=0, branches=1):
 
 
 def test_schedule_needs_no_step_count():
-    cfg = SpecDiffConfig(warmup_steps=4, refresh_at=(0.45, 0.7))
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=4, refresh_at=(0.45, 0.7))
     for steps in (10, 28, 50):
         refreshed, full = set(), []
         for i, s in enumerate(torch.linspace(1, 0, steps + 1)[:-1].tolist()):
@@ -145,7 +145,7 @@ def test_blend_weights_sum_to_one_and_decay():
 
 
 def test_generation_kinds_tiers_and_shared_speculative_step():
-    cfg = SpecDiffConfig(cache_ratio=0.75, speculative_steps=2, warmup_steps=2, refresh_at=(0.5,), blend=True)
+    cfg = SpecDiffConfig(controller="fixed", cache_ratio=0.75, speculative_steps=2, warmup_steps=2, refresh_at=(0.5,), blend=True)
     ex = FakeExecutor()
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     generate(rt, 10)
@@ -183,7 +183,7 @@ def test_speculation_changes_the_selection(score):
     sel = {}
     for steps in (0, 2):
         ex = ProfileExecutor()
-        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(cache_ratio=0.75, speculative_steps=steps, score=score,
+        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", cache_ratio=0.75, speculative_steps=steps, score=score,
                                                          warmup_steps=2, refresh_at=(0.9,)), ex)
         generate(rt, 8)
         sel[steps] = [idx for k, _, idx in ex.calls if k == "sparse"][0]
@@ -192,14 +192,14 @@ def test_speculation_changes_the_selection(score):
 
 def test_no_speculative_calls_with_zero_steps():
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(speculative_steps=0, warmup_steps=1), ex)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", speculative_steps=0, warmup_steps=1), ex)
     generate(rt, 6)
     assert last_generation().count("speculative") == 0 and ex.calls[0][0] == "full" and ex.calls[1][0] == "sparse"
 
 
 def test_every_token_is_refreshed_by_starvation():
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(cache_ratio=0.8, warmup_steps=1, refresh_at=(0.99,),
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", cache_ratio=0.8, warmup_steps=1, refresh_at=(0.99,),
                                                      starvation_scale=1.0), ex)
     generate(rt, 40)
     seen = torch.zeros(B, N, dtype=torch.bool)
@@ -211,7 +211,7 @@ def test_every_token_is_refreshed_by_starvation():
 
 def test_new_generation_and_branches():
     ex = FakeExecutor()
-    cfg = SpecDiffConfig(speculative_steps=2, warmup_steps=1, refresh_at=(0.95,))
+    cfg = SpecDiffConfig(controller="fixed", speculative_steps=2, warmup_steps=1, refresh_at=(0.95,))
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     generate(rt, 5)
     first = rt.report
@@ -227,7 +227,7 @@ def test_new_generation_and_branches():
 
 def test_reset_forgets_state():
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1), ex)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=1), ex)
     x = torch.randn(B, N, C)
     rt(x, torch.full((B,), 1000.0))
     rt(x, torch.full((B,), 900.0))
@@ -239,7 +239,7 @@ def test_reset_forgets_state():
 
 def test_cache_cap_degrades_to_full_compute():
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, max_cache_bytes=10), ex)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=1, max_cache_bytes=10), ex)
     with pytest.warns(RuntimeWarning, match="max_cache_bytes"):
         generate(rt, 5)
     assert all(k == "full" for k, _, _ in ex.calls) and rt.report.notes
@@ -249,7 +249,7 @@ def test_cache_cap_first_drops_kv_extrapolation():
     """K/V 2 x 640 bytes, outputs 2 x 480: 3520 bytes with the previous K/V, 2240 without.
     A cap in between keeps caching with reused K/V; below both, no caches at all."""
     ex = FakeExecutor()
-    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=2, max_cache_bytes=3000)
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=2, max_cache_bytes=3000)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     with pytest.warns(RuntimeWarning, match="drops K/V extrapolation"):
         generate(rt, 6)
@@ -274,7 +274,7 @@ def test_cache_cap_keeps_the_first_setting_that_fits(cap, extrapolate, context):
     """With text K/V (2 x 96 bytes): 3904 bytes with everything, 3520 without the text caches,
     2432 without extrapolation, 2240 without both; the first that fits the cap is kept."""
     ex = TextExecutor()
-    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
                          max_cache_bytes=cap)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     with pytest.warns(RuntimeWarning, match="drops") if not (extrapolate and context) else contextlib.nullcontext():
@@ -301,7 +301,7 @@ def test_another_shape_in_between_does_not_reset_a_generation():
 
     plan = replace(fake_plan(), weight_input=2)
     weight = torch.zeros(3)
-    a, b = (SpecDiffRuntime(plan, SpecDiffConfig(warmup_steps=1), WeightedExecutor()) for _ in range(2))
+    a, b = (SpecDiffRuntime(plan, SpecDiffConfig(controller="fixed", warmup_steps=1), WeightedExecutor()) for _ in range(2))
     xa, xb = torch.randn(B, N, C), torch.randn(B, N, C)
     sig = torch.linspace(1, 0, 6)
     for i in range(5):
@@ -333,7 +333,7 @@ def test_cfg_halves_share_their_selection():
     assert torch.equal(same_latent_groups(torch.cat([x, x])), torch.tensor([0, 0]))
     assert same_latent_groups(torch.randn(2, N, C)) is None
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, cache_ratio=0.75), ex)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=1, cache_ratio=0.75), ex)
     sig = torch.linspace(1, 0, 7)
     for i in range(6):
         rt(torch.cat([x, x]), torch.full((B,), float(sig[i]) * 1000))
@@ -344,7 +344,7 @@ def test_cfg_halves_share_their_selection():
 @pytest.mark.parametrize("mode", ["paper", "taylor"])
 def test_both_blend_modes_run(mode):
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=1, blend=True, blend_mode=mode), ex)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=1, blend=True, blend_mode=mode), ex)
     out = generate(rt, 8)
     assert torch.isfinite(out).all() and rt.report.count("cached") > 0
 
@@ -380,7 +380,7 @@ def test_extrapolation_ratio():
 def test_kv_extrapolation_hands_the_previous_caches_to_the_graph():
     for extrapolate in (True, False):
         ex = FakeExecutor()
-        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
+        rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
                                                          kv_extrapolation=extrapolate), ex)
         x = torch.randn(B, N, C)
         rt(x, torch.full((B,), 1000.0))
@@ -431,7 +431,7 @@ class TextExecutor(FakeExecutor):
 ])
 def test_context_caching_is_off_under_guidance_unless_forced(option, guided, expected):
     ex = TextExecutor()
-    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=option)
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=option)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     x = torch.randn(B, N, C)
     if guided == "batch":
@@ -458,7 +458,7 @@ def test_context_interval_refreshes_the_text_caches_on_cached_steps():
     """``context_interval=2``: every second cached step computes the context and its text
     K/V become the caches the next cached steps read (extrapolated from the last two)."""
     ex = TextExecutor()
-    cfg = SpecDiffConfig(warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
                          context_interval=2)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     x = torch.randn(B, N, C)

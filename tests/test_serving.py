@@ -12,7 +12,7 @@ import specdiff_fx
 from oracle import sd3_inputs, tiny_sd3
 from pipelines import flux_call_kwargs, sd3_call_kwargs, tiny_flux_pipeline, tiny_sd3_pipeline
 
-OPTIONS = {"inductor": False, "warmup_steps": 2, "refresh_at": (0.6,)}
+OPTIONS = {"inductor": False, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
 STEPS = 12
 
 

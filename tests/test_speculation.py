@@ -12,7 +12,7 @@ def test_speculative_steps_change_the_selection():
     counts = {}
     for steps in (0, 2):
         torch._dynamo.reset()
-        opts = {"inductor": False, "speculative_steps": steps, "warmup_steps": 2, "refresh_at": (0.6,)}
+        opts = {"inductor": False, "speculative_steps": steps, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
         cm = torch.compile(model.transformer, backend="specdiff", options=opts)
         with torch.no_grad():
             model.sample(prompts, num_steps=12, seed=0, transformer=cm)

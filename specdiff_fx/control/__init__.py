@@ -12,7 +12,9 @@ Policies are registered by name (``register_policy``) and chosen by the config
 
 from __future__ import annotations
 
-from .base import Action, Decision, Observation, Policy, StepView, make_policy, policies, register_policy
+from .base import (Action, Decision, Observation, Policy, StepView, make_policy, policies, policy_options,
+                   register_policy)
 from . import error, fixed  # noqa: F401  (register "error" and "fixed")
 
-__all__ = ["Action", "Decision", "Observation", "Policy", "StepView", "make_policy", "policies", "register_policy"]
+__all__ = ["Action", "Decision", "Observation", "Policy", "StepView", "make_policy", "policies", "policy_options",
+           "register_policy"]

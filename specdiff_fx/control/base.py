@@ -74,6 +74,9 @@ class Policy:
     what :meth:`start` returns (kept in the branch's state and passed back)."""
 
     name: ClassVar[str] = ""
+    #: the :class:`SpecDiffConfig` fields only this kind of policy reads (the config refuses
+    #: them, set, with another controller)
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: SpecDiffConfig, num_tokens: int) -> None:
         self.config, self.num_tokens = config, num_tokens
@@ -121,6 +124,12 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
 
 def policies() -> tuple[str, ...]:
     return tuple(_REGISTRY)
+
+
+def policy_options(name: str | None = None) -> set[str]:
+    """The config fields policy ``name`` reads of its own (``None``: of any policy)."""
+    classes = _REGISTRY.values() if name is None else [_REGISTRY[name]]
+    return {key for cls in classes for key in cls.options}
 
 
 def make_policy(config: SpecDiffConfig, num_tokens: int) -> Policy:

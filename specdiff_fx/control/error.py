@@ -18,6 +18,17 @@ call is full, otherwise sparse. For an error that grows linearly between refresh
 threshold on the end-of-interval error minimises the summed error for a given number of
 refreshes (equal ``rate * length`` on every interval). It reads only sigmas and
 measurements: no step count, no shift, no guidance mode.
+
+Two guards, each a fact about flow-matching sampling rather than a tuned schedule:
+
+* the fast phase: while the measured rate exceeds :attr:`ErrorControlled.fast_rate` (the first
+  calls at high noise, where the composition forms and consecutive outputs differ by tens of
+  per cent), every call is full;
+* a full call at least every :attr:`ErrorControlled.max_interval` of sigma: during a long run of
+  cached calls the probes are computed among stale neighbours (their keys and values are
+  cached), so they see less of the error than there is; without this guard a generation
+  without CFG could run 40 cached calls in a row at a measured error far under the
+  tolerance and lose 3-7 dB (BENCHMARKS.md, "Choosing the controller").
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ class ErrorState:
 @register_policy
 class ErrorControlled(Policy):
     name = "error"
+    options = ("tolerance",)
     #: share of a cached call's computed tokens drawn at random to measure the error
     probe_fraction = 0.25
 
@@ -54,13 +66,17 @@ class ErrorControlled(Policy):
     #: a rate of error growth (relative error per unit of sigma) above which the model is in
     #: its fast phase (the first steps at high noise, where the composition forms): every call
     #: is full there, whatever the tolerance
-    fast_rate = float(__import__("os").environ.get("SPECDIFF_FAST_RATE", "4.0"))
+    fast_rate = 4.0
+    #: the most sigma a generation travels between two full calls
+    max_interval = 0.25
 
     def decide(self, state: ErrorState, view: StepView) -> Decision:
         if state.rate is None or state.refresh_sigma is None:
             return Decision.full("no error measured yet")
         if state.rate > self.fast_rate:
             return Decision.full(f"fast phase: error rate {state.rate:.1f} per unit sigma")
+        if state.refresh_sigma - view.sigma >= self.max_interval - 1e-9:
+            return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
         predicted = state.rate * max(0.0, state.refresh_sigma - view.sigma)
         gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
         if gap > 0:  # a step moves at most sigma: the last one's error weighs little

@@ -14,6 +14,7 @@ from .base import Decision, Policy, StepView, register_policy
 @register_policy
 class FixedSchedule(Policy):
     name = "fixed"
+    options = ("warmup_steps", "refresh_at")
 
     def start(self) -> set[float]:
         return set()  # the refresh points consumed so far
