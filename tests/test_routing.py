@@ -2,7 +2,6 @@
 bounded state; per-generation telemetry; threads. A fake executor (velocity = cond - x)
 here; the tiny real models and pipelines in test_serving.py."""
 
-import threading
 from dataclasses import replace
 
 import pytest
@@ -14,6 +13,7 @@ from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
 from specdiff_fx.runtime.routing import Branch, Generation, unexplained
 from specdiff_fx.telemetry import GenerationReport
 from test_runtime import B, C, N, FakeExecutor, fake_plan
+from threads import run_together
 
 CFG = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,), speculative_steps=2)
 
@@ -199,26 +199,8 @@ def test_threads_each_with_its_generation_equal_alone():
     kws = [dict(seed=s, cond=c) for s, c in ((1, 0.5), (2, 0.5), (3, -0.2))]
     refs = [alone(**kw) for kw in kws]
     rt = runtime()
-    results, reports, errors = [None] * 3, [None] * 3, []
-    barrier = threading.Barrier(3)
-
-    def work(j):
-        try:
-            g = Gen(rt, **kws[j])
-            barrier.wait()
-            with specdiff_fx.track() as tracked:
-                results[j] = g.run()
-            reports[j] = tracked.report
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(j,)) for j in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for out, (ref, flops), rep in zip(results, refs, reports):
+    runs = run_together([lambda kw=kw: Gen(rt, **kw).run for kw in kws])
+    for (out, rep), (ref, flops) in zip(runs, refs):
         torch.testing.assert_close(out, ref)
         assert sum(s.flops for s in rep.steps) == flops
 

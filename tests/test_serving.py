@@ -11,6 +11,7 @@ import torch
 import specdiff_fx
 from oracle import sd3_inputs, tiny_sd3
 from pipelines import flux_call_kwargs, sd3_call_kwargs, tiny_flux_pipeline, tiny_sd3_pipeline
+from threads import run_together
 
 OPTIONS = {"inductor": False, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
 STEPS = 12
@@ -113,28 +114,10 @@ def test_threads_sharing_one_compiled_model():
     cm = compiled(tiny_sd3(0))
     specs = [dict(seed=1), dict(seed=2), dict(seed=3)]
     refs, ref_reports = alone_runs(cm, specs)
-    results, reports, errors = [None] * 3, [None] * 3, []
-    barrier = threading.Barrier(3)
-
-    def work(j):
-        try:
-            gen = CFGGeneration(cm, **specs[j])
-            barrier.wait()
-            with specdiff_fx.track() as tracked:
-                results[j] = gen.run()
-            reports[j] = tracked.report
-        except Exception as e:  # noqa: BLE001 - reported by the assertion below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(j,)) for j in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    for out, ref in zip(results, refs):
+    runs = run_together([lambda spec=spec: CFGGeneration(cm, **spec).run for spec in specs])
+    for (out, _), ref in zip(runs, refs):
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    assert flops(reports) <= 1.15 * flops(ref_reports)
+    assert flops([rep for _, rep in runs]) <= 1.15 * flops(ref_reports)
 
 
 def test_state_is_bounded_with_many_abandoned_generations():
