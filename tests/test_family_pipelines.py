@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import specdiff_fx
+from controller_checks import assert_error_controlled
+from test_families import RANDOM_MODEL_OPTIONS
 from family_pipelines import qwenimage_call_kwargs, tiny_qwenimage_pipeline, tiny_wan_pipeline, wan_call_kwargs
 
 CASES = {  # make, call kwargs, transformer calls per step, image tokens (64: 8 x 8; 96: 3 frames x 4 x 8)
@@ -42,7 +44,7 @@ def test_cache_ratio_zero_equals_eager(name):
 def test_default_options_cache_tokens(name):
     steps = STEPS
     _, _, calls, n = CASES[name]
-    out = run_pipe(name, {"inductor": False}, num_inference_steps=steps)
+    out = run_pipe(name, {"inductor": False, **RANDOM_MODEL_OPTIONS.get(name, {})}, num_inference_steps=steps)
     rep = specdiff_fx.last_generation()
     assert specdiff_fx.last_record().status == "specdiff"
     assert rep.family == name and rep.num_image_tokens == n and rep.batch == 1
@@ -51,7 +53,7 @@ def test_default_options_cache_tokens(name):
     k = specdiff_fx.SpecDiffConfig().num_computed(n)  # every call of a cached step, both CFG branches
     cfg = specdiff_fx.SpecDiffConfig()
     full = [s.step for s in rep.steps if s.kind == "full" and s.branch == 0]
-    assert full[: cfg.warmup_steps] == list(range(cfg.warmup_steps)) and len(full) == cfg.warmup_steps + 2
+    assert_error_controlled(rep, steps)
     assert len(cached) == (steps - len(full)) * calls and all(s.c1 == (k,) for s in cached)
     assert rep.flops_fraction < 0.8
     ref = eager(name, steps)

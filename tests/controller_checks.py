@@ -1,0 +1,23 @@
+"""What every generation under the default (error-controlled) controller shows in its report."""
+
+from __future__ import annotations
+
+from specdiff_fx.control.error import ErrorControlled
+
+
+def assert_error_controlled(rep, steps: int) -> None:
+    """Step 0 full, some calls cached, a full call at least every ``max_interval`` of sigma,
+    and the branches of one step (true CFG) decided alike."""
+    main = rep.main_steps
+    full = [s for s in main if s.kind == "full" and s.branch == 0]
+    assert full and full[0].step == 0 and len(full) < steps, [s.step for s in full]
+    sigmas = sorted({s.sigma for s in main if s.branch == 0}, reverse=True)
+    refresh = full[0].sigma
+    for sigma in sigmas:
+        if any(s.sigma == sigma for s in full):
+            refresh = sigma
+        assert refresh - sigma < ErrorControlled.max_interval + 1e-9, (refresh, sigma)
+    kinds = {}
+    for s in main:
+        kinds.setdefault(s.step, set()).add(s.kind)
+    assert all(len(k) == 1 for k in kinds.values()), kinds
