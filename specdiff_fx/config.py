@@ -44,9 +44,9 @@ class SpecDiffConfig:
         speculative_steps: steps of the self-speculative pre-run (``0`` = history only).
         warmup_steps: with ``controller="fixed"``: leading steps of a generation that
             compute every token.
-        refresh_at: with ``controller="fixed"``: progress points in ``(0, 1)`` (progress = ``1 - sigma``) at which a
-            full step refreshes every cache; derived from the timesteps, so the user
-            never passes the step count.
+        refresh_at: with ``controller="fixed"``: progress points in ``(0, 1)`` (progress =
+            ``1 - sigma``) at which a full step refreshes every cache; derived from the
+            timesteps, so the user never passes the step count.
         reuse_mass: share of the total score mass, taken from the lowest-scored tokens,
             whose tokens reuse their last output (tier C2), ``0 <= m < 1``; only used with
             ``blend=True`` (without C3 every non-computed token reuses).

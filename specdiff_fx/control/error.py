@@ -27,8 +27,8 @@ Two guards, each a fact about flow-matching sampling rather than a tuned schedul
 * a full call at least every :attr:`ErrorControlled.max_interval` of sigma: during a long run of
   cached calls the probes are computed among stale neighbours (their keys and values are
   cached), so they see less of the error than there is; without this guard a generation
-  without CFG could run 40 cached calls in a row at a measured error far under the
-  tolerance and lose 3-7 dB (BENCHMARKS.md, "Choosing the controller").
+  without CFG ran 40 cached calls in a row at a measured error under the tolerance and lost
+  3.6-7.1 dB against the guarded policy (BENCHMARKS.md, "Choosing the controller").
 """
 
 from __future__ import annotations
