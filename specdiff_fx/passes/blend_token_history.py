@@ -23,12 +23,9 @@ from .context import RewriteContext
 
 
 def blend_token_history(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
-    plan = ctx.plan
     base = next(n for n in gm.graph.find_nodes(op="placeholder") if n.name == Port(Role.BASE).input_name)
     val = base.meta["val"]
-    h = ctx.config.history_depth
-    history = ctx.add_input(gm, Port(Role.HISTORY), (h, *val.shape), val.dtype, val.device)
-    weights = ctx.add_input(gm, Port(Role.WEIGHTS), (plan.batch, plan.num_image_tokens, h), val.dtype, val.device)
+    history, weights = ctx.add_history_inputs(gm, val)
     with gm.graph.inserting_after(weights):
         blended = gm.graph.call_function(ops.tier_blend, (history, weights))
     base.replace_all_uses_with(blended)

@@ -14,7 +14,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from ..config import SpecDiffConfig
 from ..graph_utils import add_placeholder
 from ..plan import DiTPlan
-from ..signature import ContextMode, Port, VariantKey, VariantKind
+from ..signature import ContextMode, Port, Role, VariantKey, VariantKind
 
 log = logging.getLogger("specdiff_fx.passes")
 
@@ -70,6 +70,16 @@ class RewriteContext:
             raise RuntimeError(f"graph input {port.input_name} exists already")
         self.new_inputs.append(NewInput(port, tuple(shape), dtype, torch.device(device)))
         return node
+
+    def add_history_inputs(self, gm: fx.GraphModule, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:
+        """The inputs :func:`ops.tier_blend` reads, for per-token outputs shaped like ``like``
+        (``[B, N, C]``): ``history`` ``[h, B, N, C]`` and ``weights`` ``[B, N, h]``, ``h`` the
+        configured history depth."""
+        h, plan = self.config.history_depth, self.plan
+        history = self.add_input(gm, Port(Role.HISTORY), (h, *like.shape), like.dtype, like.device)
+        weights = self.add_input(gm, Port(Role.WEIGHTS), (plan.batch, plan.num_image_tokens, h), like.dtype,
+                                 like.device)
+        return history, weights
 
 
 Pass = Callable[[fx.GraphModule, RewriteContext], fx.GraphModule]

@@ -22,12 +22,9 @@ from .context import RewriteContext
 
 
 def skip_token_stream(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
-    plan = ctx.plan
-    end = nodes_by_name(gm)[plan.end]
+    end = nodes_by_name(gm)[ctx.plan.end]
     val = end.meta.get("val", end.meta.get("example_value"))
-    h = ctx.config.history_depth
-    history = ctx.add_input(gm, Port(Role.HISTORY), (h, *val.shape), val.dtype, val.device)
-    weights = ctx.add_input(gm, Port(Role.WEIGHTS), (plan.batch, plan.num_image_tokens, h), val.dtype, val.device)
+    history, weights = ctx.add_history_inputs(gm, val)
     with gm.graph.inserting_after(end):
         blended = gm.graph.call_function(ops.tier_blend, (history, weights))
     end.replace_all_uses_with(blended)
