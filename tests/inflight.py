@@ -1,4 +1,4 @@
-"""Running generations in threads, started together, each tracked on its own."""
+"""Generations in flight together: interleaved call by call, or in threads started together."""
 
 from __future__ import annotations
 
@@ -38,3 +38,24 @@ def run_together(setups: Sequence[Callable[[], Callable[[], Any]]], timeout: flo
         raise errors[0]
     assert all(o is not None for o in out), "a thread did not finish"
     return out
+
+
+def interleave(gens: Sequence[Any], starts: Sequence[int] | None = None) -> list[Any]:
+    """Run the generations call by call: one step each in turn (generation j joins at step
+    ``starts[j]`` of the round robin). Each has ``step() -> bool`` (more to do) and ``x``."""
+    starts = starts or [0] * len(gens)
+    live, pending, r = [], list(range(len(gens))), 0
+    while pending or live:
+        for j in [j for j in pending if starts[j] <= r]:
+            live.append(j)
+            pending.remove(j)
+        for j in list(live):
+            if not gens[j].step():
+                live.remove(j)
+        r += 1
+    return [g.x for g in gens]
+
+
+def total_flops(reports: Sequence[Any]) -> int:
+    """The transformer FLOPs of every call of these generation reports."""
+    return sum(s.flops for r in reports for s in r.steps)

@@ -13,7 +13,7 @@ from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
 from specdiff_fx.runtime.routing import Branch, Generation, unexplained
 from specdiff_fx.telemetry import GenerationReport
 from test_runtime import B, C, N, FakeExecutor, fake_plan
-from threads import run_together
+from inflight import interleave, run_together, total_flops
 
 CFG = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,), speculative_steps=2)
 
@@ -75,28 +75,6 @@ def alone(**kw):
     rt = runtime(weight=kw.get("weight") is not None)
     out = Gen(rt, **kw).run()
     return out, sum(s.flops for s in rt.report.steps)
-
-
-def total_flops(reports):
-    return sum(s.flops for r in reports for s in r.steps)
-
-
-def interleave(gens, starts=None):
-    """Run the generations call by call: one step each in turn (generation j joins at step
-    starts[j] of the round robin)."""
-    starts = starts or [0] * len(gens)
-    live, r = [], 0
-    pending = list(range(len(gens)))
-    while pending or live:
-        for j in list(pending):
-            if starts[j] <= r:
-                live.append(j)
-                pending.remove(j)
-        for j in list(live):
-            if not gens[j].step():
-                live.remove(j)
-        r += 1
-    return [g.x for g in gens]
 
 
 @pytest.mark.parametrize("same_prompt", [True, False])

@@ -11,7 +11,7 @@ import torch
 import specdiff_fx
 from oracle import sd3_inputs, tiny_sd3
 from pipelines import flux_call_kwargs, sd3_call_kwargs, tiny_flux_pipeline, tiny_sd3_pipeline
-from threads import run_together
+from inflight import interleave, run_together, total_flops
 
 OPTIONS = {"inductor": False, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
 STEPS = 12
@@ -42,24 +42,6 @@ class CFGGeneration:
         return self.x
 
 
-def flops(reports):
-    return sum(s.flops for r in reports for s in r.steps)
-
-
-def interleave(gens, starts=None):
-    starts = starts or [0] * len(gens)
-    live, pending, r = [], list(range(len(gens))), 0
-    while pending or live:
-        for j in [j for j in pending if starts[j] <= r]:
-            live.append(j)
-            pending.remove(j)
-        for j in list(live):
-            if not gens[j].step():
-                live.remove(j)
-        r += 1
-    return [g.x for g in gens]
-
-
 def compiled(model):
     return torch.compile(model, backend="specdiff", options=OPTIONS)
 
@@ -87,7 +69,7 @@ def test_interleaved_generations_equal_each_alone(situation):
     assert len(tracked.reports) == len(specs)
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    assert flops(tracked.reports) <= 1.15 * flops(ref_reports)
+    assert total_flops(tracked.reports) <= 1.15 * total_flops(ref_reports)
     assert all(r.count("cached") > 0 for r in tracked.reports)
 
 
@@ -106,7 +88,7 @@ def test_two_compiled_models_with_the_same_shapes_interleaved():
     assert len(tracked.reports) == 2
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    assert flops(tracked.reports) <= 1.15 * flops(ref_reports)
+    assert total_flops(tracked.reports) <= 1.15 * total_flops(ref_reports)
 
 
 def test_threads_sharing_one_compiled_model():
@@ -117,7 +99,7 @@ def test_threads_sharing_one_compiled_model():
     runs = run_together([lambda spec=spec: CFGGeneration(cm, **spec).run for spec in specs])
     for (out, _), ref in zip(runs, refs):
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
-    assert flops([rep for _, rep in runs]) <= 1.15 * flops(ref_reports)
+    assert total_flops([rep for _, rep in runs]) <= 1.15 * total_flops(ref_reports)
 
 
 def test_state_is_bounded_with_many_abandoned_generations():
