@@ -150,7 +150,8 @@ def test_kv_extrapolation_matches_the_oracle_on_extrapolated_caches(captured, re
 @pytest.mark.parametrize("name", ["sd3", "sd35", "flux"])
 def test_context_caching_matches_the_oracle(captured, reference, stale, name):
     """With the context cached (``ContextMode.CACHED``) no text token is computed: every attention reads the
-    text K/V from the given caches (extrapolated like the image ones)."""
+    text K/V from the given caches (extrapolated like the image ones); the image K/V caches are written in
+    place as with the context computed."""
     c = captured(name)
     plan = analyze_dit(c.gm)
     n, k = plan.num_image_tokens, 5
@@ -174,9 +175,19 @@ def test_context_caching_matches_the_oracle(captured, reference, stale, name):
             text_est.append(tuple(a + text_ratio[:, None, None, None] * (a - b)
                                   for a, b in zip(old.text_kv[t], now.text_kv[t])))
             t += 1
+    image = [f"specdiff_{ch}{p}{i}" for i in range(len(now.kv)) for p in ("", "p") for ch in "kv"]
+    before = {key: named[key].clone() for key in image}
     with torch.no_grad():
         _, extras = variant.split(variant(*c.example_inputs, *variant.extra_inputs(named)))
         ref = sparse_reference(c.model, c.inputs, named["specdiff_idx"], est, text_est)
         keep = sparse_reference(c.model, c.inputs, named["specdiff_idx"], est)  # text computed
     torch.testing.assert_close(extras["subset"], ref.out_tokens, atol=1e-5, rtol=1e-4)
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[torch.arange(2)[:, None], named["specdiff_idx"]] = True
+    m = mask[:, None, :, None]
+    for i, fresh in enumerate(ref.kv):  # fresh K/V at the computed tokens, the old cache rows kept as prev
+        for ch, f in zip("kv", fresh):
+            cur, prev = f"specdiff_{ch}{i}", f"specdiff_{ch}p{i}"
+            torch.testing.assert_close(named[cur], torch.where(m, f, before[cur]), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(named[prev], torch.where(m, before[cur], before[prev]))
     assert (keep.out_tokens - ref.out_tokens).abs().max() > 1e-4  # the text caches matter
