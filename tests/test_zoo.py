@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -341,14 +342,27 @@ def test_quick_training_named_64px(tmp_path: Path) -> None:
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
 
 
+def _train_in_process(*argv: str) -> None:
+    """``scripts/train_shapes.py`` with ``argv``, run in this process: the CLI itself runs as a
+    subprocess in the tests above; here a subprocess per run would only add ~8 s of imports.
+    Restores what ``train`` sets globally (thread count, torch's RNG)."""
+    spec = importlib.util.spec_from_file_location("train_shapes", REPO_ROOT / "scripts" / "train_shapes.py")
+    train_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_shapes)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            train_shapes.main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_init_continues_flux_at_a_new_size_and_refuses_sd3(tmp_path: Path) -> None:
-    script = [sys.executable, str(REPO_ROOT / "scripts" / "train_shapes.py"), "--quick", "--num-layers", "1",
-              "--out", str(tmp_path)]
+    script = ["--quick", "--num-layers", "1", "--out", str(tmp_path)]
     flux = ["--family", "flux", "--name", "f", "--num-single-layers", "1"]
-    subprocess.run(script + flux, check=True, cwd=REPO_ROOT, capture_output=True, timeout=120)
+    _train_in_process(*script, *flux)
     init = str(tmp_path / "shapes_f.safetensors")
-    subprocess.run(script + flux + ["--image-size", "64", "--seed", "1", "--init", init], check=True,
-                   cwd=REPO_ROOT, capture_output=True, timeout=120)
+    _train_in_process(*script, *flux, "--image-size", "64", "--seed", "1", "--init", init)
     m = load_shapes_dit("f", weights_dir=tmp_path)
     train = m.config["train"]
     assert m.image_size == 64 and train["image_size"] == 64 and train["previous_stage"]["image_size"] == 32
@@ -356,7 +370,6 @@ def test_init_continues_flux_at_a_new_size_and_refuses_sd3(tmp_path: Path) -> No
     rows = (tmp_path / "shapes_f_loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(6)]
     sd3 = ["--family", "sd3", "--name", "s"]
-    subprocess.run(script + sd3, check=True, cwd=REPO_ROOT, capture_output=True, timeout=120)
-    out = subprocess.run(script + sd3 + ["--image-size", "64", "--init", str(tmp_path / "shapes_s.safetensors")],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "transformer config" in out.stderr
+    _train_in_process(*script, *sd3)
+    with pytest.raises(SystemExit, match="transformer config"):
+        _train_in_process(*script, *sd3, "--image-size", "64", "--init", str(tmp_path / "shapes_s.safetensors"))
