@@ -314,11 +314,25 @@ def test_random_weights_fail_colour_check(family: str) -> None:
 # --- training CLI ---------------------------------------------------------------------------------
 
 
+def _train_in_process(*argv: str) -> None:
+    """``scripts/train_shapes.py`` with ``argv``, run in this process: a subprocess per run
+    would add ~8 s of imports; the CLI as its own process runs in
+    test_quick_training_named_64px. Restores what ``train`` sets globally (thread count,
+    torch's RNG)."""
+    spec = importlib.util.spec_from_file_location("train_shapes", REPO_ROOT / "scripts" / "train_shapes.py")
+    train_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_shapes)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():
+            train_shapes.main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quick_training_runs(family: str, tmp_path: Path) -> None:
-    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "train_shapes.py"), "--family", family, "--quick",
-           "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, cwd=REPO_ROOT, capture_output=True, timeout=120)
+    _train_in_process("--family", family, "--quick", "--out", str(tmp_path))
     m = load_shapes_dit(family, weights_dir=tmp_path)
     assert m.config["train"]["quick"] and m.config["train"]["steps"] == 3
     rows = (tmp_path / f"shapes_{family}_loss.csv").read_text().splitlines()
@@ -340,21 +354,6 @@ def test_quick_training_named_64px(tmp_path: Path) -> None:
     assert m.config["architecture_overrides"]["heads"] == 2
     images = m.sample(["a red circle at the left on a navy background"], num_steps=2, seed=0)
     assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
-
-
-def _train_in_process(*argv: str) -> None:
-    """``scripts/train_shapes.py`` with ``argv``, run in this process: the CLI itself runs as a
-    subprocess in the tests above; here a subprocess per run would only add ~8 s of imports.
-    Restores what ``train`` sets globally (thread count, torch's RNG)."""
-    spec = importlib.util.spec_from_file_location("train_shapes", REPO_ROOT / "scripts" / "train_shapes.py")
-    train_shapes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_shapes)
-    threads = torch.get_num_threads()
-    try:
-        with torch.random.fork_rng():
-            train_shapes.main(list(argv))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_init_continues_flux_at_a_new_size_and_refuses_sd3(tmp_path: Path) -> None:
