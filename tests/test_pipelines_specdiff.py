@@ -91,18 +91,17 @@ def test_context_interval_in_a_pipeline(name):
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_cache_cap_drops_kv_extrapolation_in_a_pipeline(name):
     """A ``max_cache_bytes`` the defaults exceed but reused K/V fit: the generation runs as
-    ``kv_extrapolation=False`` would, from its first step, within the cap."""
+    ``kv_extrapolation=False`` would, from its first step, within the cap. The cap is exactly
+    what the reused K/V hold; that the defaults need more is what the warning says (the
+    arithmetic behind it: test_runtime.py's cap tests)."""
     steps = 10
-    run_pipe(name, {"inductor": False}, num_inference_steps=steps)
-    full_bytes = specdiff_fx.last_generation().cache_bytes
     reused = run_pipe(name, {"inductor": False, "kv_extrapolation": False}, num_inference_steps=steps)
-    reused_bytes = specdiff_fx.last_generation().cache_bytes
-    assert reused_bytes < full_bytes
-    cap = (reused_bytes + full_bytes) // 2
-    with pytest.warns(RuntimeWarning, match="drops K/V extrapolation"):
+    cap = specdiff_fx.last_generation().cache_bytes
+    over = r"caches need \d+ bytes > max_cache_bytes=\d+; this generation drops K/V extrapolation"
+    with pytest.warns(RuntimeWarning, match=over):
         capped = run_pipe(name, {"inductor": False, "max_cache_bytes": cap}, num_inference_steps=steps)
     rep = specdiff_fx.last_generation()
-    assert rep.cache_bytes == reused_bytes <= cap and rep.count("cached") > 0
+    assert rep.cache_bytes == cap and rep.count("cached") > 0
     torch.testing.assert_close(capped, reused, atol=1e-6, rtol=1e-6)
 
 
