@@ -43,12 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- the harness --------------------------------------------------------------------------
 def _entry(rank: int, world: int, init: str, backend: str, target: Callable[..., Any], args: tuple,
-           out_dir: str) -> None:
+           out_dir: str, wait: float) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=wait))
     try:
         result = target(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -61,17 +61,19 @@ def _entry(rank: int, world: int, init: str, backend: str, target: Callable[...,
 
 
 def spawn(world: int, target: Callable[..., Any], *args: Any, backend: str = "gloo",
-          timeout: float = 600.0) -> list[Any]:
+          timeout: float = 3600.0, collective_timeout: float = 1800.0) -> list[Any]:
     """Run ``target(rank, world, *args)`` in ``world`` fresh processes joined in one process
     group; return each rank's result, in rank order. Raises ``RuntimeError`` with the
-    failing rank's traceback if any rank fails, ``TimeoutError`` (after killing them all)
-    if they do not finish in ``timeout`` seconds — never hangs."""
+    failing rank's traceback if any rank fails (a collective waits at most
+    ``collective_timeout`` seconds for the others: one rank compiling with Inductor while
+    another waits takes minutes on a CPU), ``TimeoutError`` (after killing them all) if they
+    do not finish in ``timeout`` seconds — never hangs."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="specdiff_cp_") as out_dir:
         init = "file://" + os.path.join(out_dir, "rendezvous")
-        ctx = mp.start_processes(_entry, args=(world, init, backend, target, args, out_dir), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(world, init, backend, target, args, out_dir, collective_timeout),
+                                 nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):

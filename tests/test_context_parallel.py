@@ -149,7 +149,7 @@ def _worker(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict]:
-    return spawn(WORLD, _worker, timeout=900)
+    return spawn(WORLD, _worker, timeout=900, collective_timeout=300)
 
 
 def test_collapse_ulysses_structure_and_numerics(ranks):
