@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from .config import SpecDiffConfig
-from .passes import DynamicShapes, NotADiT, analyze_dit, specialize_shapes
+from .passes import DynamicShapes, NotADiT, analyze_dit, collapse_ulysses, specialize_shapes
 from .plan import DiTPlan
 from .variants import compile_graph
 
@@ -87,17 +87,19 @@ class SpecDiffBackend:
 
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic_ok: bool) -> Callable[..., Any]:
         t0 = time.perf_counter()
+        original = gm
         try:
+            gm = collapse_ulysses(gm)  # context parallelism: the graph of one rank's tokens
             plan = analyze_dit(gm)
         except DynamicShapes as e:
             if dynamic_ok:
                 log.info("specdiff: %s; specialising per input shape", e)
-                return ShapeSpecializer(self, gm)
-            return self._fallback(gm, example_inputs, str(e), None, t0)
+                return ShapeSpecializer(self, original)
+            return self._fallback(original, example_inputs, str(e), None, t0)
         except NotADiT as e:
-            return self._fallback(gm, example_inputs, str(e), None, t0)
+            return self._fallback(original, example_inputs, str(e), None, t0)
         except Exception as e:  # a bug of ours must not cost the user a working model
-            return self._fallback(gm, example_inputs, f"analysis failed: {type(e).__name__}: {e}", None, t0, e)
+            return self._fallback(original, example_inputs, f"analysis failed: {type(e).__name__}: {e}", None, t0, e)
 
         from .control import make_policy
         from .runtime import GraphExecutor, SpecDiffRuntime, variants_needed
@@ -107,7 +109,7 @@ class SpecDiffBackend:
                 "gradients are enabled: specdiff never caches under autograd")
             if torch.is_grad_enabled():
                 _warn_once(f"specdiff: {reason}; the graph is compiled without caching")
-            fn = compile_graph(gm, example_inputs, self.config, self.mode)
+            fn = compile_graph(original, example_inputs, self.config, self.mode)
             self._record(CompileRecord("plain", reason, plan.family, plan, time.perf_counter() - t0))
             return fn
         try:
@@ -116,7 +118,7 @@ class SpecDiffBackend:
                                      may_need=variants_needed(self.config, policy))
             runtime = SpecDiffRuntime(plan, self.config, executor, policy)
         except Exception as e:
-            return self._fallback(gm, example_inputs, f"rewrite failed: {type(e).__name__}: {e}", plan, t0, e)
+            return self._fallback(original, example_inputs, f"rewrite failed: {type(e).__name__}: {e}", plan, t0, e)
         self.runtimes.append(runtime)
         self._record(CompileRecord("specdiff", "", plan.family, plan, time.perf_counter() - t0))
         return runtime

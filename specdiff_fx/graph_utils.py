@@ -11,9 +11,19 @@ import torch.fx as fx
 _MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]|\['([^']+)'\]|\.([A-Za-z_0-9]+)")
 
 
+#: how Dynamo names the compiled module in module stacks: itself, or (a model with diffusers
+#: hooks, e.g. context parallelism) the ``function_reference`` its hook registry's forward calls
+_ROOTS = ("L['function_reference'].forward.__self__", "L['self']")
+#: ... and in placeholder names of its parameters and buffers
+MODULE_STATE_PREFIXES = ("l_self_", "l_function_reference_forward_self_")
+
+
 def module_path(key: str) -> str:
     """``L['self'].__dict__['_modules']['transformer_blocks'].0.attn`` -> ``transformer_blocks.0.attn``."""
-    key = key.replace("L['self']", "", 1)
+    for root in _ROOTS:
+        if key.startswith(root):
+            key = key[len(root):]
+            break
     parts = [a or b or c for a, b, c in _MODULES.findall(key)]
     return ".".join(p for p in parts if p not in ("__dict__", "_modules"))
 

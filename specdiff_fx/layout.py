@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import ops
+
 
 class LayoutError(RuntimeError):
     """A node whose effect on the token axis we cannot express: the rewrite must not run."""
@@ -136,6 +138,7 @@ _FUNCTION_NAMES: dict[Any, str] = {
     F.gelu: "gelu", torch._C._nn.gelu: "gelu", F.silu: "silu", F.relu: "relu",
     F.dropout: "dropout", F.softmax: "softmax", F.mish: "mish",
     F.scaled_dot_product_attention: "sdpa",
+    ops.ulysses_attention: "sdpa",  # context parallelism: an attention over every rank's tokens
     torch.view_as_complex: "view_as_complex", torch.view_as_real: "view_as_real",
     torch.empty_like: "empty_like", torch.zeros_like: "zeros_like", torch.ones_like: "ones_like",
     torch.full_like: "full_like", operator.setitem: "setitem",

@@ -188,3 +188,59 @@ def tier_blend(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-token weighted sum of past outputs: ``history`` ``[H, B, N, C]``, ``weights``
     ``[B, N, H]`` -> ``[B, N, C]``. Reuse is a one-hot row, blend a normalised one."""
     return torch.einsum("hbnc,bnh->bnc", history, weights.to(history.dtype))
+
+
+# -- context parallelism (Ulysses) -------------------------------------------------------
+# Under diffusers' context parallelism each rank holds a shard of the tokens; an attention
+# exchanges its q/k/v so that each rank attends over *all* tokens with a share of the heads,
+# then exchanges the outputs back (DeepSpeed-Ulysses). :func:`collapse_ulysses
+# <specdiff_fx.passes.collapse_ulysses>` folds diffusers' traced exchange into
+# :func:`ulysses_attention`, whose operands are this rank's tokens with all heads: to the
+# rest of the backend it is an attention over local tokens, so token subsets and K/V caches
+# stay in the local layout.
+
+
+def _all_to_all(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
+    """Chunk ``i`` of ``x`` (axis 0, ``world_size`` equal chunks) goes to rank ``i``; chunk
+    ``i`` of the result came from rank ``i``."""
+    flat = x.contiguous().flatten()
+    split = [flat.numel() // world_size] * world_size
+    out = torch.ops._c10d_functional.all_to_all_single(flat, split, split, group_name)
+    return torch.ops._c10d_functional.wait_tensor(out).reshape(x.shape)
+
+
+def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                      scale: float | None = None, *, group_name: str, world_size: int) -> torch.Tensor:
+    """Scaled dot-product attention over the tokens of every rank, from this rank's tokens.
+
+    ``query`` ``[B, H, S_q, d]``, ``key``/``value`` ``[B, H, S_k, d]``: this rank's tokens
+    with all ``H`` heads (every rank passes the same ``S_q`` and ``S_k``). Heads are split
+    as diffusers splits them (rank ``r`` gets heads ``r * H/W ... (r + 1) * H/W - 1``);
+    after the exchange a rank sees the tokens of all ranks in rank order, attends, and the
+    reverse exchange returns ``[B, H, S_q, d]``: this rank's queries, all heads. Without a
+    mask the order of the keys does not matter, so a rank's tokens may be any subset (the
+    same count on every rank).
+    """
+    w = world_size
+
+    def scatter_heads(x: torch.Tensor) -> torch.Tensor:  # [B, H, S, d] -> [B, H/W, W*S, d]
+        b, h, s, d = x.shape
+        x = _all_to_all(x.reshape(b, w, h // w, s, d).transpose(0, 1), group_name, w)  # [W(src), B, H/W, S, d]
+        return x.permute(1, 2, 0, 3, 4).reshape(b, h // w, w * s, d)
+
+    b, h, s_q, d = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        scatter_heads(query), scatter_heads(key), scatter_heads(value), attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale)
+    out = out.reshape(b, h // w, w, s_q, d).permute(2, 0, 1, 3, 4)  # [W(dst), B, H/W, S_q, d]
+    out = _all_to_all(out, group_name, w)  # [W(src head group), B, H/W, S_q, d]
+    return out.transpose(0, 1).reshape(b, h, s_q, d)
+
+
+def gather_shards(x: torch.Tensor, dim: int, group_name: str, world_size: int) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order (diffusers' gather of a
+    context-parallel output)."""
+    out = torch.ops._c10d_functional.all_gather_into_tensor(x.contiguous(), world_size, group_name)
+    out = torch.ops._c10d_functional.wait_tensor(out)
+    return torch.cat(torch.chunk(out, world_size, dim=0), dim=dim)

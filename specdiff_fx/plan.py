@@ -82,6 +82,10 @@ class DiTPlan:
     # where those context tokens are marked: (graph input index, column) of the position ids whose
     # nonzero entries are context; the segmentation holds for calls whose ids mark the same tokens
     context_ids: tuple[int, int] | None = None
+    #: context parallelism (:func:`~specdiff_fx.passes.collapse_ulysses`): ``(group name, world
+    #: size, rank)``; the graph computes this rank's shard of the tokens (``num_image_tokens`` of
+    #: them), every rank must run the same variant at the same call
+    parallel: tuple[str, int, int] | None = None
     layouts: Mapping[str, NodeLayout] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -107,8 +111,17 @@ class DiTPlan:
         ids = args[i]
         if not isinstance(ids, torch.Tensor):
             return False
+        ids = self.shard(ids)
         expected = self.stream.spec() if self.stream is not None else (("img", self.num_image_tokens),)
         return tuple((s.kind, s.length) for s in stream_segments(ids, column)) == expected
+
+    def shard(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full-length token input (position ids ``[..., L, c]``) under
+        context parallelism, as diffusers' split gives them to it; ``rows`` itself otherwise."""
+        if self.parallel is None:
+            return rows
+        _, world, rank = self.parallel
+        return rows.chunk(world, dim=-2)[rank]
 
     def summary(self) -> str:
         kinds: dict[str, int] = {}
@@ -120,6 +133,7 @@ class DiTPlan:
             + (f" (+{len(self.cross_attention)} cross-attention)" if self.cross_attention else "") + ", "
             f"{len(self.side_inputs)} token-shaped side inputs"
             + (f", {self.stream_length - self.num_image_tokens} context tokens in the stream" if self.stream else "")
+            + (f"; context parallel over {self.parallel[1]} ranks (this rank's shard)" if self.parallel else "")
         )
 
 

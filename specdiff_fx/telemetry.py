@@ -16,8 +16,10 @@ request's tracker around each of its steps: trackers are re-entrant).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,11 @@ class GenerationReport:
     #: the bytes of state they held together (caches, traces, speculative records)
     live_generations: int = 0
     held_bytes: int = 0
+    #: context parallelism: this rank and the group (``(group name, world size, rank)``); the report
+    #: is this rank's (its tokens, its FLOPs): :func:`gather_reports` / :func:`aggregate` give
+    #: every rank's and the whole model's
+    rank: int = 0
+    parallel: tuple[str, int, int] | None = None
 
     @property
     def main_steps(self) -> list[StepRecord]:
@@ -84,9 +91,10 @@ class GenerationReport:
         return sum(s.flops for s in self.steps) / (main * self.full_flops)
 
     def summary(self) -> str:
+        shard = f" (rank {self.rank} of {self.parallel[1]}: its shard)" if self.parallel else ""
         lines = [
-            f"specdiff generation {self.id}: {self.family}, {self.num_image_tokens} image tokens, batch {self.batch}, "
-            f"cache_ratio {self.cache_ratio}",
+            f"specdiff generation {self.id}: {self.family}, {self.num_image_tokens} image tokens{shard}, "
+            f"batch {self.batch}, cache_ratio {self.cache_ratio}",
             f"  calls: {self.count('speculative')} speculative, {self.count('full')} full, "
             f"{self.count('cached')} cached" + (f", {self.count('skipped')} skipped" if self.count("skipped") else "")
             + f"; FLOPs executed: {self.flops_fraction:.1%} of full compute; "
@@ -106,6 +114,37 @@ class GenerationReport:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def gather_reports(report: GenerationReport) -> list[GenerationReport]:
+    """Every rank's report of this generation, in rank order (a collective: call it on every
+    rank of the group). Without context parallelism: ``[report]``."""
+    if report.parallel is None:
+        return [report]
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    out: list[Any] = [None] * report.parallel[1]
+    dist.all_gather_object(out, report, group=_resolve_process_group(report.parallel[0]))
+    return out
+
+
+def aggregate(reports: list[GenerationReport]) -> GenerationReport:
+    """The whole model's report from every rank's (:func:`gather_reports`): tokens, FLOPs
+    and cache bytes summed over the ranks, the steps of rank 0 (every rank takes the same
+    decisions) with their FLOPs summed; notes of any rank. Raises ``ValueError`` if the
+    ranks' steps differ."""
+    first = reports[0]
+    kinds = [(s.step, s.branch, s.kind) for s in first.steps]
+    for r in reports[1:]:
+        if [(s.step, s.branch, s.kind) for s in r.steps] != kinds:
+            raise ValueError(f"rank {r.rank} took other decisions than rank {first.rank}")
+    steps = [dataclasses.replace(s, flops=sum(r.steps[i].flops for r in reports)) for i, s in enumerate(first.steps)]
+    return dataclasses.replace(
+        first, steps=steps, num_image_tokens=sum(r.num_image_tokens for r in reports),
+        full_flops=sum(r.full_flops for r in reports), cache_bytes=sum(r.cache_bytes for r in reports),
+        held_bytes=sum(r.held_bytes for r in reports), computed_counts=None,
+        notes=list(dict.fromkeys(n for r in reports for n in r.notes)), rank=0, parallel=None)
 
 
 _LAST: list[GenerationReport | None] = [None]

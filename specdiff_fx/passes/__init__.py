@@ -1,7 +1,7 @@
 """Graph passes of the specdiff backend, one per file, applied in the orders below.
 
-``specialize_shapes`` (dynamic graphs only) and ``analyze_dit`` (graph -> frozen DiTPlan)
-come first. Each rewrite pass is a function
+``specialize_shapes`` (dynamic graphs only), ``collapse_ulysses`` (context-parallel graphs
+only) and ``analyze_dit`` (graph -> frozen DiTPlan) come first. Each rewrite pass is a function
 ``(gm, ctx) -> gm`` whose docstring says what it reads, writes and keeps true;
 :func:`run_passes` lints, recompiles and re-propagates fake shapes after each one and logs
 the graph at DEBUG on the ``specdiff_fx.passes`` logger.
@@ -11,6 +11,7 @@ from .analyze_dit import DynamicShapes, NotADiT, analyze_dit
 from .attend_with_kv_cache import attend_with_kv_cache
 from .context import NewInput, RewriteContext, run_passes
 from .blend_token_history import blend_token_history
+from .collapse_ulysses import collapse_ulysses
 from .expose_attention_kv import expose_attention_kv
 from .expose_attention_score import expose_attention_score
 from .expose_token_output import expose_token_output
@@ -50,7 +51,7 @@ def passes_for(key: VariantKey, config) -> tuple:
 
 __all__ = [
     "FULL_PASSES", "SKIP_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
-    "attend_with_kv_cache", "blend_token_history", "expose_attention_kv", "expose_attention_score",
+    "attend_with_kv_cache", "blend_token_history", "collapse_ulysses", "expose_attention_kv", "expose_attention_score",
     "expose_token_output", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "skip_token_stream",
     "specialize_shapes",
 ]

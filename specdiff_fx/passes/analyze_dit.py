@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..families import FAMILIES, Family, family_for_block_types
-from ..graph_utils import example_value, get_operand, module_paths
+from ..graph_utils import MODULE_STATE_PREFIXES, example_value, get_operand, module_paths
 from ..layout import Layout, LayoutError, Seg, node_shape, op_name, propagate_layouts, sdpa_args
 from ..plan import AttentionSite, Block, DiTPlan, stream_segments
 
@@ -112,7 +112,8 @@ def _input_index(gm: fx.GraphModule, *names: str) -> int:
     raise NotADiT(f"no graph input named {' or '.join(names)}")
 
 
-def _stream_layout(gm: fx.GraphModule, family: Family, n_stream: int) -> tuple[Layout, tuple[int, int] | None]:
+def _stream_layout(gm: fx.GraphModule, family: Family, n_stream: int,
+                   parallel: tuple[str, int, int] | None) -> tuple[Layout, tuple[int, int] | None]:
     """The segments of the token stream: all image tokens, unless the family marks context
     tokens by their position ids (``Family.context_ids``: FLUX.2's reference images carry a
     nonzero time coordinate). Position ids are data, not graph structure, so they are read
@@ -123,6 +124,8 @@ def _stream_layout(gm: fx.GraphModule, family: Family, n_stream: int) -> tuple[L
     name, column = family.context_ids
     i = _input_index(gm, name)
     ids = example_value(list(gm.graph.find_nodes(op="placeholder"))[i])
+    if ids is not None and parallel is not None:  # the graph input is whole: this rank's rows
+        ids = ids.chunk(parallel[1], dim=-2)[parallel[2]]
     if ids is None:
         raise NotADiT(f"{family.model_class}: cannot read the values of {name} (needed to tell reference-image "
                       "tokens from image tokens)")
@@ -153,7 +156,11 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     batch, n_stream, width = node_shape(start)
     if node_shape(end)[:2] != (batch, n_stream):
         raise NotADiT(f"output projection {end.name} is not [B, L, C] over the {n_stream} stream tokens")
-    stream, context_ids = _stream_layout(gm, family, n_stream)
+    parallel = gm.meta.get("specdiff_parallel")
+    stream, context_ids = _stream_layout(gm, family, n_stream, parallel)
+    if parallel is not None and len(stream.segs) > 1:
+        raise NotADiT(f"{family.model_class}: context tokens in the image stream (reference images) under context "
+                      "parallelism are not supported")
     n_img = next(seg.length for seg in stream.segs if seg.kind == "img")
     try:
         infos = propagate_layouts(gm.graph, start, end, n_img, stream)
@@ -203,8 +210,9 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if "_parameters_" in p.name), None),
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
-                               if not p.name.startswith("l_self_") and i not in (timestep_input, sample_input)),
+                               if not p.name.startswith(MODULE_STATE_PREFIXES) and i not in (timestep_input, sample_input)),
         layouts={n.name: i for n, i in infos.items()},
         stream=stream if len(stream.segs) > 1 else None,
         context_ids=context_ids,
+        parallel=parallel,
     )

@@ -47,6 +47,7 @@ from ..plan import DiTPlan
 from ..signature import ContextMode, VariantKey
 from ..telemetry import GenerationReport, StepRecord, note_call, set_last
 from .executor import GraphExecutor, SparseInputs, StepOutput
+from .ranks import ranks_for
 from .routing import Branch, Generation, Router, StepPlan
 from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
 
@@ -83,6 +84,9 @@ class SpecDiffRuntime:
         self.policy = policy if policy is not None else make_policy(config, plan.num_image_tokens)
         self.k = config.num_computed(plan.num_image_tokens)
         self.router = Router(config.max_generations)
+        #: the other ranks of a context-parallel model (a no-op without): decisions and the
+        #: measured error agree across them
+        self.ranks = ranks_for(plan.parallel)
         self.generation: Generation | None = None  # the one the current (or last) call belongs to
         self._j = 0  # the branch of the current call in it
         self._warned: set[str] = set()
@@ -168,6 +172,7 @@ class SpecDiffRuntime:
         report = GenerationReport(  # compile count and time are filled in by _record
             family=self.plan.family, num_image_tokens=self.plan.num_image_tokens, batch=self.plan.batch,
             cache_ratio=self.config.cache_ratio, full_flops=self.executor.full_flops,
+            rank=self.ranks.rank, parallel=self.plan.parallel,
         )
         gen = Generation(model, report)
         report.id = gen.id
@@ -222,6 +227,7 @@ class SpecDiffRuntime:
             leader.plan = StepPlan(sigma, decision)
         if state.degraded:
             decision = Decision.full("memory cap: no caches")
+        decision = self.ranks.agree(decision)
         if decision.action is Action.FULL:
             out, error = self._full_step(args, sigma, branch, state, "full", note=decision.reason)
             flops = self.executor.full_flops
@@ -325,13 +331,15 @@ class SpecDiffRuntime:
     def _full_step_error(self, state: BranchState, out: StepOutput, sigma: float) -> float | None:
         """The error a sparse call would have made here: over the tokens it would have left
         out, the fresh outputs against the reused ones (relative to the fresh outputs)."""
-        if not self.policy.measures() or state.tokens is None:
+        if not self.policy.measures():
             return None
+        if state.tokens is None:  # nothing to compare with (other ranks may have: a collective all the same)
+            return self.ranks.relative_error(None, None)
         k = self.config.num_computed(self.plan.num_image_tokens)
         left_out = torch.ones(out.tokens.shape[:2], dtype=torch.bool, device=out.tokens.device)
         left_out.scatter_(1, torch.topk(self._scores(state, sigma), k, dim=1).indices.to(left_out.device), False)
         err = (out.tokens.float() - state.tokens.latest.float()).pow(2).sum(dim=-1)
-        return float((err * left_out).sum().sqrt() / out.tokens.float().norm().clamp_min(1e-12))
+        return self.ranks.relative_error((err * left_out).sum(), out.tokens.float().pow(2).sum())
 
     def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         state.sigma0 = sigma
@@ -341,7 +349,7 @@ class SpecDiffRuntime:
         self._record(0, branch, "full", sigma, self.executor.full_flops,
                      note="shared with speculative step 1" if self.config.speculative_steps else "")
         state.spec = [(sigma, self._spec_record(out))] if self.config.speculative_steps and not state.degraded else []
-        if not state.degraded:  # no caches: nothing for a speculative run to inform
+        if self.ranks.all(not state.degraded):  # no caches: nothing for a speculative run to inform
             self._speculate(args, out, sigma, branch, state)
         self.policy.observe(self.generation.leader(self._j).policy, self._view(state, sigma),
                             Observation(Decision.full("first call"), sigma, self.executor.full_flops,
@@ -486,7 +494,9 @@ class SpecDiffRuntime:
             fresh = torch.gather(out.tokens, 1, probe.unsqueeze(-1).expand(-1, -1, out.tokens.shape[-1])).float()
             left_out = n - decision.k
             total = (fresh - reused).pow(2).sum() * (left_out / probe.shape[1])
-            error = float(total.sqrt() / out.tokens.float().norm().clamp_min(1e-12))
+            error = self.ranks.relative_error(total, out.tokens.float().pow(2).sum())
+        elif self.policy.measures():
+            error = self.ranks.relative_error(None, None)
         if refresh_text:
             state.text.store(out.text, sigma, state.extrapolate)
         elif key.context is ContextMode.CACHED:

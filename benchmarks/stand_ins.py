@@ -1,0 +1,94 @@
+"""What a token that is not computed should get: its last output, its residual, or a linear
+extrapolation? Measured on full-compute generations, no caching involved.
+
+    python benchmarks/stand_ins.py                 # tune models, 28 steps, 4 prompts (about a minute)
+    python benchmarks/stand_ins.py --model sd3 --sampler sd3_cfg --steps 50
+
+For each call ``t`` of a full-compute generation (the protocol's samplers) and a lag ``l``
+(in steps), the relative error ``||approx - out_t|| / ||out_t||`` of the per-token output
+``out_t`` (``proj_out``'s, before unpatchify) when every token is approximated from the call
+``l`` steps earlier:
+
+* output reuse (what specdiff's reuse tier does): ``out_{t-l}``;
+* residual reuse (what MagCache / TeaCache reuse, per token here): the transformer blocks'
+  residual ``h_end - h_start`` of call ``t-l`` added to call ``t``'s own stream start, then
+  the model's own ``norm_out`` (with call ``t``'s conditioning) and ``proj_out``;
+* linear extrapolation in sigma from the calls ``t-l`` and ``t-l-1`` (a first-order
+  TaylorSeer-style forecast).
+
+Printed as the mean over the first, middle and last third of the calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 3, 5)) -> list[str]:
+    from benchmarks import protocol
+    from specdiff_zoo import load_shapes_dit
+
+    model = load_shapes_dit(name)
+    tr = model.transformer
+    start = tr.pos_embed if model.family == "sd3" else tr.x_embedder
+    calls, sigmas, cur = [], [], {}
+    hooks = [
+        tr.register_forward_pre_hook(lambda m, a, kw: sigmas.append(float(kw["timestep"].flatten()[0])),
+                                     with_kwargs=True),
+        start.register_forward_hook(lambda m, a, o: cur.__setitem__("start", o.detach().clone())),
+        tr.norm_out.register_forward_hook(
+            lambda m, a, o: cur.update(end=a[0].detach().clone(), cond=a[1].detach().clone())),
+        tr.proj_out.register_forward_hook(lambda m, a, o: calls.append({**cur, "out": o.detach().clone()})),
+    ]
+    noise = protocol.initial_noise(0, model.image_size, prompts)
+    with torch.no_grad():
+        protocol.SAMPLERS[sampler_name](model, tr, protocol.PROMPTS[:prompts], noise, steps)
+        for h in hooks:
+            h.remove()
+        per = 2 if sampler_name == "flux_truecfg" else 1  # calls per step
+
+        def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+            return float((a - b).norm() / b.norm())
+
+        lines = []
+        for lag in lags:
+            errs: dict[str, list[float]] = {"output reuse": [], "residual reuse": [], "extrapolation": []}
+            for t in range((lag + 1) * per, len(calls)):
+                a, a2, b = calls[t - lag * per], calls[t - (lag + 1) * per], calls[t]
+                errs["output reuse"].append(rel(a["out"], b["out"]))
+                h = b["start"] + (a["end"] - a["start"])
+                errs["residual reuse"].append(rel(tr.proj_out(tr.norm_out(h, b["cond"])), b["out"]))
+                sa, sa2, sb = sigmas[t - lag * per], sigmas[t - (lag + 1) * per], sigmas[t]
+                w = (sb - sa) / (sa - sa2)
+                errs["extrapolation"].append(rel(a["out"] + w * (a["out"] - a2["out"]), b["out"]))
+            n = len(errs["output reuse"])
+            thirds = [slice(0, n // 3), slice(n // 3, 2 * n // 3), slice(2 * n // 3, n)]
+            cells = [" / ".join(f"{sum(e[s]) / max(1, len(e[s])):.3f}" for s in thirds) for e in errs.values()]
+            lines.append(f"| {name} | {sampler_name} | {steps} | {lag} | " + " | ".join(cells) + " |")
+        return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a zoo model (default: the tune models with their samplers)")
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--prompts", type=int, default=4)
+    a = p.parse_args(argv)
+    cells = [(a.model, a.sampler or ("sd3_cfg" if a.model.startswith("sd3") else "flux_nocfg"))] if a.model else \
+        [("sd3", "sd3_cfg"), ("flux", "flux_nocfg"), ("flux", "flux_truecfg")]
+    print("| model | sampler | steps | lag | output reuse | residual reuse | extrapolation |")
+    print("|---|---|---|---|---|---|---|")
+    for name, sampler in cells:
+        print("\n".join(measure(name, sampler, a.steps, a.prompts)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

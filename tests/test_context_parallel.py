@@ -1,0 +1,238 @@
+"""specdiff under diffusers' context parallelism (Ulysses), two gloo processes on CPU.
+
+One spawn runs every scenario (process start-up and imports dominate at these sizes); the
+tests below assert on its results. Scenarios, each on both ranks:
+
+* the pass: ``collapse_ulysses`` on the real Dynamo graph of tiny FLUX under CP — structure
+  (no exchange left, one ``ulysses_attention`` per attention, a top-level gather) and
+  numerics (the collapsed graph computes what Dynamo's does); the analysis of it;
+* exactness: ``cache_ratio=0`` and a default-options first (full) call against
+  single-process eager, on tiny FLUX and tiny FLUX.2;
+* a generation at the defaults on the trained FLUX model, sampled as ``FluxPipeline``
+  samples (the benchmark's worker, ``benchmarks/context_parallel.py``, untimed): caching on
+  every rank with the same decisions, as close to full compute as the same generation on
+  one process, each rank at half the FLOPs of one process;
+* lockstep: one rank that must compute every token (its memory cap) makes both do so;
+* tiny FLUX.2 in a loop: caches on both ranks with the same decisions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import context_parallel as cp_bench
+from benchmarks.context_parallel import enable_context_parallel, spawn
+
+WORLD = 2
+STEPS = 16
+
+
+def _kinds(report) -> str:
+    return "".join(s.kind[0] for s in report.main_steps)
+
+
+def _loop(fn, inputs: dict, steps: int) -> torch.Tensor:
+    """A shift-3 Euler loop (timestep = sigma, FLUX convention)."""
+    t = torch.linspace(1.0, 0.0, steps + 1)
+    sigmas = 3.0 * t / (1 + 2.0 * t)
+    x = inputs["hidden_states"].clone()
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            v = fn(**{**inputs, "hidden_states": x, "timestep": torch.full_like(inputs["timestep"], float(s))},
+                   return_dict=False)[0]
+            x = x + (s_next - s) * v
+    return x
+
+
+def _graph_scenario(model, inputs) -> dict:
+    import sys
+
+    import specdiff_fx.passes  # noqa: F401
+    from specdiff_fx import analyze_dit, ops
+
+    cu = sys.modules["specdiff_fx.passes.collapse_ulysses"]
+    store = {}
+
+    def grab(gm, example):
+        store["gm"], store["ex"] = gm, list(example)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab, dynamic=False)(**inputs, return_dict=False)
+    gm, ex = store["gm"], store["ex"]
+    new = cu.collapse_ulysses(gm)
+    kinds = [cu._kind(n) for n in gm.graph.nodes]
+    targets = [n.target for n in new.graph.nodes]
+    gathers = [n for n in new.graph.nodes if n.target is ops.gather_shards]
+    with torch.no_grad():
+        before, after = gm(*ex)[0], new(*ex)[0]
+    plan = analyze_dit(new)
+    return {
+        "sdpa_before": kinds.count("sdpa"), "a2a_before": kinds.count("a2a"),
+        "ulysses_after": targets.count(ops.ulysses_attention),
+        "exchanges_after": sum(cu._kind(n) in ("a2a", "wait", "gather") for n in new.graph.nodes),
+        "gather_after": len(gathers), "gather_top_level": all(not n.meta.get("nn_module_stack") for n in gathers),
+        "parallel": new.meta.get("specdiff_parallel"), "collapsed_diff": float((before - after).abs().max()),
+        "plan_tokens": plan.num_image_tokens, "plan_parallel": plan.parallel, "plan_attention": len(plan.attention),
+        "untouched": cu.collapse_ulysses(new) is new,
+    }
+
+
+def _worker(rank: int, world: int) -> dict:
+    import specdiff_fx
+    from benchmarks import protocol
+    from specdiff_zoo import load_shapes_dit
+    from tests.family_models import flux2_inputs, tiny_flux2
+    from tests.oracle import flux_inputs, tiny_flux
+
+    out: dict = {}
+    plain = {"inductor": False, "cache_ratio": 0.0}
+
+    # tiny FLUX: the pass, exactness
+    model, inputs = tiny_flux(0), flux_inputs(2, 8, 8, seed=0, text_len=6)
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+    enable_context_parallel(model, world)
+    out["graph"] = _graph_scenario(model, inputs)
+    for name, options in (("plain", plain), ("first_call", {"inductor": False})):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(model, backend="specdiff", options=options)(**inputs, return_dict=False)[0]
+        out[f"flux_{name}_diff"] = float((got - ref).abs().max())
+        out[f"flux_{name}_record"] = specdiff_fx.last_record().status
+
+    # the trained FLUX model, sampled as FluxPipeline samples (no CFG, dynamic shift): the
+    # benchmark's worker, untimed (one process, then both ranks at cache_ratio=0 and defaults)
+    opts = {"model": "flux", "steps": STEPS, "prompts": protocol.PROMPTS[:1], "device": "cpu", "inductor": False,
+            "warm": False}
+    out["bench"] = cp_bench.worker(rank, world, opts)
+    out["bench_opts"] = opts
+    zoo = load_shapes_dit("flux")  # a rank whose memory cap forbids caches (rank 1 only)
+    enable_context_parallel(zoo.transformer, world)
+    options = {"inductor": False, "max_cache_bytes": 1} if rank == 1 else {"inductor": False}
+    noise = protocol.initial_noise(0, zoo.image_size, 1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        img = protocol.SAMPLERS["flux_nocfg"](zoo, torch.compile(zoo.transformer, backend="specdiff", options=options),
+                                              protocol.PROMPTS[:1], noise, STEPS)
+    rep = specdiff_fx.last_generation()
+    out["capped"] = {"img": img, "kinds": _kinds(rep), "notes": list(rep.notes),
+                     "agreed": len({_kinds(r) for r in specdiff_fx.gather_reports(rep)}) == 1}
+
+    # tiny FLUX.2 (a second family with a context-parallel plan)
+    model = tiny_flux2(0)
+    inputs = flux2_inputs(1, 8, 8, seed=0)
+    text = inputs["encoder_hidden_states"]  # one more text token: the shards must be equal
+    inputs["encoder_hidden_states"] = torch.cat([text, text[:, :1].flip(-1)], dim=1)
+    txt_ids = torch.zeros(text.shape[1] + 1, 4)
+    txt_ids[:, 3] = torch.arange(text.shape[1] + 1)
+    inputs["img_ids"], inputs["txt_ids"] = inputs["img_ids"][None], txt_ids[None]  # Flux2Pipeline: [B, L, 4]
+    with torch.no_grad():
+        ref = model(**inputs, return_dict=False)[0]
+    single_loop = _loop(model, inputs, 10)
+    enable_context_parallel(model, world)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="specdiff", options=plain)(**inputs, return_dict=False)[0]
+    out["flux2_plain_diff"] = float((got - ref).abs().max())
+    torch._dynamo.reset()
+    loop = _loop(torch.compile(model, backend="specdiff", options={"inductor": False, "controller": "fixed"}),
+                 inputs, 10)
+    rep = specdiff_fx.last_generation()
+    out["flux2_loop"] = {"kinds": _kinds(rep), "record": specdiff_fx.last_record().status,
+                         "rel_err": float((loop - single_loop).norm() / single_loop.norm()),
+                         "agreed": len({_kinds(r) for r in specdiff_fx.gather_reports(rep)}) == 1}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return spawn(WORLD, _worker, timeout=900, collective_timeout=300)
+
+
+def test_collapse_ulysses_structure_and_numerics(ranks):
+    for r in ranks:
+        g = r["graph"]
+        assert g["a2a_before"] == 4 * g["sdpa_before"] > 0  # q, k, v and the output of each attention
+        assert g["ulysses_after"] == g["sdpa_before"] and g["exchanges_after"] == 0
+        assert g["gather_after"] == 1 and g["gather_top_level"]
+        assert g["parallel"][1:] == (WORLD, r["bench"]["rank"])
+        assert g["collapsed_diff"] < 1e-6
+        assert g["plan_tokens"] == 64 // WORLD and g["plan_parallel"] == g["parallel"]
+        assert g["plan_attention"] == g["sdpa_before"] and g["untouched"]
+
+
+def test_exact_at_cache_ratio_zero_and_on_the_first_full_call(ranks):
+    for r in ranks:
+        assert r["flux_plain_record"] == "plain" and r["flux_plain_diff"] < 1e-5
+        assert r["flux_first_call_record"] == "specdiff" and r["flux_first_call_diff"] < 1e-5
+        assert r["flux2_plain_diff"] < 1e-5
+
+
+def test_defaults_cache_on_every_rank_as_close_as_one_process(ranks):
+    from specdiff_fx import metrics
+
+    single = ranks[0]["bench"]
+    ref = single["ref"]
+    single_psnr = single["single_psnr"]
+    for r in ranks:
+        run = r["bench"]
+        assert run["parallel"][1:] == (WORLD, run["rank"]) and run["record"].startswith("[specdiff]")
+        assert "c" in run["kinds"] and run["kinds"] == single["kinds"]  # the same decisions on every rank
+        assert run["tokens"] * WORLD == run["whole_tokens"] == 256
+        assert metrics.psnr(run["img_plain"], ref) > 60  # cache_ratio=0 under CP: full compute
+        # as close to full compute as one process (token choice is per shard, so not identical)
+        psnr = metrics.psnr(run["img_specdiff"], ref)
+        assert psnr >= min(35.0, single_psnr - 2.0), (psnr, single_psnr)
+        # FLOPs per rank: about 1/N of one process's, per call and over the generation
+        assert 0.45 <= run["full_flops"] / single["single_full_flops"] <= 0.55
+        assert 0.35 <= run["flops"] / single["single_flops"] <= 0.65
+    assert {r["bench"]["rank"] for r in ranks} == set(range(WORLD))
+    assert "| 2 ranks, specdiff, all ranks |" in cp_bench.table([r["bench"] for r in ranks], ranks[0]["bench_opts"])
+
+
+def test_a_rank_that_computes_everything_makes_every_rank_do_so(ranks):
+    from specdiff_fx import metrics
+
+    for r in ranks:
+        capped = r["capped"]
+        assert capped["agreed"] and set(capped["kinds"]) == {"f"}
+        assert metrics.psnr(capped["img"], ranks[0]["bench"]["ref"]) > 60  # every token computed on every rank
+    assert any("max_cache_bytes" in n for n in ranks[1]["capped"]["notes"])
+
+
+def test_flux2_caches_on_both_ranks(ranks):
+    for r in ranks:
+        loop = r["flux2_loop"]
+        assert loop["record"] == "specdiff" and "c" in loop["kinds"] and loop["agreed"]
+        assert loop["kinds"] == ranks[0]["flux2_loop"]["kinds"]
+        assert loop["rel_err"] < 0.1
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_collapse_leaves_a_single_device_graph_alone(captured, name):
+    from specdiff_fx.passes import collapse_ulysses
+
+    c = captured(name)
+    assert collapse_ulysses(c.gm) is c.gm and "specdiff_parallel" not in c.gm.meta
+
+
+def test_aggregate_sums_the_ranks_and_refuses_ranks_that_disagree():
+    import dataclasses
+
+    import specdiff_fx
+    from specdiff_fx import GenerationReport, StepRecord
+
+    def report(rank: int, kinds: str) -> GenerationReport:
+        steps = [StepRecord(i, 0, {"f": "full", "c": "cached"}[k], 1.0 - i / 10, (4,), (0,), (0,),
+                            100 if k == "f" else 20) for i, k in enumerate(kinds)]
+        return GenerationReport("flux", 4, 1, 0.9, 100, steps=steps, rank=rank, parallel=("0", 2, rank))
+
+    whole = specdiff_fx.aggregate([report(0, "ffc"), report(1, "ffc")])
+    assert whole.num_image_tokens == 8 and whole.full_flops == 200 and [s.flops for s in whole.steps] == [200, 200, 40]
+    assert whole.flops_fraction == pytest.approx(440 / 600) and whole.parallel is None
+    assert specdiff_fx.gather_reports(dataclasses.replace(report(0, "f"), parallel=None))[0].rank == 0
+    with pytest.raises(ValueError, match="other decisions"):
+        specdiff_fx.aggregate([report(0, "ffc"), report(1, "fff")])
