@@ -21,7 +21,8 @@ from .variants import Variant, build_variant
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompileRecord", "DiTPlan", "aggregate", "gather_reports", "GenerationReport", "SpecDiffRuntime", "StepRecord", "Tracker", "last_generation",
+    "CompileRecord", "DiTPlan", "aggregate", "gather_reports",
+    "GenerationReport", "SpecDiffRuntime", "StepRecord", "Tracker", "last_generation",
     "reset", "track", "NotADiT", "SpecDiffBackend", "SpecDiffConfig", "Variant",
     "analyze_dit", "backend", "build_variant", "compile_records", "last_record",
     "specdiff_backend", "__version__",

@@ -210,7 +210,8 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if "_parameters_" in p.name), None),
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
-                               if not p.name.startswith(MODULE_STATE_PREFIXES) and i not in (timestep_input, sample_input)),
+                               if not p.name.startswith(MODULE_STATE_PREFIXES)
+                               and i not in (timestep_input, sample_input)),
         layouts={n.name: i for n, i in infos.items()},
         stream=stream if len(stream.segs) > 1 else None,
         context_ids=context_ids,

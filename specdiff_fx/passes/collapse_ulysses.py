@@ -13,7 +13,8 @@ top-level :func:`specdiff_fx.ops.gather_shards` (outside ``proj_out``'s module, 
 output projection ends at the rank's own tokens). After it the graph reads as a
 single-device DiT over ``N / W`` image tokens whose attention happens to see every rank's
 keys: the token subset, the K/V caches (this rank's tokens, all heads) and the tiers all
-stay per rank, and each cached step still exchanges only this rank's subset of queries.
+stay per rank; a cached step exchanges only this rank's subset of queries (and their
+outputs), its keys and values whole (from the caches).
 
 Reads: the Dynamo graph (op targets, ``example_value``/``val`` shapes, permute dims).
 Writes: a copy of the graph with the chains replaced, ``gm.meta["specdiff_parallel"] =
