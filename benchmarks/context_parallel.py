@@ -169,7 +169,7 @@ def worker(rank: int, world: int, opts: dict) -> dict:
     return result
 
 
-def table(results: list[dict], opts: dict) -> str:
+def table(results: list[dict]) -> str:
     r0 = results[0]
     from specdiff_fx import metrics
 
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"Command: `python benchmarks/context_parallel.py{' ' + ' '.join(argv or sys.argv[1:])}`; model "
             f"{opts['model']}, {opts['steps']} steps, {len(opts['prompts'])} prompt(s), FLUX sampling without CFG; "
             f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-            f"{'Inductor' if opts['inductor'] else 'no Inductor'}\n\n" + table(results, opts))
+            f"{'Inductor' if opts['inductor'] else 'no Inductor'}\n\n" + table(results))
     print(text)
     if a.write:
         (ROOT / "benchmarks" / "context_parallel.md").write_text(text + "\n")

@@ -51,17 +51,10 @@ def _graph_scenario(model, inputs) -> dict:
     import specdiff_fx.passes  # noqa: F401
     from specdiff_fx import analyze_dit, ops
 
+    from conftest import capture
+
     cu = sys.modules["specdiff_fx.passes.collapse_ulysses"]
-    store = {}
-
-    def grab(gm, example):
-        store["gm"], store["ex"] = gm, list(example)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(model, backend=grab, dynamic=False)(**inputs, return_dict=False)
-    gm, ex = store["gm"], store["ex"]
+    gm, ex = capture(model, {**inputs, "return_dict": False})  # the gather hook wants the tuple output
     new = cu.collapse_ulysses(gm)
     kinds = [cu._kind(n) for n in gm.graph.nodes]
     targets = [n.target for n in new.graph.nodes]
@@ -108,7 +101,6 @@ def _worker(rank: int, world: int) -> dict:
     opts = {"model": "flux", "steps": STEPS, "prompts": protocol.PROMPTS[:1], "device": "cpu", "inductor": False,
             "warm": False}
     out["bench"] = cp_bench.worker(rank, world, opts)
-    out["bench_opts"] = opts
     zoo = load_shapes_dit("flux")  # a rank whose memory cap forbids caches (rank 1 only)
     enable_context_parallel(zoo.transformer, world)
     options = {"inductor": False, "max_cache_bytes": 1} if rank == 1 else {"inductor": False}
@@ -190,7 +182,7 @@ def test_defaults_cache_on_every_rank_as_close_as_one_process(ranks):
         assert 0.45 <= run["full_flops"] / single["single_full_flops"] <= 0.55
         assert 0.35 <= run["flops"] / single["single_flops"] <= 0.65
     assert {r["bench"]["rank"] for r in ranks} == set(range(WORLD))
-    assert "| 2 ranks, specdiff, all ranks |" in cp_bench.table([r["bench"] for r in ranks], ranks[0]["bench_opts"])
+    assert "| 2 ranks, specdiff, all ranks |" in cp_bench.table([r["bench"] for r in ranks])
 
 
 def test_a_rank_that_computes_everything_makes_every_rank_do_so(ranks):
