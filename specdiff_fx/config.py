@@ -41,7 +41,9 @@ class SpecDiffConfig:
             call may have (``||F - F_reused|| / ||F||`` over the tokens it does not compute,
             measured as the generation runs); a call predicted above it computes every token.
             Lower is sharper and slower.
-        speculative_steps: steps of the self-speculative pre-run (``0`` = history only).
+        speculative_steps: steps of the self-speculative pre-run (``0`` = history only,
+            the default: on the tune models the pre-run's better token choice did not pay
+            for its full-cost call, BENCHMARKS.md).
         warmup_steps: with ``controller="fixed"``: leading steps of a generation that
             compute every token.
         refresh_at: with ``controller="fixed"``: progress points in ``(0, 1)`` (progress =
@@ -100,7 +102,7 @@ class SpecDiffConfig:
     cache_ratio: float = 0.9
     controller: str = "error"
     tolerance: float = 0.1
-    speculative_steps: int = 2
+    speculative_steps: int = 0
     warmup_steps: int = 4
     refresh_at: tuple[float, ...] = (0.45, 0.7)
     reuse_mass: float = 0.10

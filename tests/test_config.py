@@ -9,7 +9,7 @@ from specdiff_fx import SpecDiffConfig
 
 def test_defaults_and_round_trip():
     cfg = SpecDiffConfig()
-    assert 0 < cfg.cache_ratio < 1 and cfg.speculative_steps == 2 and cfg.inductor and not cfg.strict
+    assert 0 < cfg.cache_ratio < 1 and cfg.speculative_steps == 0 and cfg.inductor and not cfg.strict
     assert SpecDiffConfig.from_options(cfg.to_dict()) == cfg
     assert cfg.controller == "error"
     other = SpecDiffConfig.from_options({"cache_ratio": 0.5, "controller": "fixed", "refresh_at": [0.3, 0.6]})

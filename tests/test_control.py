@@ -93,6 +93,21 @@ def test_fast_phase_is_full_whatever_the_tolerance():
     assert any(d.action is Action.SPARSE for d, _ in run)
 
 
+def test_interval_guard_weighs_a_short_last_step_like_the_prediction():
+    """The guard forces a full call after ``max_interval`` of sigma, except on a last step that
+    moves the latent by less than the step before it (its error weighs ``sigma / gap``)."""
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=10.0), N)
+    interval = policy.max_interval
+    state = policy.start()
+    state.refresh_sigma, state.rate = 0.5, 0.01
+    mid = StepView(step=5, sigma=0.5 - interval, sigmas=(0.5, 0.5 - interval + 0.05), num_tokens=N)
+    assert policy.decide(state, mid).action is Action.FULL
+    last = StepView(step=5, sigma=0.02, sigmas=(0.5, 0.2), num_tokens=N)  # 0.48 travelled, gap 0.18
+    assert policy.decide(state, last).action is Action.SPARSE
+    wide = StepView(step=5, sigma=0.1, sigmas=(0.5, 0.2), num_tokens=N)  # weight 1: the guard holds
+    assert policy.decide(state, wide).action is Action.FULL
+
+
 def test_tolerance_trades_full_calls_monotonically():
     sigmas = pipeline_sigmas(28, 3.0)
     counts = []

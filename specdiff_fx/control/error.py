@@ -29,6 +29,9 @@ Two guards, each a fact about flow-matching sampling rather than a tuned schedul
   cached), so they see less of the error than there is; without this guard a generation
   without CFG ran 40 cached calls in a row at a measured error under the tolerance and lost
   3.6-7.1 dB against the guarded policy (BENCHMARKS.md, "Choosing the controller").
+  The sigma travelled is weighted like the predicted error (``sigma / gap``, below 1 only on
+  a last step shorter than the one before it), so the last step of a schedule that ends in a
+  long jump to zero is not made full by the guard alone.
 """
 
 from __future__ import annotations
@@ -75,12 +78,13 @@ class ErrorControlled(Policy):
             return Decision.full("no error measured yet")
         if state.rate > self.fast_rate:
             return Decision.full(f"fast phase: error rate {state.rate:.1f} per unit sigma")
-        if state.refresh_sigma - view.sigma >= self.max_interval - 1e-9:
-            return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
-        predicted = state.rate * max(0.0, state.refresh_sigma - view.sigma)
         gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
-        if gap > 0:  # a step moves at most sigma: the last one's error weighs little
-            predicted *= min(1.0, view.sigma / gap)
+        # a step moves the latent at most sigma: the last one's error weighs little
+        weight = min(1.0, view.sigma / gap) if gap > 0 else 1.0
+        travelled = max(0.0, state.refresh_sigma - view.sigma)
+        if travelled * weight >= self.max_interval - 1e-9:
+            return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
+        predicted = state.rate * travelled * weight
         state.predicted = predicted
         tol = self.config.tolerance
         if predicted > tol:
