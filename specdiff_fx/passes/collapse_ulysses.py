@@ -37,11 +37,16 @@ from ..graph_utils import clone_graph_module
 from ..layout import node_shape, op_name, sdpa_args
 
 
+_COLLECTIVES = {"all_to_all_single": "a2a", "wait_tensor": "wait", "all_gather_into_tensor": "gather"}
+
+
 def _kind(node: fx.Node) -> str | None:
-    if node.op == "call_function" and "_c10d_functional" in str(node.target):
-        name = str(node.target).rsplit(".", 1)[-1] if "default" not in str(node.target) else \
-            str(node.target).rsplit(".", 2)[-2]
-        return {"all_to_all_single": "a2a", "wait_tensor": "wait", "all_gather_into_tensor": "gather"}.get(name)
+    target = node.target
+    packet = getattr(target, "overloadpacket", target)  # an overload (``.default``) or its packet
+    if node.op == "call_function" and isinstance(packet, torch._ops.OpOverloadPacket):
+        namespace, _, name = packet._qualified_op_name.partition("::")
+        if namespace == "_c10d_functional":
+            return _COLLECTIVES.get(name)
     return op_name(node)
 
 
