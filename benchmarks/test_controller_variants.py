@@ -1,0 +1,44 @@
+"""The controller variants of ``benchmarks/controller_variants.py`` decide as documented (fake
+drift, no model), so the experiments in BENCHMARKS.md stay reproducible."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import controller_variants
+from specdiff_fx import SpecDiffConfig
+from specdiff_fx.control import Action, Decision, Observation, StepView, make_policy
+
+
+def _policy(name: str, n: int = 100):
+    controller_variants.register()
+    return make_policy(SpecDiffConfig(controller=name, tolerance=0.1), n)
+
+
+def _view(sigma: float, drift: torch.Tensor) -> StepView:
+    return StepView(step=3, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=drift.shape[-1],
+                    drift=lambda: drift)
+
+
+def test_ladder_tries_a_larger_k_before_a_full_call():
+    policy = _policy("error_ladder")
+    assert policy.token_counts() == (10, 25, 50)
+    drift = torch.zeros(1, 100)
+    drift[0, :20] = 1.0  # the error sits in 20 tokens: computing 25 leaves none of it out
+    drift[0, 20:] = 0.01
+    state = policy.start()
+    state.refresh_sigma, state.rate = 0.95, 0.5
+    view = _view(0.85, drift)
+    policy.decide(state, view)
+    # calibrate: the k=10 call measured an error of 0.2 for its left-out drift mass
+    policy.observe(state, view, Observation(Decision.sparse(10), 0.85, 1, 1, 0.2))
+    decision = policy.decide(state, _view(0.84, drift))
+    assert decision.action is Action.SPARSE and decision.k == 25
+    flat = torch.ones(1, 100)  # the error everywhere: no k brings it under the tolerance
+    state.calibration = 1.0
+    assert policy.decide(state, _view(0.83, flat)).action is Action.FULL
+
+
+def test_ladder_k1_uses_the_smallest_k_only():
+    policy = _policy("error_ladder_k1")
+    assert policy.token_counts() == (10,)
