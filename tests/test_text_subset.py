@@ -33,14 +33,16 @@ def variant(c, k, context=ContextMode.SUBSET, k_txt=None, extrapolate=True):
     return _VARIANTS[(c.name, key)]
 
 
-def run(v, c, named):
-    """Run ``v`` at the captured inputs; zero history/weights unless given (the tier blend is
-    tested in test_passes). Returns (user outputs, extras by short name)."""
+def run(v, c, named, inputs=None):
+    """Run ``v`` at the captured inputs (or other ``inputs`` of the same shapes); zero
+    history/weights unless given (the tier blend is tested in test_passes). Returns (user
+    outputs, extras by short name)."""
     for i in v.new_inputs:
         if i.port.role in (Role.HISTORY, Role.WEIGHTS):
             named.setdefault(i.name, torch.zeros(i.shape, dtype=i.dtype))
+    args = c.example_inputs if inputs is None else c.graph_inputs(inputs)
     with torch.no_grad():
-        return v.split(v(*c.example_inputs, *v.extra_inputs(named)))
+        return v.split(v(*args, *v.extra_inputs(named)))
 
 
 def rows_mask(idx, n):
@@ -227,10 +229,15 @@ def test_text_subset_matches_the_oracle(captured, reference, name, extrapolate):
     """3 of the 5 text tokens (other ones per sample, unsorted) and 5 image tokens computed:
     the oracle runs those text tokens only and gives every attention their fresh K/V and the
     given (extrapolated) caches' elsewhere. The text caches are written in place at exactly the
-    computed rows (``prev <- cache``, ``cache <- fresh``), untouched elsewhere."""
+    computed rows (``prev <- cache``, ``cache <- fresh``), untouched elsewhere. FLUX gets text
+    position ids that differ per token (pipelines pass zeros), so the RoPE rows of the text
+    subset must be the right ones."""
     c = captured(name)
     plan = analyze_dit(c.gm)
     n, m = plan.num_image_tokens, plan.num_text_tokens
+    inputs = dict(c.inputs)
+    if "txt_ids" in inputs:
+        inputs["txt_ids"] = torch.arange(m * 3, dtype=torch.float32).reshape(m, 3) % 7
     g = torch.Generator().manual_seed(5)
     idx = torch.tensor([[0, 3, 7, 11, 20], [1, 2, 4, 8, 16]])
     text_idx = torch.tensor([[4, 0, 2], [1, 3, 2]])
@@ -241,7 +248,7 @@ def test_text_subset_matches_the_oracle(captured, reference, name, extrapolate):
     before = {key: t.clone() for key, t in named.items()}
     named.update(specdiff_idx=idx, specdiff_idx_txt=text_idx, specdiff_kv_ratio=ratio,
                  specdiff_kv_ratio_txt_tokens=text_ratio)
-    _, extras = run(variant(c, 5, k_txt=3, extrapolate=extrapolate), c, named)
+    _, extras = run(variant(c, 5, k_txt=3, extrapolate=extrapolate), c, named, inputs)
 
     def estimate(cache, r):  # what the attention reads for the non-computed rows
         if not extrapolate:
@@ -252,8 +259,8 @@ def test_text_subset_matches_the_oracle(captured, reference, name, extrapolate):
     est = [tuple(estimate(f"specdiff_{ch}{i}", ratio) for ch in "kv") for i in range(n_attn)]
     text_est = [tuple(estimate(f"specdiff_{ch}t{i}", text_ratio) for ch in "kv") for i in with_text]
     with torch.no_grad():
-        ref = sparse_reference(c.model, c.inputs, idx, est, text_est, text_idx=text_idx)
-        all_cached = sparse_reference(c.model, c.inputs, idx, est, text_est)  # no text token fresh
+        ref = sparse_reference(c.model, inputs, idx, est, text_est, text_idx=text_idx)
+        all_cached = sparse_reference(c.model, inputs, idx, est, text_est)  # no text token fresh
     torch.testing.assert_close(extras["subset"], ref.out_tokens, **TOL)
     torch.testing.assert_close(extras["score"], ref.score, **TOL)
     assert (all_cached.out_tokens - ref.out_tokens).abs().max() > 1e-4  # the fresh text rows matter
