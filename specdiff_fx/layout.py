@@ -303,7 +303,10 @@ class _Propagator:
                 continue
             if not started or node.op in ("placeholder", "output", "get_attr"):
                 continue
-            carriers = [n for _, n in _tensor_operands(node) if n in self.info]
+            operands = _tensor_operands(node)
+            if op_name(node) in DTYPE_FROM:  # x.type_as(t): t gives a dtype only, no tokens
+                operands = operands[:1]
+            carriers = [n for _, n in operands if n in self.info]
             if not carriers:
                 continue
             if node.op not in ("call_function", "call_method"):
@@ -377,7 +380,7 @@ class _Propagator:
         assert out_layout is not None
         if out_shape[out_layout.axis] != out_layout.length:
             raise LayoutError(f"node {node.name}: token axis broadcast away")
-        gathers = []  # text-only layouts too: with context caching their text is dropped
+        gathers = []  # text-only layouts too: with context caching their text is dropped, with a text subset gathered
         for path, x in operands:
             if self.lay(x) is not None:
                 continue

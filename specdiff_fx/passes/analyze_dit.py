@@ -155,7 +155,7 @@ def _text_layouts(gm: fx.GraphModule, family: Family, start: fx.Node, end: fx.No
     if family.text_input is None:
         return refuse(f"{family.model_class} names no text input")
     if len(stream.segs) > 1:
-        return refuse("context (reference-image) tokens in the image stream")
+        return refuse("context tokens in the image stream (reference images) are not supported with a text subset")
     if parallel is not None:
         return refuse("context parallelism")
     try:
@@ -170,6 +170,8 @@ def _text_layouts(gm: fx.GraphModule, family: Family, start: fx.Node, end: fx.No
         infos = propagate_layouts(gm.graph, start, end, n_img, stream, text=text)
     except LayoutError as e:
         return refuse(str(e))
+    except Exception as e:  # noqa: BLE001 - an optional feature: never let it break the analysis
+        return refuse(f"tracing the text tokens failed: {type(e).__name__}: {e}")
     image_sites = {site.node for site in sites}
     for node, info in infos.items():
         for lay in (info.layout, *(info.parts or ())):
