@@ -134,7 +134,8 @@ def build_variant(
     for j, spec in enumerate(ctx.new_inputs):  # valid, distinct indices for the example call
         if spec.port.role in (Role.IDX, Role.TEXT_IDX):
             count = spec.shape[1]
-            examples[len(example_inputs) + j] = torch.arange(count, device=spec.device).expand(plan.batch, count).contiguous()
+            index = torch.arange(count, device=spec.device).expand(plan.batch, count)
+            examples[len(example_inputs) + j] = index.contiguous()
     flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
         fn = compile_graph(rewritten, examples, config, mode)

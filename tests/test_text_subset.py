@@ -72,7 +72,8 @@ def kv_inputs(plan, old, now, with_text=True):
             named[f"specdiff_{ch}{i}"], named[f"specdiff_{ch}p{i}"] = a.contiguous().clone(), b.contiguous().clone()
         if with_text and i in text_attentions(plan):
             for ch, a, b in zip("kv", old.text_kv[t], now.text_kv[t]):
-                named[f"specdiff_{ch}t{i}"], named[f"specdiff_{ch}tp{i}"] = a.contiguous().clone(), b.contiguous().clone()
+                named[f"specdiff_{ch}t{i}"] = a.contiguous().clone()
+                named[f"specdiff_{ch}tp{i}"] = b.contiguous().clone()
             t += 1
     return named
 
@@ -104,7 +105,8 @@ def test_subset_graph_structure(captured, name):
     takes = [x for x in gm.graph.nodes if x.target is ops.take_tokens]
     # one gather for the text stream (at its start, the text input), none for any other text-only tensor
     assert [x.args[0].name for x in takes if x.args[3] is text_idx] == [plan.text_start]
-    assert not [x for x in gm.graph.nodes if x.target is ops.layout_index and all(kind == "txt" for kind, _ in x.args[1])]
+    assert not [x for x in gm.graph.nodes
+                if x.target is ops.layout_index and all(kind == "txt" for kind, _ in x.args[1])]
     assert len(takes) == 2 + len(plan.side_inputs)  # image start, text start, RoPE tables
     # every projection runs on the subsets: no full-length text or joint matmul is left (FLUX's image
     # embedder x_embedder runs before the image stream's start, on all N tokens, as in every sparse variant) ...
@@ -164,6 +166,10 @@ def test_the_text_subset_is_validated(captured):
     named["specdiff_idx_txt"] = torch.tensor([[0, 1, 1]] * 2)
     with pytest.raises(ValueError, match="duplicates"):
         run(v, c, named)
+    named["specdiff_idx_txt"] = torch.tensor([[0, 1, 2]] * 2)
+    named["specdiff_kt0"] = torch.zeros(2, 2, 8, 5).transpose(2, 3)  # its in-place update would be lost
+    with pytest.raises(ValueError, match="specdiff_kt0 must be contiguous"):
+        run(v, c, named)
 
 
 # -- exactness ------------------------------------------------------------------------------
@@ -184,7 +190,8 @@ def test_all_text_and_image_tokens_equal_the_full_variant(captured, reference, n
     before = {key: t.clone() for key, t in named.items()}
     named.update(specdiff_idx=torch.stack([torch.randperm(n, generator=g) for _ in range(2)]),
                  specdiff_idx_txt=torch.stack([torch.randperm(m, generator=g) for _ in range(2)]),
-                 specdiff_kv_ratio=torch.rand(2, n, generator=g), specdiff_kv_ratio_txt_tokens=torch.rand(2, m, generator=g))
+                 specdiff_kv_ratio=torch.rand(2, n, generator=g),
+                 specdiff_kv_ratio_txt_tokens=torch.rand(2, m, generator=g))
     su, sx = run(variant(c, n, k_txt=m), c, named)
     torch.testing.assert_close(sx["tokens"], fx["tokens"], **TOL)
     torch.testing.assert_close(su[0], user[0], **TOL)
