@@ -318,7 +318,8 @@ def test_layout_index_puts_the_text_index_at_its_segment():
     assert ops.layout_index(idx, (("img", N), ("txt", M)), text_idx).tolist() == [[4, 1, N + 2], [0, 5, N]]
     assert ops.layout_index(idx, (("txt", M), ("img", N)), text_idx).tolist() == [[2, M + 4, M + 1], [0, M, M + 5]]
     assert ops.layout_index(idx, (("txt", M),), text_idx).tolist() == text_idx.tolist()
-    assert ops.layout_index(idx, (("txt", M), ("img", N)), True).tolist() == [[0, 1, 2, M + 4, M + 1], [0, 1, 2, M, M + 5]]
+    whole = ops.layout_index(idx, (("txt", M), ("img", N)), True)
+    assert whole.tolist() == [[0, 1, 2, M + 4, M + 1], [0, 1, 2, M, M + 5]]
     assert ops.layout_index(idx, (("txt", M), ("img", N)), False).tolist() == [[M + 4, M + 1], [M, M + 5]]
 
 
