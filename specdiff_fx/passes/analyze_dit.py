@@ -146,9 +146,10 @@ def _text_layouts(gm: fx.GraphModule, family: Family, start: fx.Node, end: fx.No
     """The text-subset facts of the plan (``text_start``, ``num_text_tokens``,
     ``text_layouts``, ``text_subset_error``): the layouts traced from the image stream's start
     *and* the family's text input. A text subset is exact when every text token passes per-token
-    ops only until an attention with image keys (whose K/V caches then cover the text), and
-    every layout holds at most one text segment, of all ``M`` text tokens (so text positions
-    in the concatenated text order are positions in that segment)."""
+    ops only until an attention with image keys (whose K/V caches then cover the text), every
+    text token joined to the image tokens comes from the text input, and every layout holds
+    at most one text segment, of all ``M`` text tokens (so text positions in the concatenated
+    text order are positions in that segment)."""
     def refuse(why: str) -> dict:
         return {"text_subset_error": why}
 
@@ -180,6 +181,10 @@ def _text_layouts(gm: fx.GraphModule, family: Family, start: fx.Node, end: fx.No
                 return refuse(f"node {node.name}: text segments {texts} besides the {m} text tokens")
         if op_name(node) == "sdpa" and node.name not in image_sites:
             return refuse(f"node {node.name}: an attention over text tokens without image keys")
+        if info.rewrite[:1] == ("cat",):
+            tensors = node.args[0] if node.args else node.kwargs["tensors"]
+            if any(tensors[i] not in infos for i in info.rewrite[1]):
+                return refuse(f"node {node.name}: joins in text tokens that do not come from the text input")
     return {"text_start": text.name, "num_text_tokens": m, "text_layouts": {n.name: i for n, i in infos.items()}}
 
 

@@ -59,7 +59,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..graph_utils import get_operand, nodes_by_name, set_operand
-from ..layout import Layout, Seg, _shape_args, node_shape
+from ..layout import Layout, _shape_args, node_shape
 from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
@@ -94,28 +94,15 @@ def _gather_text_start(gm: fx.GraphModule, ctx: RewriteContext, device: torch.de
     start.replace_all_uses_with(sub, delete_user_cb=lambda user: user is not sub)
 
 
-def _drop_or_gather_cat_text(gm: fx.GraphModule, ctx: RewriteContext, node: fx.Node, text_only: tuple[int, ...],
-                             layouts, idx: fx.Node) -> None:
-    """A token-axis ``cat`` whose operands ``text_only`` hold text only: dropped with the
-    context cached; with a text subset, an operand without a layout of its own (full-length
-    text the trace did not reach, e.g. constant tokens) gathered at the text index."""
+def _drop_text_operands(node: fx.Node, text_only: tuple[int, ...]) -> None:
+    """Context caching: a token-axis ``cat`` loses its operands ``text_only`` (text only)."""
     in_args = bool(node.args)
-    tensors = list(node.args[0] if in_args else node.kwargs["tensors"])
-    if ctx.context is ContextMode.CACHED:
-        tensors = [t for i, t in enumerate(tensors) if i not in text_only]
-    else:
-        axis = layouts[node.name].layout.axis
-        rank = len(node_shape(node))
-        for i in text_only:
-            if tensors[i].name not in layouts:
-                lay = Layout(axis, (Seg("txt", node_shape(tensors[i])[axis]),))
-                with gm.graph.inserting_before(node):
-                    tensors[i] = gm.graph.call_function(
-                        ops.take_tokens, (tensors[i], rank, axis, _index_for(gm, ctx, lay, idx)))
+    tensors = node.args[0] if in_args else node.kwargs["tensors"]
+    kept = [t for i, t in enumerate(tensors) if i not in text_only]
     if in_args:
-        node.args = (tensors, *node.args[1:])
+        node.args = (kept, *node.args[1:])
     else:
-        node.kwargs = {**node.kwargs, "tensors": tensors}
+        node.kwargs = {**node.kwargs, "tensors": kept}
 
 
 def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
@@ -197,9 +184,9 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
             entries = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
             entries[pos] = slice(lay.to_sub(lo, k, k_txt), lay.to_sub(hi, k, k_txt))
             node.args = (node.args[0], tuple(entries) if isinstance(node.args[1], tuple) else entries[0])
-        elif kind == "cat":
-            if k_txt is not None:
-                _drop_or_gather_cat_text(gm, ctx, node, info.rewrite[1], layouts, idx)
+        elif kind == "cat":  # with a text subset every text operand is a subset already (analyze_dit)
+            if ctx.context is ContextMode.CACHED:
+                _drop_text_operands(node, info.rewrite[1])
         elif kind == "mask_keys":  # a joint attention's mask: its key columns follow the subset keys
             _, path, lay = info.rewrite
             rows = get_operand(node, path)
