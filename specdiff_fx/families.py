@@ -4,7 +4,8 @@ Everything else in the backend is generic (token layouts are *propagated*, not l
 up); what a model family must tell us is only where the image-token stream is born and
 where it leaves, which modules are the transformer blocks, how its ``timestep`` input maps
 onto the flow-matching sigma (for the runtime's speculative pre-run), and whether position
-ids mark context tokens inside the stream.
+ids mark context tokens inside the stream, and which graph input holds the text tokens (where a
+text subset, ``ContextMode.SUBSET``, is gathered; ``text`` below).
 
 ========  ===========================  ==================  ===========  ========  ==========================
 name      model class                  embed -> out_proj   t / sigma    context   what the general rules meet
@@ -20,6 +21,11 @@ wan       WanTransformer3DModel        patch_embedding     1000         -       
                                                                                   cross-attention to text, RoPE
                                                                                   written in place, per-token t
 ========  ===========================  ==================  ===========  ========  ==========================
+
+``text`` is ``encoder_hidden_states`` for all: every family's text tokens enter there and pass
+only per-token ops until an attention. Whether a text subset is exact for a graph is then
+decided by the general layout rules (:func:`~specdiff_fx.passes.analyze_dit` says why not in
+``DiTPlan.text_subset_error``: e.g. Wan's cross-attention keys, FLUX.2's reference tokens).
 
 ``t / sigma`` is ``timestep_per_sigma`` as read off each family's pipelines (``__call__``):
 SD3 passes ``t = sigma * 1000``; FLUX, Chroma, FLUX.2 (and Klein) and Qwen-Image pass
@@ -51,6 +57,9 @@ class Family:
             context tokens (FLUX.2's reference images for editing, appended to the latent
             tokens): a stream token whose position id ``input[..., column]`` is nonzero is
             context — always computed, never selected or cached as an image token.
+        text_input: the graph input holding the text tokens ``[B, M, C]`` (the text stream's
+            start, gathered at ``Role.TEXT_IDX`` by a ``ContextMode.SUBSET`` variant); ``None``:
+            the family supports no text subset.
     """
 
     name: str
@@ -61,6 +70,7 @@ class Family:
     out_proj: str
     timestep_per_sigma: float
     context_ids: tuple[str, int] | None = None
+    text_input: str | None = "encoder_hidden_states"
 
 
 FAMILIES: tuple[Family, ...] = (

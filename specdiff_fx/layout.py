@@ -1,8 +1,9 @@
 """Token layouts: where the image tokens sit in each tensor of a DiT graph.
 
 A *layout* says that one axis of a tensor is a token axis made of segments, each either
-``img`` (the N image tokens, in the order of the patch grid) or ``txt`` (context tokens,
-always computed). The patch-embedding output has layout ``axis=1, (img N)``; a joint
+``img`` (the N image tokens, in the order of the patch grid) or ``txt`` (context tokens:
+computed whole, dropped when their K/V are cached, or a subset of them, see
+:meth:`Layout.sub_length`). The patch-embedding output has layout ``axis=1, (img N)``; a joint
 attention input has e.g. ``axis=2, (img N, txt M)`` (SD3) or ``(txt M, img N)`` (FLUX).
 
 :func:`propagate_layouts` walks a graph forward from the image-token stream's start and
@@ -56,14 +57,27 @@ class Layout:
     def length(self) -> int:
         return sum(s.length for s in self.segs)
 
-    def sub_length(self, k: int, keep_txt: bool = True) -> int:
+    def sub_length(self, k: int, k_txt: int | None = None) -> int:
         """Length of the token axis when the image segment holds ``k`` tokens and the text
-        segments are kept whole (``keep_txt``) or dropped (context caching)."""
-        return sum(k if s.kind == "img" else (s.length if keep_txt else 0) for s in self.segs)
+        holds ``k_txt``: ``None`` keeps every text segment whole, ``0`` drops them (context
+        caching), any other count is a text subset (a layout with one text segment only)."""
+        return sum(self._seg_sub(s, k, k_txt) for s in self.segs)
+
+    def _seg_sub(self, seg: Seg, k: int, k_txt: int | None) -> int:
+        """The length of segment ``seg`` in the subset graph (see :meth:`sub_length`)."""
+        if seg.kind == "img":
+            return k
+        if k_txt is None:
+            return seg.length
+        if isinstance(k_txt, bool):  # True/False would read as 1/0 tokens
+            raise TypeError("k_txt is a token count or None, not a bool")
+        if k_txt and (sum(s.kind == "txt" for s in self.segs) > 1 or k_txt > seg.length):
+            raise LayoutError(f"{k_txt} text tokens of {self}: a text subset needs one text segment of >= {k_txt}")
+        return k_txt
 
     def img_offset(self) -> int:
         """Start of the image segment in the full graph (and in the subset graph when the
-        text segments are kept)."""
+        text segments are kept whole)."""
         off = 0
         for s in self.segs:
             if s.kind == "img":
@@ -78,14 +92,15 @@ class Layout:
             out.append(off)
         return out
 
-    def to_sub(self, pos: int, k: int, keep_txt: bool = True) -> int:
-        """Map a segment boundary of the full axis onto the subset axis."""
+    def to_sub(self, pos: int, k: int, k_txt: int | None = None) -> int:
+        """Map a segment boundary of the full axis onto the subset axis (``k_txt`` as in
+        :meth:`sub_length`)."""
         full_off, sub_off = 0, 0
         if pos == 0:
             return 0
         for s in self.segs:
             full_off += s.length
-            sub_off += k if s.kind == "img" else (s.length if keep_txt else 0)
+            sub_off += self._seg_sub(s, k, k_txt)
             if pos == full_off:
                 return sub_off
         raise LayoutError(f"position {pos} is not a segment boundary of {self}")
@@ -264,11 +279,13 @@ def _view_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> 
 
 
 class _Propagator:
-    def __init__(self, graph: fx.Graph, start: fx.Node, end: fx.Node, stream: Layout) -> None:
+    def __init__(self, graph: fx.Graph, start: fx.Node, end: fx.Node, stream: Layout,
+                 text: fx.Node | None = None) -> None:
         self.graph = graph
         self.start = start
         self.end = end
         self.stream = stream
+        self.text = text  # the text stream's start [B, M, C] (text-subset layouts), if traced too
         self.info: dict[fx.Node, NodeLayout] = {}
 
     def lay(self, x: Any) -> Layout | None:
@@ -277,14 +294,19 @@ class _Propagator:
 
     def run(self) -> dict[fx.Node, NodeLayout]:
         self.info[self.start] = NodeLayout(self.stream)
+        if self.text is not None:
+            self.info[self.text] = NodeLayout(Layout(1, (Seg("txt", node_shape(self.text)[1]),)))
         started = False
         for node in self.graph.nodes:
-            if node is self.start:
+            if node is self.start or node is self.text:
                 started = True
                 continue
             if not started or node.op in ("placeholder", "output", "get_attr"):
                 continue
-            carriers = [n for _, n in _tensor_operands(node) if n in self.info]
+            operands = _tensor_operands(node)
+            if op_name(node) in DTYPE_FROM:  # x.type_as(t): t gives a dtype only, no tokens
+                operands = operands[:1]
+            carriers = [n for _, n in operands if n in self.info]
             if not carriers:
                 continue
             if node.op not in ("call_function", "call_method"):
@@ -358,7 +380,7 @@ class _Propagator:
         assert out_layout is not None
         if out_shape[out_layout.axis] != out_layout.length:
             raise LayoutError(f"node {node.name}: token axis broadcast away")
-        gathers = []  # text-only layouts too: with context caching their text is dropped
+        gathers = []  # text-only layouts too: with context caching their text is dropped, with a text subset gathered
         for path, x in operands:
             if self.lay(x) is not None:
                 continue
@@ -659,12 +681,18 @@ class _Propagator:
 
 
 def propagate_layouts(graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int,
-                      stream: Layout | None = None) -> dict[fx.Node, NodeLayout]:
+                      stream: Layout | None = None, text: fx.Node | None = None) -> dict[fx.Node, NodeLayout]:
     """Give every node between ``start`` and ``end`` that carries image tokens its layout.
 
     ``start`` is the token stream ``[B, L, D]``: ``n_img`` image tokens, or, when
     ``stream`` is given, the segments it lists along axis 1 (image tokens and context
     tokens that travel with them, e.g. FLUX.2's reference-image tokens).
+
+    With ``text`` (the text stream's start ``[B, M, C]``, e.g. the ``encoder_hidden_states``
+    input) the text tokens are traced from there too: the text stream before the first joint
+    attention gets text-only layouts ``(txt M)`` instead of none, so a text *subset* can flow
+    through it like the image subset (``ContextMode.SUBSET``). Without it, text-only tensors
+    get a layout only once they come out of an attention with image tokens.
 
     Reads: node shapes (``meta["val"]`` or Dynamo's ``meta["example_value"]``).
     Raises: :class:`LayoutError` for any op on image tokens without a valid rule.
@@ -673,4 +701,4 @@ def propagate_layouts(graph: fx.Graph, start: fx.Node, end: fx.Node, n_img: int,
         stream = Layout(1, (Seg("img", n_img),))
     if stream.axis != 1 or sum(s.kind == "img" for s in stream.segs) != 1:
         raise LayoutError(f"stream layout {stream} must hold one image segment along axis 1")
-    return _Propagator(graph, start, end, stream).run()
+    return _Propagator(graph, start, end, stream, text).run()

@@ -12,19 +12,24 @@ import math
 import torch
 
 
-def layout_index(idx: torch.Tensor, spec: tuple[tuple[str, int], ...], keep_txt: bool = True) -> torch.Tensor:
+def layout_index(idx: torch.Tensor, spec: tuple[tuple[str, int], ...],
+                 text: bool | torch.Tensor = True) -> torch.Tensor:
     """Positions in a full token axis laid out as ``spec`` that the subset axis keeps.
 
     ``idx`` is ``[B, k]`` (image-token indices); ``spec`` is e.g. ``(("txt", M), ("img", N))``.
-    Returns ``[B, L_sub]`` long: text positions kept whole (none without ``keep_txt``:
-    context caching), image positions at ``idx``.
+    Returns ``[B, L_sub]`` long, in the order of ``spec``: image positions at ``idx``; text
+    positions kept whole (``text=True``), none (``False``: context caching), or, for a text
+    subset, at ``text`` (``[B, k_txt]`` positions within the text segment; a ``spec`` with a
+    text subset holds one text segment).
     """
     parts, off = [], 0
     batch = idx.shape[0]
     for kind, length in spec:
         if kind == "img":
             parts.append(idx + off)
-        elif keep_txt:
+        elif isinstance(text, torch.Tensor):
+            parts.append(text + off)
+        elif text:
             parts.append(torch.arange(off, off + length, device=idx.device).expand(batch, length))
         off += length
     if not parts:
@@ -64,10 +69,34 @@ def text_segment(x: torch.Tensor, axis: int, offset: int, length: int) -> torch.
     return torch.cat([before, after], dim=axis).contiguous()
 
 
+def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev: torch.Tensor | None = None,
+                ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """The keys (or values) of all tokens of one cache: ``cache`` (``[B, H, N, d]``) with the
+    fresh ``rows`` (``[B, H, k, d]``) of the tokens ``idx`` (``[B, k]``) written in place.
+
+    With ``prev`` (``[B, H, N, d]``, each token's keys from the computation before the one in
+    ``cache``) and ``ratio`` (``[B, N]`` per token, or ``[B]``) the other tokens' keys are
+    extrapolated to first order, ``cache + ratio * (cache - prev)``, and both caches shift in
+    place at ``idx``: ``prev <- cache``, ``cache <- rows``.
+    """
+    batch, heads, k, dim = rows.shape
+    rows = rows.to(cache.dtype)
+    where = idx.reshape(batch, 1, k, 1).expand(batch, heads, k, dim)
+    if prev is None:
+        cache.scatter_(2, where, rows)
+        return cache
+    keys = torch.addcmul(cache, ratio.to(cache.dtype).reshape(batch, 1, -1, 1), cache - prev)
+    keys = keys.scatter(2, where, rows)
+    prev.scatter_(2, where, torch.gather(cache, 2, where))
+    cache.scatter_(2, where, rows)
+    return keys
+
+
 def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, offset: int,
                 prev: torch.Tensor | None = None, ratio: torch.Tensor | None = None,
                 text: torch.Tensor | None = None, text_prev: torch.Tensor | None = None,
-                text_ratio: torch.Tensor | None = None, text_offset: int = 0) -> torch.Tensor:
+                text_ratio: torch.Tensor | None = None, text_offset: int = 0,
+                text_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Write the fresh image keys (or values) of the subset into ``cache`` and return the
     joint key tensor over *all* tokens.
 
@@ -79,12 +108,19 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
     With ``prev`` (``[B, H, N, d]``, each token's keys from the computation *before* the
     one in ``cache``; mutated in place too) and ``ratio`` (``[B, N]``) the cached keys are
     extrapolated to first order, ``cache + ratio * (cache - prev)``, before the attention
-    uses them; the computed tokens' rows shift: ``prev <- cache``, ``cache <- fresh``.
+    uses them; the computed tokens' rows shift: ``prev <- cache``, ``cache <- fresh``
+    (:func:`cached_rows`).
 
     With ``text`` (``[B, H, M, d]``, context caching) ``fresh`` holds the image subset only
     (``offset`` 0) and the text keys come from ``text`` (extrapolated with ``text_prev``
     and ``text_ratio`` ``[B]`` when given; never written), split around the image segment
-    at ``text_offset`` as in the model's own order.
+    at ``text_offset`` as in the model's own order; returns ``[B, H, M + N, d]``.
+
+    With ``text`` and ``text_idx`` (``[B, k_txt]``, a text subset) ``fresh`` holds the
+    computed text tokens too (everything but its image segment, in ``text_idx`` order), and
+    ``text`` is a cache like ``cache``: written in place at ``text_idx`` (with ``text_prev``
+    and a per-token ``text_ratio`` ``[B, M]``: extrapolated and shifted the same way); the
+    attention sees all ``M`` text keys, split around the image segment at ``text_offset``.
 
     The flat argument list is deliberate: this function is an FX ``call_function`` target,
     and FX only finds the nodes an argument depends on inside tuples, lists and dicts (a
@@ -92,23 +128,15 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
     keyword arguments, which keeps the graph readable.
     """
     k = idx.shape[1]
-    batch, heads, _, dim = fresh.shape
-    img = fresh.narrow(2, offset, k).to(cache.dtype)
-    rows = idx.reshape(batch, 1, k, 1).expand(batch, heads, k, dim)
-    if prev is None:
-        cache.scatter_(2, rows, img)
-        keys = cache
-    else:
-        keys = torch.addcmul(cache, ratio.to(cache.dtype).reshape(batch, 1, -1, 1), cache - prev)
-        keys = keys.scatter(2, rows, img)
-        prev.scatter_(2, rows, torch.gather(cache, 2, rows))
-        cache.scatter_(2, rows, img)
+    keys = cached_rows(cache, fresh.narrow(2, offset, k), idx, prev, ratio)
     if text is None:
         before = fresh.narrow(2, 0, offset)
         after = fresh.narrow(2, offset + k, fresh.shape[2] - offset - k)
     else:
-        if text_prev is not None:
-            text = torch.addcmul(text, text_ratio.to(text.dtype).reshape(batch, 1, 1, 1), text - text_prev)
+        if text_idx is not None:
+            text = cached_rows(text, text_segment(fresh, 2, offset, k), text_idx, text_prev, text_ratio)
+        elif text_prev is not None:
+            text = torch.addcmul(text, text_ratio.to(text.dtype).reshape(fresh.shape[0], 1, 1, 1), text - text_prev)
         text = text.to(fresh.dtype)
         before = text.narrow(2, 0, text_offset)
         after = text.narrow(2, text_offset, text.shape[2] - text_offset)

@@ -87,9 +87,26 @@ class DiTPlan:
     #: them), every rank must run the same variant at the same call
     parallel: tuple[str, int, int] | None = None
     layouts: Mapping[str, NodeLayout] = field(default_factory=dict, compare=False, repr=False)
+    #: text subsets (``ContextMode.SUBSET``): the text stream's start (the family's text input,
+    #: ``[B, M, C]``), ``M``, and the layouts traced from both starts (``text_layouts``: as
+    #: ``layouts``, but the text stream before the first attention carries ``(txt M)`` layouts too);
+    #: ``text_subset_error`` says why the graph supports no text subset (``text_layouts`` then empty)
+    text_start: str | None = None
+    num_text_tokens: int = 0
+    text_subset_error: str | None = None
+    text_layouts: Mapping[str, NodeLayout] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layouts", MappingProxyType(dict(self.layouts)))
+        object.__setattr__(self, "text_layouts", MappingProxyType(dict(self.text_layouts)))
+
+    def check_text_subset(self, k_txt: int) -> None:
+        """Raise ``ValueError`` unless a variant may compute ``k_txt`` of the text tokens."""
+        if self.text_start is None or self.text_subset_error:
+            raise ValueError(f"specdiff: {self.family} graph supports no text subset (ContextMode.SUBSET): "
+                             f"{self.text_subset_error or 'no text stream found'}")
+        if not 0 <= k_txt <= self.num_text_tokens:
+            raise ValueError(f"k_txt={k_txt} outside [0, {self.num_text_tokens}]")
 
     @property
     def stream_length(self) -> int:

@@ -14,7 +14,7 @@ from .graph_utils import clone_graph_module
 from .passes import NewInput, RewriteContext, passes_for, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
-from .signature import Port, Role, VariantKey, VariantKind
+from .signature import ContextMode, Port, Role, VariantKey, VariantKind
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
@@ -46,6 +46,7 @@ class Variant:
     outputs: tuple[Port, ...]
     compile_seconds: float = 0.0
     plan_tokens: int = 0  # N, the image tokens of the graph
+    text_tokens: int = 0  # M, the text tokens of the graph (ContextMode.SUBSET)
     flops: int = 0  # per call (count_flops on fake tensors, at build time)
     calls: int = field(default=0)
 
@@ -72,7 +73,9 @@ class Variant:
         for spec, a in zip(self.new_inputs, args[n_in:]):
             if spec.port.role is Role.IDX:
                 check_index(a, spec.shape, self.plan_tokens)
-            elif spec.port.updated_in_place and not a.is_contiguous():
+            elif spec.port.role is Role.TEXT_IDX:
+                check_index(a, spec.shape, self.text_tokens)
+            elif spec.updated_in_place and not a.is_contiguous():
                 raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
         out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
         return tuple(out)
@@ -117,6 +120,8 @@ def build_variant(
         raise TypeError(f"build_variant takes a VariantKey, got {key!r}")
     if key.kind is VariantKind.SPARSE and not 1 <= key.k <= plan.num_image_tokens:
         raise ValueError(f"k={key.k} outside [1, {plan.num_image_tokens}]")
+    if key.context is ContextMode.SUBSET:
+        plan.check_text_subset(key.k_txt)
     clone = clone_graph_module(gm)
     ctx = RewriteContext(plan=plan, config=config, key=key)
     seed_placeholder_values(clone, example_inputs, ctx)
@@ -127,8 +132,10 @@ def build_variant(
         torch.zeros(i.shape, dtype=i.dtype, device=i.device) for i in ctx.new_inputs
     ]
     for j, spec in enumerate(ctx.new_inputs):  # valid, distinct indices for the example call
-        if spec.port.role is Role.IDX:
-            examples[len(example_inputs) + j] = torch.arange(key.k, device=spec.device).expand(plan.batch, key.k).contiguous()
+        if spec.port.role in (Role.IDX, Role.TEXT_IDX):
+            count = spec.shape[1]
+            index = torch.arange(count, device=spec.device).expand(plan.batch, count)
+            examples[len(example_inputs) + j] = index.contiguous()
     flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
         fn = compile_graph(rewritten, examples, config, mode)
@@ -136,12 +143,14 @@ def build_variant(
     return Variant(
         key=key, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
         num_user_outputs=meta["user"], outputs=meta["ports"],
-        compile_seconds=time.perf_counter() - t0, plan_tokens=plan.num_image_tokens, flops=flops,
+        compile_seconds=time.perf_counter() - t0, plan_tokens=plan.num_image_tokens,
+        text_tokens=plan.num_text_tokens, flops=flops,
     )
 
 
 def check_index(idx: Any, shape: tuple[int, ...], n: int) -> None:
-    """``idx`` must be ``[B, k]`` int64 image-token indices in ``[0, N)``, distinct per row
+    """``idx`` must be ``[B, k]`` int64 token indices in ``[0, n)`` (image tokens, or text tokens
+    for ``Role.TEXT_IDX``), distinct per row
     (a duplicate would scatter two results into one token and lose the other)."""
     if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or tuple(idx.shape) != tuple(shape):
         got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__

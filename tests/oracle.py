@@ -30,8 +30,9 @@ Vocabulary
 Public API
 ----------
 * :func:`full_reference` -- every token computed; returns :class:`FullRef`.
-* :func:`sparse_reference` -- only ``idx[b]`` image tokens (plus all text tokens)
-  computed against cached image K/V; returns :class:`SparseRef`.
+* :func:`sparse_reference` -- only ``idx[b]`` image tokens (plus all text tokens, or
+  only ``text_idx[b]`` of them) computed against cached image (and text) K/V; returns
+  :class:`SparseRef`.
 * :func:`unpatchify` -- per-token output -> what ``model(**inputs).sample`` holds.
 * :func:`num_attention_calls`, :func:`num_image_tokens`.
 * Tiny models and inputs: :func:`tiny_sd3`, :func:`tiny_flux`, :func:`sd3_inputs`,
@@ -113,11 +114,15 @@ class SparseRef:
             ``[B, H, N, d]``: the given cache with the fresh K/V written at ``idx[b]``.
         score: ``[B, N]`` attention received by each image token from the computed
             queries only (subset image + text tokens), keys = all tokens, summed over calls.
+        text_kv: one ``(K_txt, V_txt)`` per attention call with text, each ``[B, H, M, d]``:
+            with a text subset (``text_idx``) the given text caches with the fresh text K/V
+            written at ``text_idx[b]``; else the text K/V the step computed (all text tokens).
     """
 
     out_tokens: Tensor
     kv: list[KV]
     score: Tensor
+    text_kv: list[KV] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------
@@ -133,11 +138,12 @@ class _Recorder:
     """
 
     def __init__(self, num_image: int, idx: Tensor | None = None, cache: Sequence[KV] | None = None,
-                 text_cache: Sequence[KV] | None = None) -> None:
+                 text_cache: Sequence[KV] | None = None, text_idx: Tensor | None = None) -> None:
         self.num_image = num_image
         self.idx = idx  # [B, k] or None (full mode)
         self.cache = cache
         self.text_cache = text_cache  # context caching: the text K/V every attention reads
+        self.text_idx = text_idx  # text subset [B, k_txt]: only these text rows are fresh
         self.kv: list[KV] = []
         self.text_kv: list[KV] = []
         self.score: Tensor | None = None
@@ -145,6 +151,14 @@ class _Recorder:
     def text(self, k_txt: Tensor, v_txt: Tensor) -> KV:
         """Record the text K/V of this attention call; return the cached ones if given."""
         call = len(self.text_kv)
+        if self.text_idx is not None:  # text subset: fresh rows at text_idx, the cache elsewhere
+            k_full = self.text_cache[call][0].to(dtype=k_txt.dtype, copy=True)
+            v_full = self.text_cache[call][1].to(dtype=v_txt.dtype, copy=True)
+            for b in range(k_txt.shape[0]):
+                k_full[b, :, self.text_idx[b]] = k_txt[b]
+                v_full[b, :, self.text_idx[b]] = v_txt[b]
+            self.text_kv.append((k_full, v_full))
+            return k_full, v_full
         self.text_kv.append((k_txt, v_txt))
         if self.text_cache is None:
             return k_txt, v_txt
@@ -303,7 +317,7 @@ class _FluxProcessor:
         k_txt, v_txt = self.recorder.text(k[:, :, :t_len], v[:, :, :t_len])
         keys = torch.cat([k_txt, k_img], dim=2)
         values = torch.cat([v_txt, v_img], dim=2)
-        image_keys = slice(t_len, t_len + self.recorder.num_image)
+        image_keys = slice(k_txt.shape[2], k_txt.shape[2] + self.recorder.num_image)  # all M text keys first
         out = _merge_heads(self.recorder.attend(q, keys, values, image_keys=image_keys))
 
         if encoder_hidden_states is None:
@@ -464,7 +478,7 @@ def full_reference(model: Model, inputs: Mapping[str, Any]) -> FullRef:
 
 @torch.no_grad()
 def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: Sequence[KV],
-                     text_kv: Sequence[KV] | None = None) -> SparseRef:
+                     text_kv: Sequence[KV] | None = None, text_idx: Tensor | None = None) -> SparseRef:
     """Recompute only the image tokens ``idx[b]`` of each sample ``b`` (plus every text
     token) against cached image K/V.
 
@@ -484,6 +498,9 @@ def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: S
         text_kv: context caching: one ``(K_txt, V_txt)`` per attention call with text,
             each ``[B, H, M, d]``, used in place of the text tokens' own K/V (the text
             tokens are still run, but nothing of theirs reaches the image tokens).
+        text_idx: text subset (with ``text_kv``): ``[B, k_txt]`` distinct text positions per
+            sample; only these text tokens are run (FLUX: with ``txt_ids[text_idx[b]]``), and each
+            attention sees their fresh K/V at those rows of ``text_kv``, the cached K/V elsewhere.
     """
     kwargs = _clean_inputs(model, inputs)
     batch = _batch_size(kwargs)
@@ -492,21 +509,25 @@ def sparse_reference(model: Model, inputs: Mapping[str, Any], idx: Tensor, kv: S
     if len(kv) != num_attention_calls(model):
         raise ValueError(f"kv has {len(kv)} entries, the model runs {num_attention_calls(model)} attention calls")
     idx = idx.to(kwargs["hidden_states"].device)
+    if text_idx is not None and text_kv is None:
+        raise ValueError("a text subset (text_idx) reads the other text tokens' K/V from text_kv")
     if _kind(model) == "sd3":
-        return _sparse_sd3(model, kwargs, idx, kv, text_kv)
-    return _sparse_flux(model, kwargs, idx, kv, text_kv)
+        return _sparse_sd3(model, kwargs, idx, kv, text_kv, text_idx)
+    return _sparse_flux(model, kwargs, idx, kv, text_kv, text_idx)
 
 
 def _sparse_sd3(model: SD3Transformer2DModel, kwargs: dict[str, Any], idx: Tensor, kv: Sequence[KV],
-                text_kv: Sequence[KV] | None) -> SparseRef:
+                text_kv: Sequence[KV] | None, text_idx: Tensor | None = None) -> SparseRef:
     """SD3 forward restricted to the image tokens ``idx`` (whole batch at once)."""
     batch = _batch_size(kwargs)
     image = model.pos_embed(kwargs["hidden_states"])  # [B, N, D], patch embed + pos embed
     temb = model.time_text_embed(kwargs["timestep"], kwargs["pooled_projections"])
     text = model.context_embedder(kwargs["encoder_hidden_states"])
     image = torch.stack([image[b, idx[b]] for b in range(batch)])  # [B, k, D]
+    if text_idx is not None:
+        text = torch.stack([text[b, text_idx[b]] for b in range(batch)])  # [B, k_txt, D]
 
-    recorder = _Recorder(num_image_tokens(model, kwargs), idx, kv, text_kv)
+    recorder = _Recorder(num_image_tokens(model, kwargs), idx, kv, text_kv, text_idx)
     with _swapped_processors(model, _SD3Processor(recorder)):
         for block in model.transformer_blocks:
             text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb)
@@ -515,11 +536,11 @@ def _sparse_sd3(model: SD3Transformer2DModel, kwargs: dict[str, Any], idx: Tenso
     if len(recorder.kv) != len(kv):
         raise ValueError(f"the model ran {len(recorder.kv)} attention calls, {len(kv)} caches given")
     assert recorder.score is not None
-    return SparseRef(out_tokens=out_tokens, kv=recorder.kv, score=recorder.score)
+    return SparseRef(out_tokens=out_tokens, kv=recorder.kv, score=recorder.score, text_kv=recorder.text_kv)
 
 
 def _sparse_flux(model: FluxTransformer2DModel, kwargs: dict[str, Any], idx: Tensor, kv: Sequence[KV],
-                 text_kv: Sequence[KV] | None) -> SparseRef:
+                 text_kv: Sequence[KV] | None, text_idx: Tensor | None = None) -> SparseRef:
     """FLUX: the model's own forward, one sample at a time, on ``hidden_states[:, idx[b]]``
     with ``img_ids[idx[b]]`` and the cached-K/V processor."""
     batch = _batch_size(kwargs)
@@ -527,18 +548,24 @@ def _sparse_flux(model: FluxTransformer2DModel, kwargs: dict[str, Any], idx: Ten
     img_ids = kwargs["img_ids"]
     if img_ids.ndim == 3:  # deprecated batched ids: diffusers uses the first row
         img_ids = img_ids[0]
-    text_len = kwargs["encoder_hidden_states"].shape[1]
+    text_len = kwargs["encoder_hidden_states"].shape[1] if text_idx is None else text_idx.shape[1]
+    txt_ids = kwargs["txt_ids"][0] if kwargs["txt_ids"].ndim == 3 else kwargs["txt_ids"]
 
     outs: list[Tensor] = []
     scores: list[Tensor] = []
     per_sample_kv: list[list[KV]] = []
+    per_sample_text: list[list[KV]] = []
     for b in range(batch):
         sample = _slice_sample(kwargs, b, batch)
         sample["hidden_states"] = kwargs["hidden_states"][b : b + 1, idx[b]]
         sample["img_ids"] = img_ids[idx[b]]
+        if text_idx is not None:
+            sample["encoder_hidden_states"] = kwargs["encoder_hidden_states"][b : b + 1, text_idx[b]]
+            sample["txt_ids"] = txt_ids[text_idx[b]]
         cache_b = [(k[b : b + 1], v[b : b + 1]) for k, v in kv]
         text_b = None if text_kv is None else [(k[b : b + 1], v[b : b + 1]) for k, v in text_kv]
-        recorder = _Recorder(num_image, idx[b : b + 1], cache_b, text_b)
+        text_idx_b = None if text_idx is None else text_idx[b : b + 1]
+        recorder = _Recorder(num_image, idx[b : b + 1], cache_b, text_b, text_idx_b)
         with _swapped_processors(model, _FluxProcessor(recorder, text_len)):
             outs.append(model(**sample, return_dict=False)[0])
         if len(recorder.kv) != len(kv):
@@ -546,12 +573,14 @@ def _sparse_flux(model: FluxTransformer2DModel, kwargs: dict[str, Any], idx: Ten
         assert recorder.score is not None
         scores.append(recorder.score)
         per_sample_kv.append(recorder.kv)
+        per_sample_text.append(recorder.text_kv)
 
-    new_kv = [
-        (torch.cat([s[i][0] for s in per_sample_kv]), torch.cat([s[i][1] for s in per_sample_kv]))
-        for i in range(len(kv))
-    ]
-    return SparseRef(out_tokens=torch.cat(outs), kv=new_kv, score=torch.cat(scores))
+    def cat_samples(per_sample: list[list[KV]]) -> list[KV]:
+        return [(torch.cat([s[i][0] for s in per_sample]), torch.cat([s[i][1] for s in per_sample]))
+                for i in range(len(per_sample[0]))]
+
+    return SparseRef(out_tokens=torch.cat(outs), kv=cat_samples(per_sample_kv), score=torch.cat(scores),
+                     text_kv=cat_samples(per_sample_text))
 
 
 # --------------------------------------------------------------------------------------

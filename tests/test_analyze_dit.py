@@ -5,7 +5,7 @@ import torch
 
 from oracle import num_attention_calls
 from specdiff_fx import NotADiT, analyze_dit
-from specdiff_fx.layout import Layout, Seg
+from specdiff_fx.layout import Layout, Seg, op_name
 
 
 @pytest.mark.parametrize("name", ["sd3", "sd35", "flux"])
@@ -66,3 +66,48 @@ def test_dynamic_shapes_are_refused_with_a_reason():
         torch.compile(tiny_sd3(), backend=grab, dynamic=True)(**sd3_inputs(2, 8, 12))
     with pytest.raises(NotADiT, match="dynamic"):
         analyze_dit(store["gm"])
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd35", "flux"])
+def test_the_text_stream_is_traced_for_text_subsets(captured, name):
+    """``text_layouts``: the same layouts as ``layouts`` wherever both have one, and the text
+    stream from the text input to the first attention (its norm and projections) as ``(txt M)``."""
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    assert plan.text_subset_error is None and plan.num_text_tokens == 5
+    assert "encoder_hidden_states" in plan.text_start
+    assert all(plan.text_layouts[n].layout == info.layout for n, info in plan.layouts.items())
+    assert plan.text_layouts[plan.text_start].layout == Layout(1, (Seg("txt", 5),))
+    nodes = {n.name: n for n in c.gm.graph.nodes}
+    added = [n for n in plan.text_layouts if n not in plan.layouts]
+    linears = [n for n in added if op_name(nodes[n]) == "linear"]  # context_embedder, the first text q/k/v
+    assert len(linears) == 4 and all(plan.text_layouts[n].layout.segs == (Seg("txt", 5),) for n in added)
+
+
+def test_text_joined_in_from_elsewhere_refuses_text_subsets():
+    """A text-length tensor that is not traced from the text input, joined to the image tokens:
+    its rows could not follow a text index, so the graph supports no text subset."""
+    from specdiff_fx.families import Family
+    from specdiff_fx.passes.analyze_dit import _text_layouts
+
+    class Joint(torch.nn.Module):
+        def forward(self, x, encoder_hidden_states, registers):
+            text = torch.nn.functional.layer_norm(encoder_hidden_states, (8,))
+            return torch.cat([registers, x], dim=1) * 2.0, text
+
+    store = {}
+
+    def grab(gm, ex):
+        store["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(Joint(), backend=grab, fullgraph=True, dynamic=False)(
+        torch.randn(2, 6, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8))
+    gm = store["gm"]
+    x = next(p for p in gm.graph.find_nodes(op="placeholder") if p.name == "l_x_")
+    end = next(n for n in gm.graph.nodes if op_name(n) == "mul")
+    family = Family("t", "Joint", (), (), "", "", 1.0, text_input="encoder_hidden_states")
+    facts = _text_layouts(gm, family, x, end, 6, Layout(1, (Seg("img", 6),)), [], None)
+    assert "joins in text tokens that do not come from the text input" in facts["text_subset_error"]
+    assert "text_layouts" not in facts

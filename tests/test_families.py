@@ -270,6 +270,46 @@ def test_all_tokens_equal_the_full_variant(family, name):
     torch.testing.assert_close(sx["score"], extras["score"], atol=1e-5, rtol=1e-4)
 
 
+#: why a family's graph supports no text subset (a piece of ``plan.text_subset_error``), or None
+TEXT_SUBSET = {"chroma": None, "flux2": None, "qwenimage": None,
+               "flux2_ref": "context tokens in the image stream",  # reference images: refused, see gather_token_subset
+               "flux2_kv": "text segments [5, 6]",  # cached reference K/V: a second context segment in the keys
+               "wan": "queries and keys hold different image tokens"}  # cross-attention to the text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_text_subset_with_exact_caches_gives_the_full_models_tokens(family, name):
+    """``ContextMode.SUBSET`` (3 of the text tokens computed, 7 image tokens) through masks
+    (Chroma's [B, 1, S, S], Qwen-Image's key-only), complex and 4-axis RoPE: with exact image and
+    text K/V caches the computed image tokens are the full model's, and the text caches, stale
+    at exactly the computed text rows, are fresh there afterwards (written in place). Graphs
+    whose text does not flow as a subset are refused when the variant is built."""
+    f = family(name)
+    key = VariantKey.sparse(7, ContextMode.SUBSET, extrapolate=False, k_txt=3)
+    cfg = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False)
+    if TEXT_SUBSET[name]:
+        assert TEXT_SUBSET[name] in f.plan.text_subset_error
+        with pytest.raises(ValueError, match="supports no text subset"):
+            build_variant(f.gm, f.example_inputs, f.plan, cfg, key)
+        return
+    assert f.plan.num_text_tokens == TEXT
+    variant = build_variant(f.gm, f.example_inputs, f.plan, cfg, key)
+    _, extras = f.full()
+    g = torch.Generator().manual_seed(len(name))
+    idx = torch.stack([torch.randperm(N, generator=g)[:7] for _ in range(2)])
+    text_idx = torch.stack([torch.randperm(TEXT, generator=g)[:3] for _ in range(2)])
+    named = dict(_named(variant, extras, idx), specdiff_idx_txt=text_idx)
+    texts = [spec.name for spec in variant.new_inputs if spec.name.startswith(("specdiff_kt", "specdiff_vt"))]
+    assert len(texts) == 2 * len(f.plan.attention)
+    for t in texts:  # stale at the computed text rows only
+        named[t][torch.arange(2)[:, None], :, text_idx] *= 1.5
+    with torch.no_grad():
+        _, sx = variant.split(variant(*f.example_inputs, *variant.extra_inputs(named)))
+    torch.testing.assert_close(sx["subset"], _at(extras["tokens"], idx), atol=1e-5, rtol=1e-4)
+    for t in texts:
+        torch.testing.assert_close(named[t], extras[t[len("specdiff_"):]], atol=1e-5, rtol=1e-4)
+
+
 WAN_VARIANTS = {  # Wan graphs beyond text-to-video: (label, builder, inputs, attention calls, cross-attention calls)
     # image-to-video config (cross-attention to text and to the image context), with one timestep
     # per token as Wan 2.2 TI2V passes them

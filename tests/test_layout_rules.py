@@ -294,3 +294,56 @@ def test_restore_stream_puts_context_rows_around_the_image_rows():
     torch.testing.assert_close(out[:, N:], subset[:, k:])
     dropped = ops.restore_stream(subset[:, :k], image, spec, keep_txt=False)  # context caching: not computed
     assert dropped.shape == (B, N + 4, c) and (dropped[:, N:] == 0).all()
+
+
+def test_text_counts_map_lengths_and_boundaries_onto_the_subset_axis():
+    """A text count: ``None`` keeps every text segment whole, 0 drops them, ``k_txt`` keeps that
+    many of the one text segment (the old ``keep_txt=True/False`` are ``None``/0)."""
+    joint = Layout(1, (Seg("txt", M), Seg("img", N)))
+    assert [joint.sub_length(2, t) for t in (None, 0, 1, M)] == [M + 2, 2, 3, 2 + M]
+    assert [joint.to_sub(M, 2, t) for t in (None, 0, 1)] == [M, 0, 1]  # FLUX's final slice [:, M:]
+    assert joint.to_sub(M + N, 2, 1) == 3
+    with pytest.raises(TypeError):
+        joint.sub_length(2, True)  # would silently read as one text token
+    with pytest.raises(LayoutError):
+        joint.sub_length(2, M + 1)
+    two = Layout(1, (Seg("txt", M), Seg("img", N), Seg("txt", 4)))
+    assert two.sub_length(2, None) == M + 2 + 4 and two.sub_length(2, 0) == 2
+    with pytest.raises(LayoutError, match="one text segment"):
+        two.sub_length(2, 1)  # which segment's tokens the text index holds is not defined
+
+
+def test_layout_index_puts_the_text_index_at_its_segment():
+    idx, text_idx = torch.tensor([[4, 1], [0, 5]]), torch.tensor([[2], [0]])
+    assert ops.layout_index(idx, (("img", N), ("txt", M)), text_idx).tolist() == [[4, 1, N + 2], [0, 5, N]]
+    assert ops.layout_index(idx, (("txt", M), ("img", N)), text_idx).tolist() == [[2, M + 4, M + 1], [0, M, M + 5]]
+    assert ops.layout_index(idx, (("txt", M),), text_idx).tolist() == text_idx.tolist()
+    whole = ops.layout_index(idx, (("txt", M), ("img", N)), True)
+    assert whole.tolist() == [[0, 1, 2, M + 4, M + 1], [0, 1, 2, M, M + 5]]
+    assert ops.layout_index(idx, (("txt", M), ("img", N)), False).tolist() == [[M + 4, M + 1], [M, M + 5]]
+
+
+def test_text_start_gives_the_text_stream_a_layout():
+    """Traced from the text input too, the text tensors before the joint attention carry
+    ``(txt M)``; without it they have none until they meet the image tokens."""
+    def fn(x, t):
+        t = F.layer_norm(t * 2.0, (D,))
+        return torch.cat([t, x], dim=1) + 1.0
+
+    x, t = torch.randn(B, N, D), torch.randn(B, M, D)
+    store = {}
+
+    def grab(gm, example_inputs):
+        store["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_Fn(fn), backend=grab, fullgraph=True, dynamic=False)(x, t)
+    gm = store["gm"]
+    start, text = (next(p for p in gm.graph.find_nodes(op="placeholder") if p.name == f"l_args_{i}_") for i in (0, 1))
+    end = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+    plain = propagate_layouts(gm.graph, start, end, N)
+    traced = propagate_layouts(gm.graph, start, end, N, text=text)
+    norm = next(n for n in gm.graph.nodes if op_name(n) == "layer_norm")
+    assert norm not in plain and traced[norm].layout == Layout(1, (Seg("txt", M),))
+    assert plain[end].layout == traced[end].layout == Layout(1, (Seg("txt", M), Seg("img", N)))

@@ -5,7 +5,10 @@ Reads: the Dynamo graph of a whole ``transformer.forward`` (``nn_module_stack`` 
 may carry context tokens marked by position ids (``Family.context_ids``), the
 compile-time example of that one input (:func:`~specdiff_fx.graph_utils.example_value`).
 Writes: ``node.meta["specdiff"]`` (the node's :class:`~specdiff_fx.layout.NodeLayout`) on
-the graph it analyses; returns a frozen :class:`~specdiff_fx.plan.DiTPlan`.
+the graph it analyses; returns a frozen :class:`~specdiff_fx.plan.DiTPlan`, with the
+layouts traced a second time from the image stream *and* the family's text input
+(``Family.text_input``) for text subsets (``DiTPlan.text_layouts``, or
+``text_subset_error`` saying why the graph has none).
 Keeps true: the graph's nodes and edges are untouched.
 Raises :class:`NotADiT` with a readable reason for anything it does not recognise.
 """
@@ -138,6 +141,53 @@ def _stream_layout(gm: fx.GraphModule, family: Family, n_stream: int,
     return Layout(1, segs), (i, column)
 
 
+def _text_layouts(gm: fx.GraphModule, family: Family, start: fx.Node, end: fx.Node, n_img: int, stream: Layout,
+                  sites: list[AttentionSite], parallel) -> dict:
+    """The text-subset facts of the plan (``text_start``, ``num_text_tokens``,
+    ``text_layouts``, ``text_subset_error``): the layouts traced from the image stream's start
+    *and* the family's text input. A text subset is exact when every text token passes per-token
+    ops only until an attention with image keys (whose K/V caches then cover the text), every
+    text token joined to the image tokens comes from the text input, and every layout holds
+    at most one text segment, of all ``M`` text tokens (so text positions in the concatenated
+    text order are positions in that segment)."""
+    def refuse(why: str) -> dict:
+        return {"text_subset_error": why}
+
+    if family.text_input is None:
+        return refuse(f"{family.model_class} names no text input")
+    if len(stream.segs) > 1:
+        return refuse("context tokens in the image stream (reference images) are not supported with a text subset")
+    if parallel is not None:
+        return refuse("context parallelism")
+    try:
+        text = list(gm.graph.find_nodes(op="placeholder"))[_input_index(gm, family.text_input)]
+    except NotADiT as e:
+        return refuse(str(e))
+    shape = node_shape(text)
+    if shape is None or len(shape) != 3:
+        return refuse(f"text input {text.name} is not [B, M, C]")
+    m = shape[1]
+    try:
+        infos = propagate_layouts(gm.graph, start, end, n_img, stream, text=text)
+    except LayoutError as e:
+        return refuse(str(e))
+    except Exception as e:  # noqa: BLE001 - an optional feature: never let it break the analysis
+        return refuse(f"tracing the text tokens failed: {type(e).__name__}: {e}")
+    image_sites = {site.node for site in sites}
+    for node, info in infos.items():
+        for lay in (info.layout, *(info.parts or ())):
+            texts = [seg.length for seg in lay.segs if seg.kind == "txt"] if lay is not None else []
+            if texts not in ([], [m]):
+                return refuse(f"node {node.name}: text segments {texts} besides the {m} text tokens")
+        if op_name(node) == "sdpa" and node.name not in image_sites:
+            return refuse(f"node {node.name}: an attention over text tokens without image keys")
+        if info.rewrite[:1] == ("cat",):
+            tensors = node.args[0] if node.args else node.kwargs["tensors"]
+            if any(tensors[i] not in infos for i in info.rewrite[1]):
+                return refuse(f"node {node.name}: joins in text tokens that do not come from the text input")
+    return {"text_start": text.name, "num_text_tokens": m, "text_layouts": {n.name: i for n, i in infos.items()}}
+
+
 def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     """Find the image-token stream, blocks, attention calls and side inputs of a DiT graph."""
     type_names = {cls for node in gm.graph.nodes for _, cls in module_paths(node)}
@@ -216,4 +266,5 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         stream=stream if len(stream.segs) > 1 else None,
         context_ids=context_ids,
         parallel=parallel,
+        **_text_layouts(gm, family, start, end, n_img, stream, sites, parallel),
     )

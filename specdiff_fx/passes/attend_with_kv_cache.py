@@ -19,6 +19,12 @@ With ``ContextMode.CACHED`` the subset graph has no text tokens (see
 their place in the keys (with extrapolation also ``Role.TEXT_KV_PREV`` ``specdiff_ktp{i}`` /
 ``specdiff_vtp{i}`` and one ``Role.TEXT_RATIO`` ``specdiff_kv_ratio_txt`` ``[B]``); they are
 read, never written.
+With ``ContextMode.SUBSET`` the subset graph computes the ``k_txt`` text tokens at
+``Role.TEXT_IDX`` (see :func:`gather_token_subset`): the same ``Role.TEXT_KV`` (and, with
+extrapolation, ``Role.TEXT_KV_PREV``) inputs, but *written in place* at the text index like the
+image caches (``NewInput.in_place``), the other text rows extrapolated with one ratio per text
+token, ``Role.TEXT_TOKEN_RATIO`` ``specdiff_kv_ratio_txt_tokens`` ``[B, M]``; the attention
+sees all ``M`` text and ``N`` image keys in the model's order.
 With ``ContextMode.REFRESH`` the subset graph computes every text token (as with
 ``COMPUTE``) and also returns their fresh keys/values as extras ``Role.TEXT_KV`` ``kt{i}`` /
 ``vt{i}`` (``[B, H, M, d]``, like the full variant's), so a cached step can refresh the text
@@ -26,7 +32,8 @@ K/V caches.
 An attention mask gets back its columns for every key (:func:`gather_token_subset` cut
 them to the subset's keys; ``ctx.memo["mask_rows"]``).
 Keeps true: queries are only the computed tokens; the attention output has the query's
-layout; with ``idx`` = all tokens the result equals the full graph's.
+layout; with ``idx`` = all tokens (and, for a text subset, the text index = all text tokens)
+the result equals the full graph's.
 """
 
 from __future__ import annotations
@@ -40,18 +47,36 @@ from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
 
+def _text_kwargs(gm: fx.GraphModule, ctx: RewriteContext, i: int, t: str, shape: tuple[int, ...], val,
+                 text_ratio: fx.Node | None) -> dict:
+    """The text caches of attention ``i``'s keys (``t="k"``) or values (``"v"``), read
+    from caches (``CACHED``) or written at the text index (``SUBSET``)."""
+    in_place = ctx.context is ContextMode.SUBSET
+    kwargs = {"text": ctx.add_input(gm, Port(Role.TEXT_KV, i, t), shape, val.dtype, val.device, in_place=in_place)}
+    if text_ratio is not None:
+        kwargs.update(text_prev=ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), shape, val.dtype, val.device,
+                                              in_place=in_place), text_ratio=text_ratio)
+    if in_place:
+        kwargs.update(text_idx=ctx.memo["text_idx"])
+    return kwargs
+
+
 def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     plan = ctx.plan
     idx = ctx.memo["idx"]
     nodes = nodes_by_name(gm)
     key = ctx.key
     ratio = text_ratio = None
+    text_cached = key.context in (ContextMode.CACHED, ContextMode.SUBSET)
     first = sdpa_args(nodes[plan.attention[0].node])["key"].meta["val"]
     if key.extrapolate:
         ratio = ctx.add_input(gm, Port(Role.KV_RATIO), (plan.batch, plan.num_image_tokens), first.dtype,
                               first.device)
         if key.context is ContextMode.CACHED:
             text_ratio = ctx.add_input(gm, Port(Role.TEXT_RATIO), (plan.batch,), first.dtype, first.device)
+        elif key.context is ContextMode.SUBSET:
+            text_ratio = ctx.add_input(gm, Port(Role.TEXT_TOKEN_RATIO), (plan.batch, plan.num_text_tokens),
+                                       first.dtype, first.device)
     for i, site in enumerate(plan.attention):
         sdpa = nodes[site.node]
         args = sdpa_args(sdpa)
@@ -68,14 +93,12 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
                               ratio=ratio)
             offset = site.img_offset
             m = site.layout.length - plan.num_image_tokens
-            if key.context is ContextMode.CACHED and m:
-                text_shape = (*shape[:2], m, shape[3])
-                kwargs.update(text=ctx.add_input(gm, Port(Role.TEXT_KV, i, t), text_shape, val.dtype, val.device),
+            if text_cached and m:
+                kwargs.update(_text_kwargs(gm, ctx, i, t, (*shape[:2], m, shape[3]), val, text_ratio),
                               text_offset=offset)
-                if text_ratio is not None:
-                    kwargs.update(text_prev=ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), text_shape, val.dtype,
-                                                          val.device), text_ratio=text_ratio)
-                offset = 0  # the subset's joint sequence is its image tokens alone
+                # where the image segment starts among the computed tokens: after the text subset
+                # before it (none with the context cached: the subset's sequence is its image tokens)
+                offset = site.layout.to_sub(offset, ctx.k, key.k_txt or 0)
             with gm.graph.inserting_before(sdpa):
                 new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, offset), kwargs)
                 if key.context is ContextMode.REFRESH and m:  # the fresh text K/V, for the runtime's text caches

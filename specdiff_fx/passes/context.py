@@ -27,10 +27,16 @@ class NewInput:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    in_place: bool = False  # written by this variant beyond the role's own rule (text caches of a text subset)
 
     @property
     def name(self) -> str:
         return self.port.input_name
+
+    @property
+    def updated_in_place(self) -> bool:
+        """Whether the variant writes this input (the caller's tensor must be contiguous)."""
+        return self.in_place or self.port.updated_in_place
 
 
 @dataclass
@@ -62,13 +68,13 @@ class RewriteContext:
     def context(self) -> ContextMode:
         return self.key.context
 
-    def add_input(self, gm: fx.GraphModule, port: Port, shape, dtype, device) -> fx.Node:
+    def add_input(self, gm: fx.GraphModule, port: Port, shape, dtype, device, in_place: bool = False) -> fx.Node:
         with self.fake_mode:
             example = torch.empty(tuple(shape), dtype=dtype, device=device)
         node = add_placeholder(gm, port.input_name, example)
         if node.name != port.input_name:
             raise RuntimeError(f"graph input {port.input_name} exists already")
-        self.new_inputs.append(NewInput(port, tuple(shape), dtype, torch.device(device)))
+        self.new_inputs.append(NewInput(port, tuple(shape), dtype, torch.device(device), in_place))
         return node
 
     def add_history_inputs(self, gm: fx.GraphModule, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:

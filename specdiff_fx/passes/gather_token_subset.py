@@ -1,7 +1,8 @@
 """Subset variant: run the image-token stream on ``k`` chosen tokens per sample.
 
 Reads: ``plan.start``, ``plan.end`` and ``plan.layouts`` (each token-carrying node's
-layout and the rewrite it needs), ``ctx.k``.
+layout and the rewrite it needs; with a text subset ``plan.text_layouts`` and
+``plan.text_start`` instead), ``ctx.k``, ``ctx.key`` (context mode, ``k_txt``).
 Writes:
 * new inputs ``specdiff_idx`` (``[B, k]`` int64, image-token indices per sample) and
   ``specdiff_base`` (``[B, N, C]``, the per-token output the non-computed tokens get);
@@ -16,8 +17,9 @@ Writes:
   :func:`~specdiff_fx.ops.restore_stream` (context rows as computed, or zeros when
   context caching dropped them);
 * for every full-length token operand without a layout of its own (RoPE tables,
-  positional terms): ``take_tokens`` at the same positions (text positions kept whole)
-  just before the first op that meets the subset (one gather per operand and layout);
+  positional terms): ``take_tokens`` at the same positions (text positions kept whole, or at
+  the text index) just before the first op that meets the subset (one gather per operand and
+  layout);
 * for an attention mask with one row per query: its rows gathered like the queries; for a
   joint attention's mask also its key columns, gathered like the keys (the subset graph's
   attention is then over the subset's own tokens, a valid graph between passes);
@@ -32,6 +34,19 @@ subset graph): token-axis ``cat`` s lose their text operands, full-length text o
 of text-only tensors are gathered to zero tokens, and the text stream's work before the
 first attention becomes dead code (the runner removes it); the attention then reads the
 text K/V from caches (:func:`attend_with_kv_cache`).
+With a text subset (``ContextMode.SUBSET``, ``k_txt`` of the ``M`` text tokens) the text
+is a token subset exactly like the image: a new input ``specdiff_idx_txt`` (``Role.TEXT_IDX``,
+``[B, k_txt]`` int64 positions in the text order) and one ``take_tokens`` at the text
+stream's start (the text input, ``plan.text_start``), all its users moved onto the subset;
+the layouts are ``plan.text_layouts`` (traced from both starts, so every text-only tensor
+has one); joint tensors hold ``[text subset, image subset]`` in the model's order
+(:func:`~specdiff_fx.ops.layout_index` with the text index), their sizes, slices and
+sections rewritten for ``k_txt`` text tokens (FLUX's final slice ``[:, M:]`` becomes
+``[:, k_txt:]``); the text caches the attention needs are :func:`attend_with_kv_cache`'s.
+What only the text output needed (SD3's last block) stays dead code and is removed.
+A graph whose stream carries context tokens (FLUX.2 reference images) or whose text does not
+reach the attention through per-token ops supports no text subset: ``build_variant`` refuses
+the key with ``plan.text_subset_error``.
 Keeps true: every per-token op computes, for the kept tokens, exactly what it computed
 in the full graph; shapes re-propagate (the runner checks them with fake tensors).
 Attention is *not* touched here (see :func:`attend_with_kv_cache`).
@@ -49,12 +64,45 @@ from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
 
-def _index_for(gm: fx.GraphModule, ctx: RewriteContext, layout: Layout, idx: fx.Node, keep_txt: bool) -> fx.Node:
+def _text_count(ctx: RewriteContext) -> int | None:
+    """Text tokens each text segment holds in the subset graph: ``None`` all (the context
+    computed), 0 (cached), ``k_txt`` (a text subset)."""
+    return {ContextMode.CACHED: 0, ContextMode.SUBSET: ctx.key.k_txt}.get(ctx.context)
+
+
+def _index_for(gm: fx.GraphModule, ctx: RewriteContext, layout: Layout, idx: fx.Node) -> fx.Node:
+    """The :func:`~specdiff_fx.ops.layout_index` node of ``layout`` (one per layout)."""
     spec = layout.spec()
     if spec not in ctx.memo:
-        with gm.graph.inserting_after(idx):
-            ctx.memo[spec] = gm.graph.call_function(ops.layout_index, (idx, spec, keep_txt))
+        text = ctx.memo.get("text_idx", _text_count(ctx) is None)  # the text index, or all / none
+        after = ctx.memo.get("text_idx", idx)  # the later of the two placeholders
+        with gm.graph.inserting_after(after):
+            ctx.memo[spec] = gm.graph.call_function(ops.layout_index, (idx, spec, text))
     return ctx.memo[spec]
+
+
+def _gather_text_start(gm: fx.GraphModule, ctx: RewriteContext, device: torch.device) -> None:
+    """A text subset: add ``Role.TEXT_IDX`` and run the text stream on those tokens from its
+    start (``plan.text_start``, the text input ``[B, M, C]``) on."""
+    plan = ctx.plan
+    text_idx = ctx.add_input(gm, Port(Role.TEXT_IDX), (plan.batch, ctx.key.k_txt), torch.int64, device)
+    ctx.memo["text_idx"] = text_idx
+    start = nodes_by_name(gm)[plan.text_start]
+    first = next(n for n in gm.graph.nodes if n in start.users)
+    with gm.graph.inserting_before(first):
+        sub = gm.graph.call_function(ops.take_tokens, (start, len(node_shape(start)), 1, text_idx))
+    start.replace_all_uses_with(sub, delete_user_cb=lambda user: user is not sub)
+
+
+def _drop_text_operands(node: fx.Node, text_only: tuple[int, ...]) -> None:
+    """Context caching: a token-axis ``cat`` loses its operands ``text_only`` (text only)."""
+    in_args = bool(node.args)
+    tensors = node.args[0] if in_args else node.kwargs["tensors"]
+    kept = [t for i, t in enumerate(tensors) if i not in text_only]
+    if in_args:
+        node.args = (kept, *node.args[1:])
+    else:
+        node.kwargs = {**node.kwargs, "tensors": kept}
 
 
 def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
@@ -74,16 +122,22 @@ def _rewrite_sizes(node: fx.Node, axis: int, new: int) -> None:
 def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     plan, k = ctx.plan, ctx.k
     assert k is not None and 1 <= k <= plan.num_image_tokens
-    keep_txt = ctx.context is not ContextMode.CACHED
+    k_txt = _text_count(ctx)
+    subset_text = ctx.context is ContextMode.SUBSET
+    layouts = plan.text_layouts if subset_text else plan.layouts
+    if subset_text:
+        plan.check_text_subset(k_txt)
     nodes = nodes_by_name(gm)
     start = nodes[plan.start]
     device = start.meta.get("val", start.meta.get("example_value")).device
     idx = ctx.add_input(gm, Port(Role.IDX), (plan.batch, k), torch.int64, device)
     ctx.memo["idx"] = idx
+    if subset_text:
+        _gather_text_start(gm, ctx, device)
 
     stream = plan.stream  # None: the stream is the image tokens alone
     with gm.graph.inserting_after(start):
-        index = idx if stream is None else _index_for(gm, ctx, stream, idx, keep_txt)
+        index = idx if stream is None else _index_for(gm, ctx, stream, idx)
         sub = gm.graph.call_function(ops.take_tokens, (start, 3, 1, index))
     start.replace_all_uses_with(sub, delete_user_cb=lambda user: user is not sub)
 
@@ -96,7 +150,8 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
         with gm.graph.inserting_after(end):
             restored = whole = gm.graph.call_function(ops.scatter_tokens, (end, idx, base))
     else:  # the image rows scattered into base, the context rows around them as computed
-        offset = stream.to_sub(stream.img_offset(), k, keep_txt)
+        keep_txt = k_txt is None  # a text subset has no stream with context (check_text_subset)
+        offset = stream.to_sub(stream.img_offset(), k, k_txt)
         with gm.graph.inserting_after(end):
             subset = gm.graph.call_function(ops.image_segment, (end, 1, offset, k))
         with gm.graph.inserting_after(subset):
@@ -106,16 +161,16 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
     end.replace_all_uses_with(whole, delete_user_cb=lambda user: user not in (subset, restored, whole))
     ctx.memo["subset_out"], ctx.memo["stream_out"] = subset, restored
 
-    for name, info in plan.layouts.items():
+    for name, info in layouts.items():
         node = nodes[name]
         for path, layout in info.gathers:
-            if keep_txt and not layout.has_img:
+            if k_txt is None and not layout.has_img:
                 continue
             operand = get_operand(node, path)
             rank = len(node_shape(node))
             key = ("take", operand, rank, layout.axis, layout.spec())
             if key not in ctx.memo:  # one gather per operand and layout (RoPE tables meet q and k twice)
-                index = _index_for(gm, ctx, layout, idx, keep_txt)
+                index = _index_for(gm, ctx, layout, idx)
                 with gm.graph.inserting_before(node):
                     ctx.memo[key] = gm.graph.call_function(ops.take_tokens, (operand, rank, layout.axis, index))
             set_operand(node, path, ctx.memo[key])
@@ -123,31 +178,25 @@ def gather_token_subset(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
             continue
         kind = info.rewrite[0]
         if kind == "size":
-            _rewrite_sizes(node, info.rewrite[1], info.layout.sub_length(k, keep_txt))
+            _rewrite_sizes(node, info.rewrite[1], info.layout.sub_length(k, k_txt))
         elif kind == "slice":
             _, pos, lo, hi, lay = info.rewrite
             entries = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
-            entries[pos] = slice(lay.to_sub(lo, k, keep_txt), lay.to_sub(hi, k, keep_txt))
+            entries[pos] = slice(lay.to_sub(lo, k, k_txt), lay.to_sub(hi, k, k_txt))
             node.args = (node.args[0], tuple(entries) if isinstance(node.args[1], tuple) else entries[0])
-        elif kind == "cat":
-            if not keep_txt:
-                in_args = bool(node.args)
-                tensors = node.args[0] if in_args else node.kwargs["tensors"]
-                kept = [t for i, t in enumerate(tensors) if i not in info.rewrite[1]]
-                if in_args:
-                    node.args = (kept, *node.args[1:])
-                else:
-                    node.kwargs = {**node.kwargs, "tensors": kept}
+        elif kind == "cat":  # with a text subset every text operand is a subset already (analyze_dit)
+            if ctx.context is ContextMode.CACHED:
+                _drop_text_operands(node, info.rewrite[1])
         elif kind == "mask_keys":  # a joint attention's mask: its key columns follow the subset keys
             _, path, lay = info.rewrite
             rows = get_operand(node, path)
-            index = _index_for(gm, ctx, lay, idx, keep_txt)
+            index = _index_for(gm, ctx, lay, idx)
             with gm.graph.inserting_before(node):
                 cols = gm.graph.call_function(ops.take_tokens, (rows, len(node_shape(node)), lay.axis, index))
             set_operand(node, path, cols)
             ctx.memo.setdefault("mask_rows", {})[node.name] = (path, rows)
         elif kind == "sections":
-            sizes = [part.sub_length(k, keep_txt) for part in info.parts]
+            sizes = [part.sub_length(k, k_txt) for part in info.parts]
             if len(node.args) > 1:
                 node.args = (node.args[0], sizes, *node.args[2:])
             else:
