@@ -1,0 +1,111 @@
+"""Where a cached step's time goes, against a full step: ``torch.profiler`` on the mid config.
+
+``python benchmarks/profile_cached_step.py [--cache-ratio 0.9]`` builds the full variant and the
+sparse variant (``k = (1 - cache_ratio) * N``, context computed, K/V extrapolated: what a
+default cached step under CFG runs) of the mid config (SD3 architecture, random weights: 8
+layers, hidden 512, 1024 image tokens, 80 context tokens, batch 2) with Inductor, times each
+(mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each. It prints the self-CPU
+time by category (matmuls, attention, Inductor's generated kernels, the rest), the largest
+entries, and the cached step's time as a multiple of its FLOP share of a full step (the
+target is at most 1.3). Inductor's kernel profiling (``cpp.enable_kernel_profile``) names each
+generated kernel; identical kernels of several layers share one name and add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkl", "onednn")):
+        return "matmul"
+    if "attention" in n or "flash" in n:
+        return "attention"
+    if "cpp_fused" in n or "kernel" in n:
+        return "inductor kernels"
+    return "other"
+
+
+def profile(fn, calls: int = 3) -> tuple[collections.Counter, collections.Counter]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    by, top = collections.Counter(), collections.Counter()
+    for e in prof.key_averages():
+        if e.key.startswith(("ProfilerStep", "## Call CompiledFxGraph")):
+            continue
+        by[category(e.key)] += e.self_cpu_time_total
+        top[e.key] += e.self_cpu_time_total
+    return by, top
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache-ratio", type=float, default=0.9)
+    p.add_argument("--top", type=int, default=8, help="largest entries printed per variant")
+    a = p.parse_args(argv)
+
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True
+    from benchmarks.configs import mid_inputs, mid_sd3
+    from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+    from specdiff_fx.signature import VariantKey
+
+    model, inputs = mid_sd3(), mid_inputs()
+    store = {}
+
+    def grab(gm, example_inputs):
+        store["gm"], store["inputs"] = gm, list(example_inputs)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=grab, dynamic=False)(**inputs)
+    gm, example = store["gm"], store["inputs"]
+    plan = analyze_dit(gm)
+    cfg = SpecDiffConfig(cache_ratio=a.cache_ratio)
+    k = cfg.num_computed(plan.num_image_tokens)
+    full = build_variant(gm, example, plan, cfg, VariantKey.full())
+    sparse = build_variant(gm, example, plan, cfg, VariantKey.sparse(k))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k].sort().values
+                       for _ in range(plan.batch)])
+    extra = [torch.zeros(i.shape, dtype=i.dtype) for i in sparse.new_inputs[1:]]
+    calls = {"full": lambda: full(*example), "cached": lambda: sparse(*example, idx, *extra)}
+    seconds = {}
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(2):
+                fn()
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            seconds[name] = (time.perf_counter() - t0) / 5
+            by, top = profile(fn)
+            total = sum(by.values())
+            shares = ", ".join(f"{c} {v / total:.1%}" for c, v in by.most_common())
+            print(f"== {name}: {seconds[name] * 1e3:.1f} ms per call; self-CPU time: {shares}")
+            for key, v in top.most_common(a.top):
+                print(f"   {v / total:6.1%}  {key[:110]}")
+    share = sparse.flops / full.flops
+    ratio = seconds["cached"] / seconds["full"]
+    print(f"k = {k} of {plan.num_image_tokens} image tokens; cached / full time {ratio:.3f}; FLOP share "
+          f"{share:.3f}; time / FLOP share {ratio / share:.2f} (target <= 1.3)")
+    return {"seconds": seconds, "flop_share": share, "time_over_share": ratio / share}
+
+
+if __name__ == "__main__":
+    main()
