@@ -66,8 +66,9 @@ class SpecDiffConfig:
             (whose score already grows with the time since a token was computed).
         score: what ranks the tokens on a cached step. ``"drift"``: the predicted
             staleness of each token's last output, ``|F1 - F2| / (s2 - s1) * (s1 - sigma)``
-            from its last two computed outputs, times the change the speculative run saw
-            per token over the same part of the schedule (``fut``). ``"attention"``:
+            from its last two computed outputs, times (with a speculative run,
+            ``speculative_steps >= 2``) the change that run saw per token over the same
+            part of the schedule (``fut``). ``"attention"``:
             SpecDiff's ``his * fut`` of attention received (history and speculative run).
         kv_extrapolation: extrapolate the cached tokens' keys/values to first order in sigma
             from their last two computations (instead of reusing the last); doubles the K/V

@@ -29,9 +29,9 @@ Two guards, each a fact about flow-matching sampling rather than a tuned schedul
   cached), so they see less of the error than there is; without this guard a generation
   without CFG ran 40 cached calls in a row at a measured error under the tolerance and lost
   3.6-7.1 dB against the guarded policy (BENCHMARKS.md, "Choosing the controller").
-  The sigma travelled is weighted like the predicted error (``sigma / gap``, below 1 only on
-  a last step shorter than the one before it), so the last step of a schedule that ends in a
-  long jump to zero is not made full by the guard alone.
+  The sigma travelled is weighted like the predicted error (``sigma / gap``, below 1 only
+  where sigma is smaller than the step just taken: in practice the last step of a schedule
+  that ends in a long jump to zero), so that step is not made full by the guard alone.
 """
 
 from __future__ import annotations
