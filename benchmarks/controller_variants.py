@@ -58,15 +58,10 @@ class ErrorLadder(ErrorControlled):
         state.drift_mass = self._drift_mass(view)
         if state.calibration is None or not state.drift_mass:
             return super().decide(state, view)
-        if state.rate is None or state.refresh_sigma is None:
-            return Decision.full("no error measured yet")
-        if state.rate > self.fast_rate:
-            return Decision.full(f"fast phase: error rate {state.rate:.1f} per unit sigma")
-        gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
-        weight = min(1.0, view.sigma / gap) if gap > 0 else 1.0
-        if (state.refresh_sigma - view.sigma) * weight >= self.max_interval - 1e-9:
-            return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
-        predicted = 0.0
+        full = self.guard(state, view)
+        if full is not None:
+            return full
+        weight, predicted = self.step_weight(view), 0.0
         for k in sorted(state.drift_mass):
             predicted = state.calibration * state.drift_mass[k] * weight
             if predicted <= self.config.tolerance:

@@ -73,18 +73,29 @@ class ErrorControlled(Policy):
     #: the most sigma a generation travels between two full calls
     max_interval = 0.25
 
-    def decide(self, state: ErrorState, view: StepView) -> Decision:
+    @staticmethod
+    def step_weight(view: StepView) -> float:
+        """``sigma / gap`` capped at 1: a step moves the latent at most sigma, so the error of
+        a last step shorter than the one before it weighs little."""
+        gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
+        return min(1.0, view.sigma / gap) if gap > 0 else 1.0
+
+    def guard(self, state: ErrorState, view: StepView) -> Decision | None:
+        """The full call the guards demand (no measurement yet, the fast phase, the interval
+        guard), or None."""
         if state.rate is None or state.refresh_sigma is None:
             return Decision.full("no error measured yet")
         if state.rate > self.fast_rate:
             return Decision.full(f"fast phase: error rate {state.rate:.1f} per unit sigma")
-        gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
-        # a step moves the latent at most sigma: the last one's error weighs little
-        weight = min(1.0, view.sigma / gap) if gap > 0 else 1.0
-        travelled = max(0.0, state.refresh_sigma - view.sigma)
-        if travelled * weight >= self.max_interval - 1e-9:
+        if max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view) >= self.max_interval - 1e-9:
             return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
-        predicted = state.rate * travelled * weight
+        return None
+
+    def decide(self, state: ErrorState, view: StepView) -> Decision:
+        full = self.guard(state, view)
+        if full is not None:
+            return full
+        predicted = state.rate * max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view)
         state.predicted = predicted
         tol = self.config.tolerance
         if predicted > tol:
