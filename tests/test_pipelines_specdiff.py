@@ -123,9 +123,13 @@ SCRIPT = textwrap.dedent(
     import sys, torch
     sys.path.insert(0, {tests!r})
     from pipelines import {make}, {kwargs}
+    # backend="specdiff" comes from the entry point: this process never imports specdiff_fx itself
+    assert "specdiff_fx" not in sys.modules and "specdiff" in torch._dynamo.list_backends(exclude_tags=())
     pipe = {make}()
     pipe.transformer = torch.compile(pipe.transformer, backend="specdiff", options={{"inductor": False}})
     torch.save(pipe(**{kwargs}(seed=2, height=32, width=64, num_inference_steps=12)).images, {path!r})
+    import specdiff_fx
+    assert specdiff_fx.last_record().status == "specdiff", specdiff_fx.last_record()
     """
 )
 
@@ -135,7 +139,8 @@ def test_no_state_leaks_between_generations(tmp_path, name):
     """Two generations back to back (other seed, resolution and step count first): the second
     equals the same generation run alone in a fresh process. The fresh process runs while
     this one generates (both on one thread, so they neither wait on each other's cores nor
-    reduce in another order)."""
+    reduce in another order). It is also where ``backend="specdiff"`` is checked to work
+    through the ``torch_dynamo_backends`` entry point alone, specdiff_fx never imported."""
     make_pipe, kwargs, _ = CASES[name]
     path = str(tmp_path / "alone.pt")
     script = SCRIPT.format(tests=os.path.dirname(__file__), make=make_pipe.__name__,
