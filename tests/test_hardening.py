@@ -149,9 +149,15 @@ def test_custom_attention_processor_falls_back_correctly():
 
 # -- state ---------------------------------------------------------------------------------
 
-def test_interrupted_generation_leaves_no_trace():
-    inputs = sd3_inputs(2, 8, 8, seed=3)
+@pytest.fixture(scope="module")
+def fresh():
+    """A generation on a freshly compiled model (new model object: a runtime with no history),
+    what the state tests compare with: ``euler`` of ``tiny_sd3()`` on ``sd3_inputs(2, 8, 8)``."""
+    with torch.no_grad():
+        return euler(compiled(tiny_sd3()), sd3_inputs(2, 8, 8))
 
+
+def test_interrupted_generation_leaves_no_trace(fresh):
     def stop(i):
         if i == 5:
             raise KeyboardInterrupt
@@ -162,8 +168,7 @@ def test_interrupted_generation_leaves_no_trace():
         with pytest.raises(KeyboardInterrupt):
             euler(cm, sd3_inputs(2, 8, 8, seed=9), steps=10, on_step=stop)
         euler(cm, sd3_inputs(2, 8, 8, seed=7), steps=3)  # abandoned after a few steps
-        after = euler(cm, inputs, steps=10)
-        fresh = euler(compiled(tiny_sd3()), inputs, steps=10)  # new model object: fresh runtime
+        after = euler(cm, sd3_inputs(2, 8, 8))
     torch.testing.assert_close(after, fresh)
 
 
@@ -240,7 +245,7 @@ def test_shape_change_inside_a_generation_resets_instead_of_reusing():
 
 # -- numerics, grad, recompiles --------------------------------------------------------------
 
-def test_nan_latents_do_not_poison_later_generations():
+def test_nan_latents_do_not_poison_later_generations(fresh):
     model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
     cm = compiled(model)
     bad = dict(inputs, hidden_states=inputs["hidden_states"].clone())
@@ -249,7 +254,6 @@ def test_nan_latents_do_not_poison_later_generations():
         out_bad = euler(cm, bad)
         assert torch.isnan(out_bad).any()
         good = euler(cm, inputs)
-        fresh = euler(compiled(tiny_sd3()), inputs)
     assert torch.isfinite(good).all()
     torch.testing.assert_close(good, fresh)
 
