@@ -105,8 +105,15 @@ def test_cache_cap_drops_kv_extrapolation_in_a_pipeline(name):
     torch.testing.assert_close(capped, reused, atol=1e-6, rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def sd3_fx():
+    """The SD3 pipeline's default generation (seed 0, 12 steps) on a freshly compiled
+    transformer, rewritten graphs run as plain FX."""
+    return run_pipe("sd3", {"inductor": False}, num_inference_steps=12)
+
+
 @pytest.mark.inductor
-def test_default_options_with_inductor_sd3():
+def test_default_options_with_inductor_sd3(sd3_fx):
     """The real configuration: both variants compiled by Inductor inside the pipeline."""
     ref = run_pipe("sd3", num_inference_steps=12)
     out = run_pipe("sd3", {}, num_inference_steps=12)
@@ -114,8 +121,7 @@ def test_default_options_with_inductor_sd3():
     assert rep.count("cached") > 0 and rep.compiles == 2
     assert torch.isfinite(out).all() and out.shape == ref.shape
     assert (out - ref).abs().max() < 0.25  # cached, not identical; close on a random tiny model
-    plain = run_pipe("sd3", {"inductor": False}, num_inference_steps=12)
-    torch.testing.assert_close(out, plain, atol=2e-3, rtol=1e-3)  # Inductor == FX rewrite
+    torch.testing.assert_close(out, sd3_fx, atol=2e-3, rtol=1e-3)  # Inductor == FX rewrite
 
 
 SCRIPT = textwrap.dedent(
@@ -169,7 +175,7 @@ class Stop(Exception):
     pass
 
 
-def test_pipeline_interrupted_by_a_callback_leaves_no_state():
+def test_pipeline_interrupted_by_a_callback_leaves_no_state(sd3_fx):
     """A pipeline stopped mid-way by a raising callback, then a full generation: equals the
     same generation on a freshly compiled pipeline."""
     make_pipe, kwargs, _ = CASES["sd3"]
@@ -184,9 +190,8 @@ def test_pipeline_interrupted_by_a_callback_leaves_no_state():
     pipe.transformer = torch.compile(pipe.transformer, backend="specdiff", options={"inductor": False})
     with pytest.raises(Stop):
         pipe(**kwargs(seed=5, num_inference_steps=12, callback_on_step_end=stop_at_3))
-    after = pipe(**kwargs(seed=2, num_inference_steps=12)).images
-    fresh = run_pipe("sd3", {"inductor": False}, seed=2, num_inference_steps=12)
-    torch.testing.assert_close(after, fresh, atol=1e-6, rtol=1e-5)
+    after = pipe(**kwargs(seed=0, num_inference_steps=12)).images
+    torch.testing.assert_close(after, sd3_fx, atol=1e-6, rtol=1e-5)
 
 
 def test_two_pipelines_interleaved_call_by_call():
