@@ -44,9 +44,9 @@ BACKEND_ROWS: list[tuple[str, dict]] = [
     ("C3 blend on (taylor)", {"blend": True, "blend_mode": "taylor"}),
     ("no speculation (speculative_steps=0)", {"speculative_steps": 0}),
     ("speculative_steps=3", {"speculative_steps": 3}),
-    ("context cached (cache_context=True)", {"cache_context": True}),
-    ("context computed (cache_context=False)", {"cache_context": False}),
-    ("context cached, refreshed every 2nd cached step", {"cache_context": True, "context_interval": 2}),
+    ("context cached (context_ratio=1)", {"context_ratio": 1.0}),
+    ("context computed (context_ratio=0)", {"context_ratio": 0.0}),
+    ("half the context computed (context_ratio=0.5)", {"context_ratio": 0.5}),
     ("warmup_steps=3", {"controller": "fixed", "warmup_steps": 3}),
     ("refresh_at=(0.8,)", {"controller": "fixed", "refresh_at": (0.8,)}),
     ("refresh_at=(0.8,), no speculation", {"controller": "fixed", "refresh_at": (0.8,), "speculative_steps": 0}),
@@ -160,7 +160,7 @@ def backend_table(family: str, prompts: list[str], steps: int, rows: list[tuple[
         ref = model.sample(prompts, num_steps=steps, seed=0)
         for label, options in rows:
             out, rep = _generate(model, options, prompts, steps, seed=0)
-            ctx = "cached" if rep.context_cached else "computed"
+            ctx = rep.context
             lines.append(f"| {label} | {metrics.psnr(out, ref):.2f} | {metrics.ssim(out, ref):.4f} | "
                          f"{rep.flops_fraction:.1%} | {ctx} |")
             print(lines[-1], flush=True)

@@ -40,7 +40,7 @@ PROMPTS = [
 RATIOS = (0.5, 0.75, 0.9, 0.95, 0.99)
 SPECULATIVE = (0, 2)
 #: SpecDiff as published (attention score, three tiers, K/V reused), for comparison with the defaults
-PAPER = {"score": "attention", "blend": True, "kv_extrapolation": False, "cache_context": False}
+PAPER = {"score": "attention", "blend": True, "kv_extrapolation": False, "context_ratio": 0.0}
 
 
 @dataclass

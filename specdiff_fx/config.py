@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+
+#: the default ``context_ratio`` (see :class:`SpecDiffConfig`)
+CONTEXT_RATIO = 0.75
 
 
 def _is_int(v: Any) -> bool:
@@ -73,18 +78,20 @@ class SpecDiffConfig:
         kv_extrapolation: extrapolate the cached tokens' keys/values to first order in sigma
             from their last two computations (instead of reusing the last); doubles the K/V
             cache.
-        cache_context: ``True``: on cached steps compute no context (text) tokens at all;
-            the image queries read the text keys/values of their last computation (a full step,
-            or a refreshing cached step with ``context_interval``)
-            (extrapolated like the image ones). ``False``: recompute every text token on
-            every step. ``None`` (auto): cache them unless the generation uses
-            classifier-free guidance (batched halves that start from the same latent, or
-            several calls per step), which amplifies the error of stale text K/V
-            (measured: -6.7 dB on our SD3 model with CFG 4, +2.1 dB on our FLUX model).
-        context_interval: with the context cached, every ``context_interval``-th cached
-            step computes every context token again and refreshes their K/V caches (those
-            steps cost what a step with ``cache_context=False`` costs); ``0``: only full
-            steps compute them.
+        context_ratio: fraction of the context (text) tokens *not* recomputed on a cached
+            step, ``0 <= r <= 1``, like ``cache_ratio`` for the image tokens: the
+            ``round((1 - r) * M)`` text tokens whose keys/values drifted most since their
+            last computation are computed (their K/V caches refreshed row by row), the
+            others' keys/values come from their caches (extrapolated like the image ones).
+            ``1`` computes none, ``0`` all. The same with and without classifier-free
+            guidance (chosen on the tune models, BENCHMARKS.md).
+        cache_context: deprecated, use ``context_ratio``: ``True`` is ``context_ratio=1``,
+            ``False`` is ``context_ratio=0``; ``None`` (default) leaves it to
+            ``context_ratio``.
+        context_interval: deprecated (with ``cache_context=True`` or ``context_ratio=1``
+            only): every ``context_interval``-th cached step computes every context token
+            again; ``context_ratio`` computes the most-drifted ones on every cached step
+            instead.
         score_queries: query rows sampled per attention to estimate the attention each
             token receives (``0`` = every row, exact but costs a second ``QK^T``).
         inductor: ``True`` compiles the rewritten graphs with Inductor; ``False`` runs
@@ -115,6 +122,7 @@ class SpecDiffConfig:
     kv_extrapolation: bool = True
     cache_context: bool | None = None
     context_interval: int = 0
+    context_ratio: float = CONTEXT_RATIO
     score_queries: int = 256
     inductor: bool = True
     strict: bool = False
@@ -176,6 +184,20 @@ class SpecDiffConfig:
             raise bad("cache_context", "True, False or None (auto)")
         if not (_is_int(self.context_interval) and 0 <= self.context_interval <= 1000):
             raise bad("context_interval", "an int with 0 <= context_interval <= 1000 (0 = only full steps)")
+        if not (_is_real(self.context_ratio) and 0.0 <= self.context_ratio <= 1.0):
+            raise bad("context_ratio", "a number with 0 <= context_ratio <= 1")
+        if self.cache_context is not None:
+            if self.context_ratio != CONTEXT_RATIO:
+                raise ValueError("specdiff options 'context_ratio' and 'cache_context' both say how the context "
+                                 "tokens are cached; give 'context_ratio' only ('cache_context' is deprecated)")
+            warnings.warn(f"specdiff option 'cache_context' is deprecated: use "
+                          f"context_ratio={1.0 if self.cache_context else 0.0}", FutureWarning, stacklevel=4)
+        if self.context_interval:
+            if self.effective_context_ratio != 1.0:
+                raise ValueError(f"specdiff option 'context_interval' only applies with every context token cached "
+                                 f"(context_ratio=1); got context_ratio={self.effective_context_ratio}")
+            warnings.warn("specdiff option 'context_interval' is deprecated: context_ratio < 1 computes the "
+                          "context tokens that drifted most on every cached step", FutureWarning, stacklevel=4)
         if self.starvation_scale is None:
             object.__setattr__(self, "starvation_scale", 0.5 if self.score == "attention" else 0.0)
         if not (_is_real(self.starvation_scale) and 0.0 <= self.starvation_scale <= 10.0):
@@ -225,6 +247,13 @@ class SpecDiffConfig:
 
     def replace(self, **changes: Any) -> "SpecDiffConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def effective_context_ratio(self) -> float:
+        """``context_ratio``, or what the deprecated ``cache_context`` says (``True`` 1, ``False`` 0)."""
+        if self.cache_context is None:
+            return self.context_ratio
+        return 1.0 if self.cache_context else 0.0
 
     @property
     def history_depth(self) -> int:

@@ -115,7 +115,7 @@ class SpecDiffBackend:
         try:
             policy = make_policy(self.config, plan.num_image_tokens)
             executor = GraphExecutor(gm, example_inputs, plan, self.config, self.mode,
-                                     may_need=variants_needed(self.config, policy))
+                                     may_need=variants_needed(self.config, policy, plan))
             runtime = SpecDiffRuntime(plan, self.config, executor, policy)
         except Exception as e:
             return self._fallback(original, example_inputs, f"rewrite failed: {type(e).__name__}: {e}", plan, t0, e)

@@ -81,10 +81,17 @@ def drift_scores(fresh: torch.Tensor, fresh_sigma: torch.Tensor, sigma: float) -
     Tokens with a single computed output (``s1 == s2``) have no rate yet: they get the
     largest rate of their sample (so they are refreshed first, ties broken by the sigma
     travelled; with no rate anywhere, the score is the sigma travelled)."""
+    return staleness((fresh[0].float() - fresh[1].float()).norm(dim=-1), fresh_sigma, sigma)
+
+
+def staleness(change: torch.Tensor, fresh_sigma: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`drift_scores` from each token's change between its last two computations,
+    ``change`` ``[B, N]`` (a norm), instead of the outputs themselves (text tokens, which
+    have no output of their own, pass the change of their K/V)."""
     s1, s2 = fresh_sigma[0].float(), fresh_sigma[1].float()
     gap = s2 - s1
     known = gap > 1e-9
-    rate = (fresh[0].float() - fresh[1].float()).norm(dim=-1) / torch.where(known, gap, torch.ones_like(gap))
+    rate = change.float() / torch.where(known, gap, torch.ones_like(gap))
     rate = torch.where(known, rate, torch.zeros_like(rate))
     top = rate.amax(dim=-1, keepdim=True)
     top = torch.where(top > 0, top, torch.ones_like(top))

@@ -62,6 +62,9 @@ class GenerationReport:
     computed_counts: object = None
     #: whether cached steps read the context tokens' K/V from caches (``None``: no cached step yet)
     context_cached: bool | None = None
+    #: ``(k_txt, M)``: context tokens computed per sample on a cached step, of ``M`` (``k_txt``
+    #: < ``M``: the others' K/V read from caches); ``None``: no cached step yet, or no context
+    context_tokens: tuple[int, int] | None = None
     #: the generation's number (unique in the process, increasing)
     id: int = 0
     #: generations the runtime held after this generation's last call (itself included), and
@@ -90,6 +93,15 @@ class GenerationReport:
             return float("nan")
         return sum(s.flops for s in self.steps) / (main * self.full_flops)
 
+    @property
+    def context(self) -> str:
+        """What cached steps did with the context tokens: ``"cached"``, ``"computed"`` or
+        ``"k of M computed"``."""
+        if self.context_tokens is None:
+            return "cached" if self.context_cached else "computed"
+        k, m = self.context_tokens
+        return "cached" if k == 0 else "computed" if k == m else f"{k} of {m} computed"
+
     def summary(self) -> str:
         shard = f" (rank {self.rank} of {self.parallel[1]}: its shard)" if self.parallel else ""
         lines = [
@@ -99,7 +111,7 @@ class GenerationReport:
             f"{self.count('cached')} cached" + (f", {self.count('skipped')} skipped" if self.count("skipped") else "")
             + f"; FLOPs executed: {self.flops_fraction:.1%} of full compute; "
             f"cache {self.cache_bytes / 2**20:.1f} MiB; {self.compiles} compiles, {self.compile_seconds:.1f} s; "
-            f"context tokens {'cached' if self.context_cached else 'computed'} on cached steps; "
+            f"context tokens {self.context} on cached steps; "
             f"{self.live_generations} generation(s) in flight holding {self.held_bytes / 2**20:.1f} MiB",
             "  step branch kind         sigma    C1/C2/C3 (sample 0)   FLOPs vs full",
         ]

@@ -62,6 +62,9 @@ def test_unknown_key_lists_valid_keys():
         ({"context_interval": -1}, "context_interval", "0 <= context_interval"),
         ({"context_interval": 2.0}, "context_interval", "an int"),
         ({"context_interval": True}, "context_interval", "an int"),
+        ({"context_ratio": 1.5}, "context_ratio", "0 <= context_ratio <= 1"),
+        ({"context_ratio": True}, "context_ratio", "0 <= context_ratio <= 1"),
+        ({"context_ratio": None}, "context_ratio", "a number"),
     ],
 )
 def test_bad_values_name_key_value_and_range(options, key, allowed):
@@ -69,6 +72,22 @@ def test_bad_values_name_key_value_and_range(options, key, allowed):
         SpecDiffConfig.from_options(options)
     msg = str(e.value)
     assert repr(key) in msg and allowed in msg and repr(options[key]) in msg
+
+
+@pytest.mark.parametrize("old, ratio", [(True, 1.0), (False, 0.0)])
+def test_cache_context_is_a_deprecated_spelling_of_context_ratio(old, ratio):
+    with pytest.warns(FutureWarning, match=f"'cache_context' is deprecated: use context_ratio={ratio}"):
+        cfg = SpecDiffConfig.from_options({"cache_context": old})
+    assert cfg.effective_context_ratio == ratio and SpecDiffConfig().effective_context_ratio == 0.75
+    with pytest.raises(ValueError, match="'context_ratio' and 'cache_context' both say"):
+        SpecDiffConfig.from_options({"context_ratio": 0.5, "cache_context": old})
+
+
+def test_context_interval_needs_every_context_token_cached():
+    with pytest.raises(ValueError, match="'context_interval' only applies with every context token cached"):
+        SpecDiffConfig.from_options({"context_interval": 2})
+    with pytest.warns(FutureWarning, match="'context_interval' is deprecated"):
+        SpecDiffConfig.from_options({"context_interval": 2, "context_ratio": 1.0})
 
 
 def test_options_must_be_a_dict():

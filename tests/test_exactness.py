@@ -122,12 +122,12 @@ def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(ca
 
     c = captured("flux")
     plan = analyze_dit(c.gm)
-    cfg = SpecDiffConfig(inductor=False, cache_context=True, max_cache_bytes=10**12)
+    cfg = SpecDiffConfig(inductor=False, context_ratio=1.0, max_cache_bytes=10**12)
     k = cfg.num_computed(plan.num_image_tokens)
 
     def executor(config):
         return GraphExecutor(c.gm, c.example_inputs, plan, config,
-                             may_need=variants_needed(config, make_policy(config, plan.num_image_tokens)))
+                             may_need=variants_needed(config, make_policy(config, plan.num_image_tokens), plan))
 
     ex = executor(cfg)
     assert ex.may_need == {VariantKey.sparse(k, ctx, e) for ctx in (ContextMode.CACHED, ContextMode.COMPUTE)
@@ -141,5 +141,5 @@ def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(ca
     assert ex.example_inputs is None  # every variant this config may need is built
     # without the cap one sparse variant is all: its executor drops the inputs once it is built
     plain = cfg.replace(max_cache_bytes=None)
-    assert variants_needed(plain, make_policy(plain, plan.num_image_tokens)) == {
+    assert variants_needed(plain, make_policy(plain, plan.num_image_tokens), plan) == {
         VariantKey.sparse(k, ContextMode.CACHED, True)}

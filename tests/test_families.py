@@ -54,9 +54,10 @@ class Family:
     def variant(self, kind, k=None, **options):
         key = (kind, k, tuple(sorted(options.items())))
         if key not in self.variants:
+            options = dict(options)
+            context = options.pop("cache_context", None)  # which variant (not an option of the config)
             cfg = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False,
                                  **options)
-            context = options.get("cache_context")
             if kind == "full":
                 vkey = VariantKey.full(refresh_text=context is not False)
             else:
@@ -332,7 +333,7 @@ def test_wan_variants_rewrite_exactly(variant_name):
     plan = analyze_dit(gm)
     assert plan.family == "wan" and plan.num_image_tokens == N
     assert len(plan.attention) == n_attn and len(plan.cross_attention) == n_cross
-    cfg = SpecDiffConfig(inductor=False, kv_extrapolation=False, cache_context=False)
+    cfg = SpecDiffConfig(inductor=False, kv_extrapolation=False, context_ratio=0.0)
     full = build_variant(gm, example_inputs, plan, cfg, VariantKey.full(refresh_text=False))
     with torch.no_grad():
         user, extras = full.split(full(*example_inputs))

@@ -58,23 +58,52 @@ def test_default_options_cache_tokens(name):
     cached = [s for s in rep.steps if s.kind == "cached"]
     assert len(cached) == (steps - len(full)) * branches
     assert all(s.c1 == (k,) * batch for s in cached)
+    m = rep.context_tokens[1]  # a quarter of the text tokens computed on cached steps, with or without CFG
+    assert m > 0 and rep.context_tokens == (m - round(cfg.context_ratio * m), m)
     assert rep.flops_fraction < 1.0
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_context_interval_in_a_pipeline(name):
-    """``context_interval=1`` recomputes the context on every cached step: the image equals
-    ``cache_context=False`` (the same computation, plus returned text K/V). With 2 the
-    cached steps alternate between the two sparse variants, and the image differs."""
-    steps = 12
-    computed = run_pipe(name, {"inductor": False, "cache_context": False}, num_inference_steps=steps)
-    every = run_pipe(name, {"inductor": False, "cache_context": True, "context_interval": 1},
-                     num_inference_steps=steps)
-    assert specdiff_fx.last_generation().context_cached is True
+_RUNS: dict = {}
+
+
+def context_run(name, **options):
+    """Images and report of a 10-step generation with these options (plain FX), each computed
+    once for the tests below."""
+    key = (name, tuple(sorted(options.items())))
+    if key not in _RUNS:
+        images = run_pipe(name, {"inductor": False, **options}, num_inference_steps=10)
+        _RUNS[key] = images, specdiff_fx.last_generation()
+    return _RUNS[key]
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux_true_cfg"])
+def test_context_ratio_computes_a_text_subset_in_a_pipeline(name):
+    """Under classifier-free guidance (batched halves; true CFG's two calls per step)
+    ``context_ratio=0.5`` computes half the text tokens on cached steps: the report says how
+    many, and a cached step costs between one that computes the context and one that caches it
+    (the same decisions: the error controller sees the image tokens only)."""
+    flops = {}
+    for ratio in (0.0, 0.5, 1.0):
+        images, rep = context_run(name, context_ratio=ratio)
+        assert torch.isfinite(images).all() and rep.count("cached") > 0
+        flops[ratio] = {s.flops for s in rep.steps if s.kind == "cached"}
+        m = rep.context_tokens[1]
+        assert rep.context_tokens == ({0.0: m, 0.5: m - round(m / 2), 1.0: 0}[ratio], m)
+    assert max(flops[1.0]) < min(flops[0.5]) and max(flops[0.5]) < min(flops[0.0])
+
+
+def test_deprecated_context_interval_in_a_pipeline():
+    """``context_interval=1`` (with every context token cached) recomputes the context on every
+    cached step: the image equals ``context_ratio=0`` (the same computation, plus returned
+    text K/V). With 2 the cached steps alternate between the two sparse variants, and the
+    image differs."""
+    computed, _ = context_run("sd3", context_ratio=0.0)
+    with pytest.warns(FutureWarning, match="'context_interval' is deprecated"):
+        every, rep = context_run("sd3", context_ratio=1.0, context_interval=1)
+    assert rep.context_cached is True
     torch.testing.assert_close(every, computed, atol=1e-6, rtol=1e-6)
-    second = run_pipe(name, {"inductor": False, "cache_context": True, "context_interval": 2},
-                      num_inference_steps=steps)
-    rep = specdiff_fx.last_generation()
+    with pytest.warns(FutureWarning, match="'context_interval' is deprecated"):
+        second, rep = context_run("sd3", context_ratio=1.0, context_interval=2)
     lo, hi = sorted({s.flops for s in rep.steps if s.kind == "cached"})
     age = 0  # cached steps since the text K/V were computed (a full step computes them)
     for s in rep.main_steps:

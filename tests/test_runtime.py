@@ -274,7 +274,7 @@ def test_cache_cap_keeps_the_first_setting_that_fits(cap, extrapolate, context):
     """With text K/V (2 x 96 bytes): 3904 bytes with everything, 3520 without the text caches,
     2432 without extrapolation, 2240 without both; the first that fits the cap is kept."""
     ex = TextExecutor()
-    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, context_ratio=1.0,
                          max_cache_bytes=cap)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     with pytest.warns(RuntimeWarning, match="drops") if not (extrapolate and context) else contextlib.nullcontext():
@@ -425,13 +425,19 @@ class TextExecutor(FakeExecutor):
         return out
 
 
-@pytest.mark.parametrize("option, guided, expected", [
-    (None, "no", True), (None, "batch", False), (None, "calls", False),
-    (True, "batch", True), (False, "no", False),
+@pytest.mark.parametrize("options, guided, expected", [
+    ({"context_ratio": 1.0}, "no", True), ({"context_ratio": 1.0}, "batch", True),
+    ({"context_ratio": 1.0}, "calls", True), ({"context_ratio": 0.0}, "no", False),
+    ({"context_ratio": 0.0}, "calls", False),
+    ({"cache_context": True}, "batch", True), ({"cache_context": False}, "no", False),  # deprecated spellings
 ])
-def test_context_caching_is_off_under_guidance_unless_forced(option, guided, expected):
+def test_context_caching_follows_the_ratio_with_and_without_guidance(options, guided, expected):
+    """``context_ratio`` 1 caches every text token on cached steps, 0 computes them all, with or
+    without classifier-free guidance (batched halves, or two calls per step); the deprecated
+    ``cache_context`` says the same with a FutureWarning."""
     ex = TextExecutor()
-    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=option)
+    with pytest.warns(FutureWarning, match="deprecated") if "cache_context" in options else contextlib.nullcontext():
+        cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, **options)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     x = torch.randn(B, N, C)
     if guided == "batch":
@@ -458,8 +464,9 @@ def test_context_interval_refreshes_the_text_caches_on_cached_steps():
     """``context_interval=2``: every second cached step computes the context and its text
     K/V become the caches the next cached steps read (extrapolated from the last two)."""
     ex = TextExecutor()
-    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0, cache_context=True,
-                         context_interval=2)
+    with pytest.warns(FutureWarning, match="'context_interval' is deprecated"):
+        cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
+                             context_ratio=1.0, context_interval=2)
     rt = SpecDiffRuntime(fake_plan(), cfg, ex)
     x = torch.randn(B, N, C)
     sigmas = torch.linspace(1, 0, 11)
@@ -472,7 +479,8 @@ def test_context_interval_refreshes_the_text_caches_on_cached_steps():
     assert ex.refreshes == [False, True, False, True, False]
     assert [t is not None for t in seen] == [True, False, True, False, True]
     state = rt.branches[0]
-    assert state.text.sigmas == pytest.approx([0.5, 0.7])  # the two refreshing cached steps
+    # every text token's last two computations: the two refreshing cached steps
+    torch.testing.assert_close(state.text.sigmas, torch.tensor([0.5, 0.7]).reshape(2, 1, 1).expand(2, B, 3))
     torch.testing.assert_close(state.text.kv[0], torch.full((B, 1, 3, 4), 0.5))
     torch.testing.assert_close(state.text.prev[0], torch.full((B, 1, 3, 4), 0.7))
     # r = (s1 - sigma) / (s2 - s1): step 2 (0.8) from the full steps 0.9 and 1.0; step 4
@@ -481,3 +489,116 @@ def test_context_interval_refreshes_the_text_caches_on_cached_steps():
         torch.testing.assert_close(seen[j].text_ratio, torch.full((B,), r))
     # each cached step reports the FLOPs of the variant it ran
     assert [s.flops for s in rt.report.steps if s.kind == "cached"] == [20, 31, 20, 31, 20]
+
+
+class SubsetExecutor(TextExecutor):
+    """A model with ``M = 3`` text tokens whose K drift at fixed per-token rates (``k = rate *
+    sigma``): full steps return them; a text-subset step writes the computed rows into the
+    caches in place (``prev <- cache``, ``cache <- fresh``) as the sparse graph does."""
+
+    RATES = torch.tensor([0.0, 5.0, 1.0])
+
+    def flops(self, key):
+        return 25 if key.context is ContextMode.SUBSET else super().flops(key)
+
+    def fresh(self, sigma):
+        return (self.RATES * sigma).reshape(1, 1, 3, 1).expand(B, 1, 3, 4).clone()
+
+    def run_full(self, args):
+        out = super().run_full(args)
+        out.text = [self.fresh(float(args[1][0]) / 1000.0), torch.zeros(B, 1, 3, 4)]
+        return out
+
+    def run_sparse(self, args, key, inputs):
+        self.subsets = getattr(self, "subsets", []) + [inputs if key.context is ContextMode.SUBSET else None]
+        if key.context is ContextMode.SUBSET:
+            self.ratios = getattr(self, "ratios", []) + [inputs.text_ratio.clone()]
+            rows = inputs.text_idx[:, None, :, None].expand(-1, 1, -1, 4)
+            fresh = self.fresh(float(args[1][0]) / 1000.0)
+            for cache, prev, new in zip(inputs.text, inputs.text_prev, (fresh, torch.zeros_like(fresh))):
+                prev.scatter_(2, rows, cache.gather(2, rows))
+                cache.scatter_(2, rows, new.gather(2, rows))
+        return super().run_sparse(args, key, inputs)
+
+
+def subset_plan():
+    from dataclasses import replace
+    return replace(fake_plan(), num_text_tokens=3)
+
+
+def test_text_subset_computes_the_text_tokens_that_drifted_most():
+    """``context_ratio=0.5`` of 3 text tokens: each cached step computes one (k_txt = 3 -
+    round(1.5)), the one whose K moved most per unit of sigma times the sigma travelled since
+    its last computation; its per-token sigmas move, and the others' K/V are extrapolated with
+    their own ratio."""
+    ex = SubsetExecutor()
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
+                         context_ratio=0.5)
+    rt = SpecDiffRuntime(subset_plan(), cfg, ex)
+    x = torch.randn(B, N, C)
+    sigmas = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    for s in sigmas:
+        rt(x, torch.full((B,), s * 1000))
+    key = ex.keys[0]
+    assert key.context is ContextMode.SUBSET and key.k_txt == 1 and set(ex.keys) == {key}
+    assert set(ex.prepared) == {key}  # compiled ahead: the one that ran
+    assert rt.report.context_tokens == (1, 3) and rt.report.context_cached is True
+    assert "1 of 3 computed" in rt.report.summary()
+    chosen = [s.text_idx[0].tolist() for s in ex.subsets]
+    # rates 0, 5, 1 per unit sigma: token 1 stays ahead, one step after its last computation
+    # (0.1 x 5) against token 2's up to four steps (0.4 x 1); token 0 never moves
+    assert chosen == [[1], [1], [1], [1]]
+    state = rt.branches[0]
+    torch.testing.assert_close(state.text.sigmas[:, 0], torch.tensor([[0.9, 0.5, 0.9], [1.0, 0.6, 1.0]]))
+    torch.testing.assert_close(state.text.kv[0][0, 0, :, 0], torch.tensor([0.0, 2.5, 0.9]))
+    # the ratio of step 0.6 per token: (0.7 - 0.6) / (0.8 - 0.7) for the token computed at 0.7
+    # after 0.8, (0.9 - 0.6) / (1 - 0.9) = 3 clamped to 1.5 for the others
+    torch.testing.assert_close(ex.ratios[2][0], torch.tensor([1.5, 1.0, 1.5]))
+    assert [s.flops for s in rt.report.steps if s.kind == "cached"] == [25] * 4
+
+
+def test_text_subset_choice_follows_the_drift_rates():
+    """With token 1 standing still, token 2 (rate 1) is computed first; token 0 (rate 0) only
+    ever when nothing else drifts more."""
+    ex = SubsetExecutor()
+    ex.RATES = torch.tensor([0.0, 0.0, 1.0])
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
+                         context_ratio=0.5)
+    rt = SpecDiffRuntime(subset_plan(), cfg, ex)
+    x = torch.randn(B, N, C)
+    for s in (1.0, 0.9, 0.8, 0.7):
+        rt(x, torch.full((B,), s * 1000))
+    assert [s.text_idx[1].tolist() for s in ex.subsets] == [[2], [2]]
+
+
+@pytest.mark.parametrize("ratio, m, error, guided, expected", [
+    (1.0, 3, None, True, (ContextMode.CACHED, None)), (0.0, 3, None, False, (ContextMode.COMPUTE, None)),
+    (0.5, 3, None, True, (ContextMode.SUBSET, 1)), (0.75, 80, None, False, (ContextMode.SUBSET, 20)),
+    (0.9, 3, None, True, (ContextMode.CACHED, None)),  # rounds to no text token computed
+    (0.1, 3, None, False, (ContextMode.COMPUTE, None)),  # rounds to all
+    # no text subset in the graph: all or nothing, by guidance
+    (0.5, 0, "cross-attention", False, (ContextMode.CACHED, None)),
+    (0.5, 0, "cross-attention", True, (ContextMode.COMPUTE, None)),
+    (1.0, 0, "no text", True, (ContextMode.CACHED, None)), (0.0, 0, "no text", False, (ContextMode.COMPUTE, None)),
+])
+def test_text_mode_of_a_context_ratio(ratio, m, error, guided, expected):
+    from dataclasses import replace
+    from specdiff_fx.runtime.context import text_mode
+    assert text_mode(ratio, replace(fake_plan(), num_text_tokens=m, text_subset_error=error), guided) == expected
+
+
+@pytest.mark.parametrize("branches, mode", [(1, ContextMode.CACHED), (2, ContextMode.COMPUTE)])
+def test_context_ratio_on_a_graph_without_text_subsets(branches, mode):
+    """A graph that supports no text subset (e.g. Wan's cross-attention) caches every context
+    token on cached steps, or computes them all under classifier-free guidance (here two
+    calls per step), says so in the report, and never runs a subset variant."""
+    from dataclasses import replace
+    ex = TextExecutor()
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
+                         context_ratio=0.5)
+    rt = SpecDiffRuntime(replace(fake_plan(), text_subset_error="cross-attention"), cfg, ex)
+    generate(rt, 5, branches=branches)
+    assert {k.context for k in ex.keys} == {mode} and set(ex.prepared) == set(ex.keys)
+    how = "cache all" if mode is ContextMode.CACHED else "compute (classifier-free guidance) all"
+    assert any(f"computes no subset of its context tokens (cross-attention); cached steps {how}" in n
+               for n in rt.report.notes)

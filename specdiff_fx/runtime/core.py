@@ -18,9 +18,10 @@ One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per 
    speculative run saw; ``"attention"``: SpecDiff's ``his * fut``; both times
    ``exp(s * cached_for)``), splits them into tiers and runs the sparse variant, whose graph
    extrapolates the cached K/V, estimates the non-computed tokens' outputs from their
-   history and unpatchifies (with the context cached, the text K/V come from their caches
-   too; every ``context_interval``-th cached step computes the context tokens instead and
-   refreshes those caches); ``skip`` runs no token at all (every output from its history);
+   history and unpatchifies; of the context (text) tokens it computes the
+   ``1 - context_ratio`` share whose K/V drifted most (:class:`~.state.TextKVStore`), the
+   others' K/V come from their caches (extrapolated per token like the image K/V);
+   ``skip`` runs no token at all (every output from its history);
 4. records telemetry (:mod:`specdiff_fx.telemetry`).
 
 What belongs where: the router (:mod:`.routing`) keeps the live generations; the executor
@@ -46,6 +47,7 @@ from ..control import Action, Decision, Observation, Policy, StepView, make_poli
 from ..plan import DiTPlan
 from ..signature import ContextMode, VariantKey
 from ..telemetry import GenerationReport, StepRecord, note_call, set_last
+from .context import text_mode
 from .executor import GraphExecutor, SparseInputs, StepOutput
 from .ranks import ranks_for
 from .routing import Branch, Generation, Router, StepPlan
@@ -56,21 +58,22 @@ log = logging.getLogger("specdiff_fx.runtime")
 _LIVE: "weakref.WeakSet[SpecDiffRuntime]" = weakref.WeakSet()
 
 
-def variants_needed(config: SpecDiffConfig, policy: Policy) -> set[VariantKey]:
+def variants_needed(config: SpecDiffConfig, policy: Policy, plan: DiTPlan) -> set[VariantKey]:
     """Every variant besides the full one that a runtime with ``config`` and ``policy`` may
-    run: one sparse variant per token count, per context mode the generation may pick (the
-    auto mode decides per generation; ``context_interval`` refreshes; the memory cap may
-    drop the text caches) and per K/V extrapolation setting (the cap may drop it)."""
-    contexts = {ContextMode.COMPUTE}
-    if config.cache_context is not False:
-        contexts = {ContextMode.CACHED} | ({ContextMode.REFRESH} if config.context_interval else set())
-        if config.cache_context is None:
-            contexts.add(ContextMode.COMPUTE)
+    run on ``plan``'s graph: one sparse variant per token count, per context mode the
+    generation may pick (by ``context_ratio``; on a graph without text subsets by guidance,
+    decided per generation; the deprecated ``context_interval``
+    refreshes; the memory cap may drop the text caches) and per K/V extrapolation setting
+    (the cap may drop it)."""
+    contexts = {text_mode(config.effective_context_ratio, plan, guided) for guided in (False, True)}
+    if config.context_interval and (ContextMode.CACHED, None) in contexts:
+        contexts.add((ContextMode.REFRESH, None))
     extrapolations = {config.kv_extrapolation}
     if config.max_cache_bytes is not None:
-        contexts.add(ContextMode.COMPUTE)
+        contexts.add((ContextMode.COMPUTE, None))
         extrapolations.add(False)
-    keys = {VariantKey.sparse(k, c, e) for k in policy.token_counts() for c in contexts for e in extrapolations}
+    keys = {VariantKey.sparse(k, c, e, k_txt=t) for k in policy.token_counts() for c, t in contexts
+            for e in extrapolations}
     if policy.may_skip():
         keys.add(VariantKey.skip())
     return keys
@@ -190,9 +193,9 @@ class SpecDiffRuntime:
         branch's second call, when every call of the first step (true CFG: cond and uncond)
         has been seen, so that the context mode is the one :meth:`_context_mode` will pick."""
         cfg = self.config
-        caching = (not self._guided(state)) if cfg.cache_context is None else cfg.cache_context
-        context = ContextMode.CACHED if caching and state.text else ContextMode.COMPUTE
-        keys = [VariantKey.sparse(k, context, cfg.kv_extrapolation) for k in self.policy.token_counts()]
+        context, k_txt = text_mode(cfg.effective_context_ratio, self.plan, self._guided(state)) if state.text else \
+            (ContextMode.COMPUTE, None)
+        keys = [VariantKey.sparse(k, context, cfg.kv_extrapolation, k_txt=k_txt) for k in self.policy.token_counts()]
         if self.policy.may_skip():
             keys.append(VariantKey.skip())
         self.executor.prepare(keys)
@@ -240,7 +243,7 @@ class SpecDiffRuntime:
         if not self._fits_cap(state, out):
             return
         state.kv.store(out.kv, state.extrapolate)
-        if out.text is not None and self._may_cache_context(state):  # not once decided against it, nor under batched CFG
+        if out.text is not None and self._may_cache_context(state):  # not once decided against it
             state.text.store(out.text, sigma, state.extrapolate)
         state.his = out.score
         state.cached_for = torch.zeros(out.tokens.shape[:2], dtype=torch.int32, device=out.tokens.device)
@@ -284,9 +287,11 @@ class SpecDiffRuntime:
             return False
         dropped = []
         if options[0][1] and not fit[1]:
-            state.context = ContextCaching.COMPUTED
+            state.context, state.k_txt = ContextCaching.COMPUTED, None
             state.text.clear()
             self.report.context_cached = False
+            m = self.plan.num_text_tokens
+            self.report.context_tokens = (m, m) if m else None
             dropped.append("the text K/V caches (context computed on cached steps)")
         if options[0][0] and not fit[0]:
             state.extrapolate = False
@@ -297,11 +302,11 @@ class SpecDiffRuntime:
         return True
 
     def _may_cache_context(self, state: BranchState) -> bool:
-        """Whether this generation may still keep text K/V caches: not when the option or an
-        earlier decision says no, nor under batched CFG with ``cache_context=None`` (auto)."""
-        if self.config.cache_context is False or state.context is ContextCaching.COMPUTED:
-            return False
-        return state.context is ContextCaching.CACHED or self.config.cache_context is True or state.groups is None
+        """Whether this generation may still keep text K/V caches: not once it decided to
+        compute every text token on cached steps, nor when the options say it will."""
+        if state.context is not ContextCaching.UNDECIDED:
+            return state.context is not ContextCaching.COMPUTED
+        return self.config.effective_context_ratio > 0
 
     def _note(self, msg: str) -> None:
         log.info(msg)
@@ -404,17 +409,30 @@ class SpecDiffRuntime:
         return state.groups is not None or len(self.generation.branches) > 1
 
     def _context_mode(self, state: BranchState) -> ContextCaching:
-        """``cache_context`` for this generation: the option, or with ``None`` (auto) on
-        unless it uses classifier-free guidance (batched halves from the same latent, or
-        more than one call per step), whose guidance scale amplifies stale text K/V."""
+        """How this generation's cached steps treat the context tokens (:func:`text_mode` of
+        ``context_ratio``), decided at its first cached step. Without text caches (a graph
+        without text tokens, or the memory cap dropped them) every text token is computed;
+        where the graph supports no text subset they are all cached, or all computed under
+        classifier-free guidance (noted and logged: the ratio cannot be honoured)."""
         if state.context is ContextCaching.UNDECIDED:
-            wanted = self.config.cache_context
-            cache = (not self._guided(state)) if wanted is None else wanted
-            cache = cache and bool(state.text)  # a graph without text tokens
-            state.context = ContextCaching.CACHED if cache else ContextCaching.COMPUTED
-            if not cache:
+            ratio = self.config.effective_context_ratio
+            mode, k_txt = text_mode(ratio, self.plan, self._guided(state)) if state.text else \
+                (ContextMode.COMPUTE, None)
+            if 0 < ratio < 1 and self.plan.text_subset_error is not None and state.text:
+                how = "cache" if mode is ContextMode.CACHED else "compute (classifier-free guidance)"
+                msg = (f"specdiff: context_ratio={ratio}: this {self.plan.family} graph computes no subset of "
+                       f"its context tokens ({self.plan.text_subset_error}); cached steps {how} all of them")
+                log.info(msg)
+                self.report.notes.append(msg)
+            state.context = {ContextMode.CACHED: ContextCaching.CACHED, ContextMode.SUBSET: ContextCaching.SUBSET,
+                             ContextMode.COMPUTE: ContextCaching.COMPUTED}[mode]
+            state.k_txt = k_txt
+            if mode is ContextMode.COMPUTE:
                 state.text.clear()
-            self.report.context_cached = cache
+            m = self.plan.num_text_tokens
+            self.report.context_cached = mode is not ContextMode.COMPUTE
+            self.report.context_tokens = ({ContextMode.CACHED: 0, ContextMode.COMPUTE: m}.get(mode, k_txt), m) \
+                if m else None
         return state.context
 
     def _scores(self, state: BranchState, sigma: float) -> torch.Tensor:
@@ -479,15 +497,24 @@ class SpecDiffRuntime:
             if state.extrapolate:
                 inputs.kv_prev, inputs.ratio = state.kv.prev, state.tokens.ratio(sigma).to(state.kv.kv[0])
             context = ContextMode.COMPUTE
-            if self._context_mode(state) is ContextCaching.CACHED:
+            mode = self._context_mode(state)
+            if mode is ContextCaching.SUBSET:
+                context = ContextMode.SUBSET
+                inputs.text_idx = torch.topk(state.text.drift(sigma), state.k_txt, dim=1).indices.sort(dim=1).values
+                inputs.text = state.text.kv
+                if state.extrapolate:
+                    inputs.text_prev = state.text.prev
+                    inputs.text_ratio = state.text.ratio(sigma).to(inputs.ratio)
+            elif mode is ContextCaching.CACHED:
                 refresh_text = bool(cfg.context_interval) and state.text.age + 1 >= cfg.context_interval
                 context = ContextMode.REFRESH if refresh_text else ContextMode.CACHED
                 if not refresh_text:
                     inputs.text = state.text.kv
                     if state.extrapolate:
                         inputs.text_prev = state.text.prev
-                        inputs.text_ratio = state.text.ratio(sigma, self.plan.batch, inputs.ratio)
-            key = VariantKey.sparse(decision.k, context, state.extrapolate)
+                        inputs.text_ratio = state.text.ratio(sigma)[:, 0].to(inputs.ratio)
+            key = VariantKey.sparse(decision.k, context, state.extrapolate,
+                                    k_txt=state.k_txt if context is ContextMode.SUBSET else None)
         out = self.executor.run_sparse(args, key, inputs)
         error = None
         if reused is not None:  # the probes measure the error of the tokens left out
@@ -501,6 +528,8 @@ class SpecDiffRuntime:
             state.text.store(out.text, sigma, state.extrapolate)
         elif key.context is ContextMode.CACHED:
             state.text.age += 1
+        elif key.context is ContextMode.SUBSET:
+            state.text.push(inputs.text_idx, sigma)
         if idx is not None:
             state.tokens.push(idx, out.tokens, sigma)
         state.his = out.score

@@ -46,9 +46,10 @@ class SparseInputs:
     kv: Sequence[torch.Tensor] = ()  # image K/V caches, updated in place
     kv_prev: Sequence[torch.Tensor] | None = None  # with extrapolation: the computation before
     ratio: torch.Tensor | None = None  # [B, N] with extrapolation
-    text: Sequence[torch.Tensor] | None = None  # ContextMode.CACHED: text K/V caches (read only)
+    text: Sequence[torch.Tensor] | None = None  # text K/V caches: CACHED reads them, SUBSET writes them in place
     text_prev: Sequence[torch.Tensor] | None = None
-    text_ratio: torch.Tensor | None = None  # [B]
+    text_ratio: torch.Tensor | None = None  # [B] (CACHED), [B, M] per text token (SUBSET)
+    text_idx: torch.Tensor | None = None  # [B, k_txt] computed text tokens (SUBSET)
 
 
 class GraphExecutor:
@@ -64,7 +65,7 @@ class GraphExecutor:
                  may_need: Iterable[VariantKey] | None = None) -> None:
         self.gm, self.plan, self.config, self.mode = gm, plan, config, mode
         self.example_inputs: list[Any] | None = list(example_inputs)
-        self.full_key = VariantKey.full(refresh_text=config.cache_context is not False)
+        self.full_key = VariantKey.full(refresh_text=config.effective_context_ratio > 0)
         self._variants: dict[VariantKey, Variant] = {}
         self.may_need: set[VariantKey] | None = None if may_need is None else set(may_need)
         self.full: Variant = self.variant(self.full_key)
@@ -112,10 +113,13 @@ class GraphExecutor:
             if key.extrapolate:
                 values[Port(Role.KV_RATIO)] = inputs.ratio
                 values.update(zip(kv_ports(Role.KV_PREV, self._attentions), inputs.kv_prev))
-            if key.context is ContextMode.CACHED:
+            if key.context in (ContextMode.CACHED, ContextMode.SUBSET):
                 values.update(self._text_values(v, Role.TEXT_KV, inputs.text))
+                if key.context is ContextMode.SUBSET:
+                    values[Port(Role.TEXT_IDX)] = inputs.text_idx
                 if key.extrapolate:
-                    values[Port(Role.TEXT_RATIO)] = inputs.text_ratio
+                    ratio = Role.TEXT_RATIO if key.context is ContextMode.CACHED else Role.TEXT_TOKEN_RATIO
+                    values[Port(ratio)] = inputs.text_ratio
                     values.update(self._text_values(v, Role.TEXT_KV_PREV, inputs.text_prev))
         user, ex = v.run(args, values)
         return StepOutput(user, ex[Port(Role.TOKENS)], ex.get(Port(Role.SCORE)), list(inputs.kv), self._text(ex))

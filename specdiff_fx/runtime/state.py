@@ -118,33 +118,59 @@ class KVStore:
 
 @dataclass
 class TextKVStore:
-    """Context-token K/V per attention (``None`` for attentions without text), from their
-    last two computations (every text token is computed together, so one sigma each)."""
+    """Context-token K/V per attention (``None`` for attentions without text): each token's
+    last computed (``kv``) and, with extrapolation, the computation before (``prev``), and
+    the sigmas of both per token (``sigmas`` ``[2, B, M]``, newest first). A full or
+    refreshing step computes every text token; a text-subset step
+    (``ContextMode.SUBSET``) computes some, whose rows the sparse graph writes in place
+    (:meth:`push` then moves their sigmas)."""
 
     kv: list[torch.Tensor | None] = field(default_factory=list)
     prev: list[torch.Tensor | None] = field(default_factory=list)
-    sigmas: list[float] = field(default_factory=list)  # newest first, at most two
-    age: int = 0  # cached steps since the last computation
+    sigmas: torch.Tensor | None = None
+    age: int = 0  # cached steps since every text token was last computed
 
     def __bool__(self) -> bool:
         return bool(self.kv)
 
     def store(self, fresh: Sequence[torch.Tensor | None], sigma: float, extrapolate: bool) -> None:
+        """Every text token was computed at ``sigma``."""
         fresh = [None if t is None else detached(t) for t in fresh]
         if extrapolate:
             self.prev = _shift(self.kv, fresh)
         self.kv = fresh
-        self.sigmas = [sigma, *self.sigmas[:1]]
+        some = next(t for t in fresh if t is not None)  # [B, h, M, d]
+        now = torch.full((some.shape[0], some.shape[2]), sigma, device=some.device)
+        before = self.sigmas[0] if self.sigmas is not None and self.sigmas.shape[1:] == now.shape else now
+        self.sigmas = torch.stack([now, before])
         self.age = 0
 
-    def ratio(self, sigma: float, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """``[B]`` extrapolation ratio of the text K/V to ``sigma``."""
-        s1, s2 = (self.sigmas + self.sigmas[:1])[:2]
-        pair = torch.tensor([s1, s2], device=like.device).reshape(2, 1, 1).expand(2, batch, 1)
-        return schedule.extrapolation_ratio(pair, sigma)[:, 0].to(like)
+    def push(self, idx: torch.Tensor, sigma: float) -> None:
+        """The text tokens ``idx`` (``[B, k_txt]``) were computed at ``sigma`` (their K/V rows
+        are already in the caches)."""
+        self.sigmas[1].scatter_(1, idx, torch.gather(self.sigmas[0], 1, idx))
+        self.sigmas[0].scatter_(1, idx, torch.full(idx.shape, sigma, device=idx.device))
+
+    def ratio(self, sigma: float) -> torch.Tensor:
+        """``[B, M]`` extrapolation ratio of each text token's K/V to ``sigma``."""
+        return schedule.extrapolation_ratio(self.sigmas, sigma)
+
+    def drift(self, sigma: float) -> torch.Tensor:
+        """``[B, M]`` predicted staleness of each text token's cached K/V at ``sigma``: the
+        change of its K/V (every attention, keys and values) between its last two
+        computations, as a rate in sigma, times the sigma travelled since
+        (:func:`schedule.staleness`; without the computation before, the sigma travelled)."""
+        change = None
+        for new, old in zip(self.kv, self.prev):
+            if new is not None:
+                sq = (new - old).float().pow(2).sum(dim=(1, 3))
+                change = sq if change is None else change + sq
+        if change is None:  # no extrapolation: no previous K/V
+            change = torch.ones_like(self.sigmas[0])
+        return schedule.staleness(change.sqrt(), self.sigmas, sigma)
 
     def clear(self) -> None:
-        self.kv, self.prev, self.sigmas, self.age = [], [], [], 0
+        self.kv, self.prev, self.sigmas, self.age = [], [], None, 0
 
     def drop_prev(self) -> None:
         self.prev = []
@@ -158,8 +184,9 @@ class ContextCaching(enum.Enum):
     """Whether a generation's cached steps read the context tokens' K/V from caches."""
 
     UNDECIDED = "undecided"  # decided at the first cached step (auto mode)
-    CACHED = "cached"
-    COMPUTED = "computed"
+    CACHED = "cached"  # none computed (all read from their caches)
+    SUBSET = "subset"  # some computed (those that drifted most), the rest read from their caches
+    COMPUTED = "computed"  # all computed
 
 
 @dataclass
@@ -181,6 +208,7 @@ class BranchState:
     cached_for: torch.Tensor | None = None  # [B, N] consecutive cached steps
     past: collections.deque = field(default_factory=collections.deque)  # paper blend: (sigma, tokens), newest first
     context: ContextCaching = ContextCaching.UNDECIDED
+    k_txt: int | None = None  # ContextCaching.SUBSET: text tokens computed per sample on a cached step
     degraded: bool = False  # cache cap exceeded even without extrapolation: every step full, no caches
 
     def drop_caches(self) -> None:
@@ -198,5 +226,5 @@ class BranchState:
     @property
     def held_bytes(self) -> int:
         """Every tensor the branch holds (caches, sigmas, the speculative run's records)."""
-        extra = nbytes(self.tokens.sigmas) if self.tokens is not None else 0
+        extra = (nbytes(self.tokens.sigmas) if self.tokens is not None else 0) + nbytes(self.text.sigmas)
         return self.cache_bytes + extra + sum(nbytes(t) for _, t in self.spec) + nbytes(self.his, self.cached_for)
