@@ -1,8 +1,9 @@
 """Where a cached step's time goes, against a full step: ``torch.profiler`` on the mid config.
 
-``python benchmarks/profile_cached_step.py [--cache-ratio 0.9]`` builds the full variant and the
-sparse variant (``k = (1 - cache_ratio) * N``, context computed, K/V extrapolated: what a
-default cached step under CFG runs) of the mid config (SD3 architecture, random weights: 8
+``python benchmarks/profile_cached_step.py [--cache-ratio 0.9] [--context-ratio 0.5]`` builds the
+full variant and the sparse variant (``k = (1 - cache_ratio) * N``, K/V extrapolated, of the
+``M`` context tokens ``M - round(context_ratio * M)`` computed: a text subset, every text token
+with ``--context-ratio 0``; the default, 0.5, is what a default cached step runs) of the mid config (SD3 architecture, random weights: 8
 layers, hidden 512, 1024 image tokens, 80 context tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each. It prints the self-CPU
 time by category (matmuls, attention, Inductor's generated kernels, the rest), the largest
@@ -55,6 +56,7 @@ def profile(fn, calls: int = 3) -> tuple[collections.Counter, collections.Counte
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-ratio", type=float, default=0.9)
+    p.add_argument("--context-ratio", type=float, default=0.5)
     p.add_argument("--top", type=int, default=8, help="largest entries printed per variant")
     a = p.parse_args(argv)
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     inductor_config.cpp.enable_kernel_profile = True
     from benchmarks.configs import mid_inputs, mid_sd3
     from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
-    from specdiff_fx.signature import VariantKey
+    from specdiff_fx.runtime.context import text_mode
+    from specdiff_fx.signature import ContextMode, Role, VariantKey
 
     model, inputs = mid_sd3(), mid_inputs()
     store = {}
@@ -76,15 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
         torch.compile(model, backend=grab, dynamic=False)(**inputs)
     gm, example = store["gm"], store["inputs"]
     plan = analyze_dit(gm)
-    cfg = SpecDiffConfig(cache_ratio=a.cache_ratio)
+    cfg = SpecDiffConfig(cache_ratio=a.cache_ratio, context_ratio=a.context_ratio)
     k = cfg.num_computed(plan.num_image_tokens)
+    context, k_txt = text_mode(a.context_ratio, plan, guided=True)
     full = build_variant(gm, example, plan, cfg, VariantKey.full())
-    sparse = build_variant(gm, example, plan, cfg, VariantKey.sparse(k))
+    sparse = build_variant(gm, example, plan, cfg, VariantKey.sparse(k, context, k_txt=k_txt))
     g = torch.Generator().manual_seed(0)
-    idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k].sort().values
-                       for _ in range(plan.batch)])
-    extra = [torch.zeros(i.shape, dtype=i.dtype) for i in sparse.new_inputs[1:]]
-    calls = {"full": lambda: full(*example), "cached": lambda: sparse(*example, idx, *extra)}
+
+    def positions(n: int, count: int) -> torch.Tensor:  # [B, count] distinct sorted positions
+        return torch.stack([torch.randperm(n, generator=g)[:count].sort().values for _ in range(plan.batch)])
+
+    extra = [positions(plan.num_image_tokens, k) if i.port.role is Role.IDX else
+             positions(plan.num_text_tokens, k_txt) if i.port.role is Role.TEXT_IDX else
+             torch.zeros(i.shape, dtype=i.dtype) for i in sparse.new_inputs]
+    calls = {"full": lambda: full(*example), "cached": lambda: sparse(*example, *extra)}
     seconds = {}
     with torch.no_grad():
         for name, fn in calls.items():
@@ -102,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"   {v / total:6.1%}  {key[:110]}")
     share = sparse.flops / full.flops
     ratio = seconds["cached"] / seconds["full"]
-    print(f"k = {k} of {plan.num_image_tokens} image tokens; cached / full time {ratio:.3f}; FLOP share "
+    text = f"{plan.num_text_tokens if k_txt is None else k_txt} of {plan.num_text_tokens}" \
+        if context is not ContextMode.CACHED else f"0 of {plan.num_text_tokens}"
+    print(f"k = {k} of {plan.num_image_tokens} image tokens, {text} text tokens; cached / full time {ratio:.3f}; FLOP share "
           f"{share:.3f}; time / FLOP share {ratio / share:.2f} (target <= 1.3)")
     return {"seconds": seconds, "flop_share": share, "time_over_share": ratio / share}
 

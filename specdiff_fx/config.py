@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 
 #: the default ``context_ratio`` (see :class:`SpecDiffConfig`)
-CONTEXT_RATIO = 0.75
+CONTEXT_RATIO = 0.5
 
 
 def _is_int(v: Any) -> bool:

@@ -78,9 +78,9 @@ def test_bad_values_name_key_value_and_range(options, key, allowed):
 def test_cache_context_is_a_deprecated_spelling_of_context_ratio(old, ratio):
     with pytest.warns(FutureWarning, match=f"'cache_context' is deprecated: use context_ratio={ratio}"):
         cfg = SpecDiffConfig.from_options({"cache_context": old})
-    assert cfg.effective_context_ratio == ratio and SpecDiffConfig().effective_context_ratio == 0.75
+    assert cfg.effective_context_ratio == ratio and SpecDiffConfig().effective_context_ratio == 0.5
     with pytest.raises(ValueError, match="'context_ratio' and 'cache_context' both say"):
-        SpecDiffConfig.from_options({"context_ratio": 0.5, "cache_context": old})
+        SpecDiffConfig.from_options({"context_ratio": 0.25, "cache_context": old})
 
 
 def test_context_interval_needs_every_context_token_cached():

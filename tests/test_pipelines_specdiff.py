@@ -58,7 +58,7 @@ def test_default_options_cache_tokens(name):
     cached = [s for s in rep.steps if s.kind == "cached"]
     assert len(cached) == (steps - len(full)) * branches
     assert all(s.c1 == (k,) * batch for s in cached)
-    m = rep.context_tokens[1]  # a quarter of the text tokens computed on cached steps, with or without CFG
+    m = rep.context_tokens[1]  # half the text tokens computed on cached steps, with or without CFG
     assert m > 0 and rep.context_tokens == (m - round(cfg.context_ratio * m), m)
     assert rep.flops_fraction < 1.0
 
