@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..plan import DiTPlan
 from ..signature import ContextMode
 
+
 def text_mode(ratio: float, plan: DiTPlan, guided: bool) -> tuple[ContextMode, int | None]:
     """The context mode (and text tokens computed) of cached steps that leave ``ratio`` of
     the ``M`` text tokens to their caches: ``CACHED`` when none is computed, ``COMPUTE``

@@ -183,7 +183,7 @@ class TextKVStore:
 class ContextCaching(enum.Enum):
     """Whether a generation's cached steps read the context tokens' K/V from caches."""
 
-    UNDECIDED = "undecided"  # decided at the first cached step (auto mode)
+    UNDECIDED = "undecided"  # decided at the first cached step
     CACHED = "cached"  # none computed (all read from their caches)
     SUBSET = "subset"  # some computed (those that drifted most), the rest read from their caches
     COMPUTED = "computed"  # all computed
