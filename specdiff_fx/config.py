@@ -181,7 +181,7 @@ class SpecDiffConfig:
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
         if self.cache_context is not None and not isinstance(self.cache_context, bool):
-            raise bad("cache_context", "True, False or None (auto)")
+            raise bad("cache_context", "True, False or None (deprecated: use context_ratio)")
         if not (_is_int(self.context_interval) and 0 <= self.context_interval <= 1000):
             raise bad("context_interval", "an int with 0 <= context_interval <= 1000 (0 = only full steps)")
         if not (_is_real(self.context_ratio) and 0.0 <= self.context_ratio <= 1.0):
