@@ -3,8 +3,9 @@
 ``python benchmarks/profile_cached_step.py [--cache-ratio 0.9] [--context-ratio 0.5]`` builds the
 full variant and the sparse variant (``k = (1 - cache_ratio) * N``, K/V extrapolated, of the
 ``M`` context tokens ``M - round(context_ratio * M)`` computed: a text subset, every text token
-with ``--context-ratio 0``; the default, 0.5, is what a default cached step runs) of the mid config (SD3 architecture, random weights: 8
-layers, hidden 512, 1024 image tokens, 80 context tokens, batch 2) with Inductor, times each
+with ``--context-ratio 0``; the default, 0.5, is what a default cached step runs) of the mid
+config (SD3 architecture, random weights: 8 layers, hidden 512, 1024 image tokens, 80 context
+tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each. It prints the self-CPU
 time by category (matmuls, attention, Inductor's generated kernels, the rest), the largest
 entries, and the cached step's time as a multiple of its FLOP share of a full step (the
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     inductor_config.cpp.enable_kernel_profile = True
     from benchmarks.configs import mid_inputs, mid_sd3
     from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
-    from specdiff_fx.runtime.context import text_mode
-    from specdiff_fx.signature import ContextMode, Role, VariantKey
+    from specdiff_fx.runtime.context import text_mode, text_tokens
+    from specdiff_fx.signature import Role, VariantKey
 
     model, inputs = mid_sd3(), mid_inputs()
     store = {}
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"   {v / total:6.1%}  {key[:110]}")
     share = sparse.flops / full.flops
     ratio = seconds["cached"] / seconds["full"]
-    text = f"{plan.num_text_tokens if k_txt is None else k_txt} of {plan.num_text_tokens}" \
-        if context is not ContextMode.CACHED else f"0 of {plan.num_text_tokens}"
+    text = "{} of {}".format(*text_tokens(context, k_txt, plan))
     print(f"k = {k} of {plan.num_image_tokens} image tokens, {text} text tokens; cached / full time {ratio:.3f}; FLOP share "
           f"{share:.3f}; time / FLOP share {ratio / share:.2f} (target <= 1.3)")
     return {"seconds": seconds, "flop_share": share, "time_over_share": ratio / share}

@@ -30,3 +30,12 @@ def text_mode(ratio: float, plan: DiTPlan, guided: bool) -> tuple[ContextMode, i
     if plan.text_subset_error is not None or not m:
         return (ContextMode.COMPUTE if guided else ContextMode.CACHED), None
     return ContextMode.SUBSET, k_txt
+
+
+def text_tokens(mode: ContextMode, k_txt: int | None, plan: DiTPlan) -> tuple[int, int] | None:
+    """``(text tokens computed per sample on a cached step of context mode`` ``mode``, ``M)``
+    for telemetry; ``None`` where the plan does not count the text tokens (no text subsets)."""
+    m = plan.num_text_tokens
+    if not m:
+        return None
+    return {ContextMode.CACHED: 0, ContextMode.SUBSET: k_txt}.get(mode, m), m

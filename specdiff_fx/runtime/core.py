@@ -47,7 +47,7 @@ from ..control import Action, Decision, Observation, Policy, StepView, make_poli
 from ..plan import DiTPlan
 from ..signature import ContextMode, VariantKey
 from ..telemetry import GenerationReport, StepRecord, note_call, set_last
-from .context import text_mode
+from .context import text_mode, text_tokens
 from .executor import GraphExecutor, SparseInputs, StepOutput
 from .ranks import ranks_for
 from .routing import Branch, Generation, Router, StepPlan
@@ -193,8 +193,7 @@ class SpecDiffRuntime:
         branch's second call, when every call of the first step (true CFG: cond and uncond)
         has been seen, so that the context mode is the one :meth:`_context_mode` will pick."""
         cfg = self.config
-        context, k_txt = text_mode(cfg.effective_context_ratio, self.plan, self._guided(state)) if state.text else \
-            (ContextMode.COMPUTE, None)
+        context, k_txt = self._text_plan(state)
         keys = [VariantKey.sparse(k, context, cfg.kv_extrapolation, k_txt=k_txt) for k in self.policy.token_counts()]
         if self.policy.may_skip():
             keys.append(VariantKey.skip())
@@ -290,8 +289,7 @@ class SpecDiffRuntime:
             state.context, state.k_txt = ContextCaching.COMPUTED, None
             state.text.clear()
             self.report.context_cached = False
-            m = self.plan.num_text_tokens
-            self.report.context_tokens = (m, m) if m else None
+            self.report.context_tokens = text_tokens(ContextMode.COMPUTE, None, self.plan)
             dropped.append("the text K/V caches (context computed on cached steps)")
         if options[0][0] and not fit[0]:
             state.extrapolate = False
@@ -408,6 +406,13 @@ class SpecDiffRuntime:
         call per step (true CFG; any further branch counts, confirmed member or not)."""
         return state.groups is not None or len(self.generation.branches) > 1
 
+    def _text_plan(self, state: BranchState) -> tuple[ContextMode, int | None]:
+        """The context mode (and ``k_txt``) of this generation's cached steps: every text
+        token computed without text caches, else :func:`text_mode` of ``context_ratio``."""
+        if not state.text:
+            return ContextMode.COMPUTE, None
+        return text_mode(self.config.effective_context_ratio, self.plan, self._guided(state))
+
     def _context_mode(self, state: BranchState) -> ContextCaching:
         """How this generation's cached steps treat the context tokens (:func:`text_mode` of
         ``context_ratio``), decided at its first cached step. Without text caches (a graph
@@ -416,8 +421,7 @@ class SpecDiffRuntime:
         classifier-free guidance (noted and logged: the ratio cannot be honoured)."""
         if state.context is ContextCaching.UNDECIDED:
             ratio = self.config.effective_context_ratio
-            mode, k_txt = text_mode(ratio, self.plan, self._guided(state)) if state.text else \
-                (ContextMode.COMPUTE, None)
+            mode, k_txt = self._text_plan(state)
             if 0 < ratio < 1 and self.plan.text_subset_error is not None and state.text:
                 how = "cache" if mode is ContextMode.CACHED else "compute (classifier-free guidance)"
                 msg = (f"specdiff: context_ratio={ratio}: this {self.plan.family} graph computes no subset of "
@@ -429,10 +433,8 @@ class SpecDiffRuntime:
             state.k_txt = k_txt
             if mode is ContextMode.COMPUTE:
                 state.text.clear()
-            m = self.plan.num_text_tokens
             self.report.context_cached = mode is not ContextMode.COMPUTE
-            self.report.context_tokens = ({ContextMode.CACHED: 0, ContextMode.COMPUTE: m}.get(mode, k_txt), m) \
-                if m else None
+            self.report.context_tokens = text_tokens(mode, k_txt, self.plan)
         return state.context
 
     def _scores(self, state: BranchState, sigma: float) -> torch.Tensor:
