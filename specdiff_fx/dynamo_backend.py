@@ -112,6 +112,10 @@ class SpecDiffBackend:
             fn = compile_graph(original, example_inputs, self.config, self.mode)
             self._record(CompileRecord("plain", reason, plan.family, plan, time.perf_counter() - t0))
             return fn
+        if plan.parallel is not None and self.config.score == "attention":
+            return self._fallback(original, example_inputs, "score='attention' is not supported under context "
+                                  "parallelism (its caches hold every rank's keys for a share of the heads; "
+                                  "score='drift', the default, is)", plan, t0)
         try:
             policy = make_policy(self.config, plan.num_image_tokens)
             executor = GraphExecutor(gm, example_inputs, plan, self.config, self.mode,

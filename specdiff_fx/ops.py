@@ -224,8 +224,10 @@ def tier_blend(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 # then exchanges the outputs back (DeepSpeed-Ulysses). :func:`collapse_ulysses
 # <specdiff_fx.passes.collapse_ulysses>` folds diffusers' traced exchange into
 # :func:`ulysses_attention`, whose operands are this rank's tokens with all heads: to the
-# rest of the backend it is an attention over local tokens, so token subsets and K/V caches
-# stay in the local layout.
+# rest of the backend it is an attention over local tokens, so token subsets stay in the
+# local layout. The K/V caches live in the layout the attention reads after the exchange
+# (every rank's tokens, this rank's heads: :func:`ulysses_attention_kv`), so a cached step
+# sends only its computed tokens through the exchange (:func:`ulysses_attend_cached`).
 
 
 def _all_to_all(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
@@ -235,6 +237,42 @@ def _all_to_all(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tens
     split = [flat.numel() // world_size] * world_size
     out = torch.ops._c10d_functional.all_to_all_single(flat, split, split, group_name)
     return torch.ops._c10d_functional.wait_tensor(out).reshape(x.shape)
+
+
+def _scatter_heads(x: torch.Tensor, group_name: str, w: int) -> torch.Tensor:
+    """``[B, H, S, d]`` (this rank's tokens, all heads) -> ``[B, H/W, W*S, d]`` (every rank's
+    tokens in rank order, this rank's heads)."""
+    b, h, s, d = x.shape
+    x = _all_to_all(x.reshape(b, w, h // w, s, d).transpose(0, 1), group_name, w)  # [W(src), B, H/W, S, d]
+    return x.permute(1, 2, 0, 3, 4).reshape(b, h // w, w * s, d)
+
+
+def _scatter_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group_name: str,
+                 w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_scatter_heads` of the three operands, in one exchange where they have the same
+    shape and dtype (one collective instead of three: on small steps its latency, not its
+    bytes, is what an exchange costs)."""
+    if query.shape == key.shape == value.shape and query.dtype == key.dtype == value.dtype:
+        b = query.shape[0]
+        return tuple(_scatter_heads(torch.cat([query, key, value]), group_name, w).split(b))
+    return tuple(_scatter_heads(t, group_name, w) for t in (query, key, value))
+
+
+def _gather_heads(x: torch.Tensor, group_name: str, w: int) -> torch.Tensor:
+    """The reverse of :func:`_scatter_heads`: ``[B, H/W, W*S, d]`` -> ``[B, H, S, d]``."""
+    b, h, ws, d = x.shape
+    x = x.reshape(b, h, w, ws // w, d).permute(2, 0, 1, 3, 4)  # [W(dst), B, H/W, S, d]
+    x = _all_to_all(x, group_name, w)  # [W(src head group), B, H/W, S, d]
+    return x.transpose(0, 1).reshape(b, h * w, ws // w, d)
+
+
+def _rank_rows(x: torch.Tensor, w: int, offset: int, length: int, rest: bool = False) -> torch.Tensor:
+    """Of an exchanged ``[B, h, W*S, d]`` tensor, the rows ``offset ... offset + length - 1``
+    of every rank's chunk (``rest=True``: every other row), rank-major: ``[B, h, W*length, d]``."""
+    b, h, ws, d = x.shape
+    chunks = x.reshape(b, h, w, ws // w, d)
+    part = text_segment(chunks, 3, offset, length) if rest else chunks.narrow(3, offset, length)
+    return part.reshape(b, h, -1, d)
 
 
 def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -251,19 +289,85 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     same count on every rank).
     """
     w = world_size
-
-    def scatter_heads(x: torch.Tensor) -> torch.Tensor:  # [B, H, S, d] -> [B, H/W, W*S, d]
-        b, h, s, d = x.shape
-        x = _all_to_all(x.reshape(b, w, h // w, s, d).transpose(0, 1), group_name, w)  # [W(src), B, H/W, S, d]
-        return x.permute(1, 2, 0, 3, 4).reshape(b, h // w, w * s, d)
-
-    b, h, s_q, d = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
-        scatter_heads(query), scatter_heads(key), scatter_heads(value), attn_mask=attn_mask, dropout_p=dropout_p,
-        is_causal=is_causal, scale=scale)
-    out = out.reshape(b, h // w, w, s_q, d).permute(2, 0, 1, 3, 4)  # [W(dst), B, H/W, S_q, d]
-    out = _all_to_all(out, group_name, w)  # [W(src head group), B, H/W, S_q, d]
-    return out.transpose(0, 1).reshape(b, h, s_q, d)
+        *_scatter_qkv(query, key, value, group_name, w),
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    return _gather_heads(out, group_name, w)
+
+
+def ulysses_attention_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                         scale: float | None = None, *, group_name: str, world_size: int, img_offset: int, n_img: int,
+                         text: bool = False) -> tuple[torch.Tensor, ...]:
+    """:func:`ulysses_attention` that also returns the keys and values as the attention saw
+    them (after the exchange): ``(out, k_img, v_img)``, the image tokens of every rank,
+    ``[B, H/W, W*N, d]`` in rank order (``img_offset``, ``n_img``: where the image segment
+    lies in each rank's ``S_k`` tokens); with ``text`` also ``(k_txt, v_txt)``, every other
+    token, ``[B, H/W, W*(S_k - N), d]``. These are the K/V caches of a context-parallel
+    graph: each rank keeps every token's keys for its own heads, the layout the attention
+    reads, so a cached step exchanges only the computed tokens' keys."""
+    w = world_size
+    queries, keys, values = _scatter_qkv(query, key, value, group_name, w)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        queries, keys, values,
+        attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    kv = tuple(_rank_rows(t, w, img_offset, n_img) for t in (keys, values))
+    if text:
+        kv = kv + tuple(_rank_rows(t, w, img_offset, n_img, rest=True) for t in (keys, values))
+    return (_gather_heads(out, group_name, w),) + kv
+
+
+def ulysses_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, idx: torch.Tensor,
+                          offset: int, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                          prev_k: torch.Tensor | None = None, prev_v: torch.Tensor | None = None,
+                          ratio: torch.Tensor | None = None, text_k: torch.Tensor | None = None,
+                          text_v: torch.Tensor | None = None, text_prev_k: torch.Tensor | None = None,
+                          text_prev_v: torch.Tensor | None = None, text_ratio: torch.Tensor | None = None,
+                          fresh_text: bool = False, dropout_p: float = 0.0, is_causal: bool = False,
+                          scale: float | None = None, *, group_name: str, world_size: int):
+    """A cached step's attention under context parallelism: only the computed tokens go
+    through the exchange; every other key and value comes from this rank's caches, which
+    hold every rank's tokens for this rank's heads (:func:`ulysses_attention_kv`'s layout).
+
+    ``query``/``key``/``value`` ``[B, H, S, d]``: this rank's computed tokens (the image
+    subset at ``offset``, ``k`` long, and any computed text tokens around it), all heads;
+    ``idx`` ``[B, W*k]``: the image subset of every rank as positions in the rank-major
+    image order (:func:`global_index`); ``cache_k``/``cache_v`` ``[B, H/W, W*N, d]`` (and
+    ``prev_*``, ``ratio`` ``[B, W*N]``): written and extrapolated as in :func:`cached_rows`.
+    ``text_k``/``text_v`` ``[B, H/W, W*M, d]`` (with ``text_prev_*``, ``text_ratio`` ``[B]``):
+    the text caches when the step computes no text token (read, never written). Returns
+    ``[B, H, S, d]``: this rank's computed tokens' outputs; with ``fresh_text`` also the
+    exchanged keys and values of the computed text tokens (a step refreshing the text caches).
+    No mask: the order of the keys does not matter.
+    """
+    w = world_size
+    qx, kx, vx = _scatter_qkv(query, key, value, group_name, w)
+    k = idx.shape[1] // w
+    keys = cached_rows(cache_k, _rank_rows(kx, w, offset, k), idx, prev_k, ratio)
+    values = cached_rows(cache_v, _rank_rows(vx, w, offset, k), idx, prev_v, ratio)
+    if text_k is not None:
+        texts = []
+        for cache, prev in ((text_k, text_prev_k), (text_v, text_prev_v)):
+            if prev is not None:
+                cache = torch.addcmul(cache, text_ratio.to(cache.dtype).reshape(-1, 1, 1, 1), cache - prev)
+            texts.append(cache)
+    else:
+        texts = [_rank_rows(t, w, offset, k, rest=True) for t in (kx, vx)]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qx, torch.cat([texts[0].to(qx.dtype), keys.to(qx.dtype)], dim=2),
+        torch.cat([texts[1].to(qx.dtype), values.to(qx.dtype)], dim=2),
+        dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    out = _gather_heads(out, group_name, w)
+    return (out, texts[0], texts[1]) if fresh_text else out
+
+
+def global_index(idx: torch.Tensor, n_local: int, group_name: str, world_size: int) -> torch.Tensor:
+    """Every rank's token index ``[B, k]`` (positions among its ``n_local`` tokens) as
+    positions in the rank-major order of all ranks' tokens: ``[B, W*k]``."""
+    k = idx.shape[1]
+    every = gather_shards(idx, 1, group_name, world_size)
+    shift = torch.arange(world_size, device=idx.device).repeat_interleave(k) * n_local
+    return every + shift
 
 
 def gather_shards(x: torch.Tensor, dim: int, group_name: str, world_size: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ class Role(enum.Enum):
     KV_RATIO = "kv_ratio"  # [B, N] extrapolation ratio of the image K/V caches
     TEXT_RATIO = "kv_ratio_txt"  # [B] extrapolation ratio of the text K/V caches (ContextMode.CACHED)
     TEXT_TOKEN_RATIO = "kv_ratio_txt_tokens"  # [B, M] per-token ratio of the text K/V caches (SUBSET)
-    KV = "kv"  # [B, h, N, d] image K or V of one attention (input: cache; output: fresh)
+    KV = "kv"  # [B, h, N, d] image K or V of one attention (input: cache; output: fresh); under context
+    #            parallelism [B, h/W, W*N, d], every rank's tokens for this rank's heads (after the exchange)
     KV_PREV = "kv_prev"  # [B, h, N, d] the computation before the cached one
     TEXT_KV = "text_kv"  # [B, h, M, d] text K or V of one attention (input: cache, written with SUBSET;
     #                                                                 output: fresh)

@@ -73,6 +73,62 @@ def _graph_scenario(model, inputs) -> dict:
     }
 
 
+def _variant_scenario(model, inputs) -> dict:
+    """The full and sparse variants of the collapsed graph, built and run directly: their
+    structure, cache shapes, and a sparse call that computes every token (``k = N``, the
+    caches from the full call, extrapolation ratio 0) against the full call."""
+    from specdiff_fx import SpecDiffConfig, analyze_dit, ops
+    from specdiff_fx.passes import collapse_ulysses
+    from specdiff_fx.signature import ContextMode, Port, Role, VariantKey, kv_ports
+    from specdiff_fx.variants import build_variant
+
+    from conftest import capture
+
+    gm, ex = capture(model, {**inputs, "return_dict": False})
+    gm = collapse_ulysses(gm)
+    plan = analyze_dit(gm)
+    cfg = SpecDiffConfig(inductor=False)
+    attn, n, batch = len(plan.attention), plan.num_image_tokens, plan.batch
+
+    def count(v, target) -> int:
+        return sum(node.target is target for node in v.gm.graph.nodes)
+
+    full = build_variant(gm, ex, plan, cfg, VariantKey.full(refresh_text=True))
+    user, extras = full.run(ex, {})
+    out = {"attention": attn, "full_kv_ops": count(full, ops.ulysses_attention_kv),
+           "full_plain_ops": count(full, ops.ulysses_attention),
+           "kv_shape": tuple(extras[Port(Role.KV, 0, "k")].shape), "q_shape": None, "sparse": {}}
+    kv = [extras[p] for p in kv_ports(Role.KV, attn)]
+    text = [extras.get(p) for p in kv_ports(Role.TEXT_KV, attn)]
+    for context in (ContextMode.COMPUTE, ContextMode.CACHED, ContextMode.REFRESH):
+        v = build_variant(gm, ex, plan, cfg, VariantKey.sparse(n, context, extrapolate=True))
+        caches = [t.clone() for t in kv]
+        prev = [t.clone() for t in kv]
+        values = {Port(Role.IDX): torch.arange(n).expand(batch, n).contiguous(),
+                  Port(Role.HISTORY): torch.zeros(cfg.history_depth, batch, n, plan.out_channels),
+                  Port(Role.WEIGHTS): torch.zeros(batch, n, cfg.history_depth),
+                  Port(Role.KV_RATIO): torch.zeros(batch, n),
+                  **dict(zip(kv_ports(Role.KV, attn), caches)), **dict(zip(kv_ports(Role.KV_PREV, attn), prev))}
+        if context is ContextMode.CACHED:
+            values.update({p: t for p, t in zip(kv_ports(Role.TEXT_KV, attn), text) if t is not None})
+            values.update({p: t for p, t in zip(kv_ports(Role.TEXT_KV_PREV, attn), text) if t is not None})
+            values[Port(Role.TEXT_RATIO)] = torch.zeros(batch)
+        got, got_extras = v.run(ex, values)
+        shapes = {i.port.key: i.shape for i in v.new_inputs}
+        fresh_text = [got_extras.get(p) for p in kv_ports(Role.TEXT_KV, attn)]
+        out["sparse"][context.value] = {
+            "cached_ops": count(v, ops.ulysses_attend_cached), "plain_ops": count(v, ops.ulysses_attention),
+            "global_index": count(v, ops.global_index), "k0_shape": shapes["k0"],
+            "text_shape": shapes.get("kt0"),
+            "diff": float((got[0] - user[0]).abs().max()),
+            "caches_diff": max(float((a - b).abs().max()) for a, b in zip(caches, kv)),
+            "prev_diff": max(float((a - b).abs().max()) for a, b in zip(prev, kv)),
+            "text_diff": max((float((a - b).abs().max()) for a, b in zip(fresh_text, text) if a is not None),
+                             default=None),
+        }
+    return out
+
+
 def _worker(rank: int, world: int) -> dict:
     import specdiff_fx
     from benchmarks import protocol
@@ -89,6 +145,13 @@ def _worker(rank: int, world: int) -> dict:
         ref = model(**inputs, return_dict=False)[0]
     enable_context_parallel(model, world)
     out["graph"] = _graph_scenario(model, inputs)
+    out["variants"] = _variant_scenario(model, inputs)
+    torch._dynamo.reset()  # the attention score is not supported under CP: a logged fallback
+    with torch.no_grad():
+        got = torch.compile(model, backend="specdiff", options={"inductor": False, "score": "attention"})(
+            **inputs, return_dict=False)[0]
+    rec = specdiff_fx.last_record()
+    out["attention_score"] = {"status": rec.status, "reason": rec.reason, "diff": float((got - ref).abs().max())}
     for name, options in (("plain", plain), ("first_call", {"inductor": False})):
         torch._dynamo.reset()
         with torch.no_grad():
@@ -154,6 +217,42 @@ def test_collapse_ulysses_structure_and_numerics(ranks):
         assert g["collapsed_diff"] < 1e-6
         assert g["plan_tokens"] == 64 // WORLD and g["plan_parallel"] == g["parallel"]
         assert g["plan_attention"] == g["sdpa_before"] and g["untouched"]
+
+
+def test_variants_keep_the_caches_in_the_exchanged_layout(ranks):
+    """Full variant: every attention returns its exchanged K/V (every rank's image tokens,
+    this rank's heads); sparse variants: every attention reads them and sends only the
+    computed tokens through the exchange; with every token computed, a sparse call equals
+    the full one and leaves the caches as the full call's (the previous ones shifted)."""
+    for r in ranks:
+        v = r["variants"]
+        attn = v["attention"]
+        assert v["full_kv_ops"] == attn and v["full_plain_ops"] == 0
+        b, h_local, n_all, d = v["kv_shape"]
+        assert (b, n_all) == (2, 64) and h_local * WORLD == 2  # tiny FLUX: 2 heads, 64 image tokens
+        for context, s in v["sparse"].items():
+            assert s["cached_ops"] == attn and s["plain_ops"] == 0 and s["global_index"] == 1, context
+            assert s["k0_shape"] == v["kv_shape"], context
+            assert s["diff"] < 1e-5 and s["caches_diff"] < 1e-5 and s["prev_diff"] < 1e-5, (context, s)
+        assert v["sparse"]["cached"]["text_shape"] == (b, h_local, 6, d)  # 3 text tokens per rank
+        assert v["sparse"]["compute"]["text_shape"] is None and v["sparse"]["compute"]["text_diff"] is None
+        assert v["sparse"]["refresh"]["text_diff"] < 1e-5  # a refreshing step returns the exchanged text K/V
+
+
+def test_a_cached_call_sends_only_its_computed_tokens_through_the_exchange(ranks):
+    for r in ranks:
+        ex = r["bench"]["exchanged"]
+        full, cached = ex["f"], ex["c"]
+        assert len(full) == 1 and len(cached) == 1  # the same bytes on every call of a kind
+        # 10 % of the image tokens (and no text tokens without CFG) of the queries, keys,
+        # values and outputs; before, the keys and values of every token went through
+        assert cached[0] <= 0.15 * full[0], (cached, full)
+
+
+def test_attention_score_falls_back_under_context_parallelism(ranks):
+    for r in ranks:
+        a = r["attention_score"]
+        assert a["status"] == "fallback" and "score='attention'" in a["reason"] and a["diff"] < 1e-5
 
 
 def test_exact_at_cache_ratio_zero_and_on_the_first_full_call(ranks):

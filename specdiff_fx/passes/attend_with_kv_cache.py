@@ -31,12 +31,22 @@ With ``ContextMode.REFRESH`` the subset graph computes every text token (as with
 K/V caches.
 An attention mask gets back its columns for every key (:func:`gather_token_subset` cut
 them to the subset's keys; ``ctx.memo["mask_rows"]``).
+Under context parallelism (an attention is :func:`specdiff_fx.ops.ulysses_attention`) the
+caches are in the layout after the exchange (:func:`expose_attention_kv`): ``Role.KV`` and
+``Role.KV_PREV`` are ``[B, H/W, W*N, d]``, ``Role.TEXT_KV`` ``[B, H/W, W*M, d]``; the index
+and the per-token ratio are gathered from every rank once per call
+(:func:`specdiff_fx.ops.global_index`, :func:`specdiff_fx.ops.gather_shards`), and each
+attention becomes :func:`specdiff_fx.ops.ulysses_attend_cached`: only the computed tokens'
+queries, keys and values go through the exchange. The replaced node stays, unused, until the
+dead-code removal after the last pass. No text subset (``ContextMode.SUBSET``) there.
 Keeps true: queries are only the computed tokens; the attention output has the query's
 layout; with ``idx`` = all tokens (and, for a text subset, the text index = all text tokens)
 the result equals the full graph's.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch.fx as fx
 
@@ -61,6 +71,57 @@ def _text_kwargs(gm: fx.GraphModule, ctx: RewriteContext, i: int, t: str, shape:
     return kwargs
 
 
+def _ulysses(gm: fx.GraphModule, ctx: RewriteContext, ratio: fx.Node | None, text_ratio: fx.Node | None) -> None:
+    """The context-parallel form: each ``ulysses_attention`` -> ``ulysses_attend_cached``
+    with caches in the exchanged layout (see the module docstring)."""
+    plan, key = ctx.plan, ctx.key
+    group, world, _ = plan.parallel
+    nodes = nodes_by_name(gm)
+    n = plan.num_image_tokens
+    first = nodes[plan.attention[0].node]
+    with gm.graph.inserting_before(first):
+        idx = gm.graph.call_function(ops.global_index, (ctx.memo["idx"], n, group, world))
+        if ratio is not None:
+            ratio = gm.graph.call_function(ops.gather_shards, (ratio, 1, group, world))
+    for i, site in enumerate(plan.attention):
+        sdpa = nodes[site.node]
+        args = sdpa_args(sdpa)
+        val = args["key"].meta["val"]
+        b, h, _, d = val.shape
+        shape = (b, h // world, world * n, d)
+        kwargs = {}
+        for t in ("k", "v"):
+            kwargs[f"cache_{t}"] = ctx.add_input(gm, Port(Role.KV, i, t), shape, val.dtype, val.device)
+            if ratio is not None:
+                kwargs[f"prev_{t}"] = ctx.add_input(gm, Port(Role.KV_PREV, i, t), shape, val.dtype, val.device)
+        if ratio is not None:
+            kwargs["ratio"] = ratio
+        offset = site.img_offset
+        m = site.layout.length - n
+        if key.context is ContextMode.CACHED and m:
+            text_shape = (b, h // world, world * m, d)
+            for t in ("k", "v"):
+                kwargs[f"text_{t}"] = ctx.add_input(gm, Port(Role.TEXT_KV, i, t), text_shape, val.dtype, val.device)
+                if text_ratio is not None:
+                    kwargs[f"text_prev_{t}"] = ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), text_shape,
+                                                             val.dtype, val.device)
+            if text_ratio is not None:
+                kwargs["text_ratio"] = text_ratio
+            offset = site.layout.to_sub(offset, ctx.k, 0)
+        refresh = key.context is ContextMode.REFRESH and bool(m)
+        kwargs.update(fresh_text=refresh, dropout_p=args.get("dropout_p", 0.0), is_causal=args.get("is_causal", False),
+                      scale=args.get("scale"), group_name=group, world_size=world)
+        with gm.graph.inserting_after(sdpa):
+            attended = gm.graph.call_function(
+                ops.ulysses_attend_cached, (args["query"], args["key"], args["value"], idx, offset), kwargs)
+        out = attended
+        if refresh:  # the fresh text K/V, for the runtime's text caches
+            with gm.graph.inserting_after(attended):
+                out, *texts = [gm.graph.call_function(operator.getitem, (attended, j)) for j in range(3)]
+            ctx.extras.update(zip((Port(Role.TEXT_KV, i, "k"), Port(Role.TEXT_KV, i, "v")), texts))
+        sdpa.replace_all_uses_with(out)
+
+
 def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
     plan = ctx.plan
     idx = ctx.memo["idx"]
@@ -77,6 +138,9 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
         elif key.context is ContextMode.SUBSET:
             text_ratio = ctx.add_input(gm, Port(Role.TEXT_TOKEN_RATIO), (plan.batch, plan.num_text_tokens),
                                        first.dtype, first.device)
+    if plan.parallel is not None:
+        _ulysses(gm, ctx, ratio, text_ratio)
+        return gm
     for i, site in enumerate(plan.attention):
         sdpa = nodes[site.node]
         args = sdpa_args(sdpa)

@@ -12,9 +12,11 @@ it), so this pass rewrites each exchange-attend-exchange chain into one
 top-level :func:`specdiff_fx.ops.gather_shards` (outside ``proj_out``'s module, so the
 output projection ends at the rank's own tokens). After it the graph reads as a
 single-device DiT over ``N / W`` image tokens whose attention happens to see every rank's
-keys: the token subset, the K/V caches (this rank's tokens, all heads) and the tiers all
-stay per rank; a cached step exchanges only this rank's subset of queries (and their
-outputs), its keys and values whole (from the caches).
+keys: the token subset and the tiers stay per rank. The variant passes then give the
+attention its K/V caches in the layout after the exchange
+(:func:`~specdiff_fx.passes.expose_attention_kv`,
+:func:`~specdiff_fx.passes.attend_with_kv_cache`), so a cached step exchanges only the
+queries, keys and values of this rank's computed tokens (and their outputs).
 
 Reads: the Dynamo graph (op targets, ``example_value``/``val`` shapes, permute dims).
 Writes: a copy of the graph with the chains replaced, ``gm.meta["specdiff_parallel"] =
