@@ -108,17 +108,55 @@ def _generate(model, transformer, steps: int, prompts: list[str]) -> torch.Tenso
         return protocol.SAMPLERS["flux_nocfg"](model, transformer, prompts, noise, steps)
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: str, warm: bool = True) -> tuple[torch.Tensor, float]:
-    """``fn()`` and its wall time; with ``warm`` a first call (compiles) is not timed."""
+def _timed(fn: Callable[[], torch.Tensor], device: str, warm: bool = True,
+           repeat: int = 3) -> tuple[torch.Tensor, float]:
+    """``fn()`` and its median wall time over ``repeat`` runs; with ``warm`` a first call
+    (compiles) is not timed."""
     if warm:
         fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
+    times = []
+    for _ in range(max(1, repeat)):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return out, sorted(times)[len(times) // 2]
+
+
+def exchanged_bytes(model, transformer: torch.nn.Module, steps: int, prompts: list[str]) -> list[int]:
+    """Bytes this rank sends through specdiff's all-to-all exchanges in each call of one
+    generation of ``transformer`` (compiled with ``inductor=False``: the exchanges are
+    :mod:`specdiff_fx.ops` functions then, counted by wrapping them). A full call exchanges
+    what diffusers' own Ulysses attention does (queries, keys, values and outputs of every
+    token of the rank)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from specdiff_fx import ops
+
+    sent: list[int] = []
+    calls: list[int] = []
+    inner = ops._all_to_all
+
+    def counting(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
+        if not isinstance(x, FakeTensor):  # not shape propagation while a variant is built
+            sent.append(x.numel() * x.element_size())
+        return inner(x, group_name, world_size)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        sent.clear()
+        out = transformer(*args, **kwargs)
+        calls.append(sum(sent))
+        return out
+
+    ops._all_to_all = counting
+    try:
+        _generate(model, call, steps, prompts)
+    finally:
+        ops._all_to_all = inner
+    return calls
 
 
 def worker(rank: int, world: int, opts: dict) -> dict:
@@ -137,11 +175,12 @@ def worker(rank: int, world: int, opts: dict) -> dict:
     steps, inductor = opts["steps"], opts["inductor"]
     result: dict[str, Any] = {"rank": rank}
     if rank == 0:  # the single-process reference, before the model is sharded
-        ref, result["t_single_eager"] = _timed(lambda: _generate(model, model.transformer, steps, prompts), device)
+        ref, result["t_single_eager"] = _timed(lambda: _generate(model, model.transformer, steps, prompts), device,
+                                              repeat=opts.get("repeat", 1))
         torch._dynamo.reset()
         single = torch.compile(model.transformer, backend="specdiff", options={"inductor": inductor})
         img, result["t_single_specdiff"] = _timed(lambda: _generate(model, single, steps, prompts), device,
-                                                  opts["warm"])
+                                                  opts["warm"], opts.get("repeat", 1))
         rep = specdiff_fx.last_generation()
         result.update(single_psnr=metrics.psnr(img, ref), single_flops=sum(s.flops for s in rep.steps),
                       single_full_flops=rep.full_flops, single_fraction=rep.flops_fraction)
@@ -154,7 +193,7 @@ def worker(rank: int, world: int, opts: dict) -> dict:
         torch._dynamo.reset()
         compiled = torch.compile(model.transformer, backend="specdiff", options=options)
         images[name], result[f"t_{name}"] = _timed(lambda: _generate(model, compiled, steps, prompts), device,
-                                                   opts["warm"])
+                                                   opts["warm"], opts.get("repeat", 1))
         if name == "specdiff":
             rep = specdiff_fx.last_generation()
             if rep is None or rep.parallel is None:
@@ -165,6 +204,12 @@ def worker(rank: int, world: int, opts: dict) -> dict:
                           tokens=rep.num_image_tokens, whole_tokens=whole.num_image_tokens,
                           kinds="".join(s.kind[0] for s in rep.main_steps), record=str(specdiff_fx.last_record()),
                           whole_fraction=whole.flops_fraction, fraction=rep.flops_fraction)
+    torch._dynamo.reset()  # what goes through the exchanges, per call (untimed, without Inductor)
+    compiled = torch.compile(model.transformer, backend="specdiff", options={"inductor": False})
+    calls = exchanged_bytes(model, compiled, steps, prompts)
+    kinds = "".join(s.kind[0] for s in specdiff_fx.last_generation().main_steps)
+    result["exchanged"] = {kind: sorted({b for b, k in zip(calls, kinds) if k == kind}) for kind in set(kinds)}
+    result["exchanged_total"] = sum(calls)
     result.update({f"img_{k}": v.cpu() for k, v in images.items()})
     return result
 
@@ -185,7 +230,15 @@ def table(results: list[dict]) -> str:
                     f"{r['fraction']:.1%} | {r['flops'] / r0['single_flops']:.3f} | {r['t_specdiff']:.3f} |")
     rows.append(f"| {len(results)} ranks, specdiff, all ranks | | {r0['whole_fraction']:.1%} | "
                 f"{sum(r['flops'] for r in results) / r0['single_flops']:.3f} (sum) | |")
-    return "\n".join(rows) + f"\n\nDecisions (every rank): `{r0['kinds']}`; {r0['record']}"
+    ex = r0["exchanged"]
+    full, cached = max(ex["f"]), max(ex.get("c", [0]))
+    steps = len(r0["kinds"])
+    exchange = (f"All-to-all bytes a rank sends (rank 0): a full call {full / 1e3:.1f} kB (what diffusers' "
+                f"Ulysses attention sends per call), a cached call {cached / 1e3:.1f} kB "
+                f"({cached / full:.1%} of a full one); a specdiff generation {r0['exchanged_total'] / 1e6:.2f} MB "
+                f"against {steps * full / 1e6:.2f} MB for {steps} full calls "
+                f"({r0['exchanged_total'] / (steps * full):.1%}).")
+    return ("\n".join(rows) + f"\n\nDecisions (every rank): `{r0['kinds']}`; {r0['record']}\n\n" + exchange)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,13 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--no-inductor", action="store_true", help="run the rewritten graphs without Inductor")
+    p.add_argument("--repeat", type=int, default=3, help="timed generations per run (the median is reported)")
     p.add_argument("--tiny", action="store_true", help="CI smoke mode: 8 steps, 1 prompt, no Inductor")
     p.add_argument("--write", action="store_true", help="also write benchmarks/context_parallel.md")
     a = p.parse_args(argv)
     from benchmarks.protocol import PROMPTS
 
     opts = {"model": a.model, "steps": 8 if a.tiny else a.steps, "prompts": PROMPTS[:1 if a.tiny else a.prompts],
-            "device": a.device, "inductor": not (a.no_inductor or a.tiny), "warm": not a.tiny}
+            "device": a.device, "inductor": not (a.no_inductor or a.tiny), "warm": not a.tiny,
+            "repeat": 1 if a.tiny else a.repeat}
     if "LOCAL_RANK" in os.environ:  # under torchrun: this process is one rank
         import torch.distributed as dist
 
