@@ -20,6 +20,7 @@ import torch
 import specdiff_fx
 from benchmarks.configs import euler_generate, mid_inputs, mid_sd3
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
+from specdiff_fx.signature import VariantKey
 
 ROUNDS = int(os.environ.get("SPECDIFF_BENCH_ROUNDS", "3"))
 STEPS = int(os.environ.get("SPECDIFF_BENCH_STEPS", "28"))
@@ -71,11 +72,11 @@ def test_mid_step(benchmark, mid, mid_graph, mode):
         else:
             cfg = SpecDiffConfig()
             if mode == "specdiff_full":
-                v = build_variant(gm, ex, plan, cfg, "full")
+                v = build_variant(gm, ex, plan, cfg, VariantKey.full())
                 call = lambda: v(*ex)  # noqa: E731
             else:
                 k = cfg.num_computed(plan.num_image_tokens)
-                v = build_variant(gm, ex, plan, cfg, "sparse", k=k)
+                v = build_variant(gm, ex, plan, cfg, VariantKey.sparse(k))
                 g = torch.Generator().manual_seed(0)
                 idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k].sort().values
                                    for _ in range(plan.batch)])

@@ -6,7 +6,9 @@ full variant and the sparse variant (``k = (1 - cache_ratio) * N``, K/V extrapol
 with ``--context-ratio 0``; the default, 0.5, is what a default cached step runs) of the mid
 config (SD3 architecture, random weights: 8 layers, hidden 512, 1024 image tokens, 80 context
 tokens, batch 2) with Inductor, times each
-(mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each. It prints the self-CPU
+(mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each (``--ab``: times the
+cached step against the same step compiled so that Inductor copies every cache it writes,
+side by side, instead). It prints the self-CPU
 time by category (matmuls, attention, Inductor's generated kernels, the rest), the largest
 entries, and the cached step's time as a multiple of its FLOP share of a full step (the
 target is at most 1.3). Inductor's kernel profiling (``cpp.enable_kernel_profile``) names each
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache-ratio", type=float, default=0.9)
     p.add_argument("--context-ratio", type=float, default=0.5)
     p.add_argument("--top", type=int, default=8, help="largest entries printed per variant")
+    p.add_argument("--ab", action="store_true",
+                   help="instead of profiling: time the full step, the cached step and the cached step compiled "
+                        "without variants.IN_PLACE_CACHES (Inductor then copies each cache it writes), "
+                        "alternately, 8 rounds, medians")
     a = p.parse_args(argv)
 
     import torch._inductor.config as inductor_config
@@ -94,6 +100,31 @@ def main(argv: list[str] | None = None) -> dict:
              positions(plan.num_text_tokens, k_txt) if i.port.role is Role.TEXT_IDX else
              torch.zeros(i.shape, dtype=i.dtype) for i in sparse.new_inputs]
     calls = {"full": lambda: full(*example), "cached": lambda: sparse(*example, *extra)}
+    if a.ab:
+        from specdiff_fx import variants
+
+        saved = dict(variants.IN_PLACE_CACHES)
+        variants.IN_PLACE_CACHES.clear()
+        try:
+            copying = build_variant(gm, example, plan, cfg, VariantKey.sparse(k, context, k_txt=k_txt))
+        finally:
+            variants.IN_PLACE_CACHES.update(saved)
+        calls["cached, caches copied"] = lambda: copying(*example, *extra)
+        times = {name: [] for name in calls}
+        with torch.no_grad():
+            for fn in calls.values():
+                fn(), fn()
+            for _ in range(8):
+                for name, fn in calls.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        share = sparse.flops / full.flops
+        for name, t in med.items():
+            print(f"{name}: {t * 1e3:.1f} ms" + ("" if name == "full" else
+                  f"; / full {t / med['full']:.3f}; time / FLOP share {t / med['full'] / share:.2f}"))
+        return {"seconds": med, "flop_share": share}
     seconds = {}
     with torch.no_grad():
         for name, fn in calls.items():

@@ -69,6 +69,14 @@ def text_segment(x: torch.Tensor, axis: int, offset: int, length: int) -> torch.
     return torch.cat([before, after], dim=axis).contiguous()
 
 
+def _row_index(idx: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of the rows ``idx`` (``[B, k]``) of a ``[B, H, N, d]`` tensor, every head, as
+    ``index_put_`` takes them (broadcast to ``[B, H, k]``)."""
+    b, k = idx.shape
+    return (torch.arange(b, device=idx.device).reshape(b, 1, 1),
+            torch.arange(heads, device=idx.device).reshape(1, heads, 1), idx.reshape(b, 1, k))
+
+
 def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev: torch.Tensor | None = None,
                 ratio: torch.Tensor | None = None) -> torch.Tensor:
     """The keys (or values) of all tokens of one cache: ``cache`` (``[B, H, N, d]``) with the
@@ -78,17 +86,22 @@ def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev
     ``cache``) and ``ratio`` (``[B, N]`` per token, or ``[B]``) the other tokens' keys are
     extrapolated to first order, ``cache + ratio * (cache - prev)``, and both caches shift in
     place at ``idx``: ``prev <- cache``, ``cache <- rows``.
+
+    The caches are written with ``index_put_``, which Inductor performs in place on the
+    caller's tensors (its re-inplacing pass knows it; for ``scatter_`` on a graph input it
+    copied each whole cache, scattered into the copy and copied it back: six extra passes
+    over ``N`` rows per cache and call).
     """
-    batch, heads, k, dim = rows.shape
+    heads = rows.shape[1]
     rows = rows.to(cache.dtype)
-    where = idx.reshape(batch, 1, k, 1).expand(batch, heads, k, dim)
+    where = _row_index(idx, heads)
     if prev is None:
-        cache.scatter_(2, where, rows)
+        cache.index_put_(where, rows)
         return cache
-    keys = torch.addcmul(cache, ratio.to(cache.dtype).reshape(batch, 1, -1, 1), cache - prev)
-    keys = keys.scatter(2, where, rows)
-    prev.scatter_(2, where, torch.gather(cache, 2, where))
-    cache.scatter_(2, where, rows)
+    keys = torch.addcmul(cache, ratio.to(cache.dtype).reshape(rows.shape[0], 1, -1, 1), cache - prev)
+    keys = keys.index_put(where, rows)
+    prev.index_put_(where, cache[where])
+    cache.index_put_(where, rows)
     return keys
 
 

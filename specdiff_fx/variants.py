@@ -17,16 +17,27 @@ from .plan import DiTPlan
 from .signature import ContextMode, Port, Role, VariantKey, VariantKind
 
 
+#: Inductor settings for the graphs that update caches in place. Inductor writes an
+#: ``index_put_`` on a graph input in place (no copy of the cache) only when nothing reads
+#: the input's old value after it in graph order; its locality reordering moves the
+#: extrapolation that reads the whole cache (``cache + ratio * (cache - prev)``) down to its
+#: consumer, past the write, and every cache is then copied, written and copied back on
+#: every call (six extra passes over ``N`` rows per cache; ``BENCHMARKS.md``, "the cost of
+#: a cached step"). Without that reordering the rows are written in place.
+IN_PLACE_CACHES = {"reorder_for_locality": False}
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
-                  mode: str | None = None) -> Callable[..., Any]:
-    """Inductor-compile ``gm`` (or return it as a plain FX callable); call as ``fn(*args)``."""
+                  mode: str | None = None, patches: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+    """Inductor-compile ``gm`` (or return it as a plain FX callable); call as ``fn(*args)``.
+    ``patches``: Inductor config settings for this compile, on top of ``mode``'s."""
     if not config.inductor:
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    patches = list_mode_options(mode) if mode and mode != "default" else None
-    return compile_fx(gm, list(example_inputs), config_patches=patches)
+    merged = {**(list_mode_options(mode) if mode and mode != "default" else {}), **(patches or {})}
+    return compile_fx(gm, list(example_inputs), config_patches=merged or None)
 
 
 @dataclass
@@ -138,7 +149,8 @@ def build_variant(
             examples[len(example_inputs) + j] = index.contiguous()
     flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
-        fn = compile_graph(rewritten, examples, config, mode)
+        fn = compile_graph(rewritten, examples, config, mode,
+                           IN_PLACE_CACHES if key.kind is VariantKind.SPARSE else None)
     meta = rewritten.meta["specdiff_outputs"]
     return Variant(
         key=key, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),

@@ -76,7 +76,7 @@ def test_inductor_full_variant_matches_eager(captured):
 
 
 @pytest.mark.inductor
-def test_inductor_sparse_variant_matches_fx(captured):
+def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
     """FLUX: the subset variant compiled by Inductor equals the plain FX run, and the
     in-place cache writes survive compilation. One context mode, ``COMPUTE`` (the default
     under CFG): each mode is one more Inductor compile (tens of seconds on CPU). The other
@@ -92,7 +92,19 @@ def test_inductor_sparse_variant_matches_fx(captured):
     # the score too; K/V extrapolated (default)
     cfg = SpecDiffConfig(score_queries=0, score="attention")
     key = VariantKey.sparse(k, context, extrapolate=True)
+    import torch._inductor.compile_fx as inductor_compile
+
+    inner, patches = inductor_compile.compile_fx, []
+
+    def recording(*args, **kwargs):
+        patches.append(kwargs.get("config_patches") or {})
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(inductor_compile, "compile_fx", recording)
     compiled = build_variant(c.gm, c.example_inputs, plan, cfg, key)
+    # compiled so that Inductor writes the caches in place (variants.IN_PLACE_CACHES: with its
+    # locality reordering it copied every cache, wrote the copy and copied it back, each call)
+    assert patches and patches[0].get("reorder_for_locality") is False
     plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), key)
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k] for _ in range(2)])
