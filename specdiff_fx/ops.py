@@ -88,9 +88,10 @@ def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev
     place at ``idx``: ``prev <- cache``, ``cache <- rows``.
 
     The caches are written with ``index_put_``, which Inductor performs in place on the
-    caller's tensors (its re-inplacing pass knows it; for ``scatter_`` on a graph input it
-    copied each whole cache, scattered into the copy and copied it back: six extra passes
-    over ``N`` rows per cache and call).
+    caller's tensors when the variant is compiled with ``variants.IN_PLACE_CACHES`` (its
+    re-inplacing pass knows ``index_put_``; for ``scatter_`` on a graph input, or with its
+    locality reordering on, it copied each whole cache, wrote into the copy and copied it
+    back: six extra passes over ``N`` rows per cache and call).
     """
     heads = rows.shape[1]
     rows = rows.to(cache.dtype)
