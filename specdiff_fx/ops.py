@@ -77,6 +77,13 @@ def _row_index(idx: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tenso
             torch.arange(heads, device=idx.device).reshape(1, heads, 1), idx.reshape(b, 1, k))
 
 
+def extrapolate(cache: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """Cached keys (or values) ``[B, H, N, d]`` extrapolated to first order from the
+    computation before (``prev``, same shape): ``cache + ratio * (cache - prev)``, with
+    ``ratio`` per token (``[B, N]``) or per sample (``[B]``)."""
+    return torch.addcmul(cache, ratio.to(cache.dtype).reshape(cache.shape[0], 1, -1, 1), cache - prev)
+
+
 def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev: torch.Tensor | None = None,
                 ratio: torch.Tensor | None = None) -> torch.Tensor:
     """The keys (or values) of all tokens of one cache: ``cache`` (``[B, H, N, d]``) with the
@@ -99,8 +106,7 @@ def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev
     if prev is None:
         cache.index_put_(where, rows)
         return cache
-    keys = torch.addcmul(cache, ratio.to(cache.dtype).reshape(rows.shape[0], 1, -1, 1), cache - prev)
-    keys = keys.index_put(where, rows)
+    keys = extrapolate(cache, prev, ratio).index_put(where, rows)
     prev.index_put_(where, cache[where])
     cache.index_put_(where, rows)
     return keys
@@ -150,7 +156,7 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
         if text_idx is not None:
             text = cached_rows(text, text_segment(fresh, 2, offset, k), text_idx, text_prev, text_ratio)
         elif text_prev is not None:
-            text = torch.addcmul(text, text_ratio.to(text.dtype).reshape(fresh.shape[0], 1, 1, 1), text - text_prev)
+            text = extrapolate(text, text_prev, text_ratio)
         text = text.to(fresh.dtype)
         before = text.narrow(2, 0, text_offset)
         after = text.narrow(2, text_offset, text.shape[2] - text_offset)
@@ -360,11 +366,8 @@ def ulysses_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.T
     keys = cached_rows(cache_k, _rank_rows(kx, w, offset, k), idx, prev_k, ratio)
     values = cached_rows(cache_v, _rank_rows(vx, w, offset, k), idx, prev_v, ratio)
     if text_k is not None:
-        texts = []
-        for cache, prev in ((text_k, text_prev_k), (text_v, text_prev_v)):
-            if prev is not None:
-                cache = torch.addcmul(cache, text_ratio.to(cache.dtype).reshape(-1, 1, 1, 1), cache - prev)
-            texts.append(cache)
+        texts = [cache if prev is None else extrapolate(cache, prev, text_ratio)
+                 for cache, prev in ((text_k, text_prev_k), (text_v, text_prev_v))]
     else:
         texts = [_rank_rows(t, w, offset, k, rest=True) for t in (kx, vx)]
     out = torch.nn.functional.scaled_dot_product_attention(

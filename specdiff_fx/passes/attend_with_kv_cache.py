@@ -99,14 +99,11 @@ def _ulysses(gm: fx.GraphModule, ctx: RewriteContext, ratio: fx.Node | None, tex
         offset = site.img_offset
         m = site.layout.length - n
         if key.context is ContextMode.CACHED and m:
-            text_shape = (b, h // world, world * m, d)
             for t in ("k", "v"):
-                kwargs[f"text_{t}"] = ctx.add_input(gm, Port(Role.TEXT_KV, i, t), text_shape, val.dtype, val.device)
-                if text_ratio is not None:
-                    kwargs[f"text_prev_{t}"] = ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), text_shape,
-                                                             val.dtype, val.device)
-            if text_ratio is not None:
-                kwargs["text_ratio"] = text_ratio
+                text = _text_kwargs(gm, ctx, i, t, (b, h // world, world * m, d), val, text_ratio)
+                kwargs[f"text_{t}"] = text["text"]
+                if "text_prev" in text:
+                    kwargs.update({f"text_prev_{t}": text["text_prev"], "text_ratio": text_ratio})
             offset = site.layout.to_sub(offset, ctx.k, 0)
         refresh = key.context is ContextMode.REFRESH and bool(m)
         kwargs.update(fresh_text=refresh, dropout_p=args.get("dropout_p", 0.0), is_causal=args.get("is_causal", False),
