@@ -14,7 +14,7 @@ import torch
 import specdiff_fx
 from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
 from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
-from specdiff_fx.signature import ContextMode, VariantKey
+from specdiff_fx.signature import ContextMode, Role, VariantKey
 
 MODELS = {"sd3": lambda: tiny_sd3(0), "sd35": lambda: tiny_sd3(0, sd35=True), "flux": lambda: tiny_flux(0)}
 SHAPES = {"sd3": [(8, 8), (16, 8)], "flux": [(4, 4), (6, 3)]}  # latent HxW / token grid; square + not
@@ -77,21 +77,19 @@ def test_inductor_full_variant_matches_eager(captured):
 
 @pytest.mark.inductor
 def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
-    """FLUX: the subset variant compiled by Inductor equals the plain FX run, and the
-    in-place cache writes survive compilation. One context mode, ``COMPUTE`` (the default
-    under CFG): each mode is one more Inductor compile (tens of seconds on CPU). The other
-    modes are checked on the plain FX path: ``CACHED`` against the oracle in
-    test_sparse_semantics.py::test_context_caching_matches_the_oracle, ``REFRESH`` (the
-    fresh text K/V it returns) in test_passes.py::
-    test_attend_with_kv_cache_returns_fresh_text_kv_for_context_refresh and in a pipeline in
-    test_pipelines_specdiff.py::test_context_interval_in_a_pipeline."""
-    context = ContextMode.COMPUTE
+    """FLUX: the sparse variant compiled by Inductor equals the plain FX run, and its in-place
+    cache writes survive compilation. One context mode, ``SUBSET`` (the default under CFG: a
+    share of the text tokens computed, their rows written into the text caches too): each
+    mode is one more Inductor compile (tens of seconds on CPU). The other modes are checked on
+    the plain FX path (test_sparse_semantics.py against the oracle, test_text_subset.py,
+    test_passes.py); SD3's subset variant under Inductor inside a pipeline in
+    test_pipelines_specdiff.py::test_default_options_with_inductor_sd3."""
     c = captured("flux")
     plan = analyze_dit(c.gm)
-    k = 7
+    k, k_txt = 7, 3
     # the score too; K/V extrapolated (default)
     cfg = SpecDiffConfig(score_queries=0, score="attention")
-    key = VariantKey.sparse(k, context, extrapolate=True)
+    key = VariantKey.sparse(k, ContextMode.SUBSET, extrapolate=True, k_txt=k_txt)
     import torch._inductor.compile_fx as inductor_compile
 
     inner, patches = inductor_compile.compile_fx, []
@@ -107,22 +105,35 @@ def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
     assert patches and patches[0].get("reorder_for_locality") is False
     plain = build_variant(c.gm, c.example_inputs, plan, cfg.replace(inductor=False), key)
     g = torch.Generator().manual_seed(0)
-    idx = torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:k] for _ in range(2)])
-    rest = compiled.new_inputs[1:]  # history, weights, K/V ratio, K/V caches (current and previous)
-    caches = [torch.rand(i.shape, generator=g) * 1.5 if i.name.startswith("specdiff_kv_ratio")
-              else torch.randn(i.shape, generator=g) for i in rest]
-    c1 = [t.clone() for t in caches]
-    c2 = [t.clone() for t in caches]
+    n, m = plan.num_image_tokens, plan.num_text_tokens
+
+    def value(i):
+        if i.port.role is Role.IDX:
+            return torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(2)])
+        if i.port.role is Role.TEXT_IDX:
+            return torch.stack([torch.randperm(m, generator=g)[:k_txt] for _ in range(2)])
+        if i.port.role in (Role.KV_RATIO, Role.TEXT_TOKEN_RATIO):
+            return torch.rand(i.shape, generator=g) * 1.5
+        return torch.randn(i.shape, generator=g)
+
+    values = [value(i) for i in compiled.new_inputs]
+    c1 = [t.clone() for t in values]
+    c2 = [t.clone() for t in values]
     with torch.no_grad():
-        _, a = compiled.split(compiled(*c.example_inputs, idx, *c1))
-        _, b = plain.split(plain(*c.example_inputs, idx, *c2))
+        _, a = compiled.split(compiled(*c.example_inputs, *c1))
+        _, b = plain.split(plain(*c.example_inputs, *c2))
     assert {"tokens", "subset", "score"} <= b.keys() and a.keys() == b.keys()
-    assert any(name.startswith("kt") for name in b) == (context is ContextMode.REFRESH)
+    assert not any(name.startswith("kt") for name in b)  # fresh text K/V only with REFRESH
     for name in b:
         assert rel_err(a[name], b[name]) <= 1e-4, name
-    written = [j for j, i in enumerate(rest) if i.port.updated_in_place]
-    assert len(written) == 4 * len(plan.attention)
-    for x, y, before in ((c1[j], c2[j], caches[j]) for j in written):  # the K/V caches, written in place
+    written = {i.port.role: [] for i in compiled.new_inputs if i.updated_in_place}
+    for j, i in enumerate(compiled.new_inputs):
+        if i.updated_in_place:
+            written[i.port.role].append(j)
+    # image K/V and their previous, text K/V and their previous: per attention, K and V
+    assert {r: len(js) for r, js in written.items()} == {
+        r: 2 * len(plan.attention) for r in (Role.KV, Role.KV_PREV, Role.TEXT_KV, Role.TEXT_KV_PREV)}
+    for x, y, before in ((c1[j], c2[j], values[j]) for js in written.values() for j in js):
         assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)
 
 
