@@ -25,6 +25,7 @@ made. :func:`spawn` is the harness the tests use too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -126,37 +127,41 @@ def _timed(fn: Callable[[], torch.Tensor], device: str, warm: bool = True,
     return out, sorted(times)[len(times) // 2]
 
 
-def exchanged_bytes(model, transformer: torch.nn.Module, steps: int, prompts: list[str]) -> list[int]:
-    """Bytes this rank sends through specdiff's all-to-all exchanges in each call of one
-    generation of ``transformer`` (compiled with ``inductor=False``: the exchanges are
-    :mod:`specdiff_fx.ops` functions then, counted by wrapping them). A full call exchanges
-    what diffusers' own Ulysses attention does (queries, keys, values and outputs of every
-    token of the rank)."""
-    from torch._subclasses.fake_tensor import FakeTensor
+class ExchangeCounter:
+    """Counts the bytes this rank sends through specdiff's all-to-all exchanges in each call of
+    ``transformer`` made through this object, while the ``with`` block is open (compiled with
+    ``inductor=False``: the exchanges are :mod:`specdiff_fx.ops` functions then, counted by
+    wrapping them). A full call exchanges what diffusers' own Ulysses attention does (queries,
+    keys, values and outputs of every token of the rank). ``calls``: bytes per call, in order."""
 
-    from specdiff_fx import ops
+    def __init__(self, transformer: Any) -> None:
+        self.transformer, self.calls, self._sent = transformer, [], []
 
-    sent: list[int] = []
-    calls: list[int] = []
-    inner = ops._all_to_all
-
-    def counting(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
-        if not isinstance(x, FakeTensor):  # not shape propagation while a variant is built
-            sent.append(x.numel() * x.element_size())
-        return inner(x, group_name, world_size)
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        sent.clear()
-        out = transformer(*args, **kwargs)
-        calls.append(sum(sent))
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._sent.clear()
+        out = self.transformer(*args, **kwargs)
+        self.calls.append(sum(self._sent))
         return out
 
-    ops._all_to_all = counting
-    try:
-        _generate(model, call, steps, prompts)
-    finally:
-        ops._all_to_all = inner
-    return calls
+    def __enter__(self) -> "ExchangeCounter":
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        from specdiff_fx import ops
+
+        self._inner = inner = ops._all_to_all
+
+        def counting(x: torch.Tensor, group_name: str, world_size: int) -> torch.Tensor:
+            if not isinstance(x, FakeTensor):  # not shape propagation while a variant is built
+                self._sent.append(x.numel() * x.element_size())
+            return inner(x, group_name, world_size)
+
+        ops._all_to_all = counting
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from specdiff_fx import ops
+
+        ops._all_to_all = self._inner
 
 
 def worker(rank: int, world: int, opts: dict) -> dict:
@@ -188,12 +193,20 @@ def worker(rank: int, world: int, opts: dict) -> dict:
     dist.barrier()
     enable_context_parallel(model.transformer, world)
     runs = {"plain": {"inductor": inductor, "cache_ratio": 0.0}, "specdiff": {"inductor": inductor}}
-    images = {}
+    images, counter = {}, None
     for name, options in runs.items():
         torch._dynamo.reset()
         compiled = torch.compile(model.transformer, backend="specdiff", options=options)
-        images[name], result[f"t_{name}"] = _timed(lambda: _generate(model, compiled, steps, prompts), device,
-                                                   opts["warm"], opts.get("repeat", 1))
+        if name == "specdiff" and not inductor:  # count the exchanges in this run (their cost is small)
+            compiled = counter = ExchangeCounter(compiled)
+
+        def generate() -> torch.Tensor:
+            if counter is not None:
+                counter.calls.clear()  # the last timed generation's calls
+            return _generate(model, compiled, steps, prompts)
+
+        with counter or contextlib.nullcontext():
+            images[name], result[f"t_{name}"] = _timed(generate, device, opts["warm"], opts.get("repeat", 1))
         if name == "specdiff":
             rep = specdiff_fx.last_generation()
             if rep is None or rep.parallel is None:
@@ -204,9 +217,12 @@ def worker(rank: int, world: int, opts: dict) -> dict:
                           tokens=rep.num_image_tokens, whole_tokens=whole.num_image_tokens,
                           kinds="".join(s.kind[0] for s in rep.main_steps), record=str(specdiff_fx.last_record()),
                           whole_fraction=whole.flops_fraction, fraction=rep.flops_fraction)
-    torch._dynamo.reset()  # what goes through the exchanges, per call (untimed, without Inductor)
-    compiled = torch.compile(model.transformer, backend="specdiff", options={"inductor": False})
-    calls = exchanged_bytes(model, compiled, steps, prompts)
+    if counter is None:  # what goes through the exchanges, per call (untimed, without Inductor)
+        torch._dynamo.reset()
+        counter = ExchangeCounter(torch.compile(model.transformer, backend="specdiff", options={"inductor": False}))
+        with counter:
+            _generate(model, counter, steps, prompts)
+    calls = counter.calls
     kinds = "".join(s.kind[0] for s in specdiff_fx.last_generation().main_steps)
     result["exchanged"] = {kind: sorted({b for b, k in zip(calls, kinds) if k == kind}) for kind in set(kinds)}
     result["exchanged_total"] = sum(calls)

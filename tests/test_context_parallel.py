@@ -1,6 +1,7 @@
 """specdiff under diffusers' context parallelism (Ulysses), two gloo processes on CPU.
 
-One spawn runs every scenario (process start-up and imports dominate at these sizes); the
+One spawn runs every scenario (each spawn pays process start-up and imports again; the
+scenarios' own time is mostly Dynamo tracing and variant building, ~90 s in all); the
 tests below assert on its results. Scenarios, each on both ranks:
 
 * the pass: ``collapse_ulysses`` on the real Dynamo graph of tiny FLUX under CP — structure
