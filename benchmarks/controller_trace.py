@@ -1,0 +1,111 @@
+"""What the controller predicted against what each call got wrong, call by call.
+
+    python benchmarks/controller_trace.py --model flux --sampler flux_nocfg --steps 20,50
+    python benchmarks/controller_trace.py --model sd3 --sampler sd3_cfg --steps 28 --options '{"tolerance": 0.05}'
+
+One specdiff generation per step count (the protocol's sampler, 8 prompts in one batch, seed
+0, plain-FX path), with every call also run by the untouched transformer on the same inputs:
+the call's *true* error is ``||out - out_full|| / ||out_full||`` over every token of the
+batch (what the cache got wrong on that call, given the latent it was handed). Printed per
+main-run call of branch 0: sigma, kind, the controller's predicted error (its note), the true
+error; then the sums ``sum_i e_i * (sigma_i - sigma_{i+1})`` over the generation and over
+``sigma > 0.5``, the image PSNR against full compute (mean / worst prompt) and the FLOPs.
+
+The predicted error is the relative error of the tokens a sparse call leaves out; the true
+error is over every token, computed ones included, so with 10 % of the tokens computed the two
+agree when the prediction is right and the computed tokens are close to exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sample(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def trace(name: str, sampler: str, steps: int, options: dict, prompts: int = 8) -> dict:
+    """One traced generation; returns the per-call rows and the summary."""
+    import specdiff_fx
+    from benchmarks import protocol
+    from specdiff_zoo import load_shapes_dit
+
+    model = load_shapes_dit(name)
+    noise = protocol.initial_noise(0, protocol.image_size(model), prompts)
+    texts = protocol.PROMPTS[:prompts]
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
+                             options={**options, "inductor": False})
+    errors: list[float] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        out = compiled(*args, **kwargs)
+        full = _sample(model.transformer(*args, **kwargs))
+        errors.append(float((_sample(out) - full).norm() / full.norm()))
+        return out
+
+    with torch.no_grad():
+        ref = protocol.SAMPLERS[sampler](model, model.transformer, texts, noise, steps)
+        specdiff_fx.reset()
+        images = protocol.SAMPLERS[sampler](model, call, texts, noise, steps)
+    rep = specdiff_fx.last_generation()
+    psnr, _ = protocol._per_image(images, ref)
+    main = rep.main_steps  # in call order, as ``errors``
+    rows = []
+    for st, err in zip(main, errors):
+        if st.branch != 0:
+            continue
+        note = st.note.split("predicted error ")
+        rows.append({"step": st.step, "kind": st.kind, "sigma": st.sigma, "true": err,
+                     "predicted": float(note[1].split()[0]) if len(note) > 1 else None, "note": st.note})
+    sig = [r["sigma"] for r in rows] + [0.0]
+    weighted = [r["true"] * (sig[i] - sig[i + 1]) for i, r in enumerate(rows)]
+    return {"model": name, "sampler": sampler, "steps": steps, "rows": rows,
+            "kinds": "".join(r["kind"][0] for r in rows), "flops": rep.flops_fraction,
+            "mean_psnr": sum(psnr) / len(psnr), "worst_psnr": min(psnr), "psnr": psnr,
+            "error_integral": sum(weighted),
+            "error_integral_early": sum(w for w, r in zip(weighted, rows) if r["sigma"] > 0.5)}
+
+
+def report(t: dict) -> str:
+    lines = [f"{t['model']} {t['sampler']} {t['steps']} steps: PSNR {t['mean_psnr']:.2f} / {t['worst_psnr']:.2f} dB, "
+             f"FLOPs {t['flops']:.1%}, sum e*dsigma {t['error_integral']:.4f} (sigma > 0.5: "
+             f"{t['error_integral_early']:.4f})", f"  calls {t['kinds']}"]
+    for r in t["rows"]:
+        pred = f"{r['predicted']:.3f}" if r["predicted"] is not None else "  -  "
+        lines.append(f"  {r['step']:3d} {r['kind'][0]} sigma {r['sigma']:.3f}  predicted {pred}  true {r['true']:.3f}"
+                     + ("" if r["predicted"] is not None else f"  ({r['note'] or 'first call'})"))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="flux")
+    p.add_argument("--sampler", default="flux_nocfg")
+    p.add_argument("--steps", default="20,50", help="comma-separated step counts")
+    p.add_argument("--options", default="{}", help="specdiff options as JSON")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(ROOT))
+    out = []
+    for steps in (int(s) for s in a.steps.split(",")):
+        t = trace(a.model, a.sampler, steps, json.loads(a.options), a.prompts)
+        print(report(t), flush=True)
+        out.append(t)
+    return out
+
+
+if __name__ == "__main__":
+    main()
