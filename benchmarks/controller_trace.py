@@ -2,6 +2,7 @@
 
     python benchmarks/controller_trace.py --model flux --sampler flux_nocfg --steps 20,50
     python benchmarks/controller_trace.py --model sd3 --sampler sd3_cfg --steps 28 --options '{"tolerance": 0.05}'
+    python benchmarks/controller_trace.py --options '{"controller": "error_latest_rate", "tolerance": 0.1}'  # a variant
 
 One specdiff generation per step count (the protocol's sampler, 8 prompts in one batch, seed
 0, plain-FX path), with every call also run by the untouched transformer on the same inputs:
@@ -99,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(ROOT))
+    from benchmarks import controller_variants
+
+    controller_variants.register()  # so that --options may select a variant's controller
     out = []
     for steps in (int(s) for s in a.steps.split(",")):
         t = trace(a.model, a.sampler, steps, json.loads(a.options), a.prompts)

@@ -15,6 +15,10 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   staleness.
 * ``error_ladder_k1``: the same prediction with the smallest ``k`` only (isolates the
   predictor from the partial refreshes).
+* ``error_latest_rate``: the error controller as it was before it predicted with the largest
+  rate measured since the last full call: it predicts with the latest measured rate, which
+  falls call by call once the measured error levels off (BENCHMARKS.md, "Why the held-out
+  cells lose at 50 steps"); use it with ``"tolerance": 0.1``, the default of then.
 """
 
 from __future__ import annotations
@@ -30,13 +34,24 @@ from specdiff_fx.control import Action, Decision, Observation, StepView, registe
 from specdiff_fx.control.error import ErrorControlled, ErrorState  # noqa: E402
 
 
+class ErrorLatestRate(ErrorControlled):
+    name = "error_latest_rate"
+
+    def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
+        err = obs.prediction_error
+        if state.refresh_sigma is not None and err is not None and state.refresh_sigma - obs.sigma > 1e-9:
+            state.rate = err / (state.refresh_sigma - obs.sigma)
+        if obs.decision.action is Action.FULL:
+            state.refresh_sigma = obs.sigma
+
+
 @dataclass
 class LadderState(ErrorState):
     calibration: float | None = None  # measured error per unit of drift mass, last measured call
     drift_mass: dict[int, float] = field(default_factory=dict)  # D(k) at the last decision
 
 
-class ErrorLadder(ErrorControlled):
+class ErrorLadder(ErrorLatestRate):  # as measured: with the latest rate
     name = "error_ladder"
     #: token counts a sparse call may use, as multiples of the smallest, at most max_fraction * N
     ladder = (1.0, 2.5, 5.0)
@@ -98,7 +113,7 @@ class ErrorLadderK1(ErrorLadder):
 def register() -> None:
     from specdiff_fx.control import policies
 
-    for cls in (ErrorLadder, ErrorLadderK1):
+    for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate):
         if cls.name not in policies():
             register_policy(cls)
 

@@ -27,7 +27,7 @@ def test_an_option_of_another_controller_is_refused(options, key, owner):
     with pytest.raises(ValueError, match=f"'{key}' only applies with controller={owner}"):
         SpecDiffConfig.from_options(options)
     # the default values themselves, and lists for tuples, are fine with either controller
-    SpecDiffConfig(controller="fixed", tolerance=0.1)
+    SpecDiffConfig(controller="fixed", tolerance=SpecDiffConfig().tolerance)
     SpecDiffConfig(refresh_at=[0.45, 0.7], warmup_steps=4)
 
 

@@ -21,15 +21,16 @@ def pipeline_sigmas(steps: int, shift: float) -> list[float]:
     return s.sigmas[:-1].tolist()
 
 
-def drive(policy, sigmas, rate):
-    """Run ``policy`` over ``sigmas`` against the fake error model ``error = rate(sigma) *
-    (sigma at the last full call - sigma)``. Returns ``(decision, predicted)`` per call."""
+def drive(policy, sigmas, rate, ceiling=float("inf")):
+    """Run ``policy`` over ``sigmas`` against the fake error model ``error = min(rate(sigma) *
+    (sigma at the last full call - sigma), ceiling)``. Returns ``(decision, predicted)`` per
+    call."""
     state, out, refresh = policy.start(), [], None
     for i, sigma in enumerate(sigmas):
         view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas[:i]), num_tokens=N)
         decision = Decision.full("first") if i == 0 else policy.decide(state, view)
         out.append((decision, getattr(state, "predicted", None)))
-        error = None if refresh is None else rate(sigma) * (refresh - sigma)
+        error = None if refresh is None else min(rate(sigma) * (refresh - sigma), ceiling)
         policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
         if decision.action is Action.FULL:
             refresh = sigma
@@ -70,6 +71,24 @@ def test_refreshes_follow_sigma_not_the_step_count_or_the_shift(steps, shift):
         if g < tol / rate - widest:
             assert g == pytest.approx(gaps[-1])  # only the last interval may be short
         assert g <= tol / rate + widest + 1e-6
+
+
+@pytest.mark.parametrize("steps", [20, 50])
+def test_an_error_that_levels_off_does_not_stretch_the_interval(steps):
+    """The sparse calls recompute the most-drifted tokens, so the measured error may level off
+    below the tolerance (here at 0.6 of it) instead of growing: the policy predicts with the
+    largest rate measured since the last full call, so its intervals stay ``tol / rate`` long
+    as with an error that keeps growing, instead of running until the interval guard. (The
+    first call after a full one must see the rate: one step's error stays under the level.)"""
+    tol, rate = 0.15, 1.0
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+    sigmas = pipeline_sigmas(steps, 1.0)
+    widest = max(a - b for a, b in zip(sigmas, sigmas[1:]))
+    assert rate * widest < 0.6 * tol
+    growing = full_sigmas(sigmas, drive(policy, sigmas, lambda s: rate))
+    levelled = full_sigmas(sigmas, drive(policy, sigmas, lambda s: rate, ceiling=0.6 * tol))
+    assert levelled == growing
+    assert max(np.diff(levelled) * -1) <= tol / rate + widest + 1e-6 < policy.max_interval
 
 
 def test_full_where_the_error_demands_it():
