@@ -14,7 +14,8 @@ coloured-shapes dataset of :mod:`specdiff_zoo.data`, in two families:
 All predict the velocity ``v = noise - x0`` for ``x_sigma = (1 - sigma) x0 +
 sigma noise``. The trained models are listed in :data:`MODELS` (a
 :class:`ZooModel` each): the ``"tune"`` split (``"sd3"``, ``"flux"``, 32 px,
-256 image tokens) is what the method's defaults were chosen on; the
+256 image tokens, and ``"flux_64t"``, the ``"flux"`` model continued at 64 px:
+1024 image tokens) is what the method's defaults are chosen on; the
 ``"heldout"`` split differs in seed, depth/width, training length and image
 size and was not used to choose anything. Weights live in
 ``specdiff_zoo/weights`` and load fully offline with :func:`load_shapes_dit`.
@@ -130,6 +131,11 @@ MODELS: dict[str, ZooModel] = {
                  "SD3 MMDiT, 4 layers, 4 heads x 32, 256 image tokens; tuned the SD3 defaults"),
         ZooModel("flux", "flux", "tune", 32, "shapes_flux",
                  "FLUX, 2 double + 4 single blocks, 4 heads x 32, 256 image tokens; tuned the FLUX defaults"),
+        ZooModel("flux_64t", "flux", "tune", 64, "shapes_flux_64t",
+                 "FLUX, 2 double + 4 single blocks, 4 heads x 32, 1024 image tokens (64 px): the tune flux "
+                 "model continued at 64 px, seed 21, 500 steps at batch 12; colour blobs rather than clean "
+                 "shapes (the regime of the 1024-token held-out model)",
+                 follows_prompts=False),
         ZooModel("sd3_b", "sd3", "heldout", 32, "shapes_sd3_b",
                  "SD3 MMDiT, 6 layers, 3 heads x 32, 256 image tokens; seed 11, 1000 + 900 steps at batch 24"),
         ZooModel("flux_64", "flux", "heldout", 64, "shapes_flux_64",

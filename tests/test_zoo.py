@@ -181,6 +181,7 @@ def test_registry_contents_and_splits() -> None:
     assert [(m.name, m.family, m.image_size, m.weights) for m in models(split="tune")] == [
         ("sd3", "sd3", 32, "shapes_sd3"),
         ("flux", "flux", 32, "shapes_flux"),
+        ("flux_64t", "flux", 64, "shapes_flux_64t"),
     ]
     assert models() == list(MODELS.values())
     assert models(split="tune") + models(split="heldout") == sorted(
@@ -205,14 +206,14 @@ def test_heldout_models_differ_from_tune_models() -> None:
     assert {m.name for m in held} == {"sd3_b", "flux_64"}
     assert {m.family for m in held} == set(FAMILIES)
     assert max(m.num_image_tokens for m in held) >= 1024
-    tune = {m.family: json.loads(m.paths()[0].read_text()) for m in models(split="tune")}
+    tune = [json.loads(m.paths()[0].read_text()) for m in models(split="tune")]
     for m in held:
         meta = json.loads(m.paths()[0].read_text())
-        ref = tune[m.family]
-        assert meta["transformer"] != ref["transformer"], m.name  # another architecture or size
-        assert meta["train"]["seed"] not in (ref["train"]["seed"], ref["train"].get("previous_stage", {})
-                                             .get("seed")), m.name
-        assert meta["train"]["steps"] != ref["train"]["steps"], m.name
+        for ref in (t for t in tune if t["family"] == m.family):  # every tune model of the family
+            assert meta["transformer"] != ref["transformer"], m.name  # another architecture or size
+            assert meta["train"]["seed"] not in (ref["train"]["seed"], (ref["train"].get("previous_stage") or {})
+                                                 .get("seed")), m.name
+            assert meta["train"]["steps"] != ref["train"]["steps"], m.name
         assert meta["train"]["command"].startswith("python scripts/train_shapes.py"), m.name
         assert meta["train"]["image_size"] == m.image_size
 
