@@ -109,7 +109,7 @@ class SpecDiffConfig:
 
     cache_ratio: float = 0.9
     controller: str = "error"
-    tolerance: float = 0.13
+    tolerance: float = 0.1
     speculative_steps: int = 0
     warmup_steps: int = 4
     refresh_at: tuple[float, ...] = (0.45, 0.7)
