@@ -126,10 +126,10 @@ def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
     assert not any(name.startswith("kt") for name in b)  # fresh text K/V only with REFRESH
     for name in b:
         assert rel_err(a[name], b[name]) <= 1e-4, name
-    written = {i.port.role: [] for i in compiled.new_inputs if i.updated_in_place}
+    written: dict = {}  # role -> positions of the inputs the variant writes
     for j, i in enumerate(compiled.new_inputs):
         if i.updated_in_place:
-            written[i.port.role].append(j)
+            written.setdefault(i.port.role, []).append(j)
     # image K/V and their previous, text K/V and their previous: per attention, K and V
     assert {r: len(js) for r, js in written.items()} == {
         r: 2 * len(plan.attention) for r in (Role.KV, Role.KV_PREV, Role.TEXT_KV, Role.TEXT_KV_PREV)}
