@@ -35,7 +35,8 @@ generator for a list of 8 prompts); FLUX packs it into 2x2 tokens. All prompts o
 as one batch, except FirstBlockCache: its skip decision compares the first block's residual
 averaged over the whole batch, so batching 8 unrelated prompts would decide for all of them at
 once; it runs one prompt per generation, as a user generating one image would (its eager
-baseline for speed runs the same way).
+baseline for speed runs the same way). ``--one-prompt`` runs specdiff that way too: its
+controller then decides for each image alone instead of for the batch.
 
 Methods (``(label, kind, params)``): ``eager`` (the reference: full compute, plain module),
 ``specdiff`` with an options dict (``torch.compile(transformer, backend="specdiff",
@@ -114,6 +115,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,11 +303,13 @@ class Method:
     label: str
     kind: str  # "eager", "specdiff" or a key of diffusers_caches.CACHES
     params: dict = field(default_factory=dict, hash=False)
+    one_prompt: bool = False  # specdiff with --one-prompt
 
     @property
     def batch1(self) -> bool:
-        """One prompt per generation (see the module docstring: FirstBlockCache)."""
-        return self.kind == "first_block_cache"
+        """One prompt per generation (see the module docstring: FirstBlockCache, and specdiff
+        with ``--one-prompt``)."""
+        return self.one_prompt or self.kind == "first_block_cache"
 
 
 def _fmt(v: Any) -> str:
@@ -427,6 +431,33 @@ def _generate(sample: Callable[..., torch.Tensor], model: ShapesModel, transform
     return torch.cat(outs)
 
 
+def _specdiff_generations(sample: Callable[..., torch.Tensor], model: ShapesModel, compiled: Any,
+                          prompts: Sequence[str], noise: torch.Tensor, steps: int,
+                          batch1: bool) -> tuple[torch.Tensor, list[Any]]:
+    """The images and one report per generation (``GenerationReport``, or the compile record as
+    text where no specdiff runtime ran)."""
+    reports: list[Any] = []
+    marker: list[Any] = []
+
+    def finish() -> None:
+        if not marker:
+            return
+        rep = specdiff_fx.last_generation()
+        if rep is None or rep is marker.pop():
+            record_ = specdiff_fx.last_record()
+            rep = str(record_) if record_ is not None else "no compile record"
+        reports.append(rep)
+
+    def before() -> None:
+        finish()
+        specdiff_fx.reset()
+        marker.append(specdiff_fx.last_generation())
+
+    images = _generate(sample, model, compiled, prompts, noise, steps, batch1, before=before)
+    finish()
+    return images, reports
+
+
 @dataclass
 class Cell:
     model: str
@@ -489,21 +520,19 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
                 t0 = time.perf_counter()
                 outs, flops, calls = {}, [], []
                 for s in seeds:
-                    specdiff_fx.reset()
-                    before = specdiff_fx.last_generation()
-                    outs[s] = SAMPLERS[cell.sampler](model, compiled, prompts, noise[s], cell.steps)
-                    rep = specdiff_fx.last_generation()
-                    if rep is None or rep is before:  # no specdiff runtime ran: the untouched graph did
-                        record_ = specdiff_fx.last_record()
-                        flops.append(1.0)
-                        calls.append({"untouched_graph": str(record_) if record_ is not None else "no compile record"})
-                        continue
-                    flops.append(rep.flops_fraction)
-                    calls.append({
-                        "speculative": rep.count("speculative"), "full": rep.count("full"),
-                        "cached": rep.count("cached"), "branches": len({st.branch for st in rep.steps}),
-                        "context_cached": rep.context_cached, "compiles": rep.compiles, "notes": list(rep.notes)})
-                record(cell, m, outs, flops, time.perf_counter() - t0, {"specdiff_calls": calls})
+                    outs[s], reports = _specdiff_generations(SAMPLERS[cell.sampler], model, compiled, prompts,
+                                                             noise[s], cell.steps, m.batch1)
+                    for rep in reports:
+                        if isinstance(rep, str):  # no specdiff runtime ran: the untouched graph did
+                            flops.append(1.0)
+                            calls.append({"untouched_graph": rep})
+                            continue
+                        flops.append(rep.flops_fraction)
+                        calls.append({
+                            "speculative": rep.count("speculative"), "full": rep.count("full"),
+                            "cached": rep.count("cached"), "branches": len({st.branch for st in rep.steps}),
+                            "context_cached": rep.context_cached, "compiles": rep.compiles, "notes": list(rep.notes)})
+                record(cell, m, outs, flops, time.perf_counter() - t0, {"specdiff_calls": calls, "batch1": m.batch1})
             torch._dynamo.reset()
             continue
         for cell in cells:
@@ -752,6 +781,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the default cache settings")
     p.add_argument("--methods", type=_csv, help="run only these kinds (eager always runs: it is the reference), "
                    "e.g. eager,specdiff,mag_cache")
+    p.add_argument("--one-prompt", action="store_true", help="run specdiff one prompt per generation, as a user "
+                   "generating one image does (default: the 8 prompts of a seed as one batch, one controller "
+                   "deciding for all of them)")
     p.add_argument("--speed", action="store_true", help="also time every method against eager (Inductor for specdiff)")
     p.add_argument("--speed-repeats", type=int, default=3, help="eager/method pairs per method (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine "
@@ -789,6 +821,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         methods = default_methods(a.specdiff, a.cache)
     if a.methods:
         methods = [m for m in methods if m.kind == "eager" or m.kind in a.methods]
+    if a.one_prompt:
+        methods = [dataclasses.replace(m, label=f"{m.label} (one prompt per generation)", one_prompt=True)
+                   if m.kind == "specdiff" else m for m in methods]
     if a.samplers:
         unknown = set(a.samplers) - set(SAMPLERS)
         if unknown:

@@ -47,6 +47,14 @@ def test_tiny_sd3_writes_every_file(tmp_path):
     assert (tmp_path / "sd3.png").stat().st_size > 0
 
 
+def test_one_prompt_runs_a_generation_and_a_report_per_prompt():
+    data = protocol.main(["--tiny", "--prompts", "2", "--one-prompt", "--methods", "eager,specdiff"])
+    spec = data["results"][1]
+    assert spec["method"] == "specdiff defaults (one prompt per generation)" and spec["batch1"]
+    assert spec["images"] == 2 and len(spec["flops_per_generation"]) == 2
+    assert all(c["full"] + c["cached"] == 6 for c in spec["specdiff_calls"])  # each its own 6-step generation
+
+
 def test_tiny_flux_true_cfg_uses_cache_contexts():
     data = protocol.main(["--tiny", "--models", "flux", "--samplers", "flux_truecfg", "--steps", "8"])
     eager, spec, cache = data["results"]
