@@ -8,8 +8,8 @@ One specdiff generation per step count (the protocol's sampler, 8 prompts in one
 0, plain-FX path), with every call also run by the untouched transformer on the same inputs:
 the call's *true* error is ``||out - out_full|| / ||out_full||`` over every token of the
 batch (what the cache got wrong on that call, given the latent it was handed). Printed per
-main-run call of branch 0: sigma, kind, the controller's predicted error (its note), the true
-error; then the sums ``sum_i e_i * (sigma_i - sigma_{i+1})`` over the generation and over
+main-run call of branch 0: sigma, kind, the controller's predicted error and the error it
+measured on the call (``StepRecord.predicted`` / ``.measured``), the true error; then the sums ``sum_i e_i * (sigma_i - sigma_{i+1})`` over the generation and over
 ``sigma > 0.5``, the image PSNR against full compute (mean / worst prompt) and the FLOPs.
 
 The predicted error is the relative error of the tokens a sparse call leaves out; the true
@@ -66,9 +66,8 @@ def trace(name: str, sampler: str, steps: int, options: dict, prompts: int = 8) 
     for st, err in zip(main, errors):
         if st.branch != 0:
             continue
-        note = st.note.split("predicted error ")
         rows.append({"step": st.step, "kind": st.kind, "sigma": st.sigma, "true": err,
-                     "predicted": float(note[1].split()[0]) if len(note) > 1 else None, "note": st.note})
+                     "predicted": st.predicted, "measured": st.measured, "note": st.note})
     sig = [r["sigma"] for r in rows] + [0.0]
     weighted = [r["true"] * (sig[i] - sig[i + 1]) for i, r in enumerate(rows)]
     return {"model": name, "sampler": sampler, "steps": steps, "rows": rows,
@@ -83,9 +82,9 @@ def report(t: dict) -> str:
              f"FLOPs {t['flops']:.1%}, sum e*dsigma {t['error_integral']:.4f} (sigma > 0.5: "
              f"{t['error_integral_early']:.4f})", f"  calls {t['kinds']}"]
     for r in t["rows"]:
-        pred = f"{r['predicted']:.3f}" if r["predicted"] is not None else "  -  "
-        lines.append(f"  {r['step']:3d} {r['kind'][0]} sigma {r['sigma']:.3f}  predicted {pred}  true {r['true']:.3f}"
-                     + ("" if r["predicted"] is not None else f"  ({r['note'] or 'first call'})"))
+        pred, meas = (f"{r[key]:.3f}" if r[key] is not None else "  -  " for key in ("predicted", "measured"))
+        lines.append(f"  {r['step']:3d} {r['kind'][0]} sigma {r['sigma']:.3f}  predicted {pred}  measured {meas}  "
+                     f"true {r['true']:.3f}" + ("" if r["predicted"] is not None else f"  ({r['note'] or 'first call'})"))
     return "\n".join(lines)
 
 

@@ -42,6 +42,12 @@ class StepRecord:
     c3: tuple[int, ...]
     flops: int
     note: str = ""
+    #: the error controller's prediction of this call's error of caching (``None``: it made none)
+    predicted: float | None = None
+    #: the error of caching measured on this call (the relative error of the outputs a sparse
+    #: call leaves out: exact on a full call, from the probes on a sparse one; ``None``: not
+    #: measured, e.g. the first call or a controller that does not measure)
+    measured: float | None = None
 
 
 @dataclass
@@ -113,13 +119,14 @@ class GenerationReport:
             f"cache {self.cache_bytes / 2**20:.1f} MiB; {self.compiles} compiles, {self.compile_seconds:.1f} s; "
             f"context tokens {self.context} on cached steps; "
             f"{self.live_generations} generation(s) in flight holding {self.held_bytes / 2**20:.1f} MiB",
-            "  step branch kind         sigma    C1/C2/C3 (sample 0)   FLOPs vs full",
+            "  step branch kind         sigma    C1/C2/C3 (sample 0)   FLOPs vs full  measured error",
         ]
         for s in self.steps:
             tiers = f"{s.c1[0]}/{s.c2[0]}/{s.c3[0]}" if s.c1 else "-"
             frac = s.flops / self.full_flops if self.full_flops else float("nan")
             step = "spec" if s.step < 0 else str(s.step)
-            lines.append(f"  {step:>4} {s.branch:>6} {s.kind:<11} {s.sigma:7.4f}  {tiers:<20} {frac:6.1%}"
+            measured = f"{s.measured:8.3f}" if s.measured is not None else f"{'-':>8}"
+            lines.append(f"  {step:>4} {s.branch:>6} {s.kind:<11} {s.sigma:7.4f}  {tiers:<20} {frac:6.1%} {measured}"
                          + (f"  {s.note}" if s.note else ""))
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)

@@ -29,7 +29,7 @@ def drive(policy, sigmas, rate, ceiling=float("inf")):
     for i, sigma in enumerate(sigmas):
         view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas[:i]), num_tokens=N)
         decision = Decision.full("first") if i == 0 else policy.decide(state, view)
-        out.append((decision, getattr(state, "predicted", None)))
+        out.append((decision, decision.predicted))
         error = None if refresh is None else min(rate(sigma) * (refresh - sigma), ceiling)
         policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
         if decision.action is Action.FULL:
@@ -179,6 +179,12 @@ def test_runtime_measures_the_error_of_caching_for_the_policy():
     assert Action.SPARSE in kinds and kinds[0] is Action.FULL
     assert policy.seen[0].prediction_error is None  # nothing to compare the first call with
     assert all(o.prediction_error is not None and o.prediction_error >= 0 for o in policy.seen[1:])
+    # the telemetry carries each call's prediction and measurement
+    steps = last_generation().main_steps
+    assert [s.measured for s in steps] == [o.prediction_error for o in policy.seen]
+    assert [s.predicted for s in steps] == [o.decision.predicted for o in policy.seen]
+    assert any(s.predicted is not None for s in steps[1:])
+    assert "measured error" in last_generation().summary()
     # sparse calls computed probes: tokens beyond the top scores
     sparse = [c for c in ex.calls if c[0] == "sparse"]
     k = cfg.num_computed(N)

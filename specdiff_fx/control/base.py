@@ -22,14 +22,17 @@ class Decision:
     action: Action
     k: int | None = None  # sparse: image tokens computed per sample
     reason: str = ""  # for the telemetry
+    #: the error of caching the policy predicted for this call, where it predicts one (telemetry:
+    #: ``StepRecord.predicted``, next to the error measured on the call)
+    predicted: float | None = None
 
     @classmethod
-    def full(cls, reason: str = "") -> "Decision":
-        return cls(Action.FULL, reason=reason)
+    def full(cls, reason: str = "", predicted: float | None = None) -> "Decision":
+        return cls(Action.FULL, reason=reason, predicted=predicted)
 
     @classmethod
-    def sparse(cls, k: int, reason: str = "") -> "Decision":
-        return cls(Action.SPARSE, k, reason)
+    def sparse(cls, k: int, reason: str = "", predicted: float | None = None) -> "Decision":
+        return cls(Action.SPARSE, k, reason, predicted)
 
     @classmethod
     def skip(cls, reason: str = "") -> "Decision":

@@ -59,7 +59,6 @@ class ErrorState:
     #: since it (on the full call itself: the exact rate over the interval it ends)
     rate: float | None = None
     peak: float | None = None  # the largest rate measured on a sparse call since the last full call
-    predicted: float = 0.0  # the prediction of the last decision (telemetry)
 
 
 @register_policy
@@ -103,16 +102,19 @@ class ErrorControlled(Policy):
             return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
         return None
 
+    def predict(self, state: ErrorState, view: StepView) -> float:
+        """The error of caching predicted for this call (once a rate has been measured)."""
+        return state.rate * max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view)
+
     def decide(self, state: ErrorState, view: StepView) -> Decision:
         full = self.guard(state, view)
         if full is not None:
             return full
-        predicted = state.rate * max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view)
-        state.predicted = predicted
+        predicted = self.predict(state, view)
         tol = self.config.tolerance
         if predicted > tol:
-            return Decision.full(f"predicted error {predicted:.3f} > tolerance {tol:g}")
-        return Decision.sparse(self.config.num_computed(self.num_tokens), f"predicted error {predicted:.3f}")
+            return Decision.full(f"predicted error {predicted:.3f} > tolerance {tol:g}", predicted)
+        return Decision.sparse(self.config.num_computed(self.num_tokens), f"predicted error {predicted:.3f}", predicted)
 
     def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
         err = obs.prediction_error

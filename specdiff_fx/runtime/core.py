@@ -200,7 +200,8 @@ class SpecDiffRuntime:
         self.executor.prepare(keys)
 
     def _record(self, step: int, branch: int, kind: str, sigma: float, flops: int,
-                tier: torch.Tensor | None = None, note: str = "") -> None:
+                tier: torch.Tensor | None = None, note: str = "", decision: Decision | None = None,
+                measured: float | None = None) -> None:
         n, b = self.plan.num_image_tokens, self.plan.batch
         if tier is None:  # every token computed
             sizes = ((n,) * b, (0,) * b, (0,) * b)
@@ -209,7 +210,8 @@ class SpecDiffRuntime:
         ex = self.executor
         self.report.compiles = len(ex.compiled)
         self.report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
-        self.report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note))
+        predicted = decision.predicted if decision is not None else None
+        self.report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note, predicted, measured))
 
     # -- steps ---------------------------------------------------------------------------
     def _view(self, state: BranchState, sigma: float) -> StepView:
@@ -231,7 +233,7 @@ class SpecDiffRuntime:
             decision = Decision.full("memory cap: no caches")
         decision = self.ranks.agree(decision)
         if decision.action is Action.FULL:
-            out, error = self._full_step(args, sigma, branch, state, "full", note=decision.reason)
+            out, error = self._full_step(args, sigma, branch, state, decision)
             flops = self.executor.full_flops
         else:
             out, flops, error = self._cached_step(args, sigma, branch, state, decision)
@@ -324,11 +326,12 @@ class SpecDiffRuntime:
         while len(state.past) > self.config.blend_history:
             state.past.pop()
 
-    def _full_step(self, args, sigma, branch, state, kind, note: str = "") -> tuple[tuple[Any, ...], float | None]:
+    def _full_step(self, args, sigma, branch, state, decision: Decision) -> tuple[tuple[Any, ...], float | None]:
         out = self.executor.run_full(args)
         error = self._full_step_error(state, out, sigma)
         self._store_full(state, out, sigma)
-        self._record(state.step, branch, kind, sigma, self.executor.full_flops, note=note)
+        self._record(state.step, branch, "full", sigma, self.executor.full_flops, note=decision.reason,
+                     decision=decision, measured=error)
         return out.user, error
 
     def _full_step_error(self, state: BranchState, out: StepOutput, sigma: float) -> float | None:
@@ -539,7 +542,7 @@ class SpecDiffRuntime:
         self._push_past(state, sigma, out.tokens)
         flops = self.executor.flops(key)
         self._record(state.step, branch, "cached" if idx is not None else "skipped", sigma, flops, tier=tier,
-                     note=decision.reason)
+                     note=decision.reason, decision=decision, measured=error)
         if branch == 0:
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report
