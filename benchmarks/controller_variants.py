@@ -19,6 +19,10 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   rate measured since the last full call: it predicts with the latest measured rate, which
   falls call by call once the measured error levels off (BENCHMARKS.md, "Why the held-out
   cells lose at 50 steps"); use it with ``"tolerance": 0.1``, the default of then.
+* ``error_calibrated``: the rate model's predictions scaled by the ratio of the error a full call
+  measured (exactly) to what the rate model had predicted for it, clipped to [0.5, 2].
+* ``error_refresh75``: full calls that end a run of sparse calls compute the 75 % most-drifted
+  image tokens instead of all (a near-full refresh at three quarters of the cost).
 """
 
 from __future__ import annotations
@@ -80,10 +84,8 @@ class ErrorLadder(ErrorLatestRate):  # as measured: with the latest rate
         for k in sorted(state.drift_mass):
             predicted = state.calibration * state.drift_mass[k] * weight
             if predicted <= self.config.tolerance:
-                state.predicted = predicted
-                return Decision.sparse(k, f"predicted error {predicted:.3f}")
-        state.predicted = predicted
-        return Decision.full(f"predicted error {predicted:.3f} > tolerance {self.config.tolerance:g}")
+                return Decision.sparse(k, f"predicted error {predicted:.3f}", predicted)
+        return Decision.full(f"predicted error {predicted:.3f} > tolerance {self.config.tolerance:g}", predicted)
 
     def _drift_mass(self, view: StepView) -> dict[int, float]:
         drift = view.drift()
@@ -105,6 +107,75 @@ class ErrorLadder(ErrorLatestRate):  # as measured: with the latest rate
         super().observe(state, view, obs)
 
 
+@dataclass
+class CalibratedState(ErrorState):
+    calibration: float = 1.0
+    raw: float | None = None  # this call's prediction before calibration
+
+
+class ErrorCalibrated(ErrorControlled):
+    """The rate model's prediction scaled by what the last full call showed: a full call that
+    ends a run of sparse calls measures exactly the error a sparse call would have made there;
+    its ratio to what the rate model predicted for it (clipped to ``bounds``) scales the
+    predictions of the next interval."""
+
+    name = "error_calibrated"
+    bounds = (0.5, 2.0)
+
+    def start(self) -> CalibratedState:
+        return CalibratedState()
+
+    def decide(self, state: CalibratedState, view: StepView) -> Decision:
+        state.raw = None  # computed before the guards: a full call they force is calibrated on too
+        if state.rate is not None and state.refresh_sigma is not None:
+            state.raw = super().predict(state, view)
+        return super().decide(state, view)
+
+    def predict(self, state: CalibratedState, view: StepView) -> float:
+        return state.calibration * state.raw
+
+    def observe(self, state: CalibratedState, view: StepView, obs: Observation) -> None:
+        if obs.decision.action is Action.FULL and state.peak is not None and obs.prediction_error is not None \
+                and state.raw:  # a full call after sparse ones (not the fast phase)
+            low, high = self.bounds
+            state.calibration = min(high, max(low, obs.prediction_error / state.raw))
+        super().observe(state, view, obs)
+
+
+class ErrorNearFullRefresh(ErrorControlled):
+    """The error controller whose refreshes after the fast phase compute the ``refresh_share``
+    most-drifted image tokens instead of all: a full decision of the tolerance or the interval
+    guard runs as ``sparse(round(refresh_share * N))`` and resets the interval like a full call
+    (the rate measured over the interval is kept: the refresh's probes only see the least-drifted
+    tokens it leaves out)."""
+
+    name = "error_refresh75"
+    refresh_share = 0.75
+
+    def _k_refresh(self) -> int:
+        return max(1, round(self.refresh_share * self.num_tokens))
+
+    def token_counts(self) -> tuple[int, ...]:
+        return (*super().token_counts(), self._k_refresh())
+
+    def probes(self, k: int) -> int:
+        if k == self._k_refresh():
+            return max(1, round(self.probe_fraction * (self.num_tokens - k)))
+        return super().probes(k)
+
+    def decide(self, state: ErrorState, view: StepView) -> Decision:
+        decision = super().decide(state, view)
+        if decision.action is Action.FULL and state.peak is not None:  # ends a run of sparse calls
+            return Decision.sparse(self._k_refresh(), f"refresh: {decision.reason}", decision.predicted)
+        return decision
+
+    def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
+        if obs.decision.action is Action.SPARSE and obs.decision.k == self._k_refresh():
+            state.refresh_sigma, state.rate, state.peak = obs.sigma, max(state.rate or 0.0, state.peak or 0.0), None
+            return
+        super().observe(state, view, obs)
+
+
 class ErrorLadderK1(ErrorLadder):
     name = "error_ladder_k1"
     ladder = (1.0,)
@@ -113,7 +184,7 @@ class ErrorLadderK1(ErrorLadder):
 def register() -> None:
     from specdiff_fx.control import policies
 
-    for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate):
+    for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh):
         if cls.name not in policies():
             register_policy(cls)
 

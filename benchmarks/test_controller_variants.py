@@ -3,6 +3,7 @@ drift, no model), so the experiments in BENCHMARKS.md stay reproducible."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import controller_variants
@@ -42,3 +43,35 @@ def test_ladder_tries_a_larger_k_before_a_full_call():
 def test_ladder_k1_uses_the_smallest_k_only():
     policy = _policy("error_ladder_k1")
     assert policy.token_counts() == (10,)
+
+
+def test_calibrated_scales_the_next_predictions_by_the_last_full_call():
+    policy = _policy("error_calibrated")
+    drift = torch.ones(1, 100)
+    state = policy.start()
+    state.refresh_sigma, state.rate, state.peak = 0.95, 1.0, 1.0  # sparse calls since the refresh at 0.95
+    view = _view(0.80, drift)
+    full = policy.decide(state, view)  # predicts 0.15 > 0.1
+    assert full.action is Action.FULL and full.predicted == pytest.approx(0.15)
+    policy.observe(state, view, Observation(full, 0.80, 1, 1, 0.06))  # the full call measured 0.06
+    assert state.calibration == pytest.approx(max(0.4, policy.bounds[0]))  # measured / predicted, clipped
+    state.rate = 1.0  # a sparse call measured the old rate again
+    d = policy.decide(state, _view(0.65, drift))  # uncalibrated 0.15
+    assert d.action is Action.SPARSE and d.predicted == pytest.approx(0.15 * state.calibration)
+
+
+def test_near_full_refresh_replaces_full_calls_after_sparse_ones():
+    policy = _policy("error_refresh75")
+    assert policy.token_counts() == (10, 75)
+    assert policy.probes(75) == round(0.25 * 25)
+    drift = torch.ones(1, 100)
+    state = policy.start()
+    state.refresh_sigma, state.rate, state.peak = 0.95, 1.0, 1.0
+    view = _view(0.80, drift)
+    d = policy.decide(state, view)
+    assert d.action is Action.SPARSE and d.k == 75 and d.reason.startswith("refresh")
+    policy.observe(state, view, Observation(d, 0.80, 1, 1, 0.01))
+    assert (state.refresh_sigma, state.rate, state.peak) == (0.80, 1.0, None)  # an interval starts
+    fast = policy.start()  # no sparse call yet (the fast phase): full calls stay full
+    fast.refresh_sigma, fast.rate = 0.95, 10.0
+    assert policy.decide(fast, _view(0.94, drift)).action is Action.FULL
