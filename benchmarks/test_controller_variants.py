@@ -75,3 +75,14 @@ def test_near_full_refresh_replaces_full_calls_after_sparse_ones():
     fast = policy.start()  # no sparse call yet (the fast phase): full calls stay full
     fast.refresh_sigma, fast.rate = 0.95, 10.0
     assert policy.decide(fast, _view(0.94, drift)).action is Action.FULL
+
+
+def test_probe_floor_adds_probes_on_top_of_the_top_scored_tokens():
+    policy = _policy("error_probes16", n=256)  # k = 26 of which 6 probes by default: 20 top-scored
+    assert policy.token_counts() == (36,) and policy.probes(36) == 16  # still 20 top-scored
+    state = policy.start()
+    state.refresh_sigma, state.rate = 0.95, 0.1
+    d = policy.decide(state, _view(0.90, torch.ones(1, 256)))
+    assert d.action is Action.SPARSE and d.k == 36
+    large = _policy("error_probes16", n=1024)  # k = 102 has 26 probes already
+    assert large.token_counts() == (102,) and large.probes(102) == 26
