@@ -9,8 +9,9 @@ One specdiff generation per step count (the protocol's sampler, 8 prompts in one
 the call's *true* error is ``||out - out_full|| / ||out_full||`` over every token of the
 batch (what the cache got wrong on that call, given the latent it was handed). Printed per
 main-run call of branch 0: sigma, kind, the controller's predicted error and the error it
-measured on the call (``StepRecord.predicted`` / ``.measured``), the true error; then the sums ``sum_i e_i * (sigma_i - sigma_{i+1})`` over the generation and over
-``sigma > 0.5``, the image PSNR against full compute (mean / worst prompt) and the FLOPs.
+measured on the call (``StepRecord.predicted`` / ``.measured``), the true error; then the sums
+``sum_i e_i * (sigma_i - sigma_{i+1})`` over the generation and over ``sigma > 0.5``, the image
+PSNR against full compute (mean / worst prompt) and the FLOPs.
 
 The predicted error is the relative error of the tokens a sparse call leaves out; the true
 error is over every token, computed ones included, so with 10 % of the tokens computed the two

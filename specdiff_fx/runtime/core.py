@@ -210,7 +210,9 @@ class SpecDiffRuntime:
         ex = self.executor
         self.report.compiles = len(ex.compiled)
         self.report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
-        predicted = decision.predicted if decision is not None else None
+        predicted = None
+        if decision is not None:  # the controller's reason and prediction
+            note, predicted = note or decision.reason, decision.predicted
         self.report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note, predicted, measured))
 
     # -- steps ---------------------------------------------------------------------------
@@ -330,8 +332,7 @@ class SpecDiffRuntime:
         out = self.executor.run_full(args)
         error = self._full_step_error(state, out, sigma)
         self._store_full(state, out, sigma)
-        self._record(state.step, branch, "full", sigma, self.executor.full_flops, note=decision.reason,
-                     decision=decision, measured=error)
+        self._record(state.step, branch, "full", sigma, self.executor.full_flops, decision=decision, measured=error)
         return out.user, error
 
     def _full_step_error(self, state: BranchState, out: StepOutput, sigma: float) -> float | None:
@@ -542,7 +543,7 @@ class SpecDiffRuntime:
         self._push_past(state, sigma, out.tokens)
         flops = self.executor.flops(key)
         self._record(state.step, branch, "cached" if idx is not None else "skipped", sigma, flops, tier=tier,
-                     note=decision.reason, decision=decision, measured=error)
+                     decision=decision, measured=error)
         if branch == 0:
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report
