@@ -23,13 +23,13 @@ def pipeline_sigmas(steps: int, shift: float) -> list[float]:
 
 def drive(policy, sigmas, rate, ceiling=float("inf")):
     """Run ``policy`` over ``sigmas`` against the fake error model ``error = min(rate(sigma) *
-    (sigma at the last full call - sigma), ceiling)``. Returns ``(decision, predicted)`` per
-    call."""
+    (sigma at the last full call - sigma), ceiling)``. Returns the decision of every call (its
+    ``predicted``: the error the policy predicted)."""
     state, out, refresh = policy.start(), [], None
     for i, sigma in enumerate(sigmas):
         view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas[:i]), num_tokens=N)
         decision = Decision.full("first") if i == 0 else policy.decide(state, view)
-        out.append((decision, decision.predicted))
+        out.append(decision)
         error = None if refresh is None else min(rate(sigma) * (refresh - sigma), ceiling)
         policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
         if decision.action is Action.FULL:
@@ -38,7 +38,7 @@ def drive(policy, sigmas, rate, ceiling=float("inf")):
 
 
 def full_sigmas(sigmas, run):
-    return [s for s, (d, _) in zip(sigmas, run) if d.action is Action.FULL]
+    return [s for s, d in zip(sigmas, run) if d.action is Action.FULL]
 
 
 def test_sparse_only_while_the_predicted_error_is_within_tolerance():
@@ -46,12 +46,12 @@ def test_sparse_only_while_the_predicted_error_is_within_tolerance():
     policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
     sigmas = pipeline_sigmas(28, 3.0)
     run = drive(policy, sigmas, lambda s: 1.0)
-    assert {d.action for d, _ in run} == {Action.FULL, Action.SPARSE}
-    for i, (d, predicted) in enumerate(run[2:], start=2):
+    assert {d.action for d in run} == {Action.FULL, Action.SPARSE}
+    for d in run[2:]:
         if d.action is Action.SPARSE:
-            assert predicted <= tol and d.k == SpecDiffConfig().num_computed(N)
+            assert d.predicted <= tol and d.k == SpecDiffConfig().num_computed(N)
         elif "predicted" in d.reason:
-            assert predicted > tol
+            assert d.predicted > tol
 
 
 @pytest.mark.parametrize("steps", [20, 28, 50])
@@ -106,10 +106,10 @@ def test_fast_phase_is_full_whatever_the_tolerance():
     fast = policy.fast_rate * 2
     sigmas = pipeline_sigmas(28, 3.0)
     run = drive(policy, sigmas, lambda s: fast if s > 0.8 else 0.01)
-    for s, (d, _) in zip(sigmas[2:], run[2:]):  # the second call has no measurement yet
+    for s, d in zip(sigmas[2:], run[2:]):  # the second call has no measurement yet
         if s > 0.8:
             assert d.action is Action.FULL and "fast phase" in d.reason
-    assert any(d.action is Action.SPARSE for d, _ in run)
+    assert any(d.action is Action.SPARSE for d in run)
 
 
 def test_interval_guard_weighs_a_short_last_step_like_the_prediction():
