@@ -147,9 +147,10 @@ class ErrorCalibrated(ErrorControlled):
 class ErrorNearFullRefresh(ErrorControlled):
     """The error controller whose refreshes after the fast phase compute the ``refresh_share``
     most-drifted image tokens instead of all: a full decision of the tolerance or the interval
-    guard runs as ``sparse(round(refresh_share * N))`` and resets the interval like a full call
-    (the rate measured over the interval is kept: the refresh's probes only see the least-drifted
-    tokens it leaves out)."""
+    guard runs as ``sparse(round(refresh_share * N))`` and resets the interval like a full call,
+    keeping the rate measured over the interval (after a sparse call it is the interval's largest;
+    the refresh's probes only see the least-drifted tokens it leaves out, so it does not measure
+    one)."""
 
     name = "error_refresh75"
     refresh_share = 0.75
@@ -173,7 +174,7 @@ class ErrorNearFullRefresh(ErrorControlled):
 
     def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
         if obs.decision.action is Action.SPARSE and obs.decision.k == self._k_refresh():
-            state.refresh_sigma, state.rate, state.peak = obs.sigma, max(state.rate or 0.0, state.peak or 0.0), None
+            state.refresh_sigma, state.peak = obs.sigma, None
             return
         super().observe(state, view, obs)
 
