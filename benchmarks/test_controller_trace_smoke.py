@@ -1,4 +1,5 @@
-"""CI smoke test: the controller trace runs, and a full call's true error is zero."""
+"""CI smoke test: the controller trace runs, a full call's true error is zero, and each sparse
+call's error is split between its computed and left-out tokens."""
 
 from benchmarks import controller_trace
 
@@ -13,4 +14,7 @@ def test_controller_trace_tiny(capsys):
             assert r["true"] < 1e-5
         else:
             assert r["predicted"] is not None and 0 < r["true"] < 1
-    assert "sum e*dsigma" in capsys.readouterr().out
+            for key in ("computed_fresh", "computed_reused", "left_out_reused"):  # a skipped call computes none
+                assert (0 < r[key] < 1) if r["kind"] == "cached" else key not in r, (key, r)
+    printed = capsys.readouterr().out
+    assert "sum e*dsigma" in printed and "computed tokens' fresh outputs" in printed
