@@ -21,6 +21,7 @@ from specdiff_fx.passes import (
     finalize_outputs,
     gather_token_subset,
     run_passes,
+    skip_token_stream,
 )
 from specdiff_fx.passes.context import seed_placeholder_values
 from specdiff_fx.signature import ContextMode, VariantKey
@@ -37,6 +38,8 @@ def apply(c, passes, variant="full", k=None, config=CFG, context=None):
     gm = clone_graph_module(c.gm)
     if variant == "full":
         key = VariantKey.full(refresh_text=context is not ContextMode.COMPUTE)
+    elif variant == "skip":
+        key = VariantKey.skip()
     else:
         key = VariantKey.sparse(k, context or ContextMode.COMPUTE, config.kv_extrapolation)
     ctx = RewriteContext(plan=plan, config=config, key=key)
@@ -110,6 +113,30 @@ def test_expose_token_output(captured, reference, name):
     _, extras = run(gm, ctx, c.example_inputs)
     assert extras["tokens"].shape == (2, plan.num_image_tokens, plan.out_channels)
     torch.testing.assert_close(extras["tokens"], reference(name).out_tokens, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_skip_token_stream(captured, reference, name):
+    """The skip variant: no attention and no block left, only the blend of the history and
+    the model's own epilogue; with the history holding the full step's per-token outputs it
+    returns the full step's output."""
+    c = captured(name)
+    plan = analyze_dit(c.gm)
+    n, h = plan.num_image_tokens, CFG.history_depth
+    gm, ctx, _ = apply(c, [skip_token_stream, finalize_outputs], variant="skip")
+    names = [p.name for p in gm.graph.find_nodes(op="placeholder")][len(c.example_inputs):]
+    assert names == ["specdiff_history", "specdiff_weights"]
+    t = targets(gm)
+    assert t[ops.tier_blend] == 1
+    assert set(t) <= {ops.tier_blend, torch.einsum}  # the rest is the epilogue's views (SD3's unpatchify einsum)
+    ref = reference(name)
+    history = torch.stack([ref.out_tokens, torch.randn_like(ref.out_tokens)])
+    weights = torch.zeros(2, n, h)
+    weights[..., 0] = 1.0
+    user, extras = run(gm, ctx, [*c.example_inputs, history, weights])
+    torch.testing.assert_close(extras["tokens"], ref.out_tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(user[0], c.model(**c.inputs).sample, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
