@@ -139,6 +139,11 @@ def run(ns: Sequence[int], steps: int, tiny: bool, model_name: str = "sd3") -> d
     for name, fn in fns.items():  # compile (and warm) every method outside the clock
         t = run_requests(requests_of(fn, 1), "interleaved")
         print(f"[load] warm-up {name}: {t:.1f} s", flush=True)
+    alone = []  # each request's specdiff FLOPs when it runs alone (its prompt and seed decide them)
+    for r in requests_of(fns["specdiff"], max(ns)):
+        specdiff_fx.reset()
+        run_requests([r], "interleaved")
+        alone.append(r.flops_fraction())
     rows = []
     for n in ns:
         for mode in MODES:
@@ -152,7 +157,7 @@ def run(ns: Sequence[int], steps: int, tiny: bool, model_name: str = "sd3") -> d
                              "flops": [r.flops_fraction() for r in reqs] if name == "specdiff" else None}
             rows.append(row)
             print(line(row), flush=True)
-    return {"model": model_name, "steps": steps, "tiny": tiny, "threads": torch.get_num_threads(),
+    return {"model": model_name, "steps": steps, "tiny": tiny, "threads": torch.get_num_threads(), "alone_flops": alone,
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch": torch.__version__}, "rows": rows}
 

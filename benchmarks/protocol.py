@@ -530,7 +530,8 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
                         flops.append(rep.flops_fraction)
                         calls.append({
                             "speculative": rep.count("speculative"), "full": rep.count("full"),
-                            "cached": rep.count("cached"), "branches": len({st.branch for st in rep.steps}),
+                            "cached": rep.count("cached"), "skipped": rep.count("skipped"),
+                            "branches": len({st.branch for st in rep.steps}),
                             "context_cached": rep.context_cached, "compiles": rep.compiles, "notes": list(rep.notes)})
                 record(cell, m, outs, flops, time.perf_counter() - t0, {"specdiff_calls": calls, "batch1": m.batch1})
             torch._dynamo.reset()

@@ -46,6 +46,14 @@ class SpecDiffConfig:
             call may have (``||F - F_reused|| / ||F||`` over the tokens it does not compute,
             measured as the generation runs); a call predicted above it computes every token.
             Lower is sharper and slower.
+        sparse_calls: with ``controller="error"``: how many cached calls after each full call
+            compute the most-drifted tokens (and measure the error of the others on their
+            probes); the cached calls after them, until the next full call, compute no token
+            (every output reused, the prediction carried on from the measurements). ``None``:
+            every cached call computes its tokens. Default 1: a computed token attends to the
+            others' cached keys and values, which grow staler call by call, so later sparse
+            calls buy less than they cost (on the tune models, at equal FLOPs, 0.3-2 dB more
+            with 1 than with every call sparse, BENCHMARKS.md).
         speculative_steps: steps of the self-speculative pre-run (``0`` = history only,
             the default: on the tune models the pre-run's better token choice did not pay
             for its full-cost call, BENCHMARKS.md).
@@ -110,6 +118,7 @@ class SpecDiffConfig:
     cache_ratio: float = 0.9
     controller: str = "error"
     tolerance: float = 0.1
+    sparse_calls: int | None = 1
     speculative_steps: int = 0
     warmup_steps: int = 4
     refresh_at: tuple[float, ...] = (0.45, 0.7)
@@ -145,6 +154,8 @@ class SpecDiffConfig:
             raise bad("controller", " or ".join(repr(p) for p in policies()))
         if not (_is_real(self.tolerance) and 0.0 < self.tolerance <= 10.0):
             raise bad("tolerance", "a number with 0 < tolerance <= 10")
+        if self.sparse_calls is not None and not (_is_int(self.sparse_calls) and 1 <= self.sparse_calls <= 1000):
+            raise bad("sparse_calls", "None or an int with 1 <= sparse_calls <= 1000")
         if not (_is_int(self.speculative_steps) and 0 <= self.speculative_steps <= 16):
             raise bad("speculative_steps", "an int with 0 <= speculative_steps <= 16")
         if not (_is_int(self.warmup_steps) and 1 <= self.warmup_steps <= 1000):

@@ -77,7 +77,7 @@ def run(family: str = "sd3", steps: int = 28, repeats: int = 3, out: str = "demo
         generate(compiled)
         results["inductor"]["first"] = time.perf_counter() - t0
 
-        print("compiling with specdiff (full + sparse variants; the first run includes compile time) ...",
+        print("compiling with specdiff (its variants; the first run includes compile time) ...",
               flush=True)
         spec = torch.compile(model.transformer, backend="specdiff", options={} if inductor else {"inductor": False})
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ def test_defaults_and_round_trip():
     ({"warmup_steps": 2}, "warmup_steps", "'fixed'"),
     ({"refresh_at": (0.5,)}, "refresh_at", "'fixed'"),
     ({"controller": "fixed", "tolerance": 0.2}, "tolerance", "'error'"),
+    ({"controller": "fixed", "sparse_calls": 3}, "sparse_calls", "'error'"),
 ])
 def test_an_option_of_another_controller_is_refused(options, key, owner):
     with pytest.raises(ValueError, match=f"'{key}' only applies with controller={owner}"):
@@ -51,6 +52,8 @@ def test_unknown_key_lists_valid_keys():
         ({"speculative_steps": 2.0}, "speculative_steps", "an int"),
         ({"speculative_steps": "2"}, "speculative_steps", "an int"),
         ({"warmup_steps": 0}, "warmup_steps", "1 <= warmup_steps"),
+        ({"sparse_calls": 0}, "sparse_calls", "1 <= sparse_calls"),
+        ({"sparse_calls": 1.0}, "sparse_calls", "None or an int"),
         ({"reuse_mass": 1.0}, "reuse_mass", "0 <= reuse_mass < 1"),
         ({"blend_history": 0}, "blend_history", "1 <= blend_history"),
         ({"inductor": "yes"}, "inductor", "True or False"),

@@ -12,6 +12,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from specdiff_fx import SpecDiffConfig, last_generation, schedule
 from specdiff_fx.control import Action, Decision, Observation, StepView, make_policy
 from specdiff_fx.runtime import SpecDiffRuntime
+from specdiff_fx.signature import VariantKind
 from test_runtime import B, N, FakeExecutor, fake_plan, generate
 
 
@@ -31,6 +32,8 @@ def drive(policy, sigmas, rate, ceiling=float("inf")):
         decision = Decision.full("first") if i == 0 else policy.decide(state, view)
         out.append(decision)
         error = None if refresh is None else min(rate(sigma) * (refresh - sigma), ceiling)
+        if decision.action is Action.SKIP:  # a call that computes no token measures nothing
+            error = None
         policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
         if decision.action is Action.FULL:
             refresh = sigma
@@ -43,7 +46,7 @@ def full_sigmas(sigmas, run):
 
 def test_sparse_only_while_the_predicted_error_is_within_tolerance():
     tol = 0.1
-    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol, sparse_calls=None), N)
     sigmas = pipeline_sigmas(28, 3.0)
     run = drive(policy, sigmas, lambda s: 1.0)
     assert {d.action for d in run} == {Action.FULL, Action.SPARSE}
@@ -71,6 +74,32 @@ def test_refreshes_follow_sigma_not_the_step_count_or_the_shift(steps, shift):
         if g < tol / rate - widest:
             assert g == pytest.approx(gaps[-1])  # only the last interval may be short
         assert g <= tol / rate + widest + 1e-6
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+@pytest.mark.parametrize("steps", [20, 50])
+def test_sparse_calls_then_skips_until_the_next_full_call(limit, steps):
+    """With ``sparse_calls``: at most that many sparse calls (which measure) after each full
+    call, skips after them until the next full call, which comes where it comes without the
+    limit (the prediction carries on from the rate measured)."""
+    tol = 0.2
+    sigmas = pipeline_sigmas(steps, 3.0)
+    plain = drive(make_policy(SpecDiffConfig(controller="error", tolerance=tol, sparse_calls=None), N), sigmas,
+                  lambda s: 1.0)
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol, sparse_calls=limit), N)
+    assert policy.may_skip() and not make_policy(SpecDiffConfig(controller="error", sparse_calls=None), N).may_skip()
+    run = drive(policy, sigmas, lambda s: 1.0)
+    assert [d.action is Action.FULL for d in run] == [d.action is Action.FULL for d in plain]
+    assert Action.SKIP in {d.action for d in run}
+    since = 0
+    for d in run:
+        if d.action is Action.FULL:
+            since = 0
+        elif d.action is Action.SPARSE:
+            assert since < limit
+            since += 1
+        else:
+            assert since == limit and d.predicted is not None and d.predicted <= tol
 
 
 @pytest.mark.parametrize("steps", [20, 50])
@@ -178,7 +207,9 @@ def test_runtime_measures_the_error_of_caching_for_the_policy():
     kinds = [o.decision.action for o in policy.seen]
     assert Action.SPARSE in kinds and kinds[0] is Action.FULL
     assert policy.seen[0].prediction_error is None  # nothing to compare the first call with
-    assert all(o.prediction_error is not None and o.prediction_error >= 0 for o in policy.seen[1:])
+    for o in policy.seen[1:]:  # full and sparse calls measure; a skipped call computes nothing to measure with
+        measured = o.prediction_error is not None and o.prediction_error >= 0
+        assert measured if o.decision.action is not Action.SKIP else o.prediction_error is None
     # the telemetry carries each call's prediction and measurement
     steps = last_generation().main_steps
     assert [s.measured for s in steps] == [o.prediction_error for o in policy.seen]
@@ -189,6 +220,29 @@ def test_runtime_measures_the_error_of_caching_for_the_policy():
     sparse = [c for c in ex.calls if c[0] == "sparse"]
     k = cfg.num_computed(N)
     assert sparse and all(c[2].shape == (B, k) for c in sparse)
+
+
+def test_runtime_skips_compute_no_token_and_keep_the_caches():
+    """``sparse_calls=1`` through the runtime: skip calls run the skip variant (prepared with
+    the others), compute no token, leave each token's history as it was and are reported as
+    skipped; the next sparse call's probes still measure."""
+    cfg = SpecDiffConfig(controller="error", tolerance=0.3, sparse_calls=1)
+    policy = Recording(make_policy(cfg, N))
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex, policy=policy)
+    generate(rt, 20)
+    kinds = [c[0] for c in ex.calls]
+    assert "skip" in kinds and "sparse" in kinds
+    assert any(key.kind is VariantKind.SKIP for key in ex.prepared)
+    for a, b in zip(kinds, kinds[1:]):  # a skip follows a sparse call or a skip, never a full call
+        if b == "skip":
+            assert a in ("sparse", "skip")
+    seen = [(o.decision.action, o.prediction_error) for o in policy.seen]
+    assert all(err is None for action, err in seen if action is Action.SKIP)
+    assert all(err is not None for action, err in seen[1:] if action is Action.SPARSE)
+    steps = last_generation().main_steps
+    assert [s.kind for s in steps].count("skipped") == kinds.count("skip")
+    assert all(s.predicted is not None for s in steps if s.kind == "skipped")
 
 
 def test_error_controller_tolerance_sets_the_compute():

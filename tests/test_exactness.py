@@ -154,7 +154,8 @@ def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(ca
 
     ex = executor(cfg)
     assert ex.may_need == {VariantKey.sparse(k, ctx, e) for ctx in (ContextMode.CACHED, ContextMode.COMPUTE)
-                           for e in (True, False)}
+                           for e in (True, False)} | {VariantKey.skip()}  # the controller's skip calls
+    ex.variant(VariantKey.skip())
     ex.variant(VariantKey.sparse(k, ContextMode.CACHED, True))
     assert ex.example_inputs is not None
     fallback = ex.variant(VariantKey.sparse(k, ContextMode.COMPUTE, False))
@@ -162,7 +163,7 @@ def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(ca
     ex.variant(VariantKey.sparse(k, ContextMode.CACHED, False))
     ex.variant(VariantKey.sparse(k, ContextMode.COMPUTE, True))
     assert ex.example_inputs is None  # every variant this config may need is built
-    # without the cap one sparse variant is all: its executor drops the inputs once it is built
+    # without the cap one sparse variant and the skip variant are all
     plain = cfg.replace(max_cache_bytes=None)
     assert variants_needed(plain, make_policy(plain, plan.num_image_tokens), plan) == {
-        VariantKey.sparse(k, ContextMode.CACHED, True)}
+        VariantKey.sparse(k, ContextMode.CACHED, True), VariantKey.skip()}

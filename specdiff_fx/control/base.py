@@ -35,8 +35,8 @@ class Decision:
         return cls(Action.SPARSE, k, reason, predicted)
 
     @classmethod
-    def skip(cls, reason: str = "") -> "Decision":
-        return cls(Action.SKIP, reason=reason)
+    def skip(cls, reason: str = "", predicted: float | None = None) -> "Decision":
+        return cls(Action.SKIP, reason=reason, predicted=predicted)
 
 
 @dataclass
