@@ -25,6 +25,15 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   image tokens instead of all (a near-full refresh at three quarters of the cost).
 * ``error_probes16``: at least 16 probe tokens per sample on a sparse call, computed on top of
   the top-scored tokens (on 256-token models 36 tokens instead of 26, the same 20 top-scored).
+* ``error_alternate``: sparse and skipped calls alternate between full calls (the first cached
+  call after a full one sparse); the default, ``sparse_calls=1``, skips every cached call after
+  the first.
+* ``error_skip_only``: every cached call a skip (no token computed); the rate is measured on
+  full calls only.
+
+The variants above ``error_alternate`` were measured with every cached call sparse, as the
+error controller then ran: they keep doing so whatever ``sparse_calls`` says
+(:class:`EverySparse`).
 """
 
 from __future__ import annotations
@@ -40,7 +49,15 @@ from specdiff_fx.control import Action, Decision, Observation, StepView, registe
 from specdiff_fx.control.error import ErrorControlled, ErrorState  # noqa: E402
 
 
-class ErrorLatestRate(ErrorControlled):
+class EverySparse:
+    """Mixin: every cached call sparse, as the error controller ran when these variants were
+    measured (before ``sparse_calls``)."""
+
+    def sparse_limit(self) -> None:
+        return None
+
+
+class ErrorLatestRate(EverySparse, ErrorControlled):
     name = "error_latest_rate"
 
     def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
@@ -115,7 +132,7 @@ class CalibratedState(ErrorState):
     raw: float | None = None  # this call's prediction before calibration
 
 
-class ErrorCalibrated(ErrorControlled):
+class ErrorCalibrated(EverySparse, ErrorControlled):
     """The rate model's prediction scaled by what the last full call showed: a full call that
     ends a run of sparse calls measures exactly the error a sparse call would have made there;
     its ratio to what the rate model predicted for it (clipped to ``bounds``) scales the
@@ -144,7 +161,7 @@ class ErrorCalibrated(ErrorControlled):
         super().observe(state, view, obs)
 
 
-class ErrorNearFullRefresh(ErrorControlled):
+class ErrorNearFullRefresh(EverySparse, ErrorControlled):
     """The error controller whose refreshes after the fast phase compute the ``refresh_share``
     most-drifted image tokens instead of all: a full decision of the tolerance or the interval
     guard runs as ``sparse(round(refresh_share * N))`` and resets the interval like a full call,
@@ -179,7 +196,7 @@ class ErrorNearFullRefresh(ErrorControlled):
         super().observe(state, view, obs)
 
 
-class ErrorProbeFloor(ErrorControlled):
+class ErrorProbeFloor(EverySparse, ErrorControlled):
     """The error controller with at least ``min_probes`` probe tokens per sample on a sparse
     call, computed on top of the top-scored tokens (``k`` grows by what the floor adds), so that
     one image's estimate of its error of caching rests on enough samples."""
@@ -212,11 +229,49 @@ class ErrorLadderK1(ErrorLadder):
     ladder = (1.0,)
 
 
+@dataclass
+class AlternateState(ErrorState):
+    last_sparse: bool = False  # the last call was sparse
+
+
+class ErrorAlternate(ErrorControlled):
+    """Sparse and skipped calls alternate between full calls: a cached call that follows a
+    sparse one is skipped, the one after it sparse again."""
+
+    name = "error_alternate"
+
+    def sparse_limit(self) -> int:
+        return 1_000_000  # no limit on sparse calls per interval: only the alternation skips
+
+    def start(self) -> AlternateState:
+        return AlternateState()
+
+    def decide(self, state: AlternateState, view: StepView) -> Decision:
+        decision = super().decide(state, view)
+        if decision.action is Action.SPARSE and state.last_sparse:
+            return Decision.skip(f"{decision.reason}; the last call was sparse", decision.predicted)
+        return decision
+
+    def observe(self, state: AlternateState, view: StepView, obs: Observation) -> None:
+        super().observe(state, view, obs)
+        state.last_sparse = obs.decision.action is Action.SPARSE
+
+
+class ErrorSkipOnly(ErrorControlled):
+    """Every cached call a skip: no token computed between full calls, whose exact measurement
+    alone gives the rate."""
+
+    name = "error_skip_only"
+
+    def sparse_limit(self) -> int:
+        return 0
+
+
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
-                ErrorProbeFloor):
+                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly):
         if cls.name not in policies():
             register_policy(cls)
 

@@ -86,3 +86,44 @@ def test_probe_floor_adds_probes_on_top_of_the_top_scored_tokens():
     assert d.action is Action.SPARSE and d.k == 36
     large = _policy("error_probes16", n=1024)  # k = 102 has 26 probes already
     assert large.token_counts() == (102,) and large.probes(102) == 26
+
+
+def _run(policy, sigmas, rate=1.0):
+    """Decisions over ``sigmas`` against an error growing at ``rate`` per unit of sigma since the
+    last full call (measured on full and sparse calls; a skip measures nothing)."""
+    state, out, refresh = policy.start(), [], None
+    for i, sigma in enumerate(sigmas):
+        view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas[:i]), num_tokens=100)
+        decision = Decision.full("first") if i == 0 else policy.decide(state, view)
+        out.append(decision.action)
+        error = None if refresh is None or decision.action is Action.SKIP else rate * (refresh - sigma)
+        policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
+        if decision.action is Action.FULL:
+            refresh = sigma
+    return out
+
+
+SIGMAS = [1.0 - i / 40 for i in range(40)]
+
+
+def test_alternate_skips_every_other_cached_call():
+    policy = _policy("error_alternate")
+    run = _run(policy, SIGMAS)
+    assert policy.may_skip() and Action.SKIP in run and Action.SPARSE in run
+    for before, after in zip(run, run[1:]):
+        if after is Action.SKIP:
+            assert before is Action.SPARSE  # never two skips in a row, never one after a full call
+        if before is Action.SPARSE and after is not Action.FULL:
+            assert after is Action.SKIP
+
+
+def test_skip_only_computes_no_token_between_full_calls():
+    policy = _policy("error_skip_only")
+    run = _run(policy, SIGMAS)
+    assert set(run) == {Action.FULL, Action.SKIP}
+
+
+@pytest.mark.parametrize("name", ["error_latest_rate", "error_calibrated", "error_refresh75", "error_probes16"])
+def test_variants_measured_before_sparse_calls_keep_every_cached_call_sparse(name):
+    policy = _policy(name)
+    assert not policy.may_skip() and Action.SKIP not in _run(policy, SIGMAS)

@@ -82,8 +82,13 @@ class ErrorControlled(Policy):
     def measures(self) -> bool:
         return True
 
+    def sparse_limit(self) -> int | None:
+        """Sparse calls per interval between full calls (``SpecDiffConfig.sparse_calls``);
+        ``None``: every cached call is sparse."""
+        return self.config.sparse_calls
+
     def may_skip(self) -> bool:
-        return self.config.sparse_calls is not None
+        return self.sparse_limit() is not None
 
     def probes(self, k: int) -> int:
         return max(1, round(self.probe_fraction * k)) if k > 1 else 0
@@ -128,7 +133,7 @@ class ErrorControlled(Policy):
         tol = self.config.tolerance
         if predicted > tol:
             return Decision.full(f"predicted error {predicted:.3f} > tolerance {tol:g}", predicted)
-        limit = self.config.sparse_calls
+        limit = self.sparse_limit()
         if limit is not None and state.sparse_since >= limit:
             return Decision.skip(f"predicted error {predicted:.3f}; {limit} sparse call(s) since the last full call",
                                  predicted)
