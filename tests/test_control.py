@@ -222,10 +222,10 @@ def test_runtime_measures_the_error_of_caching_for_the_policy():
     assert sparse and all(c[2].shape == (B, k) for c in sparse)
 
 
-def test_runtime_skips_compute_no_token_and_keep_the_caches():
+def test_runtime_skip_calls():
     """``sparse_calls=1`` through the runtime: skip calls run the skip variant (prepared with
-    the others), compute no token, leave each token's history as it was and are reported as
-    skipped; the next sparse call's probes still measure."""
+    the others), only after a sparse call or a skip, measure nothing, carry the controller's
+    prediction and are reported as skipped; the sparse calls' probes still measure."""
     cfg = SpecDiffConfig(controller="error", tolerance=0.3, sparse_calls=1)
     policy = Recording(make_policy(cfg, N))
     ex = FakeExecutor()
