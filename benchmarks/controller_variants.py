@@ -240,8 +240,11 @@ class ErrorAlternate(ErrorControlled):
 
     name = "error_alternate"
 
-    def sparse_limit(self) -> int:
-        return 1_000_000  # no limit on sparse calls per interval: only the alternation skips
+    def sparse_limit(self) -> None:  # no limit on sparse calls per interval: only the alternation skips
+        return None
+
+    def may_skip(self) -> bool:
+        return True
 
     def start(self) -> AlternateState:
         return AlternateState()
