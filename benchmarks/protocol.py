@@ -39,6 +39,8 @@ baseline for speed runs the same way). ``--one-prompt`` runs specdiff that way t
 controller then decides for each image alone instead of for the batch.
 
 Methods (``(label, kind, params)``): ``eager`` (the reference: full compute, plain module),
+``bf16`` (full compute under ``torch.autocast(bfloat16)``, outputs in float32: what computing
+every token in the precision DiTs run in on GPUs costs against the float32 reference),
 ``specdiff`` with an options dict (``torch.compile(transformer, backend="specdiff",
 options={..., "inductor": False})`` for fidelity: one compiled module per options dict and model,
 reused across that model's cells; ``specdiff_fx.reset()`` before each generation), and
@@ -89,7 +91,7 @@ model's cells, a segment down to the worst image).
     python benchmarks/protocol.py --tiny                     # CI: seconds, no files unless --write
 
 Wall time (no ``--speed``), measured on the shared 2-core CPU VM (load average 4-6 from other jobs,
-1 torch thread), the 15 default methods, 8 prompts x 2 seeds: one sd3_cfg cell 6.4 min at 28 steps;
+1 torch thread), the 15 default methods of then (before the bf16 reference), 8 prompts x 2 seeds: one sd3_cfg cell 6.4 min at 28 steps;
 both FLUX samplers 15.7 min at 20 steps. Time grows with the steps, so the full run over the models
 present today (sd3, flux; 9 cells) takes about 6.4 x 98/28 + 15.7 x 98/20 = 22 + 77 = 100 min; each
 further 256-token model adds its family's share (SD3 ~22, FLUX ~77 min), a 1024-token one at least
@@ -301,7 +303,7 @@ def initial_noise(seed: int, size: int, n: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class Method:
     label: str
-    kind: str  # "eager", "specdiff" or a key of diffusers_caches.CACHES
+    kind: str  # "eager", "bf16", "specdiff" or a key of diffusers_caches.CACHES
     params: dict = field(default_factory=dict, hash=False)
     one_prompt: bool = False  # specdiff with --one-prompt
 
@@ -310,6 +312,26 @@ class Method:
         """One prompt per generation (see the module docstring: FirstBlockCache, and specdiff
         with ``--one-prompt``)."""
         return self.one_prompt or self.kind == "first_block_cache"
+
+
+class Bfloat16:
+    """The transformer computing in bfloat16 (``torch.autocast``), every token on every call, its
+    output returned in float32: what the same generation costs in the precision DiTs run in on
+    GPUs. A reference point for the fidelity numbers, not a cache."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = self.module(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.float() if torch.is_tensor(o) else o for o in out)
+        out.sample = out.sample.float()
+        return out
 
 
 def _fmt(v: Any) -> str:
@@ -351,7 +373,8 @@ TINY_CACHE = ("pyramid_attention_broadcast", {"spatial_attention_block_skip_rang
 
 
 def default_methods(specdiff: list[dict] | None = None, caches: list[tuple[str, dict]] | None = None) -> list[Method]:
-    return ([method("eager")] + [method("specdiff", p) for p in (DEFAULT_SPECDIFF if specdiff is None else specdiff)]
+    return ([method("eager"), method("bf16")]
+            + [method("specdiff", p) for p in (DEFAULT_SPECDIFF if specdiff is None else specdiff)]
             + [method(k, p) for k, p in (DEFAULT_CACHES if caches is None else caches)])
 
 
@@ -477,7 +500,7 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
     results: list[dict] = []
     refs: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     full_flops: dict[tuple[str, int], int] = {}
-    need_count = any(m.kind not in ("eager", "specdiff") for m in methods)
+    need_count = any(m.kind not in ("eager", "bf16", "specdiff") for m in methods)
     for cell in cells:
         sample = SAMPLERS[cell.sampler]
         key = (cell.sampler, cell.steps)
@@ -512,6 +535,14 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
         if m.kind == "eager":
             for cell in cells:
                 record(cell, m, refs[(cell.sampler, cell.steps)], [1.0], 0.0)
+            continue
+        if m.kind == "bf16":
+            low = Bfloat16(plain)
+            for cell in cells:
+                t0 = time.perf_counter()
+                outs = {s: _generate(SAMPLERS[cell.sampler], model, low, prompts, noise[s], cell.steps, False)
+                        for s in seeds}
+                record(cell, m, outs, [1.0], time.perf_counter() - t0)
             continue
         if m.kind == "specdiff":
             torch._dynamo.reset()
@@ -571,7 +602,7 @@ def run_speed(entry: ModelEntry, model: ShapesModel, sampler: str, methods: list
     sample = SAMPLERS[sampler]
     rows = []
     for m in methods:
-        if m.kind == "eager":
+        if m.kind in ("eager", "bf16"):  # bf16: a fidelity reference (CPU bfloat16 says nothing of GPU speed)
             continue
         runner: Any = None
         before: Callable[[], None] = lambda: None  # noqa: E731
@@ -790,7 +821,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine "
                    "more threads than free cores make every timing noise)")
     p.add_argument("--tiny", action="store_true", help="CI mode: one tune model (sd3), one sampler, 6 steps, "
-                   "1 prompt, 1 seed, eager + specdiff defaults + one diffusers cache; the filters above still apply")
+                   "1 prompt, 1 seed, eager, bf16, specdiff defaults and one diffusers cache; the filters above still apply")
     p.add_argument("--write", action="store_true", help="write protocol.json, protocol.md and <model>.png into --out")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "protocol")
     return p.parse_args(argv)

@@ -1,8 +1,8 @@
 """The evaluation protocol in its tiny mode, so it cannot rot (CI runs this), and its samplers
 against diffusers' own pipelines.
 
-* ``protocol.py --tiny`` (SD3 model, ``sd3_cfg``, 6 steps, 1 prompt, 1 seed: eager, specdiff
-  defaults, one diffusers cache), writing its files;
+* ``protocol.py --tiny`` (SD3 model, ``sd3_cfg``, 6 steps, 1 prompt, 1 seed: eager, bfloat16,
+  specdiff defaults, one diffusers cache), writing its files;
 * one FLUX true-CFG tiny cell (8 steps, so that specdiff has cached steps): two calls per step
   inside ``cache_context("cond")`` / ``("uncond")``, with specdiff and one cache;
 * each sampler equals the real ``StableDiffusion3Pipeline`` / ``FluxPipeline`` loop bit for bit
@@ -35,13 +35,15 @@ def one_thread():
 def test_tiny_sd3_writes_every_file(tmp_path):
     data = protocol.main(["--tiny", "--write", "--out", str(tmp_path)])
     kinds = [r["kind"] for r in data["results"]]
-    assert kinds == ["eager", "specdiff", protocol.TINY_CACHE[0]]
+    assert kinds == ["eager", "bf16", "specdiff", protocol.TINY_CACHE[0]]
     assert {(r["model"], r["sampler"], r["steps"], r["images"]) for r in data["results"]} == {("sd3", "sd3_cfg", 6, 1)}
-    cache = data["results"][2]
+    low, cache = data["results"][1], data["results"][3]
     assert 0 < cache["flops"] < 1 and cache["mean_psnr"] < protocol.PSNR_CAP  # it skipped work, and it shows
+    # every token computed, in bfloat16: close to the float32 reference, not equal to it
+    assert low["flops"] == 1.0 and 30 < low["mean_psnr"] < protocol.PSNR_CAP
     assert data["summary"]["tune"] and not data["summary"]["heldout"]
     saved = json.loads((tmp_path / "protocol.json").read_text())
-    assert saved["results"][1]["method"] == "specdiff defaults" and saved["machine"]["torch"] == torch.__version__
+    assert saved["results"][2]["method"] == "specdiff defaults" and saved["machine"]["torch"] == torch.__version__
     md = (tmp_path / "protocol.md").read_text()
     assert "| sd3 | sd3_cfg | 6 | specdiff defaults |" in md and "No held-out model in this run." in md
     assert (tmp_path / "sd3.png").stat().st_size > 0
@@ -57,7 +59,8 @@ def test_one_prompt_runs_a_generation_and_a_report_per_prompt():
 
 def test_tiny_flux_true_cfg_uses_cache_contexts():
     data = protocol.main(["--tiny", "--models", "flux", "--samplers", "flux_truecfg", "--steps", "8"])
-    eager, spec, cache = data["results"]
+    eager, low, spec, cache = data["results"]
+    assert low["kind"] == "bf16" and 30 < low["mean_psnr"] < protocol.PSNR_CAP  # FLUX's output back in float32
     assert (spec["sampler"], spec["steps"]) == ("flux_truecfg", 8)
     calls = spec["specdiff_calls"][0]
     assert calls["branches"] == 2 and calls["cached"] > 0, calls  # cond and uncond, each with cached steps
