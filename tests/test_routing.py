@@ -201,3 +201,50 @@ def test_span_test_explains_sampler_updates_only():
     empty = Generation(None, GenerationReport("f", N, B, 0.9, 1))
     empty.branches.append(Branch((), br.state, trace=br.trace))
     assert unexplained(xb, empty, empty.branches[0], None) < 0.05
+
+
+def _unexplained_one_by_one(sample, gen, br, groups):
+    """The span test written per sample, plainly (least squares): the reference for the batched one."""
+    b = sample.shape[0]
+    lat = [t.reshape(b, -1).double() for t in br.trace.samples]
+    outs = [o.reshape(b, -1).double() for other in gen.branches for s in br.trace.sigmas
+            for o in [other.trace.output_at(s)] if o is not None]
+    group_of = groups.tolist() if groups is not None else list(range(b))
+    worst = 0.0
+    for i in range(b):
+        cols = [x[i] for x in lat] + [o[j] for o in outs for j in range(b) if group_of[j] == group_of[i]]
+        a = torch.stack(cols, dim=1)
+        d = sample.reshape(b, -1)[i].double() - lat[0][i]
+        if float(d.norm()) == 0.0:
+            continue
+        coef = torch.linalg.lstsq(a, d.unsqueeze(1)).solution
+        slack = 2 * torch.finfo(sample.dtype).eps * float(sample[i].double().norm())  # the latent's rounding
+        worst = max(worst, max(0.0, float((d - (a @ coef).squeeze(1)).norm()) - slack) / float(d.norm()))
+    return worst
+
+
+def test_span_test_batches_samples_with_groups_of_different_sizes():
+    """Samples 0 and 1 are the halves of one CFG image, 2 and 3 single images: the batched span
+    test gives the per-sample answer, continuation or not, whatever the group sizes."""
+    torch.manual_seed(0)
+    b, n, c = 4, 12, 3
+    groups = torch.tensor([0, 0, 2, 3])
+    x_prev, x_last = torch.randn(b, n, c), torch.randn(b, n, c)
+    x_last[1] = x_last[0]  # the CFG halves start from the same latent
+    out_prev, out_last = torch.randn(b, n, c), torch.randn(b, n, c)
+    br = Branch((), None)
+    br.trace.push(0.8, x_prev, out_prev)
+    br.trace.push(0.7, x_last, out_last)
+    gen = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=[br])
+    guided = out_last[0] + 4.0 * (out_last[1] - out_last[0])  # what a CFG sampler steps with
+    step = torch.stack([guided, guided, out_last[2], out_last[3] - 0.3 * out_prev[3]])  # Euler; one multistep
+    cont = x_last - 0.05 * step
+    other = torch.randn(b, n, c)
+    half = cont.clone()
+    half[2] = other[2]  # one sample of the batch is not a continuation: the batch is not one
+    for sample, low in ((cont, True), (other, False), (half, False)):
+        got, ref = unexplained(sample, gen, br, groups), _unexplained_one_by_one(sample, gen, br, groups)
+        assert abs(got - ref) < 1e-9, (got, ref)
+        assert (got < 1e-6) if low else (got > 0.3)
+    # without groups each half may use only its own outputs: the guided update is not explained
+    assert unexplained(cont, gen, br, None) > 0.05

@@ -175,23 +175,34 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
     d_all = sample.reshape(b, -1).double() - latents[0].double()
     if not (bool(torch.isfinite(d_all).all()) and all(bool(torch.isfinite(o).all()) for o in outputs)):
         return float("inf")  # NaN/Inf latents or outputs: nothing to match on
+    slack = 2 * _rounding(sample.dtype) * sample.reshape(b, -1).double().norm(dim=1)
+    members = [[j for j in range(b) if group_of[j] == group_of[i]] for i in range(b)]
+    by_size: dict[int, list[int]] = collections.defaultdict(list)  # samples with as many members: one batch
+    for i, m in enumerate(members):
+        by_size[len(m)].append(i)
     worst = 0.0
-    for i in range(b):
-        members = [j for j in range(b) if group_of[j] == group_of[i]]
-        a = torch.stack([x[i] for x in latents] + [o[j] for o in outputs for j in members], dim=1).double()
-        d = d_all[i]
-        norm2 = float(d @ d)
-        if norm2 == 0.0:  # the latent did not move (a zero update is in every span)
-            continue
-        # an orthonormal basis of the span from the SVD of ``a`` itself (not of its Gram
-        # matrix, whose squared condition number let rounding decide the rank: a continuation
-        # was sometimes not recognised); directions below 1e-9 of the largest are rounding
-        u, s, _ = torch.linalg.svd(a, full_matrices=False)
-        basis = u[:, s > 1e-9 * float(s[0])] if s.numel() else u[:, :0]
-        residual = float((d - basis @ (basis.T @ d)).norm())
-        slack = 2 * _rounding(sample.dtype) * float(sample[i].double().norm())
-        worst = max(worst, max(0.0, residual - slack) / norm2 ** 0.5)
+    for size, rows_i in by_size.items():
+        idx = torch.tensor(rows_i, device=d_all.device)
+        mem = torch.tensor([members[i] for i in rows_i], device=d_all.device)  # [b', size]
+        a = torch.stack([x[idx] for x in latents] + [o[mem[:, k]] for o in outputs for k in range(size)],
+                        dim=-1).double()  # [b', n, columns]: what sample i's update may combine
+        worst = max(worst, _unexplained_share(a, d_all[idx], slack[idx]))
     return worst
+
+
+def _unexplained_share(a: torch.Tensor, d: torch.Tensor, slack: torch.Tensor) -> float:
+    """The largest over the batch of ``max(0, |d - P d| - slack) / |d|``, ``P`` the projection
+    onto the span of ``a``'s columns (``a``: ``[b, n, m]``, ``d``: ``[b, n]``); 0 where ``d`` is 0
+    (a zero update is in every span)."""
+    # an orthonormal basis of the span from the SVD of ``a`` itself (not of its Gram matrix,
+    # whose squared condition number let rounding decide the rank: a continuation was sometimes
+    # not recognised); directions below 1e-9 of the largest are rounding
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    u = u * (s > 1e-9 * s[:, :1]).to(u.dtype).unsqueeze(1)
+    residual = (d - (u @ (u.transpose(1, 2) @ d.unsqueeze(-1))).squeeze(-1)).norm(dim=1)
+    norm = d.norm(dim=1)
+    share = torch.where(norm > 0, (residual - slack).clamp_min(0) / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    return float(share.max())
 
 
 class Router:
