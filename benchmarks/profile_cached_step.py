@@ -8,7 +8,8 @@ config (SD3 architecture, random weights: 8 layers, hidden 512, 1024 image token
 tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each (``--ab``: times the
 cached step against the same step compiled so that Inductor copies every cache it writes,
-side by side, instead). It prints the self-CPU
+side by side, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
+full step's rows, reading each layer's own weights against one resident weight per shape). It prints the self-CPU
 time by category (matmuls, attention, Inductor's generated kernels, the rest), the largest
 entries, and the cached step's time as a multiple of its FLOP share of a full step (the
 target is at most 1.3). Inductor's kernel profiling (``cpp.enable_kernel_profile``) names each
@@ -56,6 +57,57 @@ def profile(fn, calls: int = 3) -> tuple[collections.Counter, collections.Counte
     return by, top
 
 
+def weight_streaming(image_share: float, text_share: float, rounds: int = 7) -> dict:
+    """The mid config's attention and MLP linears (image stream at ``B * k`` rows, context stream
+    at ``B * k_txt``, against ``B * N`` and ``B * M`` on a full step), run one after another as
+    a step runs them: each with its own weight, and again with one weight per shape (resident in
+    the CPU's caches). The gap between the two is what reading every weight once per call costs,
+    which computing fewer tokens does not remove; medians of ``rounds``."""
+    import torch.nn.functional as F
+
+    from benchmarks.configs import MID_CONTEXT_TOKENS, MID_LATENT, MID_SD3, mid_inputs, mid_sd3
+
+    model = mid_sd3()
+    lins = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and any(part in name for part in (".attn.", ".ff.", ".ff_context."))]
+    text = {name for name, _ in lins if ".add_" in name or "to_add_out" in name or ".ff_context." in name}
+    resident = {}
+    for _, m in lins:
+        resident.setdefault(tuple(m.weight.shape), m.weight)
+    b = mid_inputs()["hidden_states"].shape[0]
+    n, m_txt = (MID_LATENT[1] // MID_SD3["patch_size"]) * (MID_LATENT[2] // MID_SD3["patch_size"]), MID_CONTEXT_TOKENS
+    settings = {"cached": (max(1, round(image_share * n)) * b, max(1, round(text_share * m_txt)) * b),
+                "full": (n * b, m_txt * b)}
+    out = {}
+    with torch.no_grad():
+        for label, (rows_img, rows_txt) in settings.items():
+            xs = {(name in text, m.in_features): torch.randn(rows_txt if name in text else rows_img, m.in_features)
+                  for name, m in lins}
+            flops = sum(2 * xs[(name in text, m.in_features)].shape[0] * m.in_features * m.out_features
+                        for name, m in lins)
+
+            def run(same: bool) -> None:
+                for name, m in lins:
+                    F.linear(xs[(name in text, m.in_features)], resident[tuple(m.weight.shape)] if same else m.weight,
+                             m.bias)
+
+            times = {True: [], False: []}
+            for _ in range(rounds):
+                for same in (False, True):
+                    t0 = time.perf_counter()
+                    run(same)
+                    times[same].append(time.perf_counter() - t0)
+            med = {same: sorted(t)[len(t) // 2] for same, t in times.items()}
+            out[label] = {"rows": (rows_img, rows_txt), "own_weights_s": med[False], "resident_s": med[True],
+                          "flops": flops}
+            print(f"{label} ({rows_img} image rows, {rows_txt} context rows): own weights {med[False] * 1e3:.1f} ms "
+                  f"({flops / med[False] / 1e9:.0f} GFLOP/s), one resident weight per shape {med[True] * 1e3:.1f} ms "
+                  f"({flops / med[True] / 1e9:.0f} GFLOP/s)")
+    mb = sum(m.weight.numel() * m.weight.element_size() for _, m in lins) / 2 ** 20
+    print(f"{len(lins)} linears, {mb:.0f} MiB of weights read per call")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache-ratio", type=float, default=0.9)
@@ -65,7 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="instead of profiling: time the full step, the cached step and the cached step compiled "
                         "without variants.IN_PLACE_CACHES (Inductor then copies each cache it writes), "
                         "alternately, 8 rounds, medians")
+    p.add_argument("--weights", action="store_true",
+                   help="instead of profiling: time the blocks' linear layers alone at a cached and a full "
+                        "step's rows, each layer with its own weights (as a step streams them from memory) "
+                        "and with one resident weight per shape")
     a = p.parse_args(argv)
+    if a.weights:
+        return weight_streaming(1 - a.cache_ratio, 1 - a.context_ratio)
 
     import torch._inductor.config as inductor_config
 
