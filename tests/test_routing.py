@@ -225,12 +225,14 @@ def _unexplained_one_by_one(sample, gen, br, groups):
 
 def test_span_test_batches_samples_with_groups_of_different_sizes():
     """Samples 0 and 1 are the halves of one CFG image, 2 and 3 single images: the batched span
-    test gives the per-sample answer, continuation or not, whatever the group sizes."""
+    test gives the per-sample answer, continuation or not, whatever the group sizes (and the
+    second half, answered by its twin while their latents are equal, is checked again once they
+    differ)."""
     torch.manual_seed(0)
     b, n, c = 4, 12, 3
     groups = torch.tensor([0, 0, 2, 3])
     x_prev, x_last = torch.randn(b, n, c), torch.randn(b, n, c)
-    x_last[1] = x_last[0]  # the CFG halves start from the same latent
+    x_prev[1], x_last[1] = x_prev[0], x_last[0]  # the CFG halves move as one latent
     out_prev, out_last = torch.randn(b, n, c), torch.randn(b, n, c)
     br = Branch((), None)
     br.trace.push(0.8, x_prev, out_prev)
@@ -242,7 +244,9 @@ def test_span_test_batches_samples_with_groups_of_different_sizes():
     other = torch.randn(b, n, c)
     half = cont.clone()
     half[2] = other[2]  # one sample of the batch is not a continuation: the batch is not one
-    for sample, low in ((cont, True), (other, False), (half, False)):
+    split = cont.clone()
+    split[1] = other[1]  # one CFG half moved elsewhere: not the answer of its twin
+    for sample, low in ((cont, True), (other, False), (half, False), (split, False)):
         got, ref = unexplained(sample, gen, br, groups), _unexplained_one_by_one(sample, gen, br, groups)
         assert abs(got - ref) < 1e-9, (got, ref)
         assert (got < 1e-6) if low else (got > 0.3)

@@ -172,21 +172,27 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
     if not outputs:
         return float("inf")
     group_of = groups.tolist() if groups is not None else list(range(b))
-    d_all = sample.reshape(b, -1).double() - latents[0].double()
-    if not (bool(torch.isfinite(d_all).all()) and all(bool(torch.isfinite(o).all()) for o in outputs)):
-        return float("inf")  # NaN/Inf latents or outputs: nothing to match on
-    slack = 2 * _rounding(sample.dtype) * sample.reshape(b, -1).double().norm(dim=1)
+    flat = sample.reshape(b, -1)
     members = [[j for j in range(b) if group_of[j] == group_of[i]] for i in range(b)]
     by_size: dict[int, list[int]] = collections.defaultdict(list)  # samples with as many members: one batch
     for i, m in enumerate(members):
-        by_size[len(m)].append(i)
+        # a member whose latents equal those of its group's first member (the halves of a batched
+        # CFG call) has the same columns and the same update: the same answer
+        first = m[0]
+        if i == first or not (torch.equal(flat[i], flat[first])
+                              and all(torch.equal(x[i], x[first]) for x in latents)):
+            by_size[len(m)].append(i)
     worst = 0.0
     for size, rows_i in by_size.items():
-        idx = torch.tensor(rows_i, device=d_all.device)
-        mem = torch.tensor([members[i] for i in rows_i], device=d_all.device)  # [b', size]
+        idx = torch.tensor(rows_i, device=flat.device)
+        mem = torch.tensor([members[i] for i in rows_i], device=flat.device)  # [b', size]
         a = torch.stack([x[idx] for x in latents] + [o[mem[:, k]] for o in outputs for k in range(size)],
                         dim=-1).double()  # [b', n, columns]: what sample i's update may combine
-        worst = max(worst, _unexplained_share(a, d_all[idx], slack[idx]))
+        d = flat[idx].double() - a[..., 0]  # a[..., 0] is x_last
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(d).all())):
+            return float("inf")  # NaN/Inf latents or outputs: nothing to match on
+        slack = 2 * _rounding(sample.dtype) * flat[idx].double().norm(dim=1)
+        worst = max(worst, _unexplained_share(a, d, slack))
     return worst
 
 
