@@ -80,7 +80,8 @@ with Inductor (``inductor=True``). The plots use it on the x axis; without ``--s
 Outputs (with ``--write``, into ``--out``, default ``benchmarks/protocol/``): ``protocol.json``
 (every number, per image too; machine, versions, date, command line), ``protocol.md`` (models
 and splits, one row per (model, sampler, steps, method), the specdiff-defaults summary over the
-held-out cells against the targets: mean PSNR >= 30 dB, worst image >= 25 dB, FLOPs <= 35 %)
+held-out cells against the targets: mean PSNR >= 30 dB, worst image >= 25 dB, FLOPs <= 35 %,
+with the ``bf16`` reference's mean and worst PSNR of the same cells next to them where it ran)
 and ``<model>.png`` per model (PSNR against speed, one marker per method: the mean over the
 model's cells, a segment down to the worst image).
 
@@ -670,11 +671,21 @@ def summary_rows(results: list[dict], split: str = "heldout") -> list[dict]:
     rows = [r for r in results if r["kind"] == "specdiff" and not r["params"] and r["split"] == split]
     if not rows:
         return []
+    low = {(r["model"], r["sampler"], r["steps"]): r for r in results if r["kind"] == "bf16"}
+
+    def bf16(rs: list[dict]) -> dict:  # the bfloat16 reference on the same cells, where it ran on all of them
+        refs = [low.get((r["model"], r["sampler"], r["steps"])) for r in rs]
+        if not refs or None in refs:
+            return {}
+        every = [p for r in refs for p in r["psnr"]]
+        return {"bf16_mean_psnr": statistics.fmean(every), "bf16_worst_psnr": min(every)}
+
     out = [{"cell": f"{r['model']} / {r['sampler']} / {r['steps']}", "mean_psnr": r["mean_psnr"],
-            "worst_psnr": r["worst_psnr"], "flops": r["flops"]} for r in rows]
+            "worst_psnr": r["worst_psnr"], "flops": r["flops"], **bf16([r])} for r in rows]
     every = [p for r in rows for p in r["psnr"]]
     out.append({"cell": f"all {len(rows)} {split} cells ({len(every)} images; FLOPs: the highest cell)",
-                "mean_psnr": statistics.fmean(every), "worst_psnr": min(every), "flops": max(r["flops"] for r in rows)})
+                "mean_psnr": statistics.fmean(every), "worst_psnr": min(every), "flops": max(r["flops"] for r in rows),
+                **bf16(rows)})
     for o in out:
         o["meets"] = {"mean_psnr": o["mean_psnr"] >= TARGETS["mean_psnr"],
                       "worst_psnr": o["worst_psnr"] >= TARGETS["worst_psnr"], "flops": o["flops"] <= TARGETS["flops"]}
@@ -711,12 +722,15 @@ def markdown(data: dict) -> str:
         if not rows:
             lines.append("No held-out model in this run.")
             continue
+        ref = all("bf16_mean_psnr" in r for r in rows)  # bf16: every token in bfloat16, for scale
         lines += [f"| cell | mean PSNR (≥ {t['mean_psnr']:.0f} dB) | worst PSNR (≥ {t['worst_psnr']:.0f} dB) | "
-                  f"FLOPs (≤ {t['flops']:.0%}) |", "|---|---|---|---|"]
+                  f"FLOPs (≤ {t['flops']:.0%}) |" + (" bf16, every token: mean / worst PSNR |" if ref else ""),
+                  "|---|---|---|---|" + ("---|" if ref else "")]
         for r in rows:
             ok = r["meets"]
             lines.append(f"| {r['cell']} | {r['mean_psnr']:.2f} ({_ok(ok['mean_psnr'])}) | "
-                         f"{r['worst_psnr']:.2f} ({_ok(ok['worst_psnr'])}) | {r['flops']:.1%} ({_ok(ok['flops'])}) |")
+                         f"{r['worst_psnr']:.2f} ({_ok(ok['worst_psnr'])}) | {r['flops']:.1%} ({_ok(ok['flops'])}) |"
+                         + (f" {r['bf16_mean_psnr']:.2f} / {r['bf16_worst_psnr']:.2f} |" if ref else ""))
     lines += ["", "## Results", "",
               "| model | sampler | steps | method | mean PSNR | worst PSNR | mean SSIM | worst SSIM | FLOPs | speedup |",
               "|---|---|---|---|---|---|---|---|---|---|"]

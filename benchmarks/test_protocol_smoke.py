@@ -42,10 +42,12 @@ def test_tiny_sd3_writes_every_file(tmp_path):
     # every token computed, in bfloat16: close to the float32 reference, not equal to it
     assert low["flops"] == 1.0 and 30 < low["mean_psnr"] < protocol.PSNR_CAP
     assert data["summary"]["tune"] and not data["summary"]["heldout"]
+    assert data["summary"]["tune"][0]["bf16_mean_psnr"] == low["mean_psnr"]  # the reference next to the targets
     saved = json.loads((tmp_path / "protocol.json").read_text())
     assert saved["results"][2]["method"] == "specdiff defaults" and saved["machine"]["torch"] == torch.__version__
     md = (tmp_path / "protocol.md").read_text()
     assert "| sd3 | sd3_cfg | 6 | specdiff defaults |" in md and "No held-out model in this run." in md
+    assert f"| {low['mean_psnr']:.2f} / {low['worst_psnr']:.2f} |" in md
     assert (tmp_path / "sd3.png").stat().st_size > 0
 
 
@@ -55,6 +57,7 @@ def test_one_prompt_runs_a_generation_and_a_report_per_prompt():
     assert spec["method"] == "specdiff defaults (one prompt per generation)" and spec["batch1"]
     assert spec["images"] == 2 and len(spec["flops_per_generation"]) == 2
     assert all(c["full"] + c["cached"] + c["skipped"] == 6 for c in spec["specdiff_calls"])  # each its own 6 steps
+    assert "bf16_mean_psnr" not in data["summary"]["tune"][0]  # no bf16 run: no reference column
 
 
 def test_tiny_flux_true_cfg_uses_cache_contexts():
