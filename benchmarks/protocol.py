@@ -92,8 +92,8 @@ model's cells, a segment down to the worst image).
     python benchmarks/protocol.py --tiny                     # CI: seconds, no files unless --write
 
 Wall time (no ``--speed``), measured on the shared 2-core CPU VM (load average 4-6 from other jobs,
-1 torch thread), the 15 default methods of then (before the bf16 reference), 8 prompts x 2 seeds: one sd3_cfg cell 6.4 min at 28 steps;
-both FLUX samplers 15.7 min at 20 steps. Time grows with the steps, so the full run over the models
+1 torch thread), the 15 default methods of then (before the bf16 reference), 8 prompts x 2 seeds:
+one sd3_cfg cell 6.4 min at 28 steps; both FLUX samplers 15.7 min at 20 steps. Time grows with the steps, so the full run over the models
 present today (sd3, flux; 9 cells) takes about 6.4 x 98/28 + 15.7 x 98/20 = 22 + 77 = 100 min; each
 further 256-token model adds its family's share (SD3 ~22, FLUX ~77 min), a 1024-token one at least
 4x that per call (not measured). ``--methods eager,specdiff`` takes about a third. ``--speed`` adds,
@@ -327,7 +327,8 @@ class Bfloat16:
         return getattr(self.module, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        device = next(self.module.parameters()).device.type  # autocast of the device the weights are on
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
             out = self.module(*args, **kwargs)
         if isinstance(out, tuple):
             return tuple(o.float() if torch.is_tensor(o) else o for o in out)
