@@ -188,10 +188,11 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
         mem = torch.tensor([members[i] for i in rows_i], device=flat.device)  # [b', size]
         a = torch.stack([x[idx] for x in latents] + [o[mem[:, k]] for o in outputs for k in range(size)],
                         dim=-1).double()  # [b', n, columns]: what sample i's update may combine
-        d = flat[idx].double() - a[..., 0]  # a[..., 0] is x_last
+        x = flat[idx].double()
+        d = x - a[..., 0]  # a[..., 0] is x_last
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(d).all())):
             return float("inf")  # NaN/Inf latents or outputs: nothing to match on
-        slack = 2 * _rounding(sample.dtype) * flat[idx].double().norm(dim=1)
+        slack = 2 * _rounding(sample.dtype) * x.norm(dim=1)
         worst = max(worst, _unexplained_share(a, d, slack))
     return worst
 
