@@ -73,21 +73,6 @@ def _sample(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-class _Recorder:
-    """The plain transformer, recording each call's output."""
-
-    def __init__(self, module: Any) -> None:
-        self.module, self.outputs = module, []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.module, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.module(*args, **kwargs)
-        self.outputs.append(_sample(out).detach().clone())
-        return out
-
-
 def _guided(outputs: list[torch.Tensor], sampler: str, model: Any, b: int) -> list[torch.Tensor] | None:
     """The velocity each step of ``sampler`` moves with (``None``: it does not guide)."""
     from benchmarks import protocol
@@ -116,15 +101,20 @@ def sensitivity(name: str, sampler: str, steps: int, seeds: Sequence[int], mode:
     sample = protocol.SAMPLERS[sampler]
     texts = protocol.PROMPTS[:prompts]
     noise = {s: protocol.initial_noise(s, protocol.image_size(model), prompts) for s in seeds}
-    plain = _Recorder(copy.deepcopy(model.transformer))
+    plain = copy.deepcopy(model.transformer)
+    outputs: list[torch.Tensor] = []  # each call's output, recorded by a hook on the plain transformer
+    hook = plain.register_forward_hook(lambda m, a, o: outputs.append(_sample(o).detach().clone()))
     refs = {}
     guided_err: list[list[float]] = []  # per seed, per call from the second on
-    for s in seeds:
-        plain.outputs = []
-        refs[s] = sample(model, plain, texts, noise[s], steps)
-        guided = _guided(plain.outputs, sampler, model, prompts)
-        if guided is not None:
-            guided_err.append([_rel(guided[t], guided[t - 1]) for t in range(1, len(guided))])
+    try:
+        for s in seeds:
+            outputs.clear()
+            refs[s] = sample(model, plain, texts, noise[s], steps)
+            guided = _guided(outputs, sampler, model, prompts)
+            if guided is not None:
+                guided_err.append([_rel(guided[t], guided[t - 1]) for t in range(1, len(guided))])
+    finally:
+        hook.remove()
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
                              options={"controller": "scripted", "inductor": False})
