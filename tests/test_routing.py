@@ -217,7 +217,7 @@ def _unexplained_one_by_one(sample, gen, br, groups):
         d = sample.reshape(b, -1)[i].double() - lat[0][i]
         if float(d.norm()) == 0.0:
             continue
-        coef = torch.linalg.lstsq(a, d.unsqueeze(1)).solution
+        coef = torch.linalg.lstsq(a, d.unsqueeze(1), driver="gelsd").solution  # SVD-based: any rank
         slack = 2 * torch.finfo(sample.dtype).eps * float(sample[i].double().norm())  # the latent's rounding
         worst = max(worst, max(0.0, float((d - (a @ coef).squeeze(1)).norm()) - slack) / float(d.norm()))
     return worst
@@ -252,3 +252,35 @@ def test_span_test_batches_samples_with_groups_of_different_sizes():
         assert (got < 1e-6) if low else (got > 0.3)
     # without groups each half may use only its own outputs: the guided update is not explained
     assert unexplained(cont, gen, br, None) > 0.05
+
+
+def test_span_test_with_dependent_columns_and_non_finite_values():
+    """Columns that depend on each other (the two CFG halves' outputs equal, a latent that did
+    not move) still recognise a continuation; NaN or Inf in a latent or an output matches
+    nothing (inf), whichever group it is in."""
+    torch.manual_seed(0)
+    b, n, c = 4, 12, 3
+    groups = torch.tensor([0, 0, 2, 3])
+    x_last = torch.randn(b, n, c)
+    x_last[1] = x_last[0]
+    out_last = torch.randn(b, n, c)
+    out_last[1] = out_last[0]  # guidance changes nothing: the halves' outputs are one column twice
+    br = Branch((), None)
+    br.trace.push(0.8, x_last, out_last)  # x_prev = x_last: the latent did not move between
+    br.trace.push(0.7, x_last, out_last)
+    gen = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=[br])
+    cont = x_last - 0.05 * out_last
+    assert unexplained(cont, gen, br, groups) < 1e-6
+    assert abs(unexplained(cont, gen, br, groups) - _unexplained_one_by_one(cont, gen, br, groups)) < 1e-9
+    assert unexplained(torch.randn(b, n, c), gen, br, groups) > 0.3
+    for bad in (float("nan"), float("inf")):
+        for j in (0, 3):  # a sample of the CFG group, a single one
+            x = cont.clone()
+            x[j, 0, 0] = bad
+            assert unexplained(x, gen, br, groups) == float("inf")
+            out = out_last.clone()
+            out[j, 1, 1] = bad
+            br2 = Branch((), None)
+            br2.trace.push(0.7, x_last, out)
+            gen2 = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=[br2])
+            assert unexplained(cont, gen2, br2, groups) == float("inf")
