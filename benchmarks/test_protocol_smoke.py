@@ -49,6 +49,11 @@ def test_tiny_sd3_writes_every_file(tmp_path):
     assert "| sd3 | sd3_cfg | 6 | specdiff defaults |" in md and "No held-out model in this run." in md
     assert f"| {low['mean_psnr']:.2f} / {low['worst_psnr']:.2f} |" in md
     assert (tmp_path / "sd3.png").stat().st_size > 0
+    # the speed table (its run needs Inductor: a row as run_speed writes it) shows the pairs' spread
+    data["speed"] = [{"model": "sd3", "sampler": "sd3_cfg", "method": "specdiff defaults", "speedup": 2.4,
+                      "seconds": 0.8, "eager_seconds": 1.9, "first_seconds": 20.0,
+                      "pairs": [(1.9, 0.8), (2.5, 0.8), (1.8, 0.8)]}]
+    assert "| sd3 | sd3_cfg | specdiff defaults | 2.40x | 2.25-3.12x | 0.80 | 1.90 | 20.0 |" in protocol.markdown(data)
 
 
 def test_one_prompt_runs_a_generation_and_a_report_per_prompt():
