@@ -187,10 +187,11 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
     for size, rows_i in by_size.items():
         idx = torch.tensor(rows_i, device=flat.device)
         mem = torch.tensor([members[i] for i in rows_i], device=flat.device)  # [b', size]
-        a = torch.stack([x[idx] for x in latents] + [o[mem[:, k]] for o in outputs for k in range(size)],
-                        dim=-1).double()  # [b', n, columns]: what sample i's update may combine
-        x = flat[idx].double()
-        d = x - a[..., 0]  # a[..., 0] is x_last
+        cols = torch.stack([x.index_select(0, idx) for x in latents]
+                           + [o.index_select(0, mem[:, k]) for o in outputs for k in range(size)], dim=1).double()
+        a = cols.transpose(1, 2)  # [b', n, columns]: what sample i's update may combine (column-major, as QR wants)
+        x = flat.index_select(0, idx).double()
+        d = x - cols[:, 0]  # cols[:, 0] is x_last
         slack = 2 * _rounding(sample.dtype) * x.norm(dim=1)
         shares.append(_unexplained_share(a, d, slack))
     # one synchronisation for the batch; NaN/Inf latents or outputs (a non-finite share): nothing to match on
