@@ -217,7 +217,8 @@ def _unexplained_share(a: torch.Tensor, d: torch.Tensor, slack: torch.Tensor) ->
     q, _ = torch.linalg.qr(a)
     residual = (d - (q @ (q.transpose(1, 2) @ d.unsqueeze(-1))).squeeze(-1)).norm(dim=1)
     norm = d.norm(dim=1)
-    share = torch.where(norm > 0, (residual - slack).clamp_min(0) / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    tiny = torch.finfo(norm.dtype).tiny  # 1e-300 underflows in float32
+    share = torch.where(norm > 0, (residual - slack).clamp_min(0) / norm.clamp_min(tiny), torch.zeros_like(norm))
     finite = torch.isfinite(a.sum()) & torch.isfinite(norm).all()
     return torch.where(finite, share.max(), torch.full_like(norm[0], float("nan")))
 
