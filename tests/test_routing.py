@@ -254,6 +254,9 @@ def test_span_test_batches_samples_with_groups_of_different_sizes():
         assert (got < 1e-6) if low else (got > 0.3)
     # without groups each half may use only its own outputs: the guided update is not explained
     assert unexplained(cont, gen, br, None) > 0.05
+    # float64 latents are tested in float64
+    for sample in (cont.double(), other.double()):
+        assert abs(unexplained(sample, gen, br, groups) - _unexplained_one_by_one(sample, gen, br, groups)) < 1e-12
 
 
 def test_span_test_with_dependent_columns_and_non_finite_values():
