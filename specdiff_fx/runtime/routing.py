@@ -199,7 +199,7 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
         slack = 2 * _rounding(sample.dtype) * x.norm(dim=1)
         shares.append(_unexplained_share(a, d, slack))
     # one synchronisation for the batch; NaN/Inf latents or outputs (a non-finite share): nothing to match on
-    worst = float(torch.stack(shares).max()) if len(shares) > 1 else float(shares[0])
+    worst = float(torch.stack(shares).max())
     return worst if math.isfinite(worst) else float("inf")
 
 
