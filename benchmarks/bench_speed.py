@@ -4,6 +4,11 @@ specdiff, on the "mid" SD3-architecture config and on the shipped trained model.
 Not part of the test run (the file name does not match ``test_*.py``); run it with
 
     bash scripts/bench.sh            # = pytest benchmarks/bench_speed.py --benchmark-group-by=group
+    SPECDIFF_BENCH_OPTIONS='{"tolerance": 0.2}' bash scripts/bench.sh -k mid_generation
+
+``SPECDIFF_BENCH_OPTIONS`` (JSON) passes specdiff options to the generations' backend (the
+``context`` modes add theirs); ``SPECDIFF_BENCH_ROUNDS`` and ``SPECDIFF_BENCH_STEPS`` set the
+rounds and the step count.
 
 Results are grouped so ``pytest-benchmark compare`` shows the three side by side. A specdiff
 "step" is a *cached* step (the sparse variant at the default cache ratio); its full steps cost
@@ -12,6 +17,7 @@ what the ``full`` variant costs, shown separately.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -24,6 +30,7 @@ from specdiff_fx.signature import VariantKey
 
 ROUNDS = int(os.environ.get("SPECDIFF_BENCH_ROUNDS", "3"))
 STEPS = int(os.environ.get("SPECDIFF_BENCH_STEPS", "28"))
+OPTIONS = json.loads(os.environ.get("SPECDIFF_BENCH_OPTIONS", "{}"))
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +61,10 @@ def _compiled(model, mode):
     if mode == "inductor":
         return torch.compile(model)
     if mode == "specdiff_context_cached":  # no context token computed on cached steps (BENCHMARKS.md)
-        return torch.compile(model, backend="specdiff", options={"context_ratio": 1.0})
+        return torch.compile(model, backend="specdiff", options={**OPTIONS, "context_ratio": 1.0})
     if mode == "specdiff_context_computed":  # every context token computed on cached steps
-        return torch.compile(model, backend="specdiff", options={"context_ratio": 0.0})
-    return torch.compile(model, backend="specdiff")
+        return torch.compile(model, backend="specdiff", options={**OPTIONS, "context_ratio": 0.0})
+    return torch.compile(model, backend="specdiff", options=OPTIONS or None)
 
 
 @pytest.mark.parametrize("mode", ["eager", "inductor", "specdiff_full", "specdiff_cached"])
