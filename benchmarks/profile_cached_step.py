@@ -9,7 +9,9 @@ tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each (``--ab``: times the
 cached step against the same step compiled so that Inductor copies every cache it writes,
 side by side, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
-full step's rows, reading each layer's own weights against one resident weight per shape). It prints the self-CPU
+full step's rows, reading each layer's own weights against one resident weight per shape, and
+prepacked for oneDNN where it is built in; ``--freezing``: times the untouched mid config under
+Inductor with and without ``freezing=True``). It prints the self-CPU
 time by category (matmuls, attention, Inductor's generated kernels, the rest), the largest
 entries, and the cached step's time as a multiple of its FLOP share of a full step (the
 target is at most 1.3). Inductor's kernel profiling (``cpp.enable_kernel_profile``) names each
@@ -62,7 +64,9 @@ def weight_streaming(image_share: float, text_share: float, rounds: int = 7) -> 
     at ``B * k_txt``, against ``B * N`` and ``B * M`` on a full step), run one after another as
     a step runs them: each with its own weight, and again with one weight per shape (resident in
     the CPU's caches). The gap between the two is what reading every weight once per call costs,
-    which computing fewer tokens does not remove; medians of ``rounds``."""
+    which computing fewer tokens does not remove; medians of ``rounds``. Where oneDNN is built in,
+    also each with its own weight prepacked for oneDNN (``mkldnn._linear_pointwise``; what the
+    GEMM library alone is worth on this host, the same for every backend; ``None`` otherwise)."""
     import torch.nn.functional as F
 
     from benchmarks.configs import MID_CONTEXT_TOKENS, MID_LATENT, MID_SD3, mid_inputs, mid_sd3
@@ -74,6 +78,7 @@ def weight_streaming(image_share: float, text_share: float, rounds: int = 7) -> 
     resident = {}
     for _, m in lins:
         resident.setdefault(tuple(m.weight.shape), m.weight)
+    packed = _onednn_packed(lins)
     b = mid_inputs()["hidden_states"].shape[0]
     n, m_txt = (MID_LATENT[1] // MID_SD3["patch_size"]) * (MID_LATENT[2] // MID_SD3["patch_size"]), MID_CONTEXT_TOKENS
     settings = {"cached": (max(1, round(image_share * n)) * b, max(1, round(text_share * m_txt)) * b),
@@ -86,26 +91,85 @@ def weight_streaming(image_share: float, text_share: float, rounds: int = 7) -> 
             flops = sum(2 * xs[(name in text, m.in_features)].shape[0] * m.in_features * m.out_features
                         for name, m in lins)
 
-            def run(same: bool) -> None:
+            def run(how: str) -> None:
                 for name, m in lins:
-                    F.linear(xs[(name in text, m.in_features)], resident[tuple(m.weight.shape)] if same else m.weight,
-                             m.bias)
+                    x = xs[(name in text, m.in_features)]
+                    if how == "onednn":
+                        torch.ops.mkldnn._linear_pointwise(x, packed[name], m.bias, "none", [], "")
+                    else:
+                        F.linear(x, resident[tuple(m.weight.shape)] if how == "resident" else m.weight, m.bias)
 
-            times = {True: [], False: []}
+            hows = ("own", "resident") + (("onednn",) if packed else ())
+            times = {how: [] for how in hows}
             for _ in range(rounds):
-                for same in (False, True):
+                for how in hows:
                     t0 = time.perf_counter()
-                    run(same)
-                    times[same].append(time.perf_counter() - t0)
-            med = {same: sorted(t)[len(t) // 2] for same, t in times.items()}
-            out[label] = {"rows": (rows_img, rows_txt), "own_weights_s": med[False], "resident_s": med[True],
-                          "flops": flops}
-            print(f"{label} ({rows_img} image rows, {rows_txt} context rows): own weights {med[False] * 1e3:.1f} ms "
-                  f"({flops / med[False] / 1e9:.0f} GFLOP/s), one resident weight per shape {med[True] * 1e3:.1f} ms "
-                  f"({flops / med[True] / 1e9:.0f} GFLOP/s)")
+                    run(how)
+                    times[how].append(time.perf_counter() - t0)
+            med = {how: sorted(t)[len(t) // 2] for how, t in times.items()}
+            out[label] = {"rows": (rows_img, rows_txt), "own_weights_s": med["own"], "resident_s": med["resident"],
+                          "onednn_packed_s": med.get("onednn"), "flops": flops}
+            line = (f"{label} ({rows_img} image rows, {rows_txt} context rows): own weights {med['own'] * 1e3:.1f} ms "
+                    f"({flops / med['own'] / 1e9:.0f} GFLOP/s), one resident weight per shape "
+                    f"{med['resident'] * 1e3:.1f} ms ({flops / med['resident'] / 1e9:.0f} GFLOP/s)")
+            if packed:
+                line += (f", own weights prepacked for oneDNN {med['onednn'] * 1e3:.1f} ms "
+                         f"({flops / med['onednn'] / 1e9:.0f} GFLOP/s)")
+            print(line)
     mb = sum(m.weight.numel() * m.weight.element_size() for _, m in lins) / 2 ** 20
     print(f"{len(lins)} linears, {mb:.0f} MiB of weights read per call")
     return out
+
+
+def _onednn_packed(lins: list) -> dict:
+    """Each linear's weight prepacked for oneDNN, checked against ``F.linear`` on one layer;
+    empty where this build has no oneDNN linear."""
+    import torch.nn.functional as F
+
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return {}
+    with torch.no_grad():
+        packed = {name: ops._reorder_linear_weight(m.weight, None) for name, m in lins}
+        name, m = lins[0]
+        x = torch.randn(8, m.in_features)
+        got = ops._linear_pointwise(x, packed[name], m.bias, "none", [], "")
+        torch.testing.assert_close(got, F.linear(x, m.weight, m.bias), rtol=1e-4, atol=1e-4)
+    return packed
+
+
+def inductor_freezing(rounds: int = 5) -> dict:
+    """The untouched mid config compiled by Inductor as is and with ``freezing=True`` (weights
+    folded in as constants, prepacked where Inductor's CPU passes do so), called alternately
+    under ``no_grad``; medians of ``rounds`` calls each, and the largest output difference."""
+    import copy
+
+    import torch._inductor.config as inductor_config
+
+    from benchmarks.configs import mid_inputs, mid_sd3
+
+    model, inputs = mid_sd3(), mid_inputs()
+    fns = {}
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        for freezing in (False, True):
+            with inductor_config.patch(freezing=freezing):
+                torch._dynamo.reset()
+                fn = torch.compile(copy.deepcopy(model))
+                fn(**inputs)  # compile here, under the setting
+            fns["frozen" if freezing else "plain"] = fn
+        diff = {name: float((fn(**inputs)[0] - ref).abs().max()) for name, fn in fns.items()}
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(**inputs)
+                times[name].append(time.perf_counter() - t0)
+    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    print(f"Inductor {med['plain'] * 1e3:.1f} ms per call, with freezing=True {med['frozen'] * 1e3:.1f} ms "
+          f"(max |out - eager|: {diff['plain']:.2e} / {diff['frozen']:.2e})")
+    return {"seconds": med, "max_abs_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,7 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="instead of profiling: time the blocks' linear layers alone at a cached and a full "
                         "step's rows, each layer with its own weights (as a step streams them from memory) "
                         "and with one resident weight per shape")
+    p.add_argument("--freezing", action="store_true",
+                   help="instead of profiling: time the untouched mid config under Inductor with and without "
+                        "freezing=True, alternately")
     a = p.parse_args(argv)
+    if a.freezing:
+        return inductor_freezing()
     if a.weights:
         return weight_streaming(1 - a.cache_ratio, 1 - a.context_ratio)
 
