@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,18 @@ def profile(fn, calls: int = 3) -> tuple[collections.Counter, collections.Counte
         by[category(e.key)] += e.self_cpu_time_total
         top[e.key] += e.self_cpu_time_total
     return by, top
+
+
+def alternate(fns: dict, rounds: int) -> dict:
+    """Seconds per call of each of ``fns`` (name -> callable), called in turn ``rounds`` times
+    so that the VM's drift hits them alike; the median (upper, for an even count) per name."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def weight_streaming(image_share: float, text_share: float, rounds: int = 7) -> dict:
@@ -100,13 +113,7 @@ def weight_streaming(image_share: float, text_share: float, rounds: int = 7) -> 
                         F.linear(x, resident[tuple(m.weight.shape)] if how == "resident" else m.weight, m.bias)
 
             hows = ("own", "resident") + (("onednn",) if packed else ())
-            times = {how: [] for how in hows}
-            for _ in range(rounds):
-                for how in hows:
-                    t0 = time.perf_counter()
-                    run(how)
-                    times[how].append(time.perf_counter() - t0)
-            med = {how: sorted(t)[len(t) // 2] for how, t in times.items()}
+            med = alternate({how: functools.partial(run, how) for how in hows}, rounds)
             out[label] = {"rows": (rows_img, rows_txt), "own_weights_s": med["own"], "resident_s": med["resident"],
                           "onednn_packed_s": med.get("onednn"), "flops": flops}
             line = (f"{label} ({rows_img} image rows, {rows_txt} context rows): own weights {med['own'] * 1e3:.1f} ms "
@@ -171,18 +178,12 @@ def inductor_freezing(rounds: int = 5) -> dict:
             fns["frozen"] = torch.compile(frozen_call)
             fns["frozen"]()
         diff = {name: float((fn() - ref).abs().max()) for name, fn in fns.items()}
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        med = alternate(fns, rounds)
         weight = next(p for p in frozen_model.parameters() if p.dim() == 2)
         before = fns["frozen"]()
         weight.add_(1.0)
         folded = bool(torch.equal(fns["frozen"](), before))
         weight.sub_(1.0)
-    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     print(f"Inductor {med['plain'] * 1e3:.1f} ms per call, with freezing=True {med['frozen'] * 1e3:.1f} ms "
           f"(max |out - eager|: {diff['plain']:.2e} / {diff['frozen']:.2e}; weights folded: {folded})")
     return {"seconds": med, "max_abs_diff": diff, "folded": folded}
@@ -253,16 +254,10 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             variants.IN_PLACE_CACHES.update(saved)
         calls["cached, caches copied"] = lambda: copying(*example, *extra)
-        times = {name: [] for name in calls}
         with torch.no_grad():
             for fn in calls.values():
                 fn(), fn()
-            for _ in range(8):
-                for name, fn in calls.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t0)
-        med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            med = alternate(calls, 8)
         share = sparse.flops / full.flops
         for name, t in med.items():
             print(f"{name}: {t * 1e3:.1f} ms" + ("" if name == "full" else
