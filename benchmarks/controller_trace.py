@@ -7,7 +7,9 @@
 One specdiff generation per step count (the protocol's sampler, 8 prompts in one batch, seed
 0, plain-FX path), with every call also run by the untouched transformer on the same inputs:
 the call's *true* error is ``||out - out_full|| / ||out_full||`` over every token of the
-batch (what the cache got wrong on that call, given the latent it was handed). Printed per
+batch (what the cache got wrong on that call, given the latent it was handed). A full call
+computes exactly (true error 0); what it returns differs from the untouched transformer's output
+by the hindsight correction, printed as ``correction`` (relative to the output). Printed per
 main-run call of branch 0: sigma, kind, the controller's predicted error and the error it
 measured on the call (``StepRecord.predicted`` / ``.measured``), the true error; then the sums
 ``sum_i e_i * (sigma_i - sigma_{i+1})`` over the generation and over ``sigma > 0.5``, the image
@@ -95,7 +97,9 @@ def trace(name: str, sampler: str, steps: int, options: dict, prompts: int = 8) 
     for st, err, split in zip(main, errors, rows_of):
         if st.branch != 0:
             continue
-        rows.append({"step": st.step, "kind": st.kind, "sigma": st.sigma, "true": err,
+        full = st.kind == "full"  # computed exactly; it differs by the hindsight correction only
+        rows.append({"step": st.step, "kind": st.kind, "sigma": st.sigma, "true": 0.0 if full else err,
+                     **({"correction": err} if full else {}),
                      "predicted": st.predicted, "measured": st.measured, "note": st.note, **(split or {})})
     sig = [r["sigma"] for r in rows] + [0.0]
     weighted = [r["true"] * (sig[i] - sig[i + 1]) for i, r in enumerate(rows)]
@@ -131,7 +135,7 @@ def report(t: dict) -> str:
         split = (f"  computed: fresh {r['computed_fresh']:.3f} reused {r['computed_reused']:.3f}; left out "
                  f"{r['left_out_reused']:.3f}") if "computed_fresh" in r else ""
         lines.append(f"  {r['step']:3d} {r['kind'][0]} sigma {r['sigma']:.3f}  predicted {pred}  measured {meas}  "
-                     f"true {r['true']:.3f}" + split
+                     + (f"correction {r['correction']:.3f}" if "correction" in r else f"true {r['true']:.3f}") + split
                      + ("" if r["predicted"] is not None else f"  ({r['note'] or 'first call'})"))
     split = [r for r in t["rows"] if "computed_fresh" in r]
     if split:

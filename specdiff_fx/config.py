@@ -86,6 +86,12 @@ class SpecDiffConfig:
         kv_extrapolation: extrapolate the cached tokens' keys/values to first order in sigma
             from their last two computations (instead of reusing the last); doubles the K/V
             cache.
+        hindsight: ``True`` (default) corrects, on each full call, what the cached calls since
+            the previous full call moved the latent wrong: their outputs against the linear
+            interpolation between the two full calls' outputs, summed over the steps they fed,
+            folded into the full call's output, less the share the sampler's own step takes
+            back (:mod:`specdiff_fx.runtime.hindsight`). Assumes a flow-matching model whose
+            output the sampler integrates over sigma.
         context_ratio: fraction of the context (text) tokens *not* recomputed on a cached
             step, ``0 <= r <= 1``, like ``cache_ratio`` for the image tokens: the
             ``round((1 - r) * M)`` text tokens whose keys/values drifted most since their
@@ -129,6 +135,7 @@ class SpecDiffConfig:
     starvation_scale: float | None = None
     score: str = "drift"
     kv_extrapolation: bool = True
+    hindsight: bool = True
     cache_context: bool | None = None
     context_interval: int = 0
     context_ratio: float = CONTEXT_RATIO
@@ -188,7 +195,7 @@ class SpecDiffConfig:
             raise bad("score", "'attention' or 'drift'")
         if self.blend_mode == "taylor" and self.blend and self.blend_history < 2:
             raise bad("blend_history", "an int >= 2 with blend_mode='taylor' (or blend=False)")
-        for key in ("blend", "kv_extrapolation", "inductor", "strict"):
+        for key in ("blend", "kv_extrapolation", "hindsight", "inductor", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
         if self.cache_context is not None and not isinstance(self.cache_context, bool):

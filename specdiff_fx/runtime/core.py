@@ -22,7 +22,10 @@ One :class:`SpecDiffRuntime` per compiled graph (per shape specialisation). Per 
    ``1 - context_ratio`` share whose K/V drifted most (:class:`~.state.TextKVStore`), the
    others' K/V come from their caches (extrapolated per token like the image K/V);
    ``skip`` runs no token at all (every output from its history);
-4. records telemetry (:mod:`specdiff_fx.telemetry`).
+4. with ``hindsight`` (default), adds to a full call's output what the cached calls since the
+   previous full call moved the latent wrong (:mod:`.hindsight`) and remembers each cached
+   call's output for it; routing sees the corrected output;
+5. records telemetry (:mod:`specdiff_fx.telemetry`).
 
 What belongs where: the router (:mod:`.routing`) keeps the live generations; the executor
 (:mod:`.executor`) alone knows the variants and their inputs; the per-branch state
@@ -133,9 +136,10 @@ class SpecDiffRuntime:
             branch = gen.branches[j]
             state = branch.state
             if state.step == 0:
-                out = self._first_step(args, sigma, j, state)
+                out, full = self._first_step(args, sigma, j, state), True
             else:
-                out = self._later_step(args, sigma, j, state)
+                out, full = self._later_step(args, sigma, j, state)
+            out = self._hindsight(out, full, sigma, sample, state)
             branch.trace.push(sigma, sample, out[0] if out else None)
             state.sigmas.append(sigma)
             state.step += 1
@@ -221,7 +225,7 @@ class SpecDiffRuntime:
         return StepView(step=state.step, sigma=sigma, sigmas=tuple(state.sigmas),
                         num_tokens=self.plan.num_image_tokens, drift=drift)
 
-    def _later_step(self, args, sigma: float, branch: int, state: BranchState) -> tuple[Any, ...]:
+    def _later_step(self, args, sigma: float, branch: int, state: BranchState) -> tuple[tuple[Any, ...], bool]:
         if state.step == 1:
             self._prepare(state)
         view = self._view(state, sigma)
@@ -240,7 +244,21 @@ class SpecDiffRuntime:
         else:
             out, flops, error = self._cached_step(args, sigma, branch, state, decision)
         self.policy.observe(leader.policy, view, Observation(decision, sigma, flops, self.executor.full_flops, error))
-        return out
+        return out, decision.action is Action.FULL
+
+    def _hindsight(self, out: tuple[Any, ...], full: bool, sigma: float, sample: torch.Tensor,
+                   state: BranchState) -> tuple[Any, ...]:
+        """The call's outputs with the hindsight correction (:mod:`.hindsight`) on a full call;
+        a cached call's output is remembered for it. Only where the output is shaped like the
+        latent (a velocity the sampler integrates)."""
+        v = out[0] if out else None
+        if not self.config.hindsight or state.degraded or not isinstance(v, torch.Tensor) \
+                or v.shape != sample.shape or not v.is_floating_point():
+            return out
+        if not full:
+            state.hindsight.cached(sigma, v)
+            return out
+        return (state.hindsight.full(sigma, v, state.sigmas), *out[1:])
 
     def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
         if not self._fits_cap(state, out):

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from .. import schedule
+from .hindsight import Hindsight
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -210,12 +211,14 @@ class BranchState:
     context: ContextCaching = ContextCaching.UNDECIDED
     k_txt: int | None = None  # ContextCaching.SUBSET: text tokens computed per sample on a cached step
     degraded: bool = False  # cache cap exceeded even without extrapolation: every step full, no caches
+    hindsight: Hindsight = field(default_factory=Hindsight)  # the cached calls' latent displacement
 
     def drop_caches(self) -> None:
         self.kv.clear()
         self.text.clear()
         self.tokens = None
         self.past.clear()
+        self.hindsight = Hindsight()
 
     @property
     def cache_bytes(self) -> int:
@@ -225,6 +228,8 @@ class BranchState:
 
     @property
     def held_bytes(self) -> int:
-        """Every tensor the branch holds (caches, sigmas, the speculative run's records)."""
+        """Every tensor the branch holds (caches, sigmas, the speculative run's records, the
+        hindsight correction's outputs)."""
         extra = (nbytes(self.tokens.sigmas) if self.tokens is not None else 0) + nbytes(self.text.sigmas)
-        return self.cache_bytes + extra + sum(nbytes(t) for _, t in self.spec) + nbytes(self.his, self.cached_for)
+        return (self.cache_bytes + extra + sum(nbytes(t) for _, t in self.spec) + nbytes(self.his, self.cached_for)
+                + self.hindsight.nbytes)
