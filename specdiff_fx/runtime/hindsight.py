@@ -80,22 +80,23 @@ class Hindsight:
         """A cached call at ``sigma`` returned ``out``."""
         self._settle(sigma)
         if self.ref is not None:
-            self.pending = (sigma, out.detach().float().clone())
+            self.pending = (sigma, out.detach().to(torch.float32, copy=True))
 
     def full(self, sigma: float, out: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
         """A full call at ``sigma`` computed ``out`` (``sigmas``: the branch's earlier calls).
         Returns what the call should return: ``out`` plus the correction, if any."""
         self._settle(sigma)
         result = out
-        fresh = out.detach().float()
+        fresh = out.detach().to(torch.float32, copy=True)  # kept as the next reference
         est = step_estimate(sigmas, sigma)
         if self.acc is not None and est is not None and 0 < est < sigma and self.ref_sigma > sigma:
             c = self.acc + (self.slope / (self.ref_sigma - sigma)) * (fresh - self.ref)
             result = (fresh - (1.0 - est / sigma) * c / est).to(out.dtype)
-        self.ref_sigma, self.ref, self.acc, self.slope = sigma, fresh.clone(), None, 0.0
+        self.ref_sigma, self.ref, self.acc, self.slope = sigma, fresh, None, 0.0
         return result
 
     @property
     def nbytes(self) -> int:
-        ts = [self.ref, self.acc, self.pending[1] if self.pending is not None else None]
-        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+        from .state import nbytes  # state.py imports this module
+
+        return nbytes(self.ref, self.acc, self.pending[1] if self.pending is not None else None)
