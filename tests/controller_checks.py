@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from specdiff_fx.control import StepView
 from specdiff_fx.control.error import ErrorControlled
 
 
 def assert_error_controlled(rep, steps: int) -> None:
     """Step 0 full, some calls cached, a full call at least every ``max_interval`` of sigma
-    (weighted like the policy weighs it),
+    (weighted like the policy weighs it), the final jump full,
     and the branches of one step (true CFG) decided alike."""
     main = rep.main_steps
     full = [s for s in main if s.kind == "full" and s.branch == 0]
@@ -20,6 +21,9 @@ def assert_error_controlled(rep, steps: int) -> None:
         gap = before - sigma if before is not None else 0.0
         weight = min(1.0, sigma / gap) if gap > 0 else 1.0  # a short last step is exempt
         assert (refresh - sigma) * weight < ErrorControlled.max_interval + 1e-9, (refresh, sigma)
+        view = StepView(step=0, sigma=sigma, sigmas=tuple(sigmas[:sigmas.index(sigma)]), num_tokens=1)
+        if ErrorControlled.final_jump(ErrorControlled.__new__(ErrorControlled), view):
+            assert any(s.sigma == sigma for s in full), ("the final jump is cached", sigma)
     kinds = {}
     for s in main:
         kinds.setdefault(s.step, set()).add(s.kind)

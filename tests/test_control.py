@@ -156,6 +156,33 @@ def test_interval_guard_weighs_a_short_last_step_like_the_prediction():
     assert policy.decide(state, wide).action is Action.FULL
 
 
+def flux_sigmas(steps: int, tokens: int) -> list[float]:
+    """FluxPipeline's schedule: ``linspace(1, 1/n, n)`` with the dynamic shift for ``tokens``."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    s = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                        base_image_seq_len=256, max_image_seq_len=4096)
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens, 256, 4096, 0.5, 1.15))
+    return s.sigmas[:-1].tolist()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux256", "flux4096"])
+@pytest.mark.parametrize("steps", [4, 8, 20, 50])
+def test_the_final_jump_is_full(kind, steps):
+    """The call whose step takes the latent to (about) zero is full whatever the tolerance: on
+    SD3's schedule the one before the tiny last call (which stays cached), on FLUX's the last."""
+    sigmas = pipeline_sigmas(steps, 3.0) if kind == "sd3" else flux_sigmas(steps, int(kind[4:]))
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=10.0), N)
+    run = drive(policy, sigmas, lambda s: 0.01)
+    jump = len(sigmas) - (2 if kind == "sd3" else 1)
+    assert run[jump].action is Action.FULL and "final jump" in run[jump].reason
+    assert all("final jump" not in d.reason for i, d in enumerate(run) if i != jump)
+    if kind == "sd3":
+        assert run[-1].action is not Action.FULL  # sigma 0.009 after a jump of 0.1 or more
+    if steps >= 8:
+        assert any(d.action is not Action.FULL for d in run[:jump])
+
+
 def test_tolerance_trades_full_calls_monotonically():
     sigmas = pipeline_sigmas(28, 3.0)
     counts = []
