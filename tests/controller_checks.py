@@ -22,7 +22,7 @@ def assert_error_controlled(rep, steps: int) -> None:
         weight = min(1.0, sigma / gap) if gap > 0 else 1.0  # a short last step is exempt
         assert (refresh - sigma) * weight < ErrorControlled.max_interval + 1e-9, (refresh, sigma)
         view = StepView(step=0, sigma=sigma, sigmas=tuple(sigmas[:sigmas.index(sigma)]), num_tokens=1)
-        if ErrorControlled.final_jump(ErrorControlled.__new__(ErrorControlled), view):
+        if ErrorControlled.final_jump(view):
             assert any(s.sigma == sigma for s in full), ("the final jump is cached", sigma)
     kinds = {}
     for s in main:

@@ -139,11 +139,12 @@ class ErrorControlled(Policy):
             return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
         return None
 
-    def final_jump(self, view: StepView) -> bool:
+    @classmethod
+    def final_jump(cls, view: StepView) -> bool:
         """Whether this call's step takes the latent most of the way to zero (and is not the
         short last step after such a jump)."""
         est = step_estimate(list(view.sigmas), view.sigma)
-        return est is not None and est >= self.final_share * view.sigma and self.step_weight(view) >= 0.5
+        return est is not None and est >= cls.final_share * view.sigma and cls.step_weight(view) >= 0.5
 
     def predict(self, state: ErrorState, view: StepView) -> float:
         """The error of caching predicted for this call (once a rate has been measured)."""
