@@ -22,19 +22,21 @@ def pipeline_sigmas(steps: int, shift: float) -> list[float]:
     return s.sigmas[:-1].tolist()
 
 
-def drive(policy, sigmas, rate, ceiling=float("inf")):
-    """Run ``policy`` over ``sigmas`` against the fake error model ``error = min(rate(sigma) *
-    (sigma at the last full call - sigma), ceiling)``. Returns the decision of every call (its
-    ``predicted``: the error the policy predicted)."""
+def drive(policy, sigmas, rate, ceiling=float("inf"), offset=0.0, members=(1.0,)):
+    """Run ``policy`` over ``sigmas`` against the fake error model ``error = min(offset + rate(sigma)
+    * (sigma at the last full call - sigma), ceiling)``, observed once per member of a step (the
+    calls of one step under true CFG), member ``m``'s error scaled by ``members[m]``. Returns the
+    decision of every step (its ``predicted``: the error the policy predicted)."""
     state, out, refresh = policy.start(), [], None
     for i, sigma in enumerate(sigmas):
         view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas[:i]), num_tokens=N)
         decision = Decision.full("first") if i == 0 else policy.decide(state, view)
         out.append(decision)
-        error = None if refresh is None else min(rate(sigma) * (refresh - sigma), ceiling)
+        error = None if refresh is None else min(offset + rate(sigma) * (refresh - sigma), ceiling)
         if decision.action is Action.SKIP:  # a call that computes no token measures nothing
             error = None
-        policy.observe(state, view, Observation(decision, sigma, 1, 1, error))
+        for scale in members:
+            policy.observe(state, view, Observation(decision, sigma, 1, 1, None if error is None else error * scale))
         if decision.action is Action.FULL:
             refresh = sigma
     return out
@@ -118,6 +120,52 @@ def test_an_error_that_levels_off_does_not_stretch_the_interval(steps):
     levelled = full_sigmas(sigmas, drive(policy, sigmas, lambda s: rate, ceiling=0.6 * tol))
     assert levelled == growing
     assert max(np.diff(levelled) * -1) <= tol / rate + widest + 1e-6 < policy.max_interval
+
+
+@pytest.mark.parametrize("limit", [1, 2, None])
+def test_the_calls_of_one_step_count_once_and_pool_their_errors(limit):
+    """Under true CFG a step has two calls (cond, uncond) sharing one controller state: they
+    count as one step against ``sparse_calls`` and their errors pool as a batch's do (root mean
+    square), on full calls as on sparse ones: the decisions are those of one call with the
+    pooled error, whichever call comes first."""
+    sigmas = pipeline_sigmas(28, 3.0)
+
+    def run(members):
+        policy = make_policy(SpecDiffConfig(controller="error", tolerance=0.15, sparse_calls=limit), N)
+        return drive(policy, sigmas, lambda s: 0.8 if s > 0.5 else 1.2, offset=0.01, members=members)
+
+    one = run((((1.0 + 1.5 ** 2) / 2) ** 0.5,))
+    for members in ((1.0, 1.5), (1.5, 1.0)):
+        two = run(members)
+        assert [d.action for d in two] == [d.action for d in one]
+        assert [d.predicted for d in two] == pytest.approx([d.predicted for d in one])
+    assert [d.action for d in run((1.0,))] != [d.action for d in one]
+    if limit == 2:
+        assert "sparse, sparse, skip" in ", ".join(d.action.value for d in one)
+
+
+def test_the_first_cached_call_is_predicted_at_the_short_range_rate():
+    """An error that starts with an offset after each full call (``0.03 + 0.5 * travelled``):
+    the full call's rate over the whole interval it ends underestimates a first cached call's
+    error; the rate the last first cached call measured, over a similar short distance, does
+    not (the steps grow along the schedule)."""
+    offset, rate = 0.03, 0.5
+    sigmas = pipeline_sigmas(28, 3.0)
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=0.15), N)
+    run = drive(policy, sigmas, lambda s: rate, offset=offset)
+    firsts, interval_rate = [], None
+    refresh = None
+    for i, (s, d) in enumerate(zip(sigmas[:-1], run)):  # not the tiny last call (its error weighs little)
+        if d.action is Action.FULL:
+            if refresh is not None:
+                interval_rate = (offset + rate * (refresh - s)) / (refresh - s)
+            refresh = s
+        elif run[i - 1].action is Action.FULL and interval_rate is not None:
+            firsts.append((d.predicted, offset + rate * (refresh - s), interval_rate * (refresh - s)))
+    assert len(firsts) >= 3
+    later = firsts[1:]  # the first interval's first cached call has no earlier one to learn from
+    assert all(pred >= true - 1e-9 for pred, true, _ in later)
+    assert all(average < true for _, true, average in later)  # what the interval's rate alone predicts
 
 
 def test_full_where_the_error_demands_it():
@@ -294,3 +342,36 @@ def test_true_cfg_branches_share_one_plan():
     assert set(len(v) for v in by_step.values()) == {2}
     assert all(v[0] == v[1] for v in by_step.values())
     assert {"full", "cached"} <= {k for v in by_step.values() for k in v.values()}
+
+
+def test_a_first_cached_call_rate_holds_for_the_next_interval_only():
+    """The rate a first sparse call measured predicts the first cached call of the next interval
+    only: an interval that ends without a sparse call leaves none for the one after (else a
+    steep rate measured early keeps every later call full)."""
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=10.0), N)
+    state = policy.start()
+
+    def step(sigma, action, error):
+        policy.observe(state, StepView(step=0, sigma=sigma, sigmas=(), num_tokens=N),
+                       Observation(Decision(action, k=4 if action is Action.SPARSE else None), sigma, 1, 1, error))
+
+    def predicted(sigma):
+        return policy.decide(state, StepView(step=9, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=N)).predicted
+
+    step(1.0, Action.FULL, None)
+    step(0.98, Action.FULL, 0.02)  # rate 1
+    step(0.96, Action.SPARSE, 0.1)  # over a short distance: rate 5
+    step(0.94, Action.FULL, 0.08)  # the interval's rate: 2
+    assert predicted(0.92) == pytest.approx(5 * 0.02)  # the short-range rate
+    step(0.92, Action.FULL, 0.01)  # an interval without a sparse call: rate 0.5
+    assert predicted(0.90) == pytest.approx(0.5 * 0.02)
+
+
+def test_true_cfg_steps_count_once_against_sparse_calls():
+    """``sparse_calls=2`` with two calls a step (cond, uncond): two sparse steps after each full
+    step, as with one call a step (each call once counted a step)."""
+    for branches in (1, 2):
+        cfg = SpecDiffConfig(controller="error", tolerance=0.3, sparse_calls=2, speculative_steps=0)
+        generate(SpecDiffRuntime(fake_plan(), cfg, FakeExecutor()), 30, branches=branches)
+        kinds = "".join(st.kind[0] for st in last_generation().main_steps if st.branch == 0)
+        assert "fccs" in kinds and "fcs" not in kinds, (branches, kinds)

@@ -26,7 +26,16 @@ and the error integrated over the run grows (BENCHMARKS.md, "Why the held-out ce
 measured rate would reach the tolerance, whatever the step count (on the tune models, 2
 seeds: +4.5 dB mean of cells for 3.8 points more FLOPs at the same tolerance; a looser
 tolerance that gives those FLOPs back costs one full call at 8-12 steps, and 6-11 dB there).
-It reads only sigmas and measurements: no step count, no shift, no guidance mode.
+The first cached call after a full call has no measurement of its own interval yet: it is
+predicted with the larger of the full call's exact rate (over the whole interval that call
+ended) and the rate the previous interval's first sparse call measured. The error of caching
+grows like an offset plus a slower rise (BENCHMARKS.md, "How far the prediction overshoots"), so
+the rate over a whole interval underestimates the error one or two steps after a full call,
+while a rate measured over such a short distance does not; at 8 steps the interval's rate
+predicted 0.098 for a call whose error was 0.169 (BENCHMARKS.md, "The first cached call").
+It reads only sigmas and measurements: no step count, no shift, no guidance mode. Under true
+CFG the two calls of a step share one state: they count as one step, and their errors pool as
+a batch's do (:class:`StepErrors`).
 
 Which cached calls compute tokens (``SpecDiffConfig.sparse_calls``, default 1): the first
 cached call after a full call computes the most-drifted tokens and its probes measure the
@@ -68,10 +77,34 @@ Three guards, each a fact about flow-matching sampling rather than a tuned sched
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..runtime.hindsight import step_estimate
 from .base import Action, Decision, Observation, Policy, StepView, register_policy
+
+
+@dataclass
+class StepErrors:
+    """What the calls of one step measured. Under true CFG a step has two calls (cond, uncond)
+    sharing one controller state; their errors pool as a batch's do (root mean square of the
+    relative errors), so a generation gets the same decisions whether its pipeline batches cond
+    and uncond in one call or makes two."""
+
+    sigma: float
+    travelled: float  # sigma from the last full call before this step to it
+    prior_peak: float | None  # ``ErrorState.peak`` before this step
+    squares: list[float] = field(default_factory=list)
+
+    def add(self, error: float | None) -> None:
+        if error is not None and self.travelled > 1e-9:
+            self.squares.append(error * error)
+
+    @property
+    def rate(self) -> float | None:
+        """The pooled relative error per unit of sigma travelled, once a call measured."""
+        if not self.squares:
+            return None
+        return (sum(self.squares) / len(self.squares)) ** 0.5 / self.travelled
 
 
 @dataclass
@@ -83,7 +116,12 @@ class ErrorState:
     #: since it (on the full call itself: the exact rate over the interval it ends)
     rate: float | None = None
     peak: float | None = None  # the largest rate measured on a sparse call since the last full call
-    sparse_since: int = 0  # sparse calls since the last full call
+    sparse_since: int = 0  # sparse steps since the last full call
+    #: the rate the first sparse call of the interval the last full call ended measured (over a
+    #: short distance from a full call, as the next first cached call is); None if it had none
+    first_rate: float | None = None
+    short_rate: float | None = None  # the same for the current interval, once measured
+    step: StepErrors | None = None  # the step last observed
 
 
 @register_policy
@@ -147,8 +185,16 @@ class ErrorControlled(Policy):
         return est is not None and est >= cls.final_share * view.sigma and cls.step_weight(view) >= 0.5
 
     def predict(self, state: ErrorState, view: StepView) -> float:
-        """The error of caching predicted for this call (once a rate has been measured)."""
-        return state.rate * max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view)
+        """The error of caching predicted for this call (once a rate has been measured). Until a
+        sparse call has measured since the last full call, with the larger of the full call's
+        rate over the interval it ended and the rate the last interval's first sparse call
+        measured: the error of caching grows like an offset plus a slower rise, so over the short
+        distance of a first cached call the rate per unit of sigma runs above an interval's
+        average (BENCHMARKS.md, "The first cached call")."""
+        rate = state.rate
+        if state.peak is None and state.first_rate is not None:
+            rate = max(rate, state.first_rate)
+        return rate * max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view)
 
     def decide(self, state: ErrorState, view: StepView) -> Decision:
         full = self.guard(state, view)
@@ -165,15 +211,22 @@ class ErrorControlled(Policy):
         return Decision.sparse(self.config.num_computed(self.num_tokens), f"predicted error {predicted:.3f}", predicted)
 
     def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
-        err = obs.prediction_error
-        if state.refresh_sigma is not None and err is not None:
-            travelled = state.refresh_sigma - obs.sigma
-            if travelled > 1e-9:
-                state.rate = err / travelled
-        if obs.decision.action is Action.FULL:
-            state.refresh_sigma, state.peak, state.sparse_since = obs.sigma, None, 0
+        action = obs.decision.action
+        if state.step is None or obs.sigma != state.step.sigma:  # the step's first call
+            travelled = state.refresh_sigma - obs.sigma if state.refresh_sigma is not None else 0.0
+            state.step = StepErrors(obs.sigma, travelled, state.peak)
+            if action is Action.FULL:
+                state.refresh_sigma, state.peak, state.sparse_since = obs.sigma, None, 0
+                state.first_rate, state.short_rate = state.short_rate, None
+            elif action is Action.SPARSE:
+                state.sparse_since += 1
+        state.step.add(obs.prediction_error)
+        measured = state.step.rate
+        if measured is None:
             return
-        if obs.decision.action is Action.SPARSE:
-            state.sparse_since += 1
-        if state.rate is not None:
-            state.peak = state.rate = max(state.rate, state.peak or 0.0)
+        if action is Action.FULL:
+            state.rate = measured
+            return
+        state.peak = state.rate = max(state.step.prior_peak or 0.0, measured)
+        if action is Action.SPARSE and state.sparse_since == 1:
+            state.short_rate = measured
