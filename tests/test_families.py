@@ -368,9 +368,9 @@ def euler_loop(name, model, inputs, steps):
     return x
 
 
-#: the tiny random Wan model's outputs change by more than the default tolerance on every step
-#: of a short loop (measured: 0.13-0.22 relative), so at the defaults every call is full there,
-#: as it should be; a looser tolerance lets the same loop cache
+#: the tiny random Wan model's outputs change by about the default tolerance on every step of a
+#: short loop (measured: 0.13-0.22 relative), so at the defaults most calls are full there, as
+#: they should be; a looser tolerance lets the same loop cache
 RANDOM_MODEL_OPTIONS = {"wan": {"tolerance": 0.3}}
 
 
