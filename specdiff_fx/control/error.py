@@ -112,10 +112,10 @@ class ErrorState:
     """Per-branch: where the last full call was and the error rate measured since."""
 
     refresh_sigma: float | None = None  # sigma of the last full call
-    #: relative error per unit of sigma since that call: the largest measured on a sparse call
-    #: since it (on the full call itself: the exact rate over the interval it ends)
+    #: relative error per unit of sigma since that call: the largest a cached step measured since
+    #: it (on the full call itself: the exact rate over the interval it ends; each step's calls pooled)
     rate: float | None = None
-    peak: float | None = None  # the largest rate measured on a sparse call since the last full call
+    peak: float | None = None  # the largest rate a cached step measured since the last full call
     sparse_since: int = 0  # sparse steps since the last full call
     #: the rate the first sparse call of the interval the last full call ended measured (over a
     #: short distance from a full call, as the next first cached call is); None if it had none
