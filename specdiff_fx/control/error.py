@@ -29,7 +29,9 @@ tolerance that gives those FLOPs back costs one full call at 8-12 steps, and 6-1
 The first cached call after a full call has no measurement of its own interval yet: it is
 predicted with the larger of the full call's exact rate (over the whole interval that call
 ended) and the rate the previous interval's first sparse call measured. The error of caching
-grows like an offset plus a slower rise (BENCHMARKS.md, "How far the prediction overshoots"), so
+grows like an offset plus a slower rise (BENCHMARKS.md, "How far the prediction overshoots"; under
+guidance the offset is mostly the model's answer to the corrected full call's jump of the latent,
+"What a cached call's error after a full call is made of"), so
 the rate over a whole interval underestimates the error one or two steps after a full call,
 while a rate measured over such a short distance does not; at 8 steps the interval's rate
 predicted 0.098 for a call whose error was 0.169 (BENCHMARKS.md, "The first cached call").
