@@ -1,0 +1,158 @@
+"""The ceiling of a step-level schedule driven by the error of reuse: an oracle controller.
+
+    python benchmarks/oracle_schedule.py --tolerances 0.06,0.08,0.1      # tune models, 9 cells, 2 seeds
+    python benchmarks/oracle_schedule.py --tolerances 0.08 --no-hindsight
+    python benchmarks/oracle_schedule.py --tolerances 0.12 --criterion max
+
+No specdiff runtime is involved. Every call of the protocol's samplers runs the untouched
+transformer; the oracle then returns either that output (a *full* call) or the output of the
+branch's last full call (a *skipped* call: every token reused, as the defaults' skipped calls
+reuse them). The call is full when the *true* relative error of reusing,
+``||F - F_last|| / ||F||`` over the batch (``--criterion max``: the largest sample's), exceeds
+the tolerance; the first call and the final jump (the rule of
+:meth:`specdiff_fx.control.error.ErrorControlled.final_jump`: nothing after it corrects its error)
+are always full. Under true CFG the step's first call decides for both of its calls, as the
+library's controller shares one state between them. With hindsight (the default, as in the
+library) each full call returns its output plus :class:`specdiff_fx.runtime.hindsight.Hindsight`'s
+correction of the skipped calls before it.
+
+What it bounds: a controller that knew every call's error of reuse exactly, with no sparse call to
+pay for measuring it and no guard but the final jump. Its images against full compute (PSNR mean
+and worst over the prompts and seeds of a cell) and its share of full calls (its FLOPs: a
+skipped call costs none here) place the error-controlled defaults on the same axes: where they
+lie close to the oracle's curve, estimating the error better cannot buy much, and what is left
+is the approximation itself (what a skipped call returns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class OracleCaller:
+    """A callable standing in for the transformer in a protocol sampler (see module docstring)."""
+
+    def __init__(self, transformer: Any, branches: int, tolerance: float, hindsight: bool = True,
+                 criterion: str = "batch") -> None:
+        from specdiff_fx.runtime.hindsight import Hindsight
+
+        if criterion not in ("batch", "max"):
+            raise ValueError(f"criterion must be 'batch' or 'max', got {criterion!r}")
+        self.transformer, self.branches, self.tolerance = transformer, branches, tolerance
+        self.hindsight, self.criterion = hindsight, criterion
+        self.last: list[torch.Tensor | None] = [None] * branches
+        self.sigmas: list[list[float]] = [[] for _ in range(branches)]
+        self.corrections = [Hindsight() for _ in range(branches)]
+        self.calls = 0
+        self.kinds: list[str] = []  # per step: "f" or "s"
+        self._full = True
+
+    def error(self, true: torch.Tensor, reused: torch.Tensor) -> float:
+        if self.criterion == "max":
+            per = (true - reused).flatten(1).norm(dim=1) / true.flatten(1).norm(dim=1).clamp_min(1e-12)
+            return float(per.max())
+        return float((true - reused).norm() / true.norm().clamp_min(1e-12))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
+        from specdiff_fx.control.base import StepView
+        from specdiff_fx.control.error import ErrorControlled
+
+        b = self.calls % self.branches
+        self.calls += 1
+        t = float(kwargs["timestep"].reshape(-1)[0])
+        sigma = t / 1000.0 if t > 1.5 else t  # SD3 passes timesteps in [0, 1000], FLUX sigma
+        true = self.transformer(*args, **kwargs)[0]
+        sigmas = self.sigmas[b]
+        if b == 0:  # the step's first call decides for the step
+            full = self.last[b] is None or self.error(true, self.last[b]) > self.tolerance
+            view = StepView(step=len(sigmas), sigma=sigma, sigmas=tuple(sigmas), num_tokens=0)
+            self._full = full or ErrorControlled.final_jump(view)
+            self.kinds.append("f" if self._full else "s")
+        if self._full:
+            out = self.corrections[b].full(sigma, true, list(sigmas)) if self.hindsight else true
+            self.last[b] = true
+        else:
+            out = self.last[b]
+            if self.hindsight:
+                self.corrections[b].cached(sigma, out)
+        sigmas.append(sigma)
+        return (out,)
+
+    @property
+    def full_fraction(self) -> float:
+        return self.kinds.count("f") / max(1, len(self.kinds))
+
+
+def cell(model: Any, sampler: str, steps: int, seeds: Sequence[int], tolerance: float, hindsight: bool = True,
+         criterion: str = "batch", prompts: int = 8) -> dict:
+    """One (model, sampler, steps) cell: per-image PSNR against full compute and full-call share."""
+    from benchmarks import protocol
+
+    psnr: list[float] = []
+    fractions, kinds = [], []
+    texts = protocol.PROMPTS[:prompts]
+    with torch.no_grad():
+        for seed in seeds:
+            noise = protocol.initial_noise(seed, protocol.image_size(model), prompts)
+            ref = protocol.SAMPLERS[sampler](model, model.transformer, texts, noise, steps)
+            caller = OracleCaller(model.transformer, 2 if sampler == "flux_truecfg" else 1, tolerance, hindsight,
+                                  criterion)
+            images = protocol.SAMPLERS[sampler](model, caller, texts, noise, steps)
+            psnr += protocol._per_image(images, ref)[0]
+            fractions.append(caller.full_fraction)
+            kinds.append("".join(caller.kinds))
+    return {"sampler": sampler, "steps": steps, "mean_psnr": sum(psnr) / len(psnr), "worst_psnr": min(psnr),
+            "full_fraction": sum(fractions) / len(fractions), "kinds": kinds}
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="sd3,flux", help="comma-separated zoo models (default: the tune models)")
+    p.add_argument("--steps", default="20,28,50")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--tolerances", default="0.08")
+    p.add_argument("--no-hindsight", action="store_true", help="full calls return their output uncorrected")
+    p.add_argument("--criterion", default="batch", choices=("batch", "max"),
+                   help="the batch's relative error of reuse, or the largest sample's")
+    p.add_argument("--samplers", default=None, help="comma-separated (default: every sampler of the model's family)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import protocol
+    from specdiff_zoo import load_shapes_dit
+
+    seeds = [int(s) for s in a.seeds.split(",")]
+    results = []
+    for tol in (float(t) for t in a.tolerances.split(",")):
+        cells = []
+        for name in a.models.split(","):
+            model = load_shapes_dit(name)
+            family = "sd3" if type(model.transformer).__name__.startswith("SD3") else "flux"
+            samplers = a.samplers.split(",") if a.samplers else protocol.SAMPLERS_BY_FAMILY[family]
+            for sampler in samplers:
+                for steps in (int(s) for s in a.steps.split(",")):
+                    c = {"model": name, "tolerance": tol, **cell(model, sampler, steps, seeds, tol,
+                                                                 not a.no_hindsight, a.criterion, a.prompts)}
+                    print(f"tolerance {tol:g} {name} {sampler} {steps}: {c['mean_psnr']:.2f} / {c['worst_psnr']:.2f} dB, "
+                          f"full calls {c['full_fraction']:.1%}  {c['kinds'][0]}", flush=True)
+                    cells.append(c)
+        means = [c["mean_psnr"] for c in cells]
+        print(f"tolerance {tol:g} (hindsight {'off' if a.no_hindsight else 'on'}, criterion {a.criterion}), "
+              f"{len(cells)} cells: mean of cells {sum(means) / len(means):.2f} dB, lowest cell {min(means):.2f}, "
+              f"lowest worst image {min(c['worst_psnr'] for c in cells):.2f}, full calls "
+              f"{sum(c['full_fraction'] for c in cells) / len(cells):.1%}", flush=True)
+        results += cells
+    return results
+
+
+if __name__ == "__main__":
+    main()
