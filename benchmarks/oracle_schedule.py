@@ -39,13 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 class OracleCaller:
     """A callable standing in for the transformer in a protocol sampler (see module docstring)."""
 
-    def __init__(self, transformer: Any, branches: int, tolerance: float, hindsight: bool = True,
-                 criterion: str = "batch") -> None:
+    def __init__(self, transformer: Any, timestep_per_sigma: float, branches: int, tolerance: float,
+                 hindsight: bool = True, criterion: str = "batch") -> None:
         from specdiff_fx.runtime.hindsight import Hindsight
 
         if criterion not in ("batch", "max"):
             raise ValueError(f"criterion must be 'batch' or 'max', got {criterion!r}")
         self.transformer, self.branches, self.tolerance = transformer, branches, tolerance
+        self.timestep_per_sigma = timestep_per_sigma  # the family's (specdiff_fx.families)
         self.hindsight, self.criterion = hindsight, criterion
         self.last: list[torch.Tensor | None] = [None] * branches
         self.sigmas: list[list[float]] = [[] for _ in range(branches)]
@@ -66,8 +67,7 @@ class OracleCaller:
 
         b = self.calls % self.branches
         self.calls += 1
-        t = float(kwargs["timestep"].reshape(-1)[0])
-        sigma = t / 1000.0 if t > 1.5 else t  # SD3 passes timesteps in [0, 1000], FLUX sigma
+        sigma = float(kwargs["timestep"].max()) / self.timestep_per_sigma
         true = self.transformer(*args, **kwargs)[0]
         sigmas = self.sigmas[b]
         if b == 0:  # the step's first call decides for the step
@@ -90,26 +90,32 @@ class OracleCaller:
         return self.kinds.count("f") / max(1, len(self.kinds))
 
 
-def cell(model: Any, sampler: str, steps: int, seeds: Sequence[int], tolerance: float, hindsight: bool = True,
-         criterion: str = "batch", prompts: int = 8) -> dict:
-    """One (model, sampler, steps) cell: per-image PSNR against full compute and full-call share."""
+def cell(model: Any, sampler: str, steps: int, seeds: Sequence[int], tolerances: Sequence[float],
+         hindsight: bool = True, criterion: str = "batch", prompts: int = 8) -> list[dict]:
+    """One (model, sampler, steps) cell at each tolerance: per-image PSNR against full compute
+    (one reference generation per seed, shared by the tolerances) and the share of full calls."""
     from benchmarks import protocol
+    from specdiff_fx.families import FAMILIES
 
-    psnr: list[float] = []
-    fractions, kinds = [], []
+    timestep_per_sigma = next(f.timestep_per_sigma for f in FAMILIES if f.name == model.family)
+    branches = 2 if sampler == "flux_truecfg" else 1  # true CFG: a cond and an uncond call per step
+    psnr: list[list[float]] = [[] for _ in tolerances]
+    fractions: list[list[float]] = [[] for _ in tolerances]
+    kinds: list[list[str]] = [[] for _ in tolerances]
     texts = protocol.PROMPTS[:prompts]
     with torch.no_grad():
         for seed in seeds:
             noise = protocol.initial_noise(seed, protocol.image_size(model), prompts)
             ref = protocol.SAMPLERS[sampler](model, model.transformer, texts, noise, steps)
-            caller = OracleCaller(model.transformer, 2 if sampler == "flux_truecfg" else 1, tolerance, hindsight,
-                                  criterion)
-            images = protocol.SAMPLERS[sampler](model, caller, texts, noise, steps)
-            psnr += protocol._per_image(images, ref)[0]
-            fractions.append(caller.full_fraction)
-            kinds.append("".join(caller.kinds))
-    return {"sampler": sampler, "steps": steps, "mean_psnr": sum(psnr) / len(psnr), "worst_psnr": min(psnr),
-            "full_fraction": sum(fractions) / len(fractions), "kinds": kinds}
+            for i, tol in enumerate(tolerances):
+                caller = OracleCaller(model.transformer, timestep_per_sigma, branches, tol, hindsight, criterion)
+                images = protocol.SAMPLERS[sampler](model, caller, texts, noise, steps)
+                psnr[i] += protocol._per_image(images, ref)[0]
+                fractions[i].append(caller.full_fraction)
+                kinds[i].append("".join(caller.kinds))
+    return [{"tolerance": tol, "sampler": sampler, "steps": steps, "mean_psnr": sum(ps) / len(ps),
+             "worst_psnr": min(ps), "full_fraction": sum(fr) / len(fr), "kinds": kd}
+            for tol, ps, fr, kd in zip(tolerances, psnr, fractions, kinds)]
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -131,26 +137,24 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from specdiff_zoo import load_shapes_dit
 
     seeds = [int(s) for s in a.seeds.split(",")]
+    tolerances = [float(t) for t in a.tolerances.split(",")]
     results = []
-    for tol in (float(t) for t in a.tolerances.split(",")):
-        cells = []
-        for name in a.models.split(","):
-            model = load_shapes_dit(name)
-            family = "sd3" if type(model.transformer).__name__.startswith("SD3") else "flux"
-            samplers = a.samplers.split(",") if a.samplers else protocol.SAMPLERS_BY_FAMILY[family]
-            for sampler in samplers:
-                for steps in (int(s) for s in a.steps.split(",")):
-                    c = {"model": name, "tolerance": tol, **cell(model, sampler, steps, seeds, tol,
-                                                                 not a.no_hindsight, a.criterion, a.prompts)}
-                    print(f"tolerance {tol:g} {name} {sampler} {steps}: {c['mean_psnr']:.2f} / {c['worst_psnr']:.2f} dB, "
-                          f"full calls {c['full_fraction']:.1%}  {c['kinds'][0]}", flush=True)
-                    cells.append(c)
+    for name in a.models.split(","):
+        model = load_shapes_dit(name)
+        for sampler in a.samplers.split(",") if a.samplers else protocol.SAMPLERS_BY_FAMILY[model.family]:
+            for steps in (int(s) for s in a.steps.split(",")):
+                for c in cell(model, sampler, steps, seeds, tolerances, not a.no_hindsight, a.criterion, a.prompts):
+                    c["model"] = name
+                    print(f"tolerance {c['tolerance']:g} {name} {sampler} {steps}: {c['mean_psnr']:.2f} / "
+                          f"{c['worst_psnr']:.2f} dB, full calls {c['full_fraction']:.1%}  {c['kinds'][0]}", flush=True)
+                    results.append(c)
+    for tol in tolerances:
+        cells = [c for c in results if c["tolerance"] == tol]
         means = [c["mean_psnr"] for c in cells]
         print(f"tolerance {tol:g} (hindsight {'off' if a.no_hindsight else 'on'}, criterion {a.criterion}), "
               f"{len(cells)} cells: mean of cells {sum(means) / len(means):.2f} dB, lowest cell {min(means):.2f}, "
               f"lowest worst image {min(c['worst_psnr'] for c in cells):.2f}, full calls "
               f"{sum(c['full_fraction'] for c in cells) / len(cells):.1%}", flush=True)
-        results += cells
     return results
 
 
