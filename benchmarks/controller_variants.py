@@ -33,7 +33,9 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
-(:class:`EverySparse`).
+(:class:`EverySparse`). All of them were measured on the error controller of their day, which
+kept every call full while the measured error grew faster than 4 per unit of sigma (a guard the
+library has dropped since, BENCHMARKS.md "Without the fast-phase guard"); they inherit today's.
 """
 
 from __future__ import annotations
@@ -155,14 +157,14 @@ class ErrorCalibrated(EverySparse, ErrorControlled):
 
     def observe(self, state: CalibratedState, view: StepView, obs: Observation) -> None:
         if obs.decision.action is Action.FULL and state.peak is not None and obs.prediction_error is not None \
-                and state.raw:  # a full call after sparse ones (not the fast phase)
+                and state.raw:  # a full call after sparse ones
             low, high = self.bounds
             state.calibration = min(high, max(low, obs.prediction_error / state.raw))
         super().observe(state, view, obs)
 
 
 class ErrorNearFullRefresh(EverySparse, ErrorControlled):
-    """The error controller whose refreshes after the fast phase compute the ``refresh_share``
+    """The error controller whose refreshes after sparse calls compute the ``refresh_share``
     most-drifted image tokens instead of all: a full decision of the tolerance or the interval
     guard runs as ``sparse(round(refresh_share * N))`` and resets the interval like a full call,
     keeping the rate measured over the interval (after a sparse call it is the interval's largest;

@@ -72,9 +72,9 @@ def test_near_full_refresh_replaces_full_calls_after_sparse_ones():
     assert d.action is Action.SPARSE and d.k == 75 and d.reason.startswith("refresh")
     policy.observe(state, view, Observation(d, 0.80, 1, 1, 0.01))
     assert (state.refresh_sigma, state.rate, state.peak) == (0.80, 1.0, None)  # an interval starts
-    fast = policy.start()  # no sparse call yet (the fast phase): full calls stay full
-    fast.refresh_sigma, fast.rate = 0.95, 10.0
-    assert policy.decide(fast, _view(0.94, drift)).action is Action.FULL
+    fresh = policy.start()  # no sparse call yet in the interval: a full decision stays full
+    fresh.refresh_sigma, fresh.rate = 0.95, 20.0  # predicted 0.2 > tolerance 0.1
+    assert policy.decide(fresh, _view(0.94, drift)).action is Action.FULL
 
 
 def test_probe_floor_adds_probes_on_top_of_the_top_scored_tokens():

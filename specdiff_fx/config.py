@@ -123,7 +123,7 @@ class SpecDiffConfig:
 
     cache_ratio: float = 0.9
     controller: str = "error"
-    tolerance: float = 0.145
+    tolerance: float = 0.16
     sparse_calls: int | None = 1
     speculative_steps: int = 0
     warmup_steps: int = 4

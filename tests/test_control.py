@@ -178,15 +178,26 @@ def test_full_where_the_error_demands_it():
     assert below >= 3 * max(above - 1, 1)
 
 
-def test_fast_phase_is_full_whatever_the_tolerance():
-    policy = make_policy(SpecDiffConfig(controller="error", tolerance=10.0), N)
-    fast = policy.fast_rate * 2
-    sigmas = pipeline_sigmas(28, 3.0)
-    run = drive(policy, sigmas, lambda s: fast if s > 0.8 else 0.01)
-    for s, d in zip(sigmas[2:], run[2:]):  # the second call has no measurement yet
-        if s > 0.8:
-            assert d.action is Action.FULL and "fast phase" in d.reason
-    assert any(d.action is Action.SPARSE for d in run)
+@pytest.mark.parametrize("steps", [8, 50])
+def test_a_steep_rate_at_high_noise_is_left_to_the_prediction(steps):
+    """No guard of its own for the first calls at high noise, where the error grows fastest:
+    with a steep rate there, the prediction makes every call full where the steps are long
+    (8 steps) and caches those whose short steps keep it within the tolerance (50 steps)."""
+    policy = make_policy(SpecDiffConfig(controller="error"), N)
+    tol, steep = policy.config.tolerance, 12.0
+    sigmas = pipeline_sigmas(steps, 3.0)
+    run = drive(policy, sigmas, lambda s: steep if s > 0.8 else 0.01)
+    early = [(s, d) for s, d in zip(sigmas, run) if s > 0.8]
+    for s, d in early:
+        if d.action is not Action.FULL:
+            assert d.predicted is not None and d.predicted <= tol
+        elif d.predicted is not None:
+            assert d.predicted > tol and "predicted" in d.reason
+    cached = [d for _, d in early if d.action is not Action.FULL]
+    if steps == 8:
+        assert not cached
+    else:
+        assert len(cached) >= 3
 
 
 def test_interval_guard_weighs_a_short_last_step_like_the_prediction():
