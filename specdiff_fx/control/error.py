@@ -74,7 +74,7 @@ Two guards, each a fact about flow-matching sampling rather than a tuned schedul
   "The final jump").
 
 No guard for the first calls at high noise, where the composition forms and consecutive outputs
-differ by tens of per cent: the rate measured there (8-16 per unit of sigma on our tune models)
+differ by tens of per cent: the rate measured there (5-16 per unit of sigma on our tune models)
 predicts an error above the tolerance for every call unless the step is short (at 50 steps and
 shift 3, about 0.007 of sigma), and what a call cached there moves the latent wrong the hindsight
 correction takes back at the next full call. A guard that kept every call full while the rate
