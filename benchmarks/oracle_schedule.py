@@ -98,7 +98,7 @@ def cell(model: Any, sampler: str, steps: int, seeds: Sequence[int], tolerances:
     from specdiff_fx.families import FAMILIES
 
     timestep_per_sigma = next(f.timestep_per_sigma for f in FAMILIES if f.name == model.family)
-    branches = 2 if sampler == "flux_truecfg" else 1  # true CFG: a cond and an uncond call per step
+    branches = protocol.CALLS_PER_STEP[sampler]
     psnr: list[list[float]] = [[] for _ in tolerances]
     fractions: list[list[float]] = [[] for _ in tolerances]
     kinds: list[list[str]] = [[] for _ in tolerances]

@@ -290,6 +290,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "flux_nocfg": sample_flux_nocfg,
 }
 SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_cfg",), "flux": ("flux_truecfg", "flux_nocfg")}
+#: transformer calls per denoising step: true CFG calls once for "cond" and once for "uncond"
+CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1}
 
 
 def initial_noise(seed: int, size: int, n: int) -> torch.Tensor:

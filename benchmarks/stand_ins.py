@@ -51,7 +51,7 @@ def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 
         protocol.SAMPLERS[sampler_name](model, tr, protocol.PROMPTS[:prompts], noise, steps)
         for h in hooks:
             h.remove()
-        per = 2 if sampler_name == "flux_truecfg" else 1  # calls per step
+        per = protocol.CALLS_PER_STEP[sampler_name]
 
         def rel(a: torch.Tensor, b: torch.Tensor) -> float:
             return float((a - b).norm() / b.norm())

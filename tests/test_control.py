@@ -188,7 +188,7 @@ def test_a_steep_rate_at_high_noise_is_left_to_the_prediction(steps):
     sigmas = pipeline_sigmas(steps, 3.0)
     run = drive(policy, sigmas, lambda s: steep if s > 0.8 else 0.01)
     early = [(s, d) for s, d in zip(sigmas, run) if s > 0.8]
-    for s, d in early:
+    for _, d in early:
         if d.action is not Action.FULL:
             assert d.predicted is not None and d.predicted <= tol
         elif d.predicted is not None:
