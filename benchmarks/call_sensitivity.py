@@ -73,17 +73,14 @@ def _sample(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def _guided(outputs: list[torch.Tensor], sampler: str, model: Any, b: int) -> list[torch.Tensor] | None:
+def _guided(outputs: list[torch.Tensor], sampler: str, model: Any) -> list[torch.Tensor] | None:
     """The velocity each step of ``sampler`` moves with (``None``: it does not guide)."""
     from benchmarks import protocol
 
-    if sampler == "sd3_cfg":
-        s = float(model.config.get("default_guidance_scale", 4.0))
-        return [o[:b] + s * (o[b:] - o[:b]) for o in outputs]  # [uncond; cond] halves
-    if sampler == "flux_truecfg":
-        s = protocol.TRUE_CFG_SCALE
-        return [u + s * (c - u) for c, u in zip(outputs[0::2], outputs[1::2])]  # "cond" then "uncond" call
-    return None
+    if sampler == "flux_nocfg":
+        return None
+    n = protocol.CALLS_PER_STEP[sampler]
+    return [protocol.guide(sampler, model, outputs[i:i + n]) for i in range(0, len(outputs), n)]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -110,7 +107,7 @@ def sensitivity(name: str, sampler: str, steps: int, seeds: Sequence[int], mode:
         for s in seeds:
             outputs.clear()
             refs[s] = sample(model, plain, texts, noise[s], steps)
-            guided = _guided(outputs, sampler, model, prompts)
+            guided = _guided(outputs, sampler, model)
             if guided is not None:
                 guided_err.append([_rel(guided[t], guided[t - 1]) for t in range(1, len(guided))])
     finally:

@@ -196,6 +196,22 @@ def _cache_context(transformer: Any, name: str) -> contextlib.AbstractContextMan
     return fn(name) if callable(fn) else contextlib.nullcontext()
 
 
+def guide(sampler: str, model: ShapesModel, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The velocity one step of ``sampler`` moves the latent with, from the step's transformer
+    outputs in call order: ``sd3_cfg`` one output whose halves are ``[uncond; cond]``, combined
+    with the model's ``default_guidance_scale``; ``flux_truecfg`` the "cond" then the "uncond"
+    call, combined with :data:`TRUE_CFG_SCALE`; ``flux_nocfg`` its one output."""
+    if sampler == "sd3_cfg":
+        uncond, cond = outs[0].chunk(2)
+        return uncond + float(model.config.get("default_guidance_scale", 4.0)) * (cond - uncond)
+    if sampler == "flux_truecfg":
+        cond, uncond = outs
+        return uncond + TRUE_CFG_SCALE * (cond - uncond)
+    if sampler == "flux_nocfg":
+        return outs[0]
+    raise ValueError(f"unknown sampler {sampler!r}")
+
+
 def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts: Sequence[str],
                    noise: torch.Tensor, steps: int) -> torch.Tensor:
     """``StableDiffusion3Pipeline``'s loop: shift-3 flow-matching Euler, batched CFG."""
@@ -203,7 +219,6 @@ def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts:
 
     scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
     scheduler.set_timesteps(steps, device=model.device)
-    guidance = float(model.config.get("default_guidance_scale", 4.0))
     b = len(prompts)
     hidden, pooled = model.encode(list(prompts))
     null_hidden, null_pooled = model.encode([NEGATIVE_PROMPT] * b)
@@ -214,9 +229,7 @@ def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts:
         timestep = t.expand(latent_input.shape[0])
         pred = transformer(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=hidden,
                            pooled_projections=pooled, joint_attention_kwargs=None, return_dict=False)[0]
-        uncond, cond = pred.chunk(2)
-        pred = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        latents = scheduler.step(guide("sd3_cfg", model, [pred]), t, latents, return_dict=False)[0]
     return latents.float().clamp(-1, 1)
 
 
@@ -264,13 +277,15 @@ def _sample_flux(model: ShapesModel, transformer: Callable[..., Any], prompts: S
             pred = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
                                pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=txt_ids,
                                img_ids=img_ids, joint_attention_kwargs={}, return_dict=False)[0]
+        outs = [pred]
         if true_cfg:
             with _cache_context(transformer, "uncond"):
-                neg = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                                  pooled_projections=neg_pooled, encoder_hidden_states=neg_hidden, txt_ids=txt_ids,
-                                  img_ids=img_ids, joint_attention_kwargs={}, return_dict=False)[0]
-            pred = neg + TRUE_CFG_SCALE * (pred - neg)
-        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+                outs.append(transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                                        pooled_projections=neg_pooled, encoder_hidden_states=neg_hidden,
+                                        txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs={},
+                                        return_dict=False)[0])
+        velocity = guide("flux_truecfg" if true_cfg else "flux_nocfg", model, outs)
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return unpack_pixels(latents, size, size).float().clamp(-1, 1)
 
 
