@@ -1,0 +1,145 @@
+"""The rule the defaults are chosen by, applied to protocol runs on the tune models.
+
+    python benchmarks/choose_defaults.py RUN/protocol.json ... [--current '{}']
+
+Each argument is a ``protocol.json`` written by ``benchmarks/protocol.py --write`` on the
+*tune* split; a file with held-out rows is refused (a default is never picked from a held-out
+number). Every specdiff options dict found in the files is a candidate; runs of the same
+candidate with other seeds (or other models) add up, cell by cell. ``--current`` names the
+options of the present defaults (``'{}'``: the library's defaults as they are).
+
+The rule, per candidate, over the cells it shares with the current defaults (a cell: model,
+sampler, step count and seed; its images are the prompts):
+
+1. every (model, sampler, steps) cell keeps a mean PSNR >= ``--min-mean`` (30 dB);
+2. every image >= ``--min-image`` (25 dB) wherever the current defaults keep every image of
+   that cell >= ``--min-image``;
+3. among the candidates that pass and cover every cell the current defaults cover, the fewest
+   FLOPs (the mean over cells of the executed share) wins; the current defaults win a tie.
+
+A candidate failing on a cell fails whatever it does not cover; one that passes on fewer cells
+than the current defaults cover is reported as incomplete and not chosen. Prints one line per
+candidate and the choice; returns the choice's options (``None`` if nothing passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+Cell = tuple[str, str, int, int]  # model, sampler, steps, seed
+
+
+def _normalise(params: dict) -> str:
+    """The candidate's key: its options without those equal to the library's defaults (and
+    without ``inductor``, which changes no number the rule reads)."""
+    from specdiff_fx.config import SpecDiffConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SpecDiffConfig)}
+    kept = {k: v for k, v in params.items() if k != "inductor" and not (k in defaults and defaults[k] == v)}
+    return json.dumps(kept, sort_keys=True)
+
+
+def load(paths: Sequence[str | Path], commits: set[str] | None = None) -> dict[str, dict[Cell, dict]]:
+    """``{candidate: {cell: {"psnr": [...per prompt], "flops": share}}}`` from the files (and the
+    library commits they were run on, added to ``commits``: a candidate is its options, so runs
+    of different library code must not be mixed)."""
+    out: dict[str, dict[Cell, dict]] = defaultdict(dict)
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        if commits is not None:
+            git = run.get("git") or {}
+            commits.add(f"{str(git.get('commit'))[:10]}{' (dirty)' if git.get('dirty') else ''}")
+        seeds = list(run["seeds"])
+        for r in run["results"]:
+            if r.get("split") != "tune":
+                raise SystemExit(f"{path}: a {r.get('split')!r} row ({r['model']}): the rule reads tune runs only")
+            if r["kind"] != "specdiff" or r.get("batch1"):
+                continue
+            psnr = list(r["psnr"])
+            if len(psnr) % len(seeds):
+                raise SystemExit(f"{path}: {len(psnr)} images for {len(seeds)} seeds in {r['model']} {r['sampler']}")
+            per_seed = len(psnr) // len(seeds)  # images are seed-major: every prompt of a seed, then the next seed
+            flops = r["flops_per_generation"] if len(r.get("flops_per_generation") or []) == len(seeds) \
+                else [r["flops"]] * len(seeds)
+            key = _normalise(r["params"])
+            for i, seed in enumerate(seeds):
+                cell = (r["model"], r["sampler"], int(r["steps"]), int(seed))
+                if cell in out[key]:
+                    raise SystemExit(f"{path}: {key} {cell} was measured twice")
+                out[key][cell] = {"psnr": psnr[i * per_seed:(i + 1) * per_seed], "flops": float(flops[i])}
+    return dict(out)
+
+
+def judge(cells: dict[Cell, dict], current: dict[Cell, dict], min_mean: float, min_image: float) -> dict:
+    """One candidate against the rule (see the module docstring)."""
+    by_cell: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    cur_by_cell: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for (m, s, n, seed), c in cells.items():
+        if (m, s, n, seed) in current:
+            by_cell[(m, s, n)] += c["psnr"]
+    for (m, s, n, seed), c in current.items():
+        if (m, s, n, seed) in cells:
+            cur_by_cell[(m, s, n)] += c["psnr"]
+    fails = []
+    for cell, psnr in sorted(by_cell.items()):
+        mean = sum(psnr) / len(psnr)
+        if mean < min_mean:
+            fails.append(f"{' '.join(map(str, cell))}: mean {mean:.2f} dB")
+        if min(cur_by_cell[cell]) >= min_image and min(psnr) < min_image:
+            fails.append(f"{' '.join(map(str, cell))}: an image at {min(psnr):.2f} dB")
+    shared = [c for c in cells if c in current]
+    means = [sum(p) / len(p) for p in by_cell.values()]
+    return {
+        "cells": len(by_cell), "seeds": sorted({c[3] for c in shared}),
+        "mean": sum(means) / len(means) if means else float("nan"),
+        "lowest_cell": min(means) if means else float("nan"),
+        "worst_image": min(min(p) for p in by_cell.values()) if by_cell else float("nan"),
+        "flops": sum(cells[c]["flops"] for c in shared) / len(shared) if shared else float("nan"),
+        "fails": fails, "complete": set(current) <= set(cells),
+    }
+
+
+def choose(runs: dict[str, dict[Cell, dict]], current: str, min_mean: float = 30.0,
+           min_image: float = 25.0) -> tuple[str | None, dict[str, dict]]:
+    """``(chosen candidate or None, {candidate: verdict})``."""
+    if current not in runs:
+        raise SystemExit(f"the current defaults {current} are in none of the runs")
+    verdicts = {k: judge(cells, runs[current], min_mean, min_image) for k, cells in runs.items()}
+    passing = [k for k, v in verdicts.items() if not v["fails"] and v["complete"]]
+    if not passing:
+        return None, verdicts
+    return min(passing, key=lambda k: (round(verdicts[k]["flops"], 6), k != current)), verdicts
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="protocol.json files of tune runs")
+    p.add_argument("--current", default="{}", help="the present defaults' options as JSON (default: '{}')")
+    p.add_argument("--min-mean", type=float, default=30.0)
+    p.add_argument("--min-image", type=float, default=25.0)
+    args = p.parse_args(argv)
+    current = _normalise(json.loads(args.current))
+    commits: set[str] = set()
+    runs = load(args.runs, commits)
+    print(f"runs of {len(args.runs)} file(s), library commit(s) {', '.join(sorted(commits))}"
+          + ("  -- more than one: make sure the library code is the same" if len(commits) > 1 else ""))
+    chosen, verdicts = choose(runs, current, args.min_mean, args.min_image)
+    for key, v in sorted(verdicts.items(), key=lambda kv: (not kv[1]["cells"], kv[1]["flops"])):
+        state = "fails: " + "; ".join(v["fails"]) if v["fails"] else ("passes" if v["complete"] else
+                                                                        "passes where measured (incomplete)")
+        mark = "*" if key == chosen else " "
+        print(f"{mark} {key:32s} {v['cells']:3d} cells, seeds {v['seeds']}: {v['mean']:.2f} / {v['lowest_cell']:.2f} / "
+              f"{v['worst_image']:.2f} dB, {100 * v['flops']:.1f} % FLOPs; {state}")
+    print(f"choice: {chosen if chosen is not None else 'none passes'}")
+    return json.loads(chosen) if chosen is not None else None
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

@@ -1,0 +1,68 @@
+"""The defaults' rule (benchmarks/choose_defaults.py) on hand-made protocol files."""
+
+import json
+
+import pytest
+
+from benchmarks import choose_defaults
+
+
+def _run(tmp_path, name, params, seeds, cells, split="tune"):
+    """A protocol.json with one specdiff method; ``cells``: {(model, sampler, steps): (psnr per
+    image over the seeds, FLOPs share)}."""
+    results = []
+    for (model, sampler, steps), (psnr, flops) in cells.items():
+        results.append({"model": model, "sampler": sampler, "steps": steps, "split": split, "kind": "eager",
+                        "params": {}, "psnr": [float("inf")] * len(psnr), "flops": 1.0})
+        results.append({"model": model, "sampler": sampler, "steps": steps, "split": split, "kind": "specdiff",
+                        "params": params, "psnr": psnr, "flops": flops,
+                        "flops_per_generation": [flops] * len(seeds), "batch1": False})
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"seeds": seeds, "results": results, "git": {"commit": "abc", "dirty": False}}))
+    return path
+
+
+CELL_A, CELL_B = ("sd3", "sd3_cfg", 20), ("flux", "flux_nocfg", 28)
+
+
+def test_fewest_flops_among_passing(tmp_path):
+    cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([40, 30], 0.40), CELL_B: ([38, 26], 0.35)})
+    loose = _run(tmp_path, "loose", {"tolerance": 0.3}, [0], {CELL_A: ([35, 26], 0.30), CELL_B: ([35, 25.5], 0.28)})
+    looser = _run(tmp_path, "looser", {"tolerance": 0.5}, [0], {CELL_A: ([36, 24], 0.2), CELL_B: ([33, 27], 0.2)})
+    chosen, verdicts = choose_defaults.choose(choose_defaults.load([cur, loose, looser]), "{}")
+    assert chosen == json.dumps({"tolerance": 0.3})
+    assert verdicts[json.dumps({"tolerance": 0.5})]["fails"] == ["sd3 sd3_cfg 20: an image at 24.00 dB"]
+    assert choose_defaults.main([str(cur), str(loose), str(looser)]) == {"tolerance": 0.3}
+
+
+def test_an_image_under_the_line_counts_only_where_the_defaults_kept_it(tmp_path):
+    cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([40, 24], 0.40)})
+    cand = _run(tmp_path, "cand", {"tolerance": 0.3}, [0], {CELL_A: ([38, 23], 0.30)})
+    low_mean = _run(tmp_path, "low", {"tolerance": 0.4}, [0], {CELL_A: ([30, 29], 0.20)})
+    chosen, verdicts = choose_defaults.choose(choose_defaults.load([cur, cand, low_mean]), "{}")
+    assert chosen == json.dumps({"tolerance": 0.3})
+    assert verdicts[json.dumps({"tolerance": 0.4})]["fails"] == ["sd3 sd3_cfg 20: mean 29.50 dB"]
+
+
+def test_more_seeds_add_up_and_a_candidate_must_cover_them(tmp_path):
+    cur01 = _run(tmp_path, "c01", {"tolerance": 0.16}, [0, 1], {CELL_A: ([40, 30, 41, 31], 0.40)})
+    cur23 = _run(tmp_path, "c23", {}, [2, 3], {CELL_A: ([40, 28, 39, 29], 0.40)})
+    cand01 = _run(tmp_path, "n01", {"tolerance": 0.18}, [0, 1], {CELL_A: ([39, 29, 40, 30], 0.30)})
+    runs = choose_defaults.load([cur01, cur23, cand01])
+    assert set(runs) == {"{}", json.dumps({"tolerance": 0.18})}  # 0.16 is the library's default: the same key
+    assert len(runs["{}"]) == 4 and runs["{}"][("sd3", "sd3_cfg", 20, 3)]["psnr"] == [39, 29]
+    chosen, verdicts = choose_defaults.choose(runs, "{}")
+    assert chosen == "{}" and not verdicts[json.dumps({"tolerance": 0.18})]["complete"]
+    cand23 = _run(tmp_path, "n23", {"tolerance": 0.18}, [2, 3], {CELL_A: ([39, 24.9, 40, 30], 0.30)})
+    chosen, verdicts = choose_defaults.choose(choose_defaults.load([cur01, cur23, cand01, cand23]), "{}")
+    assert chosen == "{}"  # seed 2 loses an image the defaults keep
+    assert verdicts[json.dumps({"tolerance": 0.18})]["fails"] == ["sd3 sd3_cfg 20: an image at 24.90 dB"]
+
+
+def test_held_out_runs_and_double_counts_are_refused(tmp_path):
+    held = _run(tmp_path, "held", {}, [0], {CELL_A: ([40, 30], 0.40)}, split="heldout")
+    with pytest.raises(SystemExit, match="tune runs only"):
+        choose_defaults.load([held])
+    cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([40, 30], 0.40)})
+    with pytest.raises(SystemExit, match="measured twice"):
+        choose_defaults.load([cur, cur])
