@@ -11,8 +11,13 @@ reuse them). The call is full when the *true* relative error of reusing,
 ``||F - F_last|| / ||F||`` over the batch (``--criterion max``: the largest sample's), exceeds
 the tolerance; the first call and the final jump (the rule of
 :meth:`specdiff_fx.control.error.ErrorControlled.final_jump`: nothing after it corrects its error)
-are always full. Under true CFG the step's first call decides for both of its calls, as the
-library's controller shares one state between them. With hindsight (the default, as in the
+are always full. Under true CFG the calls of a step are decided together, after its last one,
+as the library's controller decides them: their errors pool (the root mean square of the calls'
+relative errors, as :class:`specdiff_fx.control.error.StepErrors` pools them; ``--criterion
+max``: the largest), and the outputs of the step's earlier calls, returned before the decision,
+are overwritten in place with what the decision gives them (the samplers combine a step's
+outputs only after its last call, as ``FluxPipeline`` does). Before 2026-12-04 the step's first
+call decided alone, on its own error: a weaker oracle under true CFG (BENCHMARKS.md). With hindsight (the default, as in the
 library) each full call returns its output plus :class:`specdiff_fx.runtime.hindsight.Hindsight`'s
 correction of the skipped calls before it.
 
@@ -53,13 +58,20 @@ class OracleCaller:
         self.corrections = [Hindsight() for _ in range(branches)]
         self.calls = 0
         self.kinds: list[str] = []  # per step: "f" or "s"
-        self._full = True
+        self._step: list[tuple[int, float, torch.Tensor]] = []  # the step's calls so far: branch, sigma, output
+        self._returned: list[torch.Tensor] = []  # what the step's earlier calls returned, to overwrite
 
     def error(self, true: torch.Tensor, reused: torch.Tensor) -> float:
         if self.criterion == "max":
             per = (true - reused).flatten(1).norm(dim=1) / true.flatten(1).norm(dim=1).clamp_min(1e-12)
             return float(per.max())
         return float((true - reused).norm() / true.norm().clamp_min(1e-12))
+
+    def pooled(self, errors: list[float]) -> float:
+        """The step's error from its calls' (one per branch)."""
+        if self.criterion == "max":
+            return max(errors)
+        return (sum(e * e for e in errors) / len(errors)) ** 0.5
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
         from specdiff_fx.control.base import StepView
@@ -69,13 +81,26 @@ class OracleCaller:
         self.calls += 1
         sigma = float(kwargs["timestep"].max()) / self.timestep_per_sigma
         true = self.transformer(*args, **kwargs)[0]
+        self._step.append((b, sigma, true))
+        if b < self.branches - 1:  # decided with the step's last call; overwritten then
+            self._returned.append(true.clone())
+            return (self._returned[-1],)
+        calls, returned, self._step, self._returned = self._step, self._returned, [], []
+        sigmas = self.sigmas[calls[0][0]]
+        full = any(self.last[c] is None for c, _, _ in calls) or self.pooled(
+            [self.error(t, self.last[c]) for c, _, t in calls]) > self.tolerance
+        view = StepView(step=len(sigmas), sigma=calls[0][1], sigmas=tuple(sigmas), num_tokens=0)
+        full = full or ErrorControlled.final_jump(view)
+        self.kinds.append("f" if full else "s")
+        outs = [self._settle(c, s, t, full) for c, s, t in calls]
+        for buf, out in zip(returned, outs):
+            buf.copy_(out)
+        return (outs[-1],)
+
+    def _settle(self, b: int, sigma: float, true: torch.Tensor, full: bool) -> torch.Tensor:
+        """Branch ``b``'s output for its call at ``sigma`` once the step is decided."""
         sigmas = self.sigmas[b]
-        if b == 0:  # the step's first call decides for the step
-            full = self.last[b] is None or self.error(true, self.last[b]) > self.tolerance
-            view = StepView(step=len(sigmas), sigma=sigma, sigmas=tuple(sigmas), num_tokens=0)
-            self._full = full or ErrorControlled.final_jump(view)
-            self.kinds.append("f" if self._full else "s")
-        if self._full:
+        if full:
             out = self.corrections[b].full(sigma, true, list(sigmas)) if self.hindsight else true
             self.last[b] = true
         else:
@@ -83,7 +108,7 @@ class OracleCaller:
             if self.hindsight:
                 self.corrections[b].cached(sigma, out)
         sigmas.append(sigma)
-        return (out,)
+        return out
 
     @property
     def full_fraction(self) -> float:

@@ -13,3 +13,43 @@ def test_oracle_schedule_tiny(capsys):
     assert kinds[0] == "f" and kinds.count("f") == 2 and "s" in kinds, kinds  # the first call, the final jump
     assert fewest["worst_psnr"] < protocol.PSNR_CAP
     assert "lowest worst image" in capsys.readouterr().out
+
+
+class _Scripted:
+    """A stand-in transformer returning, call after call, the tensors of a list."""
+
+    def __init__(self, outputs):
+        self.outputs = list(outputs)
+
+    def __call__(self, *args, **kwargs):
+        return (self.outputs.pop(0),)
+
+
+def _call(caller, sigma):
+    import torch
+
+    return caller(timestep=torch.tensor([sigma * 1000.0]))[0]
+
+
+def test_true_cfg_calls_pool_their_errors_and_earlier_outputs_follow_the_decision():
+    import torch
+
+    one, two = torch.ones(1, 4), 2 * torch.ones(1, 4)
+    # step 1 full (nothing to reuse); step 2: the cond call repeats itself (error 0), the uncond call
+    # changes by 50 %: pooled sqrt((0 + 0.25) / 2) = 0.35
+    scripted = [one, two, one, 4 * torch.ones(1, 4)]
+    for tol, kinds in ((0.3, "ff"), (0.4, "fs")):
+        caller = oracle_schedule.OracleCaller(_Scripted(scripted), 1000.0, 2, tol, hindsight=False)
+        assert torch.equal(_call(caller, 1.0), one) and torch.equal(_call(caller, 1.0), two)
+        cond = _call(caller, 0.9)
+        uncond = _call(caller, 0.9)
+        assert caller.kinds == list(kinds)
+        expected_uncond = two if kinds[1] == "s" else 4 * torch.ones(1, 4)
+        assert torch.equal(cond, one) and torch.equal(uncond, expected_uncond)
+    # the cond call's returned tensor is overwritten when the step is skipped on the uncond call's say
+    caller = oracle_schedule.OracleCaller(_Scripted([one, two, 3 * one, two]), 1000.0, 2, 10.0, hindsight=False)
+    _call(caller, 1.0), _call(caller, 1.0)
+    cond = _call(caller, 0.9)
+    assert torch.equal(cond, 3 * one)  # not decided yet
+    _call(caller, 0.9)
+    assert caller.kinds == ["f", "s"] and torch.equal(cond, one)
