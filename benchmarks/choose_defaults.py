@@ -40,7 +40,9 @@ def _normalise(params: dict) -> str:
     without ``inductor``, which changes no number the rule reads)."""
     from specdiff_fx.config import SpecDiffConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(SpecDiffConfig)}
+    # as JSON reads them back (a tuple default is a list in a run's params)
+    defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(SpecDiffConfig)
+                if f.default is not dataclasses.MISSING}
     kept = {k: v for k, v in params.items() if k != "inductor" and not (k in defaults and defaults[k] == v)}
     return json.dumps(kept, sort_keys=True)
 

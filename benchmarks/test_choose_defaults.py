@@ -50,6 +50,8 @@ def test_more_seeds_add_up_and_a_candidate_must_cover_them(tmp_path):
     cand01 = _run(tmp_path, "n01", {"tolerance": 0.18}, [0, 1], {CELL_A: ([39, 29, 40, 30], 0.30)})
     runs = choose_defaults.load([cur01, cur23, cand01])
     assert set(runs) == {"{}", json.dumps({"tolerance": 0.18})}  # 0.16 is the library's default: the same key
+    assert choose_defaults._normalise({"refresh_at": [0.45, 0.7], "inductor": False, "sparse_calls": 2}) == \
+        json.dumps({"sparse_calls": 2})  # a tuple default read back from JSON is a list
     assert len(runs["{}"]) == 4 and runs["{}"][("sd3", "sd3_cfg", 20, 3)]["psnr"] == [39, 29]
     chosen, verdicts = choose_defaults.choose(runs, "{}")
     assert chosen == "{}" and not verdicts[json.dumps({"tolerance": 0.18})]["complete"]
