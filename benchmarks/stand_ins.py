@@ -14,7 +14,17 @@ For each call ``t`` of a full-compute generation (the protocol's samplers) and a
   residual ``h_end - h_start`` of call ``t-l`` added to call ``t``'s own stream start, then
   the model's own ``norm_out`` (with call ``t``'s conditioning) and ``proj_out``;
 * linear extrapolation in sigma from the calls ``t-l`` and ``t-l-1`` (a first-order
-  TaylorSeer-style forecast).
+  TaylorSeer-style forecast);
+* x0 reuse: the image the call ``t-l`` predicted, ``x0 = x - sigma * v`` per token (``x`` the
+  call's latent in the output's token layout), held fixed and turned back into a velocity at
+  call ``t``'s latent and sigma, ``(x_t - x0) / sigma_t``: what a DDIM-style step from a reused
+  prediction does;
+* noise reuse: the same with the noise the call predicted, ``eps = x + (1 - sigma) * v``, held
+  fixed: ``(eps - x_t) / (1 - sigma_t)``.
+
+On a rectified-flow model sampled by Euler without guidance, x0 and noise reuse at lag 1 equal
+output reuse exactly (the step moved the latent along the reused velocity); they differ under
+guidance, where the latent moved along the guided combination of the branches, and over longer lags.
 
 Printed as the mean over the first, middle and last third of the calls.
 """
@@ -30,6 +40,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def token_latent(model, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The transformer's input latent in its output's per-token layout (``proj_out``'s, before
+    unpatchify): FLUX's packed tokens as they are; SD3's ``[B, C, H, W]`` cut into ``p x p``
+    patches ordered ``(p, q, c)`` as SD3's unpatchify reads them."""
+    if hidden_states.dim() == 3:
+        return hidden_states
+    b, c, h, w = hidden_states.shape
+    p = model.transformer.config.patch_size
+    x = hidden_states.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
 def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 3, 5)) -> list[str]:
     from benchmarks import protocol
     from specdiff_zoo import load_shapes_dit
@@ -38,9 +60,13 @@ def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 
     tr = model.transformer
     start = tr.pos_embed if model.family == "sd3" else tr.x_embedder
     calls, sigmas, cur = [], [], {}
+    per_sigma = 1000.0 if model.family == "sd3" else 1.0  # SD3 is called with sigma * 1000, FLUX with sigma
+
+    def before(module, args, kwargs) -> None:
+        sigmas.append(float(kwargs["timestep"].flatten()[0]) / per_sigma)
+        cur["x"] = token_latent(model, kwargs["hidden_states"]).detach().clone()
     hooks = [
-        tr.register_forward_pre_hook(lambda m, a, kw: sigmas.append(float(kw["timestep"].flatten()[0])),
-                                     with_kwargs=True),
+        tr.register_forward_pre_hook(before, with_kwargs=True),
         start.register_forward_hook(lambda m, a, o: cur.__setitem__("start", o.detach().clone())),
         tr.norm_out.register_forward_hook(
             lambda m, a, o: cur.update(end=a[0].detach().clone(), cond=a[1].detach().clone())),
@@ -58,7 +84,8 @@ def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 
 
         lines = []
         for lag in lags:
-            errs: dict[str, list[float]] = {"output reuse": [], "residual reuse": [], "extrapolation": []}
+            errs: dict[str, list[float]] = {"output reuse": [], "residual reuse": [], "extrapolation": [],
+                                            "x0 reuse": [], "noise reuse": []}
             for t in range((lag + 1) * per, len(calls)):
                 a, a2, b = calls[t - lag * per], calls[t - (lag + 1) * per], calls[t]
                 errs["output reuse"].append(rel(a["out"], b["out"]))
@@ -67,6 +94,10 @@ def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 
                 sa, sa2, sb = sigmas[t - lag * per], sigmas[t - (lag + 1) * per], sigmas[t]
                 w = (sb - sa) / (sa - sa2)
                 errs["extrapolation"].append(rel(a["out"] + w * (a["out"] - a2["out"]), b["out"]))
+                x0 = a["x"] - sa * a["out"]
+                eps = a["x"] + (1 - sa) * a["out"]
+                errs["x0 reuse"].append(rel((b["x"] - x0) / sb, b["out"]))
+                errs["noise reuse"].append(rel((eps - b["x"]) / (1 - sb), b["out"]))
             n = len(errs["output reuse"])
             thirds = [slice(0, n // 3), slice(n // 3, 2 * n // 3), slice(2 * n // 3, n)]
             cells = [" / ".join(f"{sum(e[s]) / max(1, len(e[s])):.3f}" for s in thirds) for e in errs.values()]
@@ -83,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cells = [(a.model, a.sampler or ("sd3_cfg" if a.model.startswith("sd3") else "flux_nocfg"))] if a.model else \
         [("sd3", "sd3_cfg"), ("flux", "flux_nocfg"), ("flux", "flux_truecfg")]
-    print("| model | sampler | steps | lag | output reuse | residual reuse | extrapolation |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | sampler | steps | lag | output reuse | residual reuse | extrapolation | x0 reuse | noise reuse |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, sampler in cells:
         print("\n".join(measure(name, sampler, a.steps, a.prompts)), flush=True)
 
