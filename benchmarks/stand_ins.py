@@ -25,6 +25,10 @@ For each call ``t`` of a full-compute generation (the protocol's samplers) and a
 On a rectified-flow model sampled by Euler without guidance, x0 and noise reuse at lag 1 equal
 output reuse exactly (the step moved the latent along the reused velocity); they differ under
 guidance, where the latent moved along the guided combination of the branches, and over longer lags.
+The longer lags here overstate what they could change in a cached run: there, without guidance,
+the skipped calls move the latent along the reused velocity itself, so x0 and noise reuse give
+that velocity back at every lag (they differ only where a sparse call's fresh tokens or a
+correction moved the latent otherwise).
 
 Printed as the mean over the first, middle and last third of the calls.
 """
