@@ -1,0 +1,26 @@
+"""CI smoke test: the time breakdown matches every timed call of a generation to its record in the
+report (the counts agree on both families, true CFG's two calls per step included), and the
+per-kind seconds add up to no more than the generation's."""
+
+import pytest
+
+from benchmarks import time_breakdown
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux"])
+def test_calls_match_the_report(model):
+    out = time_breakdown.measure(model, steps=6, prompts=1, repeats=1, inductor=False, log=lambda _: None)
+    (row,) = out["rounds"]
+    kinds = row["kinds"]
+    calls = sum(k["calls"] for k in kinds.values())
+    assert calls == 6 * (2 if out["sampler"] == "flux_truecfg" else 1)
+    assert kinds["full"]["calls"] >= 1
+    assert 0 < sum(k["seconds"] for k in kinds.values()) <= row["specdiff"]
+
+
+def test_count_mismatch_is_an_error():
+    class Report:
+        main_steps = []
+
+    with pytest.raises(ValueError, match="1 timed calls"):
+        time_breakdown.split_by_kind([0.1], Report())

@@ -1,0 +1,138 @@
+"""Where a specdiff generation's wall clock goes: its calls timed one by one, by kind.
+
+``python benchmarks/time_breakdown.py [--model sd3_b] [--steps 28] [--repeats 3] [--threads 2]``
+generates the 8 prompts of the evaluation protocol (seed 0, the model family's first sampler:
+SD3 with batched CFG, FLUX with true CFG) with eager, with Inductor and with
+``backend="specdiff"`` (defaults, or ``--specdiff JSON``), side by side, ``--repeats`` rounds after
+a warm-up round. Each call of the specdiff-compiled transformer is timed on its own and matched to
+the generation's report, call by call, so the generation's time splits into its full calls, its
+sparse calls (``cached``: some tokens computed) and its skipped calls (no token computed), and
+the rest (the sampler, the text encoder, the scheduler). The plain Inductor graph's call is timed
+the same way: a full call's time against it is what the full variant and the runtime add.
+
+It prints, per round, the three generations' seconds and the ratios, and per kind the number of
+calls, their total seconds, their share of the specdiff generation and the median call in ms. On
+CPU the calls are synchronous, so a call's wall clock is its cost; on a GPU this script would need
+a synchronize per call (not done: it runs on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import specdiff_fx  # noqa: E402
+import specdiff_zoo  # noqa: E402
+from benchmarks import protocol  # noqa: E402
+
+KINDS = ("full", "cached", "skipped")
+
+
+class TimedCalls:
+    """Wraps a transformer; times every call (``perf_counter``, CPU: synchronous). Attribute
+    access (``config``, ``cache_context``, ...) goes to the wrapped module."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.seconds: list[float] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self.inner(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def split_by_kind(seconds: Sequence[float], report: Any) -> dict[str, list[float]]:
+    """The calls' seconds grouped by the kind the report gives each call (its main-run records,
+    in call order). Raises ``ValueError`` if the counts differ (a speculative pre-run's internal
+    calls are not calls of the pipeline and are not in ``seconds``)."""
+    steps = report.main_steps
+    if len(steps) != len(seconds):
+        raise ValueError(f"{len(seconds)} timed calls but {len(steps)} main-run records in the report")
+    out: dict[str, list[float]] = {k: [] for k in KINDS}
+    for rec, s in zip(steps, seconds):
+        out.setdefault(rec.kind, []).append(s)
+    return out
+
+
+def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeats: int = 3,
+            options: dict | None = None, inductor: bool = True,
+            log: Callable[[str], None] = print) -> dict:
+    """Runs the comparison; returns the rounds and the per-kind totals (also printed)."""
+    model = specdiff_zoo.load_shapes_dit(model_name)
+    sampler = protocol.SAMPLERS_BY_FAMILY[model.family][0]
+    sample = protocol.SAMPLERS[sampler]
+    texts = protocol.PROMPTS[:prompts]
+    noise = protocol.initial_noise(protocol.SEEDS[0], protocol.image_size(model), len(texts))
+    eager = model.transformer
+    torch._dynamo.reset()
+    plain = TimedCalls(torch.compile(copy.deepcopy(model.transformer)) if inductor else copy.deepcopy(eager))
+    spec = TimedCalls(torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
+                                    options={**(options or {}), "inductor": inductor}))
+
+    def gen(transformer: Any) -> float:
+        if transformer is spec:
+            specdiff_fx.reset()
+        t0 = time.perf_counter()
+        sample(model, transformer, texts, noise, steps)
+        return time.perf_counter() - t0
+
+    rounds = []
+    with torch.no_grad():
+        for r in range(repeats + 1):  # round 0 warms up (compiles)
+            plain.seconds.clear()
+            spec.seconds.clear()
+            te, ti, ts = gen(eager), gen(plain), gen(spec)
+            report = specdiff_fx.last_generation()
+            kinds = split_by_kind(spec.seconds, report)
+            row = {"eager": te, "inductor": ti, "specdiff": ts, "inductor_call_ms": 1e3 * statistics.median(plain.seconds),
+                   "kinds": {k: {"calls": len(v), "seconds": sum(v),
+                                 "median_ms": 1e3 * statistics.median(v) if v else float("nan")}
+                             for k, v in kinds.items()},
+                   "flops": report.flops_fraction}
+            if r == 0:
+                log(f"warm-up round (compiles): eager {te:.2f} s, inductor {ti:.2f} s, specdiff {ts:.2f} s")
+                continue
+            rounds.append(row)
+            calls = sum(row["kinds"][k]["seconds"] for k in row["kinds"])
+            parts = ", ".join(f"{k} {v['calls']} x {v['median_ms']:.1f} ms = {v['seconds']:.3f} s "
+                              f"({v['seconds'] / ts:.0%})" for k, v in row["kinds"].items())
+            log(f"round {r}: eager {te:.3f} s, inductor {ti:.3f} s, specdiff {ts:.3f} s "
+                f"({te / ts:.2f}x eager, {ti / ts:.2f}x inductor; FLOPs {row['flops']:.1%}); "
+                f"specdiff calls: {parts}; outside the calls {ts - calls:.3f} s; "
+                f"plain Inductor call {row['inductor_call_ms']:.1f} ms")
+    return {"model": model_name, "sampler": sampler, "steps": steps, "prompts": len(texts),
+            "threads": torch.get_num_threads(), "options": options or {}, "rounds": rounds}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="sd3_b", help="a zoo model (default sd3_b, held out)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--specdiff", type=json.loads, default={}, metavar="JSON", help="specdiff options")
+    p.add_argument("--no-inductor", action="store_true", help="plain FX instead of Inductor (smoke runs)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    return measure(a.model, a.steps, a.prompts, a.repeats, a.specdiff, inductor=not a.no_inductor)
+
+
+if __name__ == "__main__":
+    main()
