@@ -1,0 +1,140 @@
+"""Several evaluation-protocol runs as one: their results side by side, each model's curve as a
+table (every method's mean over the model's cells), and the plots.
+
+    python benchmarks/protocol_merge.py RUN1/protocol.json RUN2/protocol.json ... [--write --out DIR]
+
+A curve of many settings is measured as several runs of ``benchmarks/protocol.py`` (one per core:
+specdiff settings in one, caches in another, one model per run); this puts them together. Runs must
+share the prompts and the seeds (else their images differ and the cells are not comparable: an
+error). A (model, sampler, steps, method) measured by several runs is kept once if the runs agree
+on every image's PSNR (the references are deterministic, so they do; ``eager`` is in every run), and
+is an error if they do not.
+
+It prints, per model, one row per method: the number of cells, the mean of the cells' mean PSNR,
+the lowest worst image, the mean FLOPs over the cells (sorted by FLOPs: the curve), and over every
+cell of the runs the same with the lowest cell, the cells whose every image is at least the target
+and the range of FLOPs. ``--write`` writes ``protocol.json``, ``protocol.md`` (the protocol's
+tables and these) and ``<model>.png`` (``benchmarks.protocol.plot_model``) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import protocol  # noqa: E402
+
+_KEY = ("model", "sampler", "steps", "method")
+
+
+def merge(runs: Sequence[dict], sources: Sequence[str] = ()) -> dict:
+    """One protocol result out of ``runs`` (the dicts ``protocol.json`` holds)."""
+    if not runs:
+        raise ValueError("nothing to merge")
+    first = runs[0]
+    for i, run in enumerate(runs[1:], 1):
+        for field in ("prompts", "seeds"):
+            if run[field] != first[field]:
+                raise ValueError(f"run {i} has other {field} than run 0 ({run[field]!r} against {first[field]!r}): "
+                                 "its cells are not comparable")
+    results: dict[tuple, dict] = {}
+    for i, run in enumerate(runs):
+        for r in run["results"]:
+            key = tuple(r[k] for k in _KEY)
+            if key in results:
+                if results[key].get("psnr") != r.get("psnr"):
+                    raise ValueError(f"run {i} measured {key} otherwise than an earlier run")
+                continue
+            results[key] = r
+    models: dict[str, dict] = {}
+    for run in runs:
+        for md in run["models"]:
+            have = models.setdefault(md["name"], dict(md, samplers=[]))
+            have["samplers"] += [s for s in md["samplers"] if s not in have["samplers"]]
+    methods: dict[str, dict] = {}
+    for run in runs:
+        for m in run["methods"]:
+            methods.setdefault(m["label"], m)
+    merged = dict(first)
+    rs = list(results.values())
+    merged.update({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python benchmarks/protocol_merge.py", *sources]) if sources else "protocol_merge.merge",
+        "runs": [{"command": r["command"], "date": r["date"], "git": r["git"]} for r in runs],
+        "models": list(models.values()), "methods": list(methods.values()), "results": rs,
+        "speed": [s for run in runs for s in run.get("speed", [])],
+        "summary": {"heldout": protocol.summary_rows(rs, "heldout"), "tune": protocol.summary_rows(rs, "tune")},
+        "wall_seconds": sum(r["wall_seconds"] for r in runs),
+    })
+    commits = {r["git"]["commit"] for r in runs}
+    if len(commits) > 1:
+        merged["git"] = dict(first["git"], commit=" + ".join(sorted(c[:12] for c in commits)))
+    return merged
+
+
+def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
+    """Per method (``model``'s cells, or every cell): cells, mean of the cells' mean PSNR, lowest
+    cell, lowest worst image, cells whose every image reaches the protocol's worst-image target,
+    FLOPs mean / lowest / highest over the cells; sorted by mean FLOPs."""
+    rows = []
+    mine = [r for r in results if r["kind"] != "eager" and (model is None or r["model"] == model)]
+    for label in dict.fromkeys(r["method"] for r in mine):
+        cells = [r for r in mine if r["method"] == label]
+        flops = [r["flops"] for r in cells]
+        rows.append({"method": label, "cells": len(cells),
+                     "mean_psnr": statistics.fmean(r["mean_psnr"] for r in cells),
+                     "lowest_cell": min(r["mean_psnr"] for r in cells),
+                     "worst_psnr": min(r["worst_psnr"] for r in cells),
+                     "cells_worst_ok": sum(r["worst_psnr"] >= protocol.TARGETS["worst_psnr"] for r in cells),
+                     "flops": statistics.fmean(flops), "flops_low": min(flops), "flops_high": max(flops)})
+    return sorted(rows, key=lambda r: r["flops"])
+
+
+def curve_markdown(data: dict) -> str:
+    lines = []
+    groups = [(f"`{md['name']}`", md["name"]) for md in data["models"]]
+    if len(groups) > 1:
+        groups.append(("every cell", None))
+    for title, model in groups:
+        rows = curve_rows(data["results"], model)
+        if not rows:
+            continue
+        lines += ["", f"## Curve: {title} (mean over the cells, sorted by FLOPs)", "",
+                  f"| method | cells | mean PSNR | lowest cell | lowest worst image | cells with worst ≥ "
+                  f"{protocol.TARGETS['worst_psnr']:.0f} dB | FLOPs (range) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['cells']} | {r['mean_psnr']:.2f} | {r['lowest_cell']:.2f} | "
+                         f"{r['worst_psnr']:.2f} | {r['cells_worst_ok']} of {r['cells']} | {r['flops']:.1%} "
+                         f"({r['flops_low']:.1%}–{r['flops_high']:.1%}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="protocol.json files of benchmarks/protocol.py --write runs")
+    p.add_argument("--write", action="store_true", help="write protocol.json, protocol.md and <model>.png into --out")
+    p.add_argument("--out", type=Path, default=protocol.ROOT / "benchmarks" / "protocol_merged")
+    a = p.parse_args(argv)
+    data = merge([json.loads(path.read_text()) for path in a.runs], [str(path) for path in a.runs])
+    curves = curve_markdown(data)
+    print(curves, flush=True)
+    if a.write:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "protocol.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+        (a.out / "protocol.md").write_text(protocol.markdown(data) + curves)
+        for md in data["models"]:
+            protocol.plot_model(data, md["name"], a.out / f"{md['name']}.png")
+    return data
+
+
+if __name__ == "__main__":
+    main()
