@@ -58,6 +58,13 @@ def scatter(points: list[Point], path: Path, *, x_label: str, y_label: str, titl
     def to_px(x: float, y: float) -> tuple[float, float]:
         return pad + (w - 2 * pad) * (x - x0) / (x1 - x0), h - pad - (h - 2 * pad) * (y - y0) / (y1 - y0)
 
+    series = sorted({p.series for p in pts})
+    # the legend goes into the top corner that covers fewer markers
+    box_w, box_h = 160, 15 * len(series)
+    marks = [to_px(p.x, y) for p, y in zip(pts, ys)]
+    corners = [w - pad - 150, pad + 10]
+    legend_x = min(corners, key=lambda lx: sum(lx - 8 <= mx <= lx + box_w and pad - 8 <= my <= pad + box_h
+                                               for mx, my in marks))
     for p, y in zip(pts, ys):
         colour = colours[p.series]
         px, py = to_px(p.x, y)
@@ -68,7 +75,7 @@ def scatter(points: list[Point], path: Path, *, x_label: str, y_label: str, titl
         d.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
         if p.label:
             d.text((px + 6, py - 6), p.label, fill=colour)
-    for i, m in enumerate(sorted({p.series for p in pts})):
-        d.rectangle([w - pad - 150, pad + 15 * i, w - pad - 142, pad + 15 * i + 8], fill=colours[m])
-        d.text((w - pad - 135, pad + 15 * i - 2), m, fill="black")
+    for i, m in enumerate(series):
+        d.rectangle([legend_x, pad + 15 * i, legend_x + 8, pad + 15 * i + 8], fill=colours[m])
+        d.text((legend_x + 15, pad + 15 * i - 2), m, fill="black")
     img.save(path)

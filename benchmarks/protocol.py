@@ -806,14 +806,15 @@ def plot_model(data: dict, name: str, path: Path) -> None:
         low = min(r["worst_psnr"] for r in mine)
         x = speed.get(label) if speed else 1.0 / statistics.fmean(r["flops"] for r in mine)
         if x is not None:
-            points.append(Point(mine[0]["kind"], x, y, low, short_label(mine[0]["params"])))
+            params, kind = mine[0]["params"], mine[0]["kind"]
+            points.append(Point(kind, x, y, low, short_label(params) if params or kind == "specdiff" else ""))
     if speed:
         sampler = next(r["sampler"] for r in data["speed"] if r["model"] == name)
         x_label = f"speedup vs eager (wall clock, {sampler}, {SPEED_STEPS} steps)"
     else:
         x_label = "1 / FLOPs fraction (not wall clock: run with --speed)"
     scatter(points, path, x_label=x_label, y_label="PSNR vs full compute (dB)",
-            title=f"{name}: mean over its cells, segment to the worst image")
+            title=f"{name}: mean over its cells, segment to the worst image", size=(960, 600))
 
 
 # ---------------------------------------------------------------------------------------------
