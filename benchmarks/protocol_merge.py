@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(curves, flush=True)
     if a.write:
         a.out.mkdir(parents=True, exist_ok=True)
-        (a.out / "protocol.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+        (a.out / "protocol.json").write_text(json.dumps(protocol._plain(data), indent=1, allow_nan=False))
         (a.out / "protocol.md").write_text(protocol.markdown(data) + curves)
         for md in data["models"]:
             protocol.plot_model(data, md["name"], a.out / f"{md['name']}.png")
