@@ -782,7 +782,8 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-_SHORT = {"cache_ratio": "cr", "tolerance": "tol", "sparse_calls": "sparse", "speculative_steps": "spec", "cache_interval": "every",
+_SHORT = {"cache_ratio": "cr", "tolerance": "tol", "sparse_calls": "sparse", "speculative_steps": "spec",
+          "cache_interval": "every",
           "disable_cache_before_step": "from", "disable_cache_after_step": "until", "threshold": "thr",
           "max_skip_steps": "skip", "retention_ratio": "keep", "unconditional_batch_skip_range": "uncond",
           "unconditional_batch_timestep_skip_range": "uncond_t", "spatial_attention_block_skip_range": "every",
