@@ -719,6 +719,25 @@ def summary_rows(results: list[dict], split: str = "heldout") -> list[dict]:
     return out
 
 
+def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
+    """Per method (``model``'s cells, or every cell): its kind and params, cells, mean of the
+    cells' mean PSNR, lowest cell, lowest worst image, cells whose every image reaches the
+    protocol's worst-image target, FLOPs mean / lowest / highest over the cells; sorted by mean
+    FLOPs. The curve of a model's plot and of ``protocol_merge``'s tables."""
+    rows = []
+    mine = [r for r in results if r["kind"] != "eager" and (model is None or r["model"] == model)]
+    for label in dict.fromkeys(r["method"] for r in mine):
+        cells = [r for r in mine if r["method"] == label]
+        flops = [r["flops"] for r in cells]
+        rows.append({"method": label, "kind": cells[0]["kind"], "params": cells[0]["params"], "cells": len(cells),
+                     "mean_psnr": statistics.fmean(r["mean_psnr"] for r in cells),
+                     "lowest_cell": min(r["mean_psnr"] for r in cells),
+                     "worst_psnr": min(r["worst_psnr"] for r in cells),
+                     "cells_worst_ok": sum(r["worst_psnr"] >= TARGETS["worst_psnr"] for r in cells),
+                     "flops": statistics.fmean(flops), "flops_low": min(flops), "flops_high": max(flops)})
+    return sorted(rows, key=lambda r: r["flops"])
+
+
 def _ok(flag: bool) -> str:
     return "yes" if flag else "**no**"
 
@@ -798,17 +817,14 @@ def short_label(params: dict) -> str:
 
 
 def plot_model(data: dict, name: str, path: Path) -> None:
-    rows = [r for r in data["results"] if r["model"] == name and r["kind"] != "eager"]
     speed = {r["method"]: r["speedup"] for r in data["speed"] if r["model"] == name}
     points = []
-    for label in dict.fromkeys(r["method"] for r in rows):
-        mine = [r for r in rows if r["method"] == label]
-        y = statistics.fmean(r["mean_psnr"] for r in mine)
-        low = min(r["worst_psnr"] for r in mine)
-        x = speed.get(label) if speed else 1.0 / statistics.fmean(r["flops"] for r in mine)
+    for c in curve_rows(data["results"], name):
+        x = speed.get(c["method"]) if speed else 1.0 / c["flops"]
         if x is not None:
-            params, kind = mine[0]["params"], mine[0]["kind"]
-            points.append(Point(kind, x, y, low, short_label(params) if params or kind == "specdiff" else ""))
+            params, kind = c["params"], c["kind"]
+            points.append(Point(kind, x, c["mean_psnr"], c["worst_psnr"],
+                                short_label(params) if params or kind == "specdiff" else ""))
     if speed:
         sampler = next(r["sampler"] for r in data["speed"] if r["model"] == name)
         x_label = f"speedup vs eager (wall clock, {sampler}, {SPEED_STEPS} steps)"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -80,31 +79,13 @@ def merge(runs: Sequence[dict], sources: Sequence[str] = ()) -> dict:
     return merged
 
 
-def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
-    """Per method (``model``'s cells, or every cell): cells, mean of the cells' mean PSNR, lowest
-    cell, lowest worst image, cells whose every image reaches the protocol's worst-image target,
-    FLOPs mean / lowest / highest over the cells; sorted by mean FLOPs."""
-    rows = []
-    mine = [r for r in results if r["kind"] != "eager" and (model is None or r["model"] == model)]
-    for label in dict.fromkeys(r["method"] for r in mine):
-        cells = [r for r in mine if r["method"] == label]
-        flops = [r["flops"] for r in cells]
-        rows.append({"method": label, "cells": len(cells),
-                     "mean_psnr": statistics.fmean(r["mean_psnr"] for r in cells),
-                     "lowest_cell": min(r["mean_psnr"] for r in cells),
-                     "worst_psnr": min(r["worst_psnr"] for r in cells),
-                     "cells_worst_ok": sum(r["worst_psnr"] >= protocol.TARGETS["worst_psnr"] for r in cells),
-                     "flops": statistics.fmean(flops), "flops_low": min(flops), "flops_high": max(flops)})
-    return sorted(rows, key=lambda r: r["flops"])
-
-
 def curve_markdown(data: dict) -> str:
     lines = []
     groups = [(f"`{md['name']}`", md["name"]) for md in data["models"]]
     if len(groups) > 1:
         groups.append(("every cell", None))
     for title, model in groups:
-        rows = curve_rows(data["results"], model)
+        rows = protocol.curve_rows(data["results"], model)
         if not rows:
             continue
         lines += ["", f"## Curve: {title} (mean over the cells, sorted by FLOPs)", "",

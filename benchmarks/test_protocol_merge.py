@@ -40,7 +40,7 @@ def test_merge_keeps_one_row_per_measurement_and_draws_the_curve(tmp_path):
     data = protocol_merge.merge([a, b])
     assert [r["method"] for r in data["results"]].count("eager") == 2  # one per cell, not per run
     assert len(data["results"]) == 6 and len(data["runs"]) == 2 and "+" in data["git"]["commit"]
-    rows = protocol_merge.curve_rows(data["results"], "m")
+    rows = protocol.curve_rows(data["results"], "m")
     assert [r["method"] for r in rows] == ["specdiff tolerance=0.1", "mag_cache"]  # sorted by FLOPs
     spec = rows[0]
     assert spec["mean_psnr"] == pytest.approx((35.0 + 32.0) / 2) and spec["lowest_cell"] == 32.0

@@ -88,9 +88,7 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
     def gen(transformer: Any) -> float:
         if transformer is spec:
             specdiff_fx.reset()
-        t0 = time.perf_counter()
-        sample(model, transformer, texts, noise, steps)
-        return time.perf_counter() - t0
+        return protocol._clock(lambda: sample(model, transformer, texts, noise, steps))
 
     rounds = []
     with torch.no_grad():
