@@ -289,3 +289,17 @@ def test_span_test_with_dependent_columns_and_non_finite_values():
             br2.trace.push(0.7, x_last, out)
             gen2 = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=[br2])
             assert unexplained(cont, gen2, br2, groups) == float("inf")
+
+
+def test_span_test_with_fewer_latent_entries_than_columns():
+    """A latent of fewer entries per sample than the span test has columns (the QR's R has no
+    entry for the update then): the explicit projection gives the per-sample answer."""
+    torch.manual_seed(0)
+    b, n, c = 3, 1, 2  # 2 entries per sample; x_last, x_prev and two outputs: 4 columns
+    br = Branch((), None)
+    br.trace.push(0.8, torch.randn(b, n, c), torch.randn(b, n, c))
+    br.trace.push(0.7, torch.randn(b, n, c), torch.randn(b, n, c))
+    gen = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=[br])
+    for sample in (br.trace.samples[0] - 0.05 * br.trace.outputs[0], torch.randn(b, n, c)):
+        got, ref = unexplained(sample, gen, br, None), _unexplained_one_by_one(sample, gen, br, None)
+        assert abs(got - ref) < 1e-5, (got, ref)

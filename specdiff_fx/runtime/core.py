@@ -96,6 +96,7 @@ class SpecDiffRuntime:
         self.generation: Generation | None = None  # the one the current (or last) call belongs to
         self._j = 0  # the branch of the current call in it
         self._warned: set[str] = set()
+        self._reuse: dict[tuple, torch.Tensor] = {}  # :meth:`_reuse_weights`, per shape
         self._lock = threading.RLock()
         _LIVE.add(self)
 
@@ -207,10 +208,13 @@ class SpecDiffRuntime:
                 tier: torch.Tensor | None = None, note: str = "", decision: Decision | None = None,
                 measured: float | None = None) -> None:
         n, b = self.plan.num_image_tokens, self.plan.batch
-        if tier is None:  # every token computed
+        if kind == "skipped":  # every token reused
+            sizes = ((0,) * b, (n,) * b, (0,) * b)
+        elif tier is None:  # every token computed
             sizes = ((n,) * b, (0,) * b, (0,) * b)
-        else:
-            sizes = tuple(tuple(int(x) for x in (tier == t).sum(dim=1)) for t in (1, 2, 3))
+        else:  # per tier, per sample: one count and one synchronisation
+            counts = torch.nn.functional.one_hot(tier.long(), 4).sum(dim=1)[:, 1:].T.tolist()
+            sizes = tuple(tuple(c) for c in counts)
         ex = self.executor
         self.report.compiles = len(ex.compiled)
         self.report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
@@ -482,15 +486,25 @@ class SpecDiffRuntime:
                 total = total + self._scores(st, sigma)
         return total
 
+    def _reuse_weights(self, latest: torch.Tensor, depth: int) -> torch.Tensor:
+        """``[B, N, depth]`` history weights of a call that reuses every token's newest output
+        (a skipped call: tier 2 everywhere, what :func:`schedule.taylor_weights` and
+        :func:`schedule.tier_weights` give it), built once per shape; the graphs only read it."""
+        key = (tuple(latest.shape[:2]), depth, latest.dtype, latest.device)
+        w = self._reuse.get(key)
+        if w is None:
+            w = self._reuse[key] = torch.zeros((*latest.shape[:2], depth), dtype=latest.dtype, device=latest.device)
+            w[..., 0] = 1
+        return w
+
     def _cached_step(self, args, sigma: float, branch: int, state: BranchState,
                      decision: Decision) -> tuple[tuple[Any, ...], int, float | None]:
         cfg = self.config
         latest = state.tokens.latest
         n = self.plan.num_image_tokens
         probe = None
-        if decision.action is Action.SKIP:
-            idx = None
-            tier = torch.full(latest.shape[:2], 2, dtype=torch.int8, device=latest.device)
+        if decision.action is Action.SKIP:  # every token reused (tier 2): no tier tensor to build
+            idx = tier = None
         else:
             score = self._scores(state, sigma)
             plan = self.generation.leader(self._j).plan
@@ -507,12 +521,16 @@ class SpecDiffRuntime:
             history = torch.zeros((cfg.blend_history, *latest.shape), dtype=latest.dtype, device=latest.device)
             for j, (_, tok) in enumerate(state.past):
                 history[j] = tok
-            blend = schedule.blend_weights([s for s, _ in state.past], sigma, cfg.blend_history)
-            weights = schedule.tier_weights(tier, blend)
+            depth = cfg.blend_history
+            if tier is not None:
+                weights = schedule.tier_weights(tier, schedule.blend_weights([s for s, _ in state.past], sigma, depth))
         else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs: no copy
             history = state.tokens.outputs  # read by the graph before the history is updated
-            weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, cfg.history_depth)
-        inputs = SparseInputs(idx, history, weights.to(latest.dtype))
+            depth = cfg.history_depth
+            if tier is not None:
+                weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, depth)
+        weights = self._reuse_weights(latest, depth) if tier is None else weights.to(latest.dtype)
+        inputs = SparseInputs(idx, history, weights)
         refresh_text = False
         if decision.action is Action.SKIP:
             key = VariantKey.skip()
@@ -557,12 +575,13 @@ class SpecDiffRuntime:
         if idx is not None:
             state.tokens.push(idx, out.tokens, sigma)
         state.his = out.score
-        state.cached_for = torch.where(tier == 1, 0, state.cached_for + 1).to(torch.int32)
+        state.cached_for = (state.cached_for + 1 if tier is None else torch.where(tier == 1, 0, state.cached_for + 1)
+                            ).to(torch.int32)
         self._push_past(state, sigma, out.tokens)
         flops = self.executor.flops(key)
         self._record(state.step, branch, "cached" if idx is not None else "skipped", sigma, flops, tier=tier,
                      decision=decision, measured=error)
-        if branch == 0:
+        if branch == 0 and tier is not None:  # a skipped call computes none
             counts = (tier == 1).to(torch.int32).cpu()
             rep = self.report
             rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts

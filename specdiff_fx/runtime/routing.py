@@ -33,6 +33,7 @@ recently used one is evicted with a note when a new one would exceed the bound.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
@@ -153,6 +154,31 @@ def _rounding(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
+@functools.lru_cache(maxsize=64)
+def _group_members(group_of: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Per sample, the samples of its group (its own first), for the group ids ``group_of``."""
+    return tuple(tuple(j for j, g in enumerate(group_of) if g == gi) for gi in group_of)
+
+
+@functools.lru_cache(maxsize=256)
+def _columns_index(members: tuple[tuple[int, ...], ...], rows: tuple[int, ...], n_lat: int, n_out: int,
+                   device: torch.device) -> torch.Tensor:
+    """Where each of ``rows``' columns lies in the stacked ``[n_lat + n_out + 1, b, n]`` tensor
+    (the latents, the outputs, the update; flattened over its first two axes): its latents, every
+    output at each member of its group, then its update; ``[len(rows) * (m + 1)]``."""
+    b, size = len(members), len(members[rows[0]])
+    which = list(range(n_lat)) + [n_lat + o for o in range(n_out) for _ in range(size)] + [n_lat + n_out]
+    at = [[i] * n_lat + [members[i][k] for _ in range(n_out) for k in range(size)] + [i] for i in rows]
+    return torch.tensor([w * b + r for row in at for w, r in zip(which, row)], device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _twins(members: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The samples that are not the first of their group, and (as index tensors) them and their firsts."""
+    twins = [i for i, m in enumerate(members) if m[0] != i]
+    return twins, torch.tensor(twins, device=device), torch.tensor([members[i][0] for i in twins], device=device)
+
+
 def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
                 groups: torch.Tensor | None, rows: tuple[int, int] | None = None) -> float:
     """The largest, over samples, relative residual of ``sample - x_last`` after projecting
@@ -160,66 +186,80 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
     docstring), less the latent dtype's rounding of ``sample``; ``inf`` when the branch has
     no earlier call of this shape or nothing to project on. ``rows`` (offset, length on
     axis 1) restricts the test to the image tokens of a latent that carries context tokens
-    the sampler does not move (FLUX.2 reference images)."""
+    the sampler does not move (FLUX.2 reference images).
+
+    It runs on every call, so it is a handful of batched ops whatever the batch and the number
+    of branches: one stack of the update, the latents and the outputs, one gather of every
+    sample's columns, one QR per group size (``BENCHMARKS.md``, "The runtime's own time")."""
     trace = branch.trace
     if not trace.samples or trace.samples[0].shape != sample.shape:
         return float("inf")
     b = sample.shape[0]
     take = (lambda t: t.narrow(1, *rows)) if rows is not None else (lambda t: t)
-    latents = [take(t).reshape(b, -1) for t in trace.samples]  # x_last (, x_prev)
-    outputs = [take(out).reshape(b, -1) for other in generation.branches for s in trace.sigmas
+    outputs = [take(out) for other in generation.branches for s in trace.sigmas
                for out in [other.trace.output_at(s)] if out is not None and out.shape == sample.shape]
-    sample = take(sample)
     if not outputs:
         return float("inf")
-    group_of = groups.tolist() if groups is not None else list(range(b))
-    flat = sample.reshape(b, -1)
-    members = [[j for j in range(b) if group_of[j] == group_of[i]] for i in range(b)]
-    by_size: dict[int, list[int]] = collections.defaultdict(list)  # samples with as many members: one batch
-    for i, m in enumerate(members):
-        # a member whose latents equal those of its group's first member (the halves of a batched
-        # CFG call) has the same columns and the same update: the same answer
-        first = m[0]
-        if i == first or not (torch.equal(flat[i], flat[first])
-                              and all(torch.equal(x[i], x[first]) for x in latents)):
-            by_size[len(m)].append(i)
     # float32 arithmetic (float64 for float64 latents): the decision compares a share with 5 %, which
     # the QR's rounding moves far less (3e-8 against float64 least squares in the tests; an update
     # of 1e-4 of the latent still reads as a continuation); a third less time than float64
     work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    x = take(sample).reshape(b, -1).to(work)
+    latents = [take(t).reshape(b, -1).to(work) for t in trace.samples]  # x_last (, x_prev)
+    n_lat = len(latents)
+    # [latents + outputs + 1, b, n]: the latents, the branches' outputs, the update x - x_last
+    src = torch.stack([*latents, *[o.reshape(b, -1).to(work) for o in outputs], x - latents[0]])
+    members = _group_members(tuple(groups.tolist()) if groups is not None else tuple(range(b)))
+    # a member whose latents equal those of its group's first member (the halves of a batched
+    # CFG call) has the same columns and the same update: the same answer (one comparison for all)
+    twins, twin_idx, first_idx = _twins(members, src.device)
+    keep = set(range(b))
+    if twins:
+        head = torch.stack([x, *latents])
+        same = (head.index_select(1, twin_idx) == head.index_select(1, first_idx)).all(dim=2).all(dim=0)
+        keep -= {i for i, s in zip(twins, same.tolist()) if s}
+    by_size: dict[int, list[int]] = collections.defaultdict(list)  # samples with as many members: one batch
+    for i in sorted(keep):
+        by_size[len(members[i])].append(i)
     shares = []
     for size, rows_i in by_size.items():
-        idx = torch.tensor(rows_i, device=flat.device)
-        mem = torch.tensor([members[i] for i in rows_i], device=flat.device)  # [b', size]
-        cols = torch.stack([x.index_select(0, idx) for x in latents]
-                           + [o.index_select(0, mem[:, k]) for o in outputs for k in range(size)], dim=1).to(work)
-        a = cols.transpose(1, 2)  # [b', n, columns]: what sample i's update may combine (column-major, as QR wants)
-        x = flat.index_select(0, idx).to(work)
-        d = x - cols[:, 0]  # cols[:, 0] is x_last
-        slack = 2 * _rounding(sample.dtype) * x.norm(dim=1)
-        shares.append(_unexplained_share(a, d, slack))
+        if size == 1 and len(rows_i) == b:  # every sample alone: its columns are its rows of src, in order
+            aug, own = src.transpose(0, 1), x
+        else:
+            at = _columns_index(members, tuple(rows_i), n_lat, len(outputs), src.device)
+            aug = src.reshape(-1, src.shape[-1]).index_select(0, at).view(len(rows_i), -1, src.shape[-1])
+            own = x if len(rows_i) == b else x.index_select(0, torch.tensor(rows_i, device=x.device))
+        slack = 2 * _rounding(sample.dtype) * own.norm(dim=1)
+        shares.append(_unexplained_share(aug, slack))
     # one synchronisation for the batch; NaN/Inf latents or outputs (a non-finite share): nothing to match on
-    worst = float(torch.stack(shares).max())
+    worst = float(torch.stack(shares).max()) if len(shares) > 1 else float(shares[0])
     return worst if math.isfinite(worst) else float("inf")
 
 
-def _unexplained_share(a: torch.Tensor, d: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
-    """The largest over the batch of ``max(0, |d - P d| - slack) / |d|``, ``P`` the projection
-    onto the span of ``a``'s columns (``a``: ``[b, n, m]``, ``d``: ``[b, n]``); 0 where ``d`` is 0
-    (a zero update is in every span); NaN or Inf where ``a`` or ``d`` is not finite. A 0-d tensor
-    (the caller synchronises once per batch)."""
-    # an orthonormal basis of a space that holds the span, from the Householder QR of ``a``
-    # itself: orthonormal to rounding whatever the columns' conditioning (the Gram matrix's
-    # squared condition number once let rounding decide the rank: a continuation was sometimes
-    # not recognised). A column that depends on the earlier ones adds a direction of rounding
-    # noise, which explains about 1/n of an update that lies outside the span: nothing that
-    # moves the decision. Half the time of the SVD it replaces, same shares.
-    q, _ = torch.linalg.qr(a)
-    residual = (d - (q @ (q.transpose(1, 2) @ d.unsqueeze(-1))).squeeze(-1)).norm(dim=1)
-    norm = d.norm(dim=1)
+def _unexplained_share(aug: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """The largest over the batch of ``max(0, |d - P d| - slack) / |d|``, ``d`` the last of each
+    sample's columns ``aug`` (``[b, m + 1, n]``: ``m + 1`` columns of length ``n``) and ``P`` the
+    projection onto the span of the ``m`` before it; 0 where ``d`` is 0 (a zero update is in every
+    span); NaN or Inf where a column is not finite. A 0-d tensor (the caller synchronises once per
+    batch)."""
+    # The Householder QR of [columns | d]: the last diagonal entry of R is the norm of what remains
+    # of d once the columns before it are projected out, to the rounding of |d| whatever the
+    # columns' conditioning (the Gram matrix's squared condition number once let rounding decide
+    # the rank: a continuation was sometimes not recognised). A column that depends on the earlier
+    # ones adds a direction of rounding noise, which explains about 1/n of an update that lies
+    # outside the span: nothing that moves the decision. R alone: no Q is formed or multiplied.
+    m, n = aug.shape[1] - 1, aug.shape[2]
+    a = aug.transpose(1, 2)  # [b, n, m + 1]: column-major, as LAPACK wants
+    if n > m:
+        residual = torch.linalg.qr(a, mode="r").R[:, m, m].abs()
+    else:  # no more entries than columns (tiny latents): project explicitly
+        q = torch.linalg.qr(a[..., :m]).Q
+        d = a[..., m:]
+        residual = (d - q @ (q.transpose(1, 2) @ d)).squeeze(-1).norm(dim=1)
+    norm = aug[:, m].norm(dim=1)
     tiny = torch.finfo(norm.dtype).tiny  # 1e-300 underflows in float32
     share = torch.where(norm > 0, (residual - slack).clamp_min(0) / norm.clamp_min(tiny), torch.zeros_like(norm))
-    finite = torch.isfinite(a.sum()) & torch.isfinite(norm).all()
+    finite = torch.isfinite(aug.sum())
     return torch.where(finite, share.max(), torch.full_like(norm[0], float("nan")))
 
 
