@@ -16,6 +16,10 @@ def test_calls_match_the_report(model):
     assert calls == 6 * (2 if out["sampler"] == "flux_truecfg" else 1)
     assert kinds["full"]["calls"] >= 1
     assert 0 < sum(k["seconds"] for k in kinds.values()) <= row["specdiff"]
+    # each kind's median call splits into the compiled variant, routing and the rest
+    for v in out["split"].values():
+        assert 0 < v["graph_ms"] < v["call_ms"] and 0 < v["routing_ms"] < v["outside_ms"] <= v["call_ms"]
+    assert sum(v["calls"] for v in out["split"].values()) == calls
 
 
 def test_count_mismatch_is_an_error():

@@ -11,21 +11,28 @@ the rest (the sampler, the text encoder, the scheduler). The plain Inductor grap
 the same way: a full call's time against it is what the full variant and the runtime add.
 
 It prints, per round, the three generations' seconds and the ratios, and per kind the number of
-calls, their total seconds, their share of the specdiff generation and the median call in ms. On
-CPU the calls are synchronous, so a call's wall clock is its cost; on a GPU this script would need
-a synchronize per call (not done: it runs on CPU).
+calls, their total seconds, their share of the specdiff generation and the median call in ms; then,
+over all timed rounds, each kind's median call split into the time inside the compiled variant
+(Inductor's code, ``Variant.__call__``), the runtime's call routing (``Router.route``) and the rest
+of what the call costs outside the graph (Dynamo's guards, the controller, token choice, caches,
+telemetry). On CPU the calls are synchronous, so a call's wall clock is its cost; on a GPU this
+script would need a synchronize per call (not done: it runs on CPU).
+
+To compare the runtime of another commit, run this file from a checkout of it (``git worktree add
+DIR COMMIT; cp benchmarks/time_breakdown.py DIR/benchmarks/``, then the same command in ``DIR``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,20 +48,54 @@ KINDS = ("full", "cached", "skipped")
 
 class TimedCalls:
     """Wraps a transformer; times every call (``perf_counter``, CPU: synchronous). Attribute
-    access (``config``, ``cache_context``, ...) goes to the wrapped module."""
+    access (``config``, ``cache_context``, ...) goes to the wrapped module. With ``parts``, each
+    call's time inside the compiled variants and in call routing as well (:func:`timing_parts`)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, parts: dict[str, float] | None = None) -> None:
         self.inner = inner
         self.seconds: list[float] = []
+        self.parts = parts
+        self.split: list[tuple[float, float]] = []  # per call: (in the graph, in routing)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.parts is not None:
+            self.parts.update(graph=0.0, route=0.0)
         t0 = time.perf_counter()
         out = self.inner(*args, **kwargs)
         self.seconds.append(time.perf_counter() - t0)
+        if self.parts is not None:
+            self.split.append((self.parts["graph"], self.parts["route"]))
         return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def timing_parts() -> Iterator[dict[str, float]]:
+    """While open, every compiled variant's call (``Variant.__call__``) and every routing
+    (``Router.route``) adds its seconds to the yielded dict's ``"graph"`` / ``"route"``; the
+    methods are restored on exit."""
+    from specdiff_fx.runtime.routing import Router
+    from specdiff_fx.variants import Variant
+
+    acc = {"graph": 0.0, "route": 0.0}
+    saved = Variant.__call__, Router.route
+
+    def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc[key] += time.perf_counter() - t0
+        return wrapper
+
+    Variant.__call__, Router.route = timed(saved[0], "graph"), timed(saved[1], "route")
+    try:
+        yield acc
+    finally:
+        Variant.__call__, Router.route = saved
 
 
 def split_by_kind(seconds: Sequence[float], report: Any) -> dict[str, list[float]]:
@@ -82,8 +123,16 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
     eager = model.transformer
     torch._dynamo.reset()
     plain = TimedCalls(torch.compile(copy.deepcopy(model.transformer)) if inductor else copy.deepcopy(eager))
-    spec = TimedCalls(torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
-                                    options={**(options or {}), "inductor": inductor}))
+    with timing_parts() as parts:
+        spec = TimedCalls(torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
+                                        options={**(options or {}), "inductor": inductor}), parts)
+        out = _rounds(model, sample, texts, noise, steps, repeats, eager, plain, spec, log)
+    return {"model": model_name, "sampler": sampler, "steps": steps, "prompts": len(texts),
+            "threads": torch.get_num_threads(), "options": options or {}, **out}
+
+
+def _rounds(model: Any, sample: Callable[..., Any], texts: Sequence[str], noise: torch.Tensor, steps: int,
+            repeats: int, eager: Any, plain: TimedCalls, spec: TimedCalls, log: Callable[[str], None]) -> dict:
 
     def gen(transformer: Any) -> float:
         if transformer is spec:
@@ -91,10 +140,12 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
         return protocol._clock(lambda: sample(model, transformer, texts, noise, steps))
 
     rounds = []
+    per_call: dict[str, list[tuple[float, float, float]]] = {k: [] for k in KINDS}  # (call, graph, routing)
     with torch.no_grad():
         for r in range(repeats + 1):  # round 0 warms up (compiles)
             plain.seconds.clear()
             spec.seconds.clear()
+            spec.split.clear()
             te, ti, ts = gen(eager), gen(plain), gen(spec)
             report = specdiff_fx.last_generation()
             kinds = split_by_kind(spec.seconds, report)
@@ -107,6 +158,8 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
                 log(f"warm-up round (compiles): eager {te:.2f} s, inductor {ti:.2f} s, specdiff {ts:.2f} s")
                 continue
             rounds.append(row)
+            for rec, s, (g, rt) in zip(report.main_steps, spec.seconds, spec.split):
+                per_call.setdefault(rec.kind, []).append((s, g, rt))
             calls = sum(row["kinds"][k]["seconds"] for k in row["kinds"])
             parts = ", ".join(f"{k} {v['calls']} x {v['median_ms']:.1f} ms = {v['seconds']:.3f} s "
                               f"({v['seconds'] / ts:.0%})" for k, v in row["kinds"].items())
@@ -114,8 +167,20 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
                 f"({te / ts:.2f}x eager, {ti / ts:.2f}x inductor; FLOPs {row['flops']:.1%}); "
                 f"specdiff calls: {parts}; outside the calls {ts - calls:.3f} s; "
                 f"plain Inductor call {row['inductor_call_ms']:.1f} ms")
-    return {"model": model_name, "sampler": sampler, "steps": steps, "prompts": len(texts),
-            "threads": torch.get_num_threads(), "options": options or {}, "rounds": rounds}
+    split = {k: call_split(v) for k, v in per_call.items() if v}
+    for k, v in split.items():
+        log(f"{k} calls ({v['calls']} over the timed rounds), medians: {v['call_ms']:.2f} ms a call, "
+            f"{v['graph_ms']:.2f} in the compiled variant, {v['outside_ms']:.2f} outside it, "
+            f"of which routing {v['routing_ms']:.2f}")
+    return {"rounds": rounds, "split": split}
+
+
+def call_split(calls: Sequence[tuple[float, float, float]]) -> dict:
+    """Medians over ``(call, graph, routing)`` seconds: the call, the time inside the compiled
+    variant, the time outside it (each call's difference) and in routing, in ms."""
+    med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    return {"calls": len(calls), "call_ms": med([c for c, _, _ in calls]), "graph_ms": med([g for _, g, _ in calls]),
+            "outside_ms": med([c - g for c, g, _ in calls]), "routing_ms": med([r for _, _, r in calls])}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
