@@ -521,15 +521,15 @@ class SpecDiffRuntime:
             history = torch.zeros((cfg.blend_history, *latest.shape), dtype=latest.dtype, device=latest.device)
             for j, (_, tok) in enumerate(state.past):
                 history[j] = tok
-            depth = cfg.blend_history
-            if tier is not None:
-                weights = schedule.tier_weights(tier, schedule.blend_weights([s for s, _ in state.past], sigma, depth))
         else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs: no copy
             history = state.tokens.outputs  # read by the graph before the history is updated
-            depth = cfg.history_depth
-            if tier is not None:
-                weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, depth)
-        weights = self._reuse_weights(latest, depth) if tier is None else weights.to(latest.dtype)
+        if tier is None:
+            weights = self._reuse_weights(latest, cfg.history_depth)
+        elif self._paper_blend:
+            blend = schedule.blend_weights([s for s, _ in state.past], sigma, cfg.blend_history)
+            weights = schedule.tier_weights(tier, blend).to(latest.dtype)
+        else:
+            weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, cfg.history_depth).to(latest.dtype)
         inputs = SparseInputs(idx, history, weights)
         refresh_text = False
         if decision.action is Action.SKIP:
