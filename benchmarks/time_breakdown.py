@@ -98,14 +98,15 @@ def timing_parts() -> Iterator[dict[str, float]]:
         Variant.__call__, Router.route = saved
 
 
-def split_by_kind(seconds: Sequence[float], report: Any) -> dict[str, list[float]]:
-    """The calls' seconds grouped by the kind the report gives each call (its main-run records,
-    in call order). Raises ``ValueError`` if the counts differ (a speculative pre-run's internal
-    calls are not calls of the pipeline and are not in ``seconds``)."""
+def split_by_kind(seconds: Sequence[Any], report: Any) -> dict[str, list[Any]]:
+    """The calls' seconds (or any per-call values, in call order) grouped by the kind the report
+    gives each call (its main-run records, in call order). Raises ``ValueError`` if the counts
+    differ (a speculative pre-run's internal calls are not calls of the pipeline and are not in
+    ``seconds``)."""
     steps = report.main_steps
     if len(steps) != len(seconds):
         raise ValueError(f"{len(seconds)} timed calls but {len(steps)} main-run records in the report")
-    out: dict[str, list[float]] = {k: [] for k in KINDS}
+    out: dict[str, list[Any]] = {k: [] for k in KINDS}
     for rec, s in zip(steps, seconds):
         out.setdefault(rec.kind, []).append(s)
     return out
@@ -148,7 +149,8 @@ def _rounds(model: Any, sample: Callable[..., Any], texts: Sequence[str], noise:
             spec.split.clear()
             te, ti, ts = gen(eager), gen(plain), gen(spec)
             report = specdiff_fx.last_generation()
-            kinds = split_by_kind(spec.seconds, report)
+            calls = split_by_kind([(s, g, rt) for s, (g, rt) in zip(spec.seconds, spec.split)], report)
+            kinds = {k: [c[0] for c in v] for k, v in calls.items()}
             row = {"eager": te, "inductor": ti, "specdiff": ts, "inductor_call_ms": 1e3 * statistics.median(plain.seconds),
                    "kinds": {k: {"calls": len(v), "seconds": sum(v),
                                  "median_ms": 1e3 * statistics.median(v) if v else float("nan")}
@@ -158,14 +160,14 @@ def _rounds(model: Any, sample: Callable[..., Any], texts: Sequence[str], noise:
                 log(f"warm-up round (compiles): eager {te:.2f} s, inductor {ti:.2f} s, specdiff {ts:.2f} s")
                 continue
             rounds.append(row)
-            for rec, s, (g, rt) in zip(report.main_steps, spec.seconds, spec.split):
-                per_call.setdefault(rec.kind, []).append((s, g, rt))
-            calls = sum(row["kinds"][k]["seconds"] for k in row["kinds"])
-            parts = ", ".join(f"{k} {v['calls']} x {v['median_ms']:.1f} ms = {v['seconds']:.3f} s "
-                              f"({v['seconds'] / ts:.0%})" for k, v in row["kinds"].items())
+            for k, v in calls.items():
+                per_call.setdefault(k, []).extend(v)
+            in_calls = sum(row["kinds"][k]["seconds"] for k in row["kinds"])
+            by_kind = ", ".join(f"{k} {v['calls']} x {v['median_ms']:.1f} ms = {v['seconds']:.3f} s "
+                                f"({v['seconds'] / ts:.0%})" for k, v in row["kinds"].items())
             log(f"round {r}: eager {te:.3f} s, inductor {ti:.3f} s, specdiff {ts:.3f} s "
                 f"({te / ts:.2f}x eager, {ti / ts:.2f}x inductor; FLOPs {row['flops']:.1%}); "
-                f"specdiff calls: {parts}; outside the calls {ts - calls:.3f} s; "
+                f"specdiff calls: {by_kind}; outside the calls {ts - in_calls:.3f} s; "
                 f"plain Inductor call {row['inductor_call_ms']:.1f} ms")
     split = {k: call_split(v) for k, v in per_call.items() if v}
     for k, v in split.items():
