@@ -1,9 +1,10 @@
 """End-to-end latency of full-size SD3-medium and FLUX.1-dev: eager vs Inductor vs specdiff.
 
-One command (about 8 minutes on an H100/H200, compiles included)::
+One command (on an H200: SD3 with all three modes 4 minutes, compiles included; FLUX's specdiff
+warm-up alone took longer than 4 minutes)::
 
     python benchmarks/gpu_latency.py                       # both models, 28 steps
-    python benchmarks/gpu_latency.py --models sd3 --timed 1
+    python benchmarks/gpu_latency.py --models sd3 --modes eager,specdiff,inductor --timed 1
     python benchmarks/gpu_latency.py --dry-run --no-inductor   # CPU, tiny configs, seconds
 
 Architectures are the published ones with **random bf16 weights** built directly on the GPU
@@ -367,8 +368,13 @@ def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inp
 
 def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, steps: int, timed: int,
                     modes: Sequence[str], specdiff_options: dict[str, Any], seed: int = 0,
-                    log: Callable[[str], None] = print) -> list[ModeResult]:
-    """Build ``spec``'s transformer and inputs once and measure every mode of ``modes``."""
+                    log: Callable[[str], None] = print,
+                    on_result: Callable[[ModeResult], None] | None = None) -> list[ModeResult]:
+    """Build ``spec``'s transformer and inputs once and measure every mode of ``modes``, in that order.
+
+    ``on_result`` is called after each mode (the script writes its table then, so a run stopped
+    by a time limit keeps every mode it finished).
+    """
     t0 = time.perf_counter()
     transformer = build_transformer(spec, device, dtype, seed)
     params = sum(p.numel() for p in transformer.parameters())
@@ -376,8 +382,12 @@ def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *
         f"{spec.image_tokens} image + {spec.text_tokens} text tokens, {steps} steps")
     inputs = make_inputs(spec, device, dtype, seed)
     sigmas = make_sigmas(spec, steps)
-    results = [measure_mode(spec, transformer, mode, inputs, sigmas, dtype, timed=timed,
-                            specdiff_options=specdiff_options, log=log) for mode in modes]
+    results = []
+    for mode in modes:
+        results.append(measure_mode(spec, transformer, mode, inputs, sigmas, dtype, timed=timed,
+                                    specdiff_options=specdiff_options, log=log))
+        if on_result is not None:
+            on_result(results[-1])
     del transformer, inputs
     gc.collect()
     if device.type == "cuda":
@@ -432,6 +442,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="timed generations per mode after the warm-up (default 2; 1 with --dry-run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, tiny configs, float32, 4 steps, 1 timed generation: checks the script in seconds")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated modes, measured in this order (default eager,inductor,specdiff)")
     parser.add_argument("--no-inductor", action="store_true", help="skip the plain Inductor mode")
     parser.add_argument("--specdiff-options", default=None,
                         help='JSON dict for torch.compile(..., backend="specdiff", options=...); '
@@ -460,7 +472,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options: dict[str, Any] = {"inductor": False} if args.dry_run else {}
     if args.specdiff_options:
         options.update(json.loads(args.specdiff_options))
-    modes = [m for m in MODES if not (m == "inductor" and args.no_inductor)]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise SystemExit(f"--modes: {args.modes!r}; choose each of {list(MODES)} at most once")
+    modes = [m for m in modes if not (m == "inductor" and args.no_inductor)]
     if args.dry_run and device.type == "cpu":
         torch.set_num_threads(1)  # tiny models; several OpenMP threads only add barrier waits on a busy machine
 
@@ -481,9 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         for name in names:
-            results += benchmark_model(specs[name], device, dtype, steps=steps, timed=timed, modes=modes,
-                                       specdiff_options=options, seed=args.seed)
-            Path(args.out).write_text(format_table(results) + "\n")  # partial results survive a timeout
+            def keep(result: ModeResult) -> None:  # partial results survive a timeout
+                results.append(result)
+                Path(args.out).write_text(format_table(results) + "\n")
+
+            benchmark_model(specs[name], device, dtype, steps=steps, timed=timed, modes=modes,
+                            specdiff_options=options, seed=args.seed, on_result=keep)
     table = format_table(results)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s; table written to {args.out}\n")
     print(table)

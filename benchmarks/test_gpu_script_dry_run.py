@@ -28,3 +28,14 @@ def test_dry_run_prints_the_table(tmp_path: Path) -> None:
     specdiff_rows = [row for row in rows if "| specdiff |" in row]
     assert all("%" in row for row in specdiff_rows), "specdiff rows lack flops_fraction"
     assert out.read_text().startswith(header)
+
+
+def test_modes_are_checked() -> None:
+    import pytest
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_latency
+
+    for bad in ("eager,bogus", "eager,eager", ","):
+        with pytest.raises(SystemExit, match="--modes"):
+            gpu_latency.main(["--dry-run", "--modes", bad])
