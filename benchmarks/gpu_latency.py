@@ -26,6 +26,9 @@ the warm-up time minus the best timed generation; then ``--timed`` generations a
 between ``torch.cuda.synchronize()`` calls. Peak memory (``torch.cuda.max_memory_allocated``,
 reset per mode) includes the weights. For specdiff the table adds ``last_generation()``'s
 ``cache_bytes`` and ``flops_fraction`` and the speedups vs eager and vs Inductor.
+``--split`` adds one generation per mode that synchronises around every transformer call and
+times it: a second table gives the median milliseconds per call kind (specdiff: full, cached,
+skipped), which the end-to-end latency cannot tell apart.
 
 ``--dry-run`` runs exactly the same functions on the CPU with tiny configs (2 layers, hidden
 64, 16x16 latents, 4 steps, float32); specdiff then defaults to ``options={"inductor": False}``
@@ -64,6 +67,7 @@ __all__ = [
     "Inputs",
     "ModeResult",
     "ModelSpec",
+    "split_by_kind",
     "benchmark_model",
     "build_transformer",
     "format_table",
@@ -288,6 +292,7 @@ class ModeResult:
     specdiff_compile_s: float | None = None  # specdiff's own variant compile seconds
     finite: bool = True
     notes: list[str] = field(default_factory=list)
+    call_ms: dict[str, list[float]] = field(default_factory=dict)  # --split: ms per call, by call kind
 
     @property
     def latency_s(self) -> float:
@@ -316,10 +321,44 @@ def _compiled(transformer: nn.Module, mode: str, specdiff_options: dict[str, Any
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
 
+class _TimedCalls:
+    """Calls ``fn`` with a device synchronisation before and after each call; keeps each
+    call's seconds. Only for the ``--split`` generation: the synchronisations remove the
+    overlap of host and device work that the timed generations keep."""
+
+    def __init__(self, fn: Callable[..., Any], device: torch.device) -> None:
+        self.fn, self.device, self.seconds = fn, device, []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        _sync(self.device)
+        self.seconds.append(time.perf_counter() - t0)
+        return out
+
+
+def split_by_kind(seconds: Sequence[float], mode: str, report: Any) -> dict[str, list[float]]:
+    """Per-call milliseconds grouped by call kind: specdiff's kinds from the report's main-run
+    records (``full``, ``cached``, ``skipped``), every call of another mode under ``mode``.
+    Raises ``ValueError`` when the report's calls and the timed calls disagree in number."""
+    ms = [1e3 * s for s in seconds]
+    if mode != "specdiff":
+        return {mode: ms}
+    steps = report.main_steps if report is not None else []
+    if len(steps) != len(ms):
+        raise ValueError(f"{len(ms)} timed calls but {len(steps)} main-run records in the report")
+    out: dict[str, list[float]] = {}
+    for rec, value in zip(steps, ms):
+        out.setdefault(rec.kind, []).append(value)
+    return out
+
+
 def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inputs, sigmas: torch.Tensor,
                  dtype: torch.dtype, *, timed: int, specdiff_options: dict[str, Any],
-                 log: Callable[[str], None] = print) -> ModeResult:
-    """Warm up (compiles) and time ``timed`` generations of ``spec`` in ``mode``."""
+                 log: Callable[[str], None] = print, split: bool = False) -> ModeResult:
+    """Warm up (compiles) and time ``timed`` generations of ``spec`` in ``mode``; with
+    ``split``, one more generation times each transformer call (synchronised) by call kind."""
     device = inputs.noise.device
     report_before = specdiff_fx.last_generation()
     fn = _compiled(transformer, mode, specdiff_options)
@@ -350,6 +389,15 @@ def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inp
         peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         finite=bool(torch.isfinite(out).all()),
     )
+    if split:
+        timer = _TimedCalls(fn, device)
+        with torch.no_grad():
+            if mode == "specdiff":
+                specdiff_fx.reset()
+            generate(spec, timer, inputs, sigmas, dtype)
+        result.call_ms = split_by_kind(timer.seconds, mode, specdiff_fx.last_generation())
+        log(f"  {spec.name} {mode}: per call (synchronised) " + ", ".join(
+            f"{k} {len(v)} x {sorted(v)[len(v) // 2]:.1f} ms" for k, v in result.call_ms.items()))
     if mode == "specdiff":
         report = specdiff_fx.last_generation()
         if report is None or report is report_before or report.num_image_tokens != spec.image_tokens:
@@ -369,7 +417,7 @@ def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inp
 def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, steps: int, timed: int,
                     modes: Sequence[str], specdiff_options: dict[str, Any], seed: int = 0,
                     log: Callable[[str], None] = print,
-                    on_result: Callable[[ModeResult], None] | None = None) -> list[ModeResult]:
+                    on_result: Callable[[ModeResult], None] | None = None, split: bool = False) -> list[ModeResult]:
     """Build ``spec``'s transformer and inputs once and measure every mode of ``modes``, in that order.
 
     ``on_result`` is called after each mode (the script writes its table then, so a run stopped
@@ -385,7 +433,7 @@ def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *
     results = []
     for mode in modes:
         results.append(measure_mode(spec, transformer, mode, inputs, sigmas, dtype, timed=timed,
-                                    specdiff_options=specdiff_options, log=log))
+                                    specdiff_options=specdiff_options, log=log, split=split))
         if on_result is not None:
             on_result(results[-1])
     del transformer, inputs
@@ -431,6 +479,14 @@ def format_table(results: Sequence[ModeResult]) -> str:
             f"{_cell(r.flops_fraction, '.1%')} | {_cell(vs_eager, '.2f')}{'×' if vs_eager else ''} | "
             f"{_cell(vs_inductor, '.2f')}{'×' if vs_inductor else ''} |")
     notes = [f"* {r.model} {r.mode}: {n}" for r in results for n in r.notes]
+    split = [r for r in results if r.call_ms]
+    if split:
+        lines += ["", "| model | mode | call kind | calls | median ms/call (synchronised) | total ms |",
+                  "|---|---|---|---|---|---|"]
+        for r in split:
+            for kind, ms in r.call_ms.items():
+                lines.append(f"| {r.model} | {r.mode} | {kind} | {len(ms)} | {sorted(ms)[len(ms) // 2]:.2f} "
+                             f"| {sum(ms):.1f} |")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -445,6 +501,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated modes, measured in this order (default eager,inductor,specdiff)")
     parser.add_argument("--no-inductor", action="store_true", help="skip the plain Inductor mode")
+    parser.add_argument("--split", action="store_true",
+                        help="one more generation per mode that times each call (synchronised), by call kind")
     parser.add_argument("--specdiff-options", default=None,
                         help='JSON dict for torch.compile(..., backend="specdiff", options=...); '
                              'the dry run defaults to {"inductor": false}')
@@ -502,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Path(args.out).write_text(format_table(results) + "\n")
 
             benchmark_model(specs[name], device, dtype, steps=steps, timed=timed, modes=modes,
-                            specdiff_options=options, seed=args.seed, on_result=keep)
+                            specdiff_options=options, seed=args.seed, on_result=keep, split=args.split)
     table = format_table(results)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s; table written to {args.out}\n")
     print(table)

@@ -1,5 +1,5 @@
-"""``benchmarks/gpu_latency.py --dry-run --no-inductor`` runs on the CPU, exits 0 and prints
-its markdown table (the same functions as the GPU run, with tiny configs)."""
+"""``benchmarks/gpu_latency.py --dry-run --no-inductor --split`` runs on the CPU, exits 0 and prints
+its markdown tables (the same functions as the GPU run, with tiny configs)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,26 @@ def test_dry_run_prints_the_table(tmp_path: Path) -> None:
     # tiny models: one thread (and no Inductor compile workers) is as fast and less disturbed by other load
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--no-inductor", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--dry-run", "--no-inductor", "--split", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     header = "| model | mode | compile s | latency s/gen | peak mem GiB |"
     assert header in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "tiny (dry run)" in line]
+    rows = [line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "tiny (dry run)" in line and len(line.split("|")) == 11]
     modes = sorted((row.split("|")[1].strip(), row.split("|")[2].strip()) for row in rows)
     assert modes == sorted((f"{m} tiny (dry run)", mode) for m in ("SD3", "FLUX") for mode in ("eager", "specdiff"))
     specdiff_rows = [row for row in rows if "| specdiff |" in row]
     assert all("%" in row for row in specdiff_rows), "specdiff rows lack flops_fraction"
     assert out.read_text().startswith(header)
+    # --split: every call of each mode timed once more, grouped by kind (4 steps: 4 calls per generation)
+    split = [line.split("|") for line in proc.stdout.splitlines()
+             if line.startswith("| ") and "tiny (dry run)" in line and len(line.split("|")) == 8]
+    for model in ("SD3", "FLUX"):
+        calls = {row[3].strip(): int(row[4]) for row in split if row[1].strip() == f"{model} tiny (dry run)"}
+        assert calls.get("eager") == 4, (model, calls)
+        assert calls.get("full", 0) >= 1 and sum(v for k, v in calls.items() if k != "eager") == 4, (model, calls)
 
 
 def test_modes_are_checked() -> None:
