@@ -602,3 +602,82 @@ def test_context_ratio_on_a_graph_without_text_subsets(branches, mode):
     how = "cache all" if mode is ContextMode.CACHED else "compute (classifier-free guidance) all"
     assert any(f"computes no subset of its context tokens (cross-attention); cached steps {how}" in n
                for n in rt.report.notes)
+
+
+class HeldKVExecutor(FakeExecutor):
+    """Records, at each full call, the image K/V the runtime holds meanwhile (ids of the current
+    ones, count of the previous ones); can fail once, at call number ``fail_at``."""
+
+    def __init__(self, rt_box, fail_at=None):
+        super().__init__()
+        self.rt_box, self.fail_at, self.held = rt_box, fail_at, []
+
+    def run_full(self, args):
+        state = self.rt_box[0].branches.get(0) if self.rt_box else None
+        if state is not None and state.kv.kv:
+            self.held.append(([id(t) for t in state.kv.kv], len(state.kv.prev)))
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            self.calls.append(("raised", None, None))
+            raise RuntimeError("out of memory (planted)")
+        return super().run_full(args)
+
+
+def test_a_later_full_call_holds_one_generation_of_image_kv():
+    """During a full call after cached ones only the current K/V are held (their previous ones
+    are dropped before the call, not after): two generations in memory instead of three. After
+    it, the previous K/V are the K/V from before the call, as without the early release."""
+    box = []
+    ex = HeldKVExecutor(box)
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,),
+                                                     speculative_steps=0), ex)
+    box.append(rt)
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1.0, 0.0, 9)
+    checked = 0
+    for i in range(8):
+        held = len(ex.held)
+        (v,) = rt(x, torch.full((B,), float(sigmas[i]) * 1000))
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        if len(ex.held) > held:  # a full call with K/V from before
+            ids, prev_during = ex.held[-1]
+            assert prev_during == 0, ex.held
+            assert [id(t) for t in rt.branches[0].kv.prev] == ids  # the K/V from before, not copies
+            checked += 1
+    kinds = [k for k, _, _ in ex.calls]
+    assert checked >= 2 and "sparse" in kinds[2:kinds.index("full", 3)], kinds
+
+
+def test_a_full_call_that_raises_leaves_a_correct_generation():
+    """A full call that raises after the previous K/V were released: the error reaches the
+    caller, the generation is noted and computes every token from then on (never a sparse call
+    on caches that can no longer be extrapolated)."""
+    box = []
+    ex = HeldKVExecutor(box)
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,), speculative_steps=0)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    box.append(rt)
+    generate(rt, 8)
+    kinds = [k for k, _, _ in ex.calls]
+    fail_at = next(i for i in range(3, len(kinds)) if kinds[i] == "full" and kinds[i - 1] != "full")
+
+    box.clear()
+    ex = HeldKVExecutor(box, fail_at=fail_at)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    box.append(rt)
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1.0, 0.0, 9)
+    i = 0
+    with pytest.warns(RuntimeWarning, match="a full call raised"):
+        while i < 8:
+            t = torch.full((B,), float(sigmas[i]) * 1000)
+            try:
+                (v,) = rt(x, t)
+            except RuntimeError as e:
+                assert "planted" in str(e)
+                continue  # the caller retries the same call
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            i += 1
+    state = rt.branches[0]
+    after = [k for k, _, _ in ex.calls][fail_at + 1:]
+    assert state.degraded and any("a full call raised" in n for n in rt.report.notes)
+    assert after and all(k == "full" for k in after), after

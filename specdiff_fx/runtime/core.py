@@ -351,7 +351,21 @@ class SpecDiffRuntime:
             state.past.pop()
 
     def _full_step(self, args, sigma, branch, state, decision: Decision) -> tuple[tuple[Any, ...], float | None]:
-        out = self.executor.run_full(args)
+        # The store below makes the current K/V the previous ones and drops the previous:
+        # dropping them before the call keeps two generations of image K/V in memory during
+        # it instead of three (the fresh K/V are the call's outputs).
+        released = bool(state.extrapolate and state.kv.prev)
+        if released:
+            state.kv.prev = []
+        try:
+            out = self.executor.run_full(args)
+        except BaseException:
+            if released:  # the caches can no longer be extrapolated: never run a sparse call on them
+                state.degraded = True
+                state.drop_caches()
+                self._note("specdiff: a full call raised after its previous K/V were released; this "
+                           "generation computes every token from now on (no caching)")
+            raise
         error = self._full_step_error(state, out, sigma)
         self._store_full(state, out, sigma)
         self._record(state.step, branch, "full", sigma, self.executor.full_flops, decision=decision, measured=error)

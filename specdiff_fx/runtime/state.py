@@ -210,7 +210,7 @@ class BranchState:
     past: collections.deque = field(default_factory=collections.deque)  # paper blend: (sigma, tokens), newest first
     context: ContextCaching = ContextCaching.UNDECIDED
     k_txt: int | None = None  # ContextCaching.SUBSET: text tokens computed per sample on a cached step
-    degraded: bool = False  # cache cap exceeded even without extrapolation: every step full, no caches
+    degraded: bool = False  # cache cap exceeded even without extrapolation, or a full call failed: every step full, no caches
     hindsight: Hindsight = field(default_factory=Hindsight)  # the cached calls' latent displacement
 
     def drop_caches(self) -> None:
