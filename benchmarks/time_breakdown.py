@@ -13,7 +13,7 @@ the same way: a full call's time against it is what the full variant and the run
 It prints, per round, the three generations' seconds and the ratios, and per kind the number of
 calls, their total seconds, their share of the specdiff generation and the median call in ms; then,
 over all timed rounds, each kind's median call split into the time inside the compiled variant
-(Inductor's code, ``Variant.__call__``), the runtime's call routing (``Router.route``) and the rest
+(Inductor's code, ``Variant.call``), the runtime's call routing (``Router.route``) and the rest
 of what the call costs outside the graph (Dynamo's guards, the controller, token choice, caches,
 telemetry). On CPU the calls are synchronous, so a call's wall clock is its cost; on a GPU this
 script would need a synchronize per call (not done: it runs on CPU).
@@ -73,14 +73,14 @@ class TimedCalls:
 
 @contextlib.contextmanager
 def timing_parts() -> Iterator[dict[str, float]]:
-    """While open, every compiled variant's call (``Variant.__call__``) and every routing
+    """While open, every compiled variant's call (``Variant.call``) and every routing
     (``Router.route``) adds its seconds to the yielded dict's ``"graph"`` / ``"route"``; the
     methods are restored on exit."""
     from specdiff_fx.runtime.routing import Router
     from specdiff_fx.variants import Variant
 
     acc = {"graph": 0.0, "route": 0.0}
-    saved = Variant.__call__, Router.route
+    saved = Variant.call, Router.route
 
     def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -91,11 +91,11 @@ def timing_parts() -> Iterator[dict[str, float]]:
                 acc[key] += time.perf_counter() - t0
         return wrapper
 
-    Variant.__call__, Router.route = timed(saved[0], "graph"), timed(saved[1], "route")
+    Variant.call, Router.route = timed(saved[0], "graph"), timed(saved[1], "route")
     try:
         yield acc
     finally:
-        Variant.__call__, Router.route = saved
+        Variant.call, Router.route = saved
 
 
 def split_by_kind(seconds: Sequence[Any], report: Any) -> dict[str, list[Any]]:

@@ -64,7 +64,8 @@ class GenerationReport:
     compile_seconds: float = 0.0
     compiles: int = 0
     notes: list[str] = field(default_factory=list)
-    #: per sample and image token, how many cached steps computed it (branch 0); ``[B, N]``
+    #: per sample and image token, how many cached steps computed it (branch 0); ``[B, N]`` int32
+    #: on the model's device (summed there: reading it per call would synchronise a GPU)
     computed_counts: object = None
     #: whether cached steps read the context tokens' K/V from caches (``None``: no cached step yet)
     context_cached: bool | None = None

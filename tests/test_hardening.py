@@ -80,6 +80,19 @@ def test_fuzz_token_index_validation(data):
         check_index(idx.int(), (2, k), n)
 
 
+def test_token_index_check_without_values_reads_none():
+    """``check_values=False`` (the runtime's own, topk-built indices) checks dtype and shape
+    without reading the values: it passes on a meta tensor, which has none to read."""
+    idx = torch.empty(2, 5, dtype=torch.int64, device="meta")
+    check_index(idx, (2, 5), 24, check_values=False)
+    with pytest.raises(ValueError, match="shape"):
+        check_index(idx, (2, 4), 24, check_values=False)
+    with pytest.raises(ValueError, match="int64"):
+        check_index(idx.int(), (2, 5), 24, check_values=False)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the full check reads the values
+        check_index(idx, (2, 5), 24)
+
+
 def test_sparse_variant_rejects_bad_indices_and_caches(captured):
     c = captured("sd3")
     plan = analyze_dit(c.gm)

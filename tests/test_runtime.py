@@ -681,3 +681,29 @@ def test_a_full_call_that_raises_leaves_a_correct_generation():
     after = [k for k, _, _ in ex.calls][fail_at + 1:]
     assert state.degraded and any("a full call raised" in n for n in rt.report.notes)
     assert after and all(k == "full" for k in after), after
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_a_sparse_call_reads_its_tier_counts_only_with_blended_tokens(blend, monkeypatch):
+    """Without a blended tier a sparse call computes k tokens per sample and reuses the rest:
+    its record says so without reading the tier tensor (on a GPU, a synchronisation per call).
+    With blending the counts are read, and both ways agree with the tiers."""
+    one_hot = torch.nn.functional.one_hot
+    used = []
+
+    def counting(*a, **k):
+        used.append(1)
+        return one_hot(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "one_hot", counting)
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,),
+                                                     speculative_steps=0, blend=blend, cache_ratio=0.75), ex)
+    generate(rt, 6)
+    cached = [s for s in rt.report.steps if s.kind == "cached"]
+    assert cached and bool(used) is blend
+    for s in cached:
+        assert all(c == N // 4 for c in s.c1) and all(a + b == N - N // 4 for a, b in zip(s.c2, s.c3))
+        assert blend or all(b == 0 for b in s.c3)
+    counts = rt.report.computed_counts
+    assert counts.shape == (B, N) and int(counts.sum()) == len(cached) * B * (N // 4)

@@ -212,6 +212,9 @@ class SpecDiffRuntime:
             sizes = ((0,) * b, (n,) * b, (0,) * b)
         elif tier is None:  # every token computed
             sizes = ((n,) * b, (0,) * b, (0,) * b)
+        elif not self.config.blend and decision is not None:  # k computed per sample, the rest reused: no read
+            k = decision.k
+            sizes = ((k,) * b, (n - k,) * b, (0,) * b)
         else:  # per tier, per sample: one count and one synchronisation
             counts = torch.nn.functional.one_hot(tier.long(), 4).sum(dim=1)[:, 1:].T.tolist()
             sizes = tuple(tuple(c) for c in counts)
@@ -596,7 +599,7 @@ class SpecDiffRuntime:
         self._record(state.step, branch, "cached" if idx is not None else "skipped", sigma, flops, tier=tier,
                      decision=decision, measured=error)
         if branch == 0 and tier is not None:  # a skipped call computes none
-            counts = (tier == 1).to(torch.int32).cpu()
+            counts = (tier == 1).to(torch.int32)  # stays on the device: no synchronisation per call
             rep = self.report
             rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts
         return out.user, flops, error
