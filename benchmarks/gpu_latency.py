@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import math
 import sys
 import time
@@ -516,6 +517,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    # each variant's compile time, as the runtime logs it ("compiled the ... variant in N s")
+    logging.basicConfig(format="  %(message)s")
+    logging.getLogger("specdiff_fx.runtime").setLevel(logging.INFO)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in SPECS]
     if unknown or not names:
