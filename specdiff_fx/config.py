@@ -110,6 +110,10 @@ class SpecDiffConfig:
             token receives (``0`` = every row, exact but costs a second ``QK^T``).
         inductor: ``True`` compiles the rewritten graphs with Inductor; ``False`` runs
             them as plain FX graphs (debugging, fast tests).
+        regional_compile: ``True`` compiles each rewritten graph block by block, every
+            distinct block once (:mod:`specdiff_fx.regional`): a shorter first generation
+            for a model of many identical blocks, at the cost of Inductor's fusion across
+            block boundaries and a Python call per block. Inductor only.
         strict: ``True`` raises instead of falling back to plain Inductor.
         max_cache_bytes: cap on the bytes specdiff's caches may hold (``None`` = no cap).
             Checked when a full step stores its caches; over it, a generation keeps the
@@ -141,6 +145,7 @@ class SpecDiffConfig:
     context_ratio: float = CONTEXT_RATIO
     score_queries: int = 256
     inductor: bool = True
+    regional_compile: bool = False
     strict: bool = False
     max_cache_bytes: int | None = field(default=None)
     max_generations: int = 8
@@ -195,7 +200,7 @@ class SpecDiffConfig:
             raise bad("score", "'attention' or 'drift'")
         if self.blend_mode == "taylor" and self.blend and self.blend_history < 2:
             raise bad("blend_history", "an int >= 2 with blend_mode='taylor' (or blend=False)")
-        for key in ("blend", "kv_extrapolation", "hindsight", "inductor", "strict"):
+        for key in ("blend", "kv_extrapolation", "hindsight", "inductor", "regional_compile", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
         if self.cache_context is not None and not isinstance(self.cache_context, bool):

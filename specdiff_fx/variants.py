@@ -28,15 +28,21 @@ IN_PLACE_CACHES = {"reorder_for_locality": False}
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
-                  mode: str | None = None, patches: Mapping[str, Any] | None = None) -> Callable[..., Any]:
+                  mode: str | None = None, patches: Mapping[str, Any] | None = None,
+                  plan: DiTPlan | None = None) -> Callable[..., Any]:
     """Inductor-compile ``gm`` (or return it as a plain FX callable); call as ``fn(*args)``.
-    ``patches``: Inductor config settings for this compile, on top of ``mode``'s."""
+    ``patches``: Inductor config settings for this compile, on top of ``mode``'s. With
+    ``config.regional_compile`` and a ``plan``, block by block (:mod:`specdiff_fx.regional`)."""
     if not config.inductor:
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     merged = {**(list_mode_options(mode) if mode and mode != "default" else {}), **(patches or {})}
+    if config.regional_compile and plan is not None and plan.blocks:
+        from .regional import compile_regions, regional_compile_fx
+
+        return compile_regions(gm, example_inputs, plan, regional_compile_fx(merged))
     return compile_fx(gm, list(example_inputs), config_patches=merged or None)
 
 
@@ -158,7 +164,7 @@ def build_variant(
     flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
         fn = compile_graph(rewritten, examples, config, mode,
-                           IN_PLACE_CACHES if key.kind is VariantKind.SPARSE else None)
+                           IN_PLACE_CACHES if key.kind is VariantKind.SPARSE else None, plan)
     meta = rewritten.meta["specdiff_outputs"]
     return Variant(
         key=key, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),

@@ -1,0 +1,135 @@
+"""The first generation's compile time, whole graphs against ``regional_compile=True``.
+
+``python benchmarks/compile_time.py [--config mid] [--steps 28] [--rounds 4]`` runs, for each
+setting, one process with a fresh Inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``, FX
+graph cache off: a user's first run) that compiles the model with ``backend="specdiff"`` and
+generates once (28-step SD3-style Euler loop, batched CFG); it reports the first generation's
+seconds, the variants' compile seconds (``last_generation().compile_seconds``) and whether the
+two settings' final latents agree. Then, in this process, both settings generate ``--rounds``
+times alternately after a warm-up round of both: the steady-state seconds side by side. ``--config tiny``
+(4 layers, hidden 64, 256 image tokens) checks the script in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+SETTINGS = {"whole graphs": False, "regional_compile=True": True}
+
+TINY_SD3 = dict(
+    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
+    num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=32,
+    pos_embed_max_size=16,
+)
+
+
+def model_and_inputs(config: str) -> tuple[torch.nn.Module, dict]:
+    from diffusers import SD3Transformer2DModel
+
+    from benchmarks import configs
+
+    if config == "mid":
+        return configs.mid_sd3(), configs.mid_inputs()
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**TINY_SD3).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(1, 16, 16, 16, generator=g)
+    return model, dict(hidden_states=torch.cat([lat, lat]), encoder_hidden_states=torch.randn(2, 12, 64, generator=g),
+                       pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.full((2,), 1000.0))
+
+
+def child(config: str, regional: bool, steps: int, out: str) -> None:
+    """One cold first generation; prints a JSON line and saves the final latents to ``out``."""
+    import specdiff_fx
+    from benchmarks.configs import euler_generate
+
+    model, inputs = model_and_inputs(config)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="specdiff", options={"regional_compile": regional})
+        t0 = time.perf_counter()
+        x = euler_generate(compiled, inputs, steps=steps)
+        first = time.perf_counter() - t0
+    report = specdiff_fx.last_generation()
+    torch.save(x, out)
+    print(json.dumps({"first_s": first, "compile_s": report.compile_seconds, "compiles": report.compiles,
+                      "flops": report.flops_fraction}))
+
+
+def cold(config: str, regional: bool, steps: int, out: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="specdiff_inductor_"),
+           "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--config", config, "--steps", str(steps),
+           "--child", "1" if regional else "0", "--out", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-4000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def steady(config: str, steps: int, rounds: int) -> dict[str, list[float]]:
+    import specdiff_fx
+    from benchmarks.configs import euler_generate
+
+    model, inputs = model_and_inputs(config)
+    fns = {}
+    with torch.no_grad():
+        for name, regional in SETTINGS.items():  # no dynamo reset between: it would drop the first's code
+            fns[name] = torch.compile(copy.deepcopy(model), backend="specdiff", options={"regional_compile": regional})
+            specdiff_fx.reset()
+            euler_generate(fns[name], inputs, steps=steps)  # compiles
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for r in range(rounds + 1):  # round 0: warm-up of both, not timed
+            for name, fn in fns.items():
+                specdiff_fx.reset()
+                t0 = time.perf_counter()
+                euler_generate(fn, inputs, steps=steps)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=["mid", "tiny"], default="mid")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--child", choices=["0", "1"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    if a.child is not None:
+        child(a.config, a.child == "1", a.steps, a.out)
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        firsts = {name: cold(a.config, regional, a.steps, os.path.join(tmp, f"{int(regional)}.pt"))
+                  for name, regional in SETTINGS.items()}
+        latents = [torch.load(os.path.join(tmp, f"{int(r)}.pt")) for r in SETTINGS.values()]
+    diff = float((latents[0] - latents[1]).abs().max())
+    times = steady(a.config, a.steps, a.rounds)
+    print(f"{a.config} config, {a.steps} steps, {torch.get_num_threads()} threads; final latents differ by at most "
+          f"{diff:.3g} (scale {float(latents[0].abs().max()):.3g})")
+    print("| setting | first generation s (cold) | variants' compiles s | later generations s (median; all) |")
+    print("|---|---|---|---|")
+    for name in SETTINGS:
+        f, t = firsts[name], times[name]
+        print(f"| {name} | {f['first_s']:.1f} | {f['compile_s']:.1f} ({f['compiles']}) | "
+              f"{statistics.median(t):.2f} ({' / '.join(f'{x:.2f}' for x in t)}) |")
+    return {"first": firsts, "steady": times, "latent_diff": diff}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""CI smoke test: compile_time runs both settings cold in their own processes and side by side
+in this one, on a tiny config; the two settings' images agree."""
+
+from benchmarks import compile_time
+
+
+def test_both_settings_run_and_agree():
+    out = compile_time.main(["--config", "tiny", "--steps", "3", "--rounds", "1"])
+    assert set(out["first"]) == set(compile_time.SETTINGS)
+    assert all(f["compiles"] >= 2 and f["compile_s"] > 0 for f in out["first"].values())
+    assert out["latent_diff"] < 1e-3
+    assert all(len(t) == 1 for t in out["steady"].values())
