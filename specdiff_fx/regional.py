@@ -9,10 +9,10 @@ without a module stack belong to the region of the node before them.
 Keeps true: the same outputs and the same in-place cache updates as compiling the whole graph
 (the regions run in graph order, each an Inductor graph of its own). Two regions share one
 compiled function only when their graphs are identical node for node (op, target, arguments
-with nodes by position, constants) and their inputs have the same shapes, strides and dtypes:
-in a Dynamo graph a block's weights are inputs, so the blocks of one kind differ only there.
-A region that reads a module attribute (``get_attr``) is shared only with regions reading the
-same object.
+with nodes by position, constants; tensor constants by identity) and their inputs have the same
+shapes, strides, offsets, dtypes and aliasing among them: in a Dynamo graph a block's weights are
+inputs, so the blocks of one kind differ only there. A region that reads a module attribute
+(``get_attr``) is shared only with regions reading the same object.
 
 Why: Inductor compiles a whole graph's nodes in one process; a DiT repeats one or two block
 kinds 20-60 times, and specdiff compiles three variants of it. Compiling each kind once makes
@@ -57,13 +57,18 @@ def region_signature(sub: fx.GraphModule, args: Sequence[Any]) -> tuple:
     index: dict[fx.Node, int] = {}
     items: list[tuple] = []
     placeholders = 0
+    storages: dict[tuple[Any, int], int] = {}  # inputs sharing memory: the compile assumed that aliasing
     for i, node in enumerate(sub.graph.nodes):
         index[node] = i
         if node.op == "placeholder":
             a = args[placeholders]
+            if isinstance(a, torch.Tensor):
+                key = (a.device, a.untyped_storage().data_ptr()) if a.device.type != "meta" else (a.device, id(a))
+                alias = storages.setdefault(key, placeholders)
+                items.append(("in", tuple(a.shape), a.stride(), a.storage_offset(), a.dtype, a.device, alias))
+            else:
+                items.append(("in", type(a).__name__, repr(a)))
             placeholders += 1
-            items.append(("in", tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor)
-                         else ("in", type(a).__name__, repr(a)))
         elif node.op == "get_attr":
             obj = sub
             for part in str(node.target).split("."):
