@@ -556,13 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[ModeResult] = []
     t0 = time.perf_counter()
+    def keep(result: ModeResult) -> None:  # partial results survive a timeout
+        results.append(result)
+        Path(args.out).write_text(format_table(results) + "\n")
+
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         for name in names:
-            def keep(result: ModeResult) -> None:  # partial results survive a timeout
-                results.append(result)
-                Path(args.out).write_text(format_table(results) + "\n")
-
             benchmark_model(specs[name], device, dtype, steps=steps, timed=timed, modes=modes,
                             specdiff_options=options, seed=args.seed, on_result=keep, split=args.split)
     table = format_table(results)

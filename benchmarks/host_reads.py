@@ -80,14 +80,9 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, option
             inductor: bool = True) -> dict:
     """Per call kind: calls and host reads per call (min, median, max); the reads by line."""
     import specdiff_fx
-    import specdiff_zoo
-    from benchmarks import protocol
+    from benchmarks.time_breakdown import generation_setup, split_by_kind
 
-    model = specdiff_zoo.load_shapes_dit(model_name)
-    sampler = protocol.SAMPLERS_BY_FAMILY[model.family][0]
-    sample = protocol.SAMPLERS[sampler]
-    texts = protocol.PROMPTS[:prompts]
-    noise = protocol.initial_noise(protocol.SEEDS[0], protocol.image_size(model), len(texts))
+    model, sampler, sample, texts, noise = generation_setup(model_name, prompts)
     opts = {**(options or {}), **({} if inductor else {"inductor": False})}
     compiled = torch.compile(copy.deepcopy(model.transformer), backend="specdiff", options=opts)
     counter, per_call = ReadCounter(), []
@@ -110,17 +105,11 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, option
         sample(model, compiled, texts, noise, steps)  # warm-up: compiles
         specdiff_fx.reset()
         sample(model, Counted(), texts, noise, steps)
-    report = specdiff_fx.last_generation()
-    kinds = [s.kind for s in report.main_steps]
-    if len(kinds) != len(per_call):
-        raise ValueError(f"{len(per_call)} calls but {len(kinds)} main-run records in the report")
-    by_kind: dict[str, list[int]] = collections.defaultdict(list)
-    for kind, n in zip(kinds, per_call):
-        by_kind[kind].append(n)
+    by_kind = split_by_kind(per_call, specdiff_fx.last_generation())  # raises if the counts disagree
     return {
         "model": model_name, "sampler": sampler, "steps": steps, "prompts": prompts,
         "kinds": {k: {"calls": len(v), "min": min(v), "median": sorted(v)[len(v) // 2], "max": max(v)}
-                  for k, v in by_kind.items()},
+                  for k, v in by_kind.items() if v},
         "where": dict(counter.where.most_common()),
     }
 

@@ -112,15 +112,22 @@ def split_by_kind(seconds: Sequence[Any], report: Any) -> dict[str, list[Any]]:
     return out
 
 
+def generation_setup(model_name: str, prompts: int) -> tuple[Any, str, Callable[..., Any], Sequence[str], torch.Tensor]:
+    """The trained model ``model_name``, its family's first sampler (name and function), the
+    protocol's first ``prompts`` prompts and their seed-0 noise: one generation as the
+    protocol samples it."""
+    model = specdiff_zoo.load_shapes_dit(model_name)
+    sampler = protocol.SAMPLERS_BY_FAMILY[model.family][0]
+    texts = protocol.PROMPTS[:prompts]
+    noise = protocol.initial_noise(protocol.SEEDS[0], protocol.image_size(model), len(texts))
+    return model, sampler, protocol.SAMPLERS[sampler], texts, noise
+
+
 def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeats: int = 3,
             options: dict | None = None, inductor: bool = True,
             log: Callable[[str], None] = print) -> dict:
     """Runs the comparison; returns the rounds and the per-kind totals (also printed)."""
-    model = specdiff_zoo.load_shapes_dit(model_name)
-    sampler = protocol.SAMPLERS_BY_FAMILY[model.family][0]
-    sample = protocol.SAMPLERS[sampler]
-    texts = protocol.PROMPTS[:prompts]
-    noise = protocol.initial_noise(protocol.SEEDS[0], protocol.image_size(model), len(texts))
+    model, sampler, sample, texts, noise = generation_setup(model_name, prompts)
     eager = model.transformer
     torch._dynamo.reset()
     plain = TimedCalls(torch.compile(copy.deepcopy(model.transformer)) if inductor else copy.deepcopy(eager))
