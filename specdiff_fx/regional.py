@@ -156,10 +156,17 @@ def compile_regions(gm: fx.GraphModule, example_inputs: Sequence[Any], plan: DiT
 
 
 def regional_compile_fx(patches: Mapping[str, Any] | None) -> Callable[[fx.GraphModule, list[Any]], Callable[..., Any]]:
-    """``compile_fn`` for :func:`compile_regions`: Inductor with ``patches``."""
+    """``compile_fn`` for :func:`compile_regions`: Inductor with ``patches``, each region
+    compiled outside Dynamo's tracing context. The full variant is built while Dynamo compiles
+    the frame; inside its context Inductor takes Dynamo's fake mode and shape environment, but a
+    region's inputs (the tensors one region hands the next) have no source in the frame, and a
+    guard Inductor records on them breaks the frame's guards (``IndexError`` in
+    ``produce_guards``: FLUX's regions receive non-contiguous views, whose strides it checks).
+    The regions' shapes are static; the frame's own guards on its inputs cover them."""
     from torch._inductor.compile_fx import compile_fx
 
     def compile_fn(sub: fx.GraphModule, args: list[Any]) -> Callable[..., Any]:
-        return compile_fx(sub, args, config_patches=dict(patches) if patches else None)
+        with torch._guards.tracing(None):
+            return compile_fx(sub, args, config_patches=dict(patches) if patches else None)
 
     return compile_fn
