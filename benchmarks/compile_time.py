@@ -1,13 +1,17 @@
 """The first generation's compile time, whole graphs against ``regional_compile=True``.
 
-``python benchmarks/compile_time.py [--config mid] [--steps 28] [--rounds 4]`` runs, for each
-setting, one process with a fresh Inductor cache directory (``TORCHINDUCTOR_CACHE_DIR``, FX
-graph cache off: a user's first run) that compiles the model with ``backend="specdiff"`` and
-generates once (28-step SD3-style Euler loop, batched CFG); it reports the first generation's
-seconds, the variants' compile seconds (``last_generation().compile_seconds``) and whether the
-two settings' final latents agree. Then, in this process, both settings generate ``--rounds``
-times alternately after a warm-up round of both: the steady-state seconds side by side. ``--config tiny``
-(4 layers, hidden 64, 256 image tokens) checks the script in about a minute.
+``python benchmarks/compile_time.py [--config mid | --model sd3_b] [--steps 28] [--rounds 4]``
+runs, for each setting, one process with a fresh Inductor cache directory
+(``TORCHINDUCTOR_CACHE_DIR``, FX graph cache off: a user's first run) that compiles the model
+with ``backend="specdiff"`` and generates once; it reports the first generation's seconds, the
+variants' compile seconds (``last_generation().compile_seconds``) and whether the two settings'
+final latents agree. Then, in this process, both settings generate ``--rounds`` times alternately
+after a warm-up round of both: the steady-state seconds side by side (and eager's, for the ratio).
+
+The workload: ``--config mid`` (random weights, a 28-step SD3-style Euler loop with batched CFG)
+or ``--config tiny`` (4 layers, hidden 64, 256 image tokens: checks the script in about a
+minute); ``--model NAME`` instead takes a trained zoo model and the protocol's generation (its
+family's first sampler: SD3 with batched CFG, FLUX with true CFG; 8 prompts, seed 0).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +34,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 SETTINGS = {"whole graphs": False, "regional_compile=True": True}
+EAGER = "eager"
 
 TINY_SD3 = dict(
     sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
@@ -52,16 +58,28 @@ def model_and_inputs(config: str) -> tuple[torch.nn.Module, dict]:
                        pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.full((2,), 1000.0))
 
 
-def child(config: str, regional: bool, steps: int, out: str) -> None:
+def workload(config: str, model_name: str | None, steps: int) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor]]:
+    """The transformer to compile and a function generating once with a given transformer."""
+    if model_name is None:
+        from benchmarks.configs import euler_generate
+
+        model, inputs = model_and_inputs(config)
+        return model, lambda fn: euler_generate(fn, inputs, steps=steps)
+    from benchmarks.time_breakdown import generation_setup
+
+    zoo, _, sample, texts, noise = generation_setup(model_name, 8)
+    return zoo.transformer, lambda fn: sample(zoo, fn, texts, noise, steps)
+
+
+def child(config: str, model_name: str | None, regional: bool, steps: int, out: str) -> None:
     """One cold first generation; prints a JSON line and saves the final latents to ``out``."""
     import specdiff_fx
-    from benchmarks.configs import euler_generate
 
-    model, inputs = model_and_inputs(config)
+    model, generate = workload(config, model_name, steps)
     with torch.no_grad():
         compiled = torch.compile(model, backend="specdiff", options={"regional_compile": regional})
         t0 = time.perf_counter()
-        x = euler_generate(compiled, inputs, steps=steps)
+        x = generate(compiled)
         first = time.perf_counter() - t0
     report = specdiff_fx.last_generation()
     torch.save(x, out)
@@ -69,34 +87,35 @@ def child(config: str, regional: bool, steps: int, out: str) -> None:
                       "flops": report.flops_fraction}))
 
 
-def cold(config: str, regional: bool, steps: int, out: str) -> dict:
+def cold(config: str, model_name: str | None, regional: bool, steps: int, out: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="specdiff_inductor_"),
            "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--config", config, "--steps", str(steps),
-           "--child", "1" if regional else "0", "--out", out]
+           "--child", "1" if regional else "0", "--out", out] + (["--model", model_name] if model_name else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-4000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def steady(config: str, steps: int, rounds: int) -> dict[str, list[float]]:
+def steady(config: str, model_name: str | None, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Each setting's (and eager's) generation seconds, ``rounds`` rounds side by side in this
+    process after a warm-up round."""
     import specdiff_fx
-    from benchmarks.configs import euler_generate
 
-    model, inputs = model_and_inputs(config)
-    fns = {}
+    model, generate = workload(config, model_name, steps)
+    fns: dict[str, Any] = {EAGER: model}
     with torch.no_grad():
         for name, regional in SETTINGS.items():  # no dynamo reset between: it would drop the first's code
             fns[name] = torch.compile(copy.deepcopy(model), backend="specdiff", options={"regional_compile": regional})
             specdiff_fx.reset()
-            euler_generate(fns[name], inputs, steps=steps)  # compiles
+            generate(fns[name])  # compiles
         times: dict[str, list[float]] = {name: [] for name in fns}
-        for r in range(rounds + 1):  # round 0: warm-up of both, not timed
+        for r in range(rounds + 1):  # round 0: warm-up of all, not timed
             for name, fn in fns.items():
                 specdiff_fx.reset()
                 t0 = time.perf_counter()
-                euler_generate(fn, inputs, steps=steps)
+                generate(fn)
                 if r:
                     times[name].append(time.perf_counter() - t0)
     return times
@@ -105,6 +124,7 @@ def steady(config: str, steps: int, rounds: int) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=["mid", "tiny"], default="mid")
+    p.add_argument("--model", default=None, help="a zoo model (sd3_b, flux_64, ...) instead of --config")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--child", choices=["0", "1"], help=argparse.SUPPRESS)
@@ -112,22 +132,27 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     if a.child is not None:
-        child(a.config, a.child == "1", a.steps, a.out)
+        child(a.config, a.model, a.child == "1", a.steps, a.out)
         return {}
     with tempfile.TemporaryDirectory() as tmp:
-        firsts = {name: cold(a.config, regional, a.steps, os.path.join(tmp, f"{int(regional)}.pt"))
+        firsts = {name: cold(a.config, a.model, regional, a.steps, os.path.join(tmp, f"{int(regional)}.pt"))
                   for name, regional in SETTINGS.items()}
         latents = [torch.load(os.path.join(tmp, f"{int(r)}.pt")) for r in SETTINGS.values()]
     diff = float((latents[0] - latents[1]).abs().max())
-    times = steady(a.config, a.steps, a.rounds)
-    print(f"{a.config} config, {a.steps} steps, {torch.get_num_threads()} threads; final latents differ by at most "
+    times = steady(a.config, a.model, a.steps, a.rounds)
+    what = f"model {a.model}" if a.model else f"{a.config} config"
+    print(f"{what}, {a.steps} steps, {torch.get_num_threads()} threads; final latents differ by at most "
           f"{diff:.3g} (scale {float(latents[0].abs().max()):.3g})")
-    print("| setting | first generation s (cold) | variants' compiles s | later generations s (median; all) |")
-    print("|---|---|---|---|")
+    print("| setting | first generation s (cold) | variants' compiles s | later generations s (median; all) "
+          "| eager / it, per round |")
+    print("|---|---|---|---|---|")
+    eager = times[EAGER]
     for name in SETTINGS:
         f, t = firsts[name], times[name]
         print(f"| {name} | {f['first_s']:.1f} | {f['compile_s']:.1f} ({f['compiles']}) | "
-              f"{statistics.median(t):.2f} ({' / '.join(f'{x:.2f}' for x in t)}) |")
+              f"{statistics.median(t):.2f} ({' / '.join(f'{x:.2f}' for x in t)}) | "
+              f"{' / '.join(f'{e / x:.2f}x' for e, x in zip(eager, t))} |")
+    print(f"| eager | | | {statistics.median(eager):.2f} ({' / '.join(f'{x:.2f}' for x in eager)}) | |")
     return {"first": firsts, "steady": times, "latent_diff": diff}
 
 

@@ -1,7 +1,8 @@
 """End-to-end latency of full-size SD3-medium and FLUX.1-dev: eager vs Inductor vs specdiff.
 
 One command (on an H200: SD3 with all three modes 4 minutes, compiles included; FLUX's specdiff
-warm-up alone took longer than 4 minutes)::
+warm-up with whole graphs, before ``regional_compile="auto"`` compiled each distinct block once
+on a GPU, took longer than 4 minutes)::
 
     python benchmarks/gpu_latency.py                       # both models, 28 steps
     python benchmarks/gpu_latency.py --models sd3 --modes eager,specdiff,inductor --timed 1

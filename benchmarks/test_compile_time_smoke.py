@@ -10,3 +10,17 @@ def test_both_settings_run_and_agree():
     assert all(f["compiles"] >= 2 and f["compile_s"] > 0 for f in out["first"].values())
     assert out["latent_diff"] < 1e-3
     assert all(len(t) == 1 for t in out["steady"].values())
+
+
+def test_a_zoo_model_generates_as_the_protocol_samples():
+    """``--model NAME``: the zoo model's transformer and the protocol's generation (8 prompts,
+    seed 0), run here with the eager transformer."""
+    import torch
+
+    from benchmarks.time_breakdown import generation_setup
+
+    model, generate = compile_time.workload("mid", "sd3", steps=2)
+    *_, noise = generation_setup("sd3", 8)
+    with torch.no_grad():
+        x = generate(model)
+    assert x.shape == noise.shape and torch.isfinite(x).all()

@@ -113,7 +113,11 @@ class SpecDiffConfig:
         regional_compile: ``True`` compiles each rewritten graph block by block, every
             distinct block once (:mod:`specdiff_fx.regional`): a shorter first generation
             for a model of many identical blocks, at the cost of Inductor's fusion across
-            block boundaries and a Python call per block. Inductor only.
+            block boundaries and a Python call per block. ``"auto"`` (default): block by
+            block when the model runs on an accelerator (where kernels launch
+            asynchronously, so a call per block overlaps the device's work, and the whole
+            graphs' compiles took minutes), whole graphs on the CPU (where that call is paid
+            in full: a few per cent on a small model). Inductor only.
         strict: ``True`` raises instead of falling back to plain Inductor.
         max_cache_bytes: cap on the bytes specdiff's caches may hold (``None`` = no cap).
             Checked when a full step stores its caches; over it, a generation keeps the
@@ -145,7 +149,7 @@ class SpecDiffConfig:
     context_ratio: float = CONTEXT_RATIO
     score_queries: int = 256
     inductor: bool = True
-    regional_compile: bool = False
+    regional_compile: bool | str = "auto"
     strict: bool = False
     max_cache_bytes: int | None = field(default=None)
     max_generations: int = 8
@@ -200,9 +204,11 @@ class SpecDiffConfig:
             raise bad("score", "'attention' or 'drift'")
         if self.blend_mode == "taylor" and self.blend and self.blend_history < 2:
             raise bad("blend_history", "an int >= 2 with blend_mode='taylor' (or blend=False)")
-        for key in ("blend", "kv_extrapolation", "hindsight", "inductor", "regional_compile", "strict"):
+        for key in ("blend", "kv_extrapolation", "hindsight", "inductor", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
+        if not (isinstance(self.regional_compile, bool) or self.regional_compile == "auto"):
+            raise bad("regional_compile", "True, False or 'auto'")
         if self.cache_context is not None and not isinstance(self.cache_context, bool):
             raise bad("cache_context", "True, False or None (deprecated: use context_ratio)")
         if not (_is_int(self.context_interval) and 0 <= self.context_interval <= 1000):
@@ -233,6 +239,14 @@ class SpecDiffConfig:
             _is_int(self.max_cache_bytes) and self.max_cache_bytes >= 0
         ):
             raise bad("max_cache_bytes", "None or an int >= 0")
+
+    def regional_on(self, device: "torch.device | str | None") -> bool:
+        """Whether graphs whose inputs live on ``device`` compile block by block:
+        ``regional_compile`` itself, or for ``"auto"`` whether ``device`` is not the CPU
+        (``None``: no tensor input, whole graphs)."""
+        if self.regional_compile != "auto":
+            return bool(self.regional_compile)
+        return device is not None and str(device).split(":")[0] not in ("cpu", "meta")
 
     # -- construction -------------------------------------------------------------
     @classmethod

@@ -32,14 +32,16 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Spe
                   plan: DiTPlan | None = None) -> Callable[..., Any]:
     """Inductor-compile ``gm`` (or return it as a plain FX callable); call as ``fn(*args)``.
     ``patches``: Inductor config settings for this compile, on top of ``mode``'s. With
-    ``config.regional_compile`` and a ``plan``, block by block (:mod:`specdiff_fx.regional`)."""
+    a ``plan`` and :meth:`SpecDiffConfig.regional_on` for the inputs' device, block by block
+    (:mod:`specdiff_fx.regional`)."""
     if not config.inductor:
         return gm.forward
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     merged = {**(list_mode_options(mode) if mode and mode != "default" else {}), **(patches or {})}
-    if config.regional_compile and plan is not None and plan.blocks:
+    device = next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), None)
+    if plan is not None and plan.blocks and config.regional_on(device):
         from .regional import compile_regions, regional_compile_fx
 
         return compile_regions(gm, example_inputs, plan, regional_compile_fx(merged))

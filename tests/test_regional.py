@@ -125,6 +125,40 @@ def test_regional_compile_is_a_checked_option():
     assert SpecDiffConfig.from_options({"regional_compile": True}).regional_compile
 
 
+def test_auto_compiles_block_by_block_on_an_accelerator_only():
+    """``regional_compile="auto"`` (default): regions for inputs on a non-CPU device, whole graphs
+    on the CPU (or with no tensor input); ``True`` / ``False`` hold on every device."""
+    auto = SpecDiffConfig()
+    assert auto.regional_compile == "auto"
+    assert auto.regional_on(torch.device("cuda", 0)) and auto.regional_on("xpu")
+    assert not auto.regional_on(torch.device("cpu")) and not auto.regional_on(None)
+    assert SpecDiffConfig(regional_compile=True).regional_on("cpu")
+    assert not SpecDiffConfig(regional_compile=False).regional_on("cuda")
+
+
+@pytest.mark.parametrize("device, regional", [("cpu", False), ("cuda", True)])
+def test_compile_graph_follows_the_inputs_device(captured, monkeypatch, device, regional):
+    """``compile_graph`` decides from its example inputs' device (fake CUDA tensors stand in for a
+    GPU's here): with the default, a graph of CUDA inputs goes to the regional compiler, one of
+    CPU inputs to Inductor whole."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import specdiff_fx.regional
+    import torch._inductor.compile_fx
+    from specdiff_fx.variants import compile_graph
+
+    c = captured("sd3")
+    plan = analyze_dit(c.gm)
+    called = []
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", lambda *a, **k: called.append("whole"))
+    monkeypatch.setattr(specdiff_fx.regional, "compile_regions", lambda *a, **k: called.append("regions"))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        inputs = [torch.empty(a.shape, dtype=a.dtype, device=device) if isinstance(a, torch.Tensor) else a
+                  for a in c.example_inputs]
+    compile_graph(c.gm, inputs, SpecDiffConfig(), plan=plan)
+    assert called == (["regions"] if regional else ["whole"])
+
+
 def test_regions_with_other_tensor_constants_do_not_share():
     """A tensor literal in a node's arguments counts by identity (its repr elides the values of
     a large tensor, which could make two different regions look alike); equal graphs with equal
