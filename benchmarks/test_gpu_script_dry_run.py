@@ -47,3 +47,22 @@ def test_modes_are_checked() -> None:
     for bad in ("eager,bogus", "eager,eager", ","):
         with pytest.raises(SystemExit, match="--modes"):
             gpu_latency.main(["--dry-run", "--modes", bad])
+
+
+def test_session_script_runs_its_jobs_dry(tmp_path: Path) -> None:
+    """``scripts/gpu_session.sh --dry-run JOB...`` (the prepared command for a lent GPU) runs each
+    job's gpu_latency.py on the CPU and leaves its table and log in ``$OUT``; an unknown job is
+    refused before anything runs."""
+    script = SCRIPT.parent.parent / "scripts" / "gpu_session.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    proc = subprocess.run(["bash", str(script), "--dry-run", "flux", "sd3_whole"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flux.log", "flux.md", "sd3_whole.log", "sd3_whole.md"]
+    assert "| FLUX tiny (dry run) | specdiff |" in (tmp_path / "flux.md").read_text()
+    assert "| SD3 tiny (dry run) | specdiff |" in (tmp_path / "sd3_whole.md").read_text()
+    bad = subprocess.run(["bash", str(script), "--dry-run", "sd3", "bogus"], capture_output=True, text=True,
+                         timeout=60, env={**env, "OUT": str(tmp_path / "bad")})
+    assert bad.returncode == 2 and "unknown job 'bogus'" in bad.stderr
+    assert not (tmp_path / "bad").exists()

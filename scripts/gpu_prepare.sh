@@ -3,10 +3,9 @@
 # diffusers (pure Python) and what it needs beyond that machine's packages, and this package
 # built as a wheel (its entry point registers backend="specdiff"; a plain checkout on
 # PYTHONPATH would not). They go to .whl/ (ignored by git). On the GPU machine, from the
-# repository root:
+# repository root, scripts/gpu_session.sh installs them and runs the measurements:
 #
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-#   python3 benchmarks/gpu_latency.py --models sd3 --modes eager,specdiff,inductor --split
+#   bash scripts/gpu_session.sh sd3 flux
 #
 # Python 3.12, manylinux x86_64 (what the lent H100/H200 machines run; change below if not).
 set -euo pipefail
