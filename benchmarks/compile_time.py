@@ -10,7 +10,9 @@ after a warm-up round of both: the steady-state seconds side by side (and eager'
 
 The workload: ``--config mid`` (random weights, a 28-step SD3-style Euler loop with batched CFG)
 or ``--config tiny`` (4 layers, hidden 64, 256 image tokens: checks the script in about a
-minute); ``--model NAME`` instead takes a trained zoo model and the protocol's generation (its
+minute) or ``--config deep`` (the tiny config at SD3-medium's depth, 24 layers: Inductor's work
+grows with the graph's nodes, not with their width, so this is SD3-medium's compile problem at a
+CPU's speed); ``--model NAME`` instead takes a trained zoo model and the protocol's generation (its
 family's first sampler: SD3 with batched CFG, FLUX with true CFG; 8 prompts, seed 0).
 """
 
@@ -51,7 +53,8 @@ def model_and_inputs(config: str) -> tuple[torch.nn.Module, dict]:
     if config == "mid":
         return configs.mid_sd3(), configs.mid_inputs()
     torch.manual_seed(0)
-    model = SD3Transformer2DModel(**TINY_SD3).eval().requires_grad_(False)
+    model = SD3Transformer2DModel(**{**TINY_SD3, "num_layers": 24 if config == "deep" else TINY_SD3["num_layers"]})
+    model = model.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(1, 16, 16, 16, generator=g)
     return model, dict(hidden_states=torch.cat([lat, lat]), encoder_hidden_states=torch.randn(2, 12, 64, generator=g),
@@ -123,10 +126,10 @@ def steady(config: str, model_name: str | None, steps: int, rounds: int) -> dict
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=["mid", "tiny"], default="mid")
+    p.add_argument("--config", choices=["mid", "tiny", "deep"], default="mid")
     p.add_argument("--model", default=None, help="a zoo model (sd3_b, flux_64, ...) instead of --config")
     p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=4, help="side-by-side rounds after the cold runs (0: none)")
     p.add_argument("--child", choices=["0", "1"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
                   for name, regional in SETTINGS.items()}
         latents = [torch.load(os.path.join(tmp, f"{int(r)}.pt")) for r in SETTINGS.values()]
     diff = float((latents[0] - latents[1]).abs().max())
-    times = steady(a.config, a.model, a.steps, a.rounds)
+    # --rounds 0: the cold first generations only
+    times = steady(a.config, a.model, a.steps, a.rounds) if a.rounds > 0 else {n: [] for n in (*SETTINGS, EAGER)}
     what = f"model {a.model}" if a.model else f"{a.config} config"
     print(f"{what}, {a.steps} steps, {torch.get_num_threads()} threads; final latents differ by at most "
           f"{diff:.3g} (scale {float(latents[0].abs().max()):.3g})")
@@ -147,12 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
           "| eager / it, per round |")
     print("|---|---|---|---|---|")
     eager = times[EAGER]
+
+    def later(t: list[float]) -> str:
+        return f"{statistics.median(t):.2f} ({' / '.join(f'{x:.2f}' for x in t)})" if t else "-"
+
     for name in SETTINGS:
         f, t = firsts[name], times[name]
-        print(f"| {name} | {f['first_s']:.1f} | {f['compile_s']:.1f} ({f['compiles']}) | "
-              f"{statistics.median(t):.2f} ({' / '.join(f'{x:.2f}' for x in t)}) | "
-              f"{' / '.join(f'{e / x:.2f}x' for e, x in zip(eager, t))} |")
-    print(f"| eager | | | {statistics.median(eager):.2f} ({' / '.join(f'{x:.2f}' for x in eager)}) | |")
+        print(f"| {name} | {f['first_s']:.1f} | {f['compile_s']:.1f} ({f['compiles']}) | {later(t)} | "
+              f"{' / '.join(f'{e / x:.2f}x' for e, x in zip(eager, t)) or '-'} |")
+    print(f"| eager | | | {later(eager)} | |")
     return {"first": firsts, "steady": times, "latent_diff": diff}
 
 
