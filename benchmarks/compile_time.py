@@ -12,7 +12,8 @@ The workload: ``--config mid`` (random weights, a 28-step SD3-style Euler loop w
 or ``--config tiny`` (4 layers, hidden 64, 256 image tokens: checks the script in about a
 minute) or ``--config deep`` (the tiny config at SD3-medium's depth, 24 layers: Inductor's work
 grows with the graph's nodes, not with their width, so this is SD3-medium's compile problem at a
-CPU's speed); ``--model NAME`` instead takes a trained zoo model and the protocol's generation (its
+CPU's speed) or ``--config flux_deep`` (``gpu_latency.py``'s tiny FLUX at FLUX.1-dev's depth, 19
+double + 38 single blocks, and its generation: one call per step, guidance embedding); ``--model NAME`` instead takes a trained zoo model and the protocol's generation (its
 family's first sampler: SD3 with batched CFG, FLUX with true CFG; 8 prompts, seed 0).
 """
 
@@ -63,6 +64,18 @@ def model_and_inputs(config: str) -> tuple[torch.nn.Module, dict]:
 
 def workload(config: str, model_name: str | None, steps: int) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor]]:
     """The transformer to compile and a function generating once with a given transformer."""
+    if config == "flux_deep" and model_name is None:
+        from dataclasses import replace
+
+        from benchmarks import gpu_latency as g
+
+        tiny = g.TINY_SPECS["flux"]
+        spec = replace(tiny, label="FLUX tiny, 19 + 38 blocks",
+                       config={**tiny.config, "num_layers": 19, "num_single_layers": 38})
+        cpu = torch.device("cpu")
+        model, inputs = g.build_transformer(spec, cpu, torch.float32), g.make_inputs(spec, cpu, torch.float32)
+        sigmas = g.make_sigmas(spec, steps)
+        return model, lambda fn: g.generate(spec, fn, inputs, sigmas, torch.float32)
     if model_name is None:
         from benchmarks.configs import euler_generate
 
@@ -126,7 +139,7 @@ def steady(config: str, model_name: str | None, steps: int, rounds: int) -> dict
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=["mid", "tiny", "deep"], default="mid")
+    p.add_argument("--config", choices=["mid", "tiny", "deep", "flux_deep"], default="mid")
     p.add_argument("--model", default=None, help="a zoo model (sd3_b, flux_64, ...) instead of --config")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--rounds", type=int, default=4, help="side-by-side rounds after the cold runs (0: none)")

@@ -24,3 +24,14 @@ def test_a_zoo_model_generates_as_the_protocol_samples():
     with torch.no_grad():
         x = generate(model)
     assert x.shape == noise.shape and torch.isfinite(x).all()
+
+
+def test_the_flux_depth_config_builds_and_generates():
+    """``--config flux_deep``: gpu_latency's tiny FLUX with FLUX.1-dev's 19 + 38 blocks, and its
+    generation (run here with the eager transformer, 2 steps)."""
+    import torch
+
+    model, generate = compile_time.workload("flux_deep", None, steps=2)
+    assert len(model.transformer_blocks) == 19 and len(model.single_transformer_blocks) == 38
+    with torch.no_grad():
+        assert torch.isfinite(generate(model)).all()
