@@ -8,13 +8,17 @@ variants' compile seconds (``last_generation().compile_seconds``) and whether th
 final latents agree. Then, in this process, both settings generate ``--rounds`` times alternately
 after a warm-up round of both: the steady-state seconds side by side (and eager's, for the ratio).
 
-The workload: ``--config mid`` (random weights, a 28-step SD3-style Euler loop with batched CFG)
-or ``--config tiny`` (4 layers, hidden 64, 256 image tokens: checks the script in about a
-minute) or ``--config deep`` (the tiny config at SD3-medium's depth, 24 layers: Inductor's work
-grows with the graph's nodes, not with their width, so this is SD3-medium's compile problem at a
-CPU's speed) or ``--config flux_deep`` (``gpu_latency.py``'s tiny FLUX at FLUX.1-dev's depth, 19
-double + 38 single blocks, and its generation: one call per step, guidance embedding); ``--model NAME`` instead takes a trained zoo model and the protocol's generation (its
-family's first sampler: SD3 with batched CFG, FLUX with true CFG; 8 prompts, seed 0).
+The workload, random weights unless a zoo model:
+
+* ``--config mid``: 8 layers, hidden 512, 1024 image tokens; a 28-step SD3-style Euler loop
+  with batched CFG.
+* ``--config tiny``: 4 layers, hidden 64, 64 image tokens; checks the script in about a minute.
+* ``--config deep``: the tiny config at SD3-medium's depth, 24 layers. Inductor's work grows
+  with the graph's nodes, not with their width: SD3-medium's compile problem at a CPU's speed.
+* ``--config flux_deep``: ``gpu_latency.py``'s tiny FLUX at FLUX.1-dev's depth (19 double + 38
+  single blocks) and that script's generation (one call per step, guidance embedding).
+* ``--model NAME`` (instead of ``--config``): a trained zoo model and the protocol's generation
+  (its family's first sampler: SD3 with batched CFG, FLUX with true CFG; 8 prompts, seed 0).
 """
 
 from __future__ import annotations
