@@ -100,16 +100,22 @@ def test_inductor_regions_match_the_fx_variant(captured):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "chroma", "flux2", "qwenimage", "wan"])
 def test_regions_compile_inside_dynamo(name):
-    """End to end through ``torch.compile``: the full variant is compiled while Dynamo compiles
-    the frame, and the regions must not leave guards in Dynamo's shape environment (FLUX's
-    regions, which receive non-contiguous views, once broke the frame's guards). The first call
-    (a full step) gives the eager model's output."""
+    """End to end through ``torch.compile``, every family (an accelerator compiles them block by
+    block by default): the full variant is compiled while Dynamo compiles the frame, and the
+    regions must not leave guards in Dynamo's shape environment (FLUX's regions, which receive
+    non-contiguous views, once broke the frame's guards). The first call (a full step) gives
+    the eager model's output."""
     from conftest import MODELS
+    from family_models import FAMILY_MODELS
 
-    make_model, make_inputs = MODELS[name]
-    model, inputs = make_model(), make_inputs()
+    if name in MODELS:
+        make_model, make_inputs = MODELS[name]
+        model, inputs = make_model(), make_inputs()
+    else:
+        make_model, make_inputs = FAMILY_MODELS[name]
+        model, inputs = make_model(), (make_inputs(2, 3, 4, 0, frames=2) if name == "wan" else make_inputs(2, 4, 6))
     torch._dynamo.reset()
     fn = torch.compile(model, backend="specdiff", options={"regional_compile": True})
     with torch.no_grad():
