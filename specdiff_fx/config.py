@@ -242,8 +242,8 @@ class SpecDiffConfig:
 
     def regional_on(self, device: "torch.device | str | None") -> bool:
         """Whether graphs whose inputs live on ``device`` compile block by block:
-        ``regional_compile`` itself, or for ``"auto"`` whether ``device`` is not the CPU
-        (``None``: no tensor input, whole graphs)."""
+        ``regional_compile`` itself, or for ``"auto"`` whether ``device`` is an accelerator:
+        neither the CPU nor the meta device (``None``, no tensor input: whole graphs)."""
         if self.regional_compile != "auto":
             return bool(self.regional_compile)
         return device is not None and str(device).split(":")[0] not in ("cpu", "meta")
