@@ -58,6 +58,12 @@ def region_signature(sub: fx.GraphModule, args: Sequence[Any]) -> tuple:
     items: list[tuple] = []
     placeholders = 0
     storages: dict[tuple[Any, int], int] = {}  # inputs sharing memory: the compile assumed that aliasing
+
+    def leaf(a: Any) -> Any:  # nodes by position; a tensor constant by identity (its repr elides values)
+        if isinstance(a, fx.Node):
+            return ("node", index[a])
+        return ("tensor", id(a)) if isinstance(a, torch.Tensor) else a
+
     for i, node in enumerate(sub.graph.nodes):
         index[node] = i
         if node.op == "placeholder":
@@ -75,11 +81,6 @@ def region_signature(sub: fx.GraphModule, args: Sequence[Any]) -> tuple:
                 obj = getattr(obj, part)
             items.append(("attr", id(obj)))
         else:
-            def leaf(a: Any) -> Any:  # nodes by position; a tensor constant by identity (its repr elides values)
-                if isinstance(a, fx.Node):
-                    return ("node", index[a])
-                return ("tensor", id(a)) if isinstance(a, torch.Tensor) else a
-
             where = fx.node.map_aggregate((node.args, node.kwargs), leaf)
             items.append((node.op, str(node.target), repr(where)))
     return tuple(items)
