@@ -109,13 +109,13 @@ def test_regions_compile_inside_dynamo(name):
     the eager model's output."""
     from conftest import MODELS
     from family_models import FAMILY_MODELS
+    from test_families import inputs_for
 
     if name in MODELS:
         make_model, make_inputs = MODELS[name]
         model, inputs = make_model(), make_inputs()
     else:
-        make_model, make_inputs = FAMILY_MODELS[name]
-        model, inputs = make_model(), (make_inputs(2, 3, 4, 0, frames=2) if name == "wan" else make_inputs(2, 4, 6))
+        model, inputs = FAMILY_MODELS[name][0](), inputs_for(name)
     torch._dynamo.reset()
     fn = torch.compile(model, backend="specdiff", options={"regional_compile": True})
     with torch.no_grad():
