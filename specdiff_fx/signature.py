@@ -16,6 +16,7 @@ are extrapolated.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 
@@ -80,9 +81,16 @@ class Port:
         return self.role in (Role.KV, Role.KV_PREV)
 
 
-def kv_ports(role: Role, attentions: int) -> list[Port]:
-    """The per-attention ports of ``role`` in cache order: ``k0, v0, k1, v1, ...``."""
-    return [Port(role, i, t) for i in range(attentions) for t in "kv"]
+@functools.lru_cache(maxsize=None)
+def kv_ports(role: Role, attentions: int) -> tuple[Port, ...]:
+    """The per-attention ports of ``role`` in cache order: ``k0, v0, k1, v1, ...`` (built once
+    per role and count: the runtime asks for them on every call)."""
+    return tuple(Port(role, i, t) for i in range(attentions) for t in "kv")
+
+
+def cache_slot(port: Port) -> int:
+    """A per-attention port's position in cache order (:func:`kv_ports`)."""
+    return 2 * port.attention + (port.tensor == "v")
 
 
 class VariantKind(enum.Enum):

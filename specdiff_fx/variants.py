@@ -68,6 +68,7 @@ class Variant:
     text_tokens: int = 0  # M, the text tokens of the graph (ContextMode.SUBSET)
     flops: int = 0  # per call (count_flops on fake tensors, at build time)
     calls: int = field(default=0)
+    _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -96,12 +97,16 @@ class Variant:
         synchronisation): for indices built distinct and in range, as the runtime builds them."""
         self.calls += 1
         n_in = len(args) - len(self.new_inputs)
-        for spec, a in zip(self.new_inputs, args[n_in:]):
+        if self._checked is None:  # the added inputs with a rule, found once (a call per denoising step)
+            self._checked = tuple((j, spec) for j, spec in enumerate(self.new_inputs)
+                                  if spec.port.role in (Role.IDX, Role.TEXT_IDX) or spec.updated_in_place)
+        for j, spec in self._checked:
+            a = args[n_in + j]
             if spec.port.role is Role.IDX:
                 check_index(a, spec.shape, self.plan_tokens, check_values)
             elif spec.port.role is Role.TEXT_IDX:
                 check_index(a, spec.shape, self.text_tokens, check_values)
-            elif spec.updated_in_place and not a.is_contiguous():
+            elif not a.is_contiguous():
                 raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
         out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
         return tuple(out)

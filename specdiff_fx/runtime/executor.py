@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ..config import SpecDiffConfig
 from ..plan import DiTPlan
-from ..signature import ContextMode, Port, Role, VariantKey, VariantKind, kv_ports
+from ..signature import Port, Role, VariantKey, cache_slot, kv_ports
 from ..variants import Variant, build_variant, count_flops
 
 log = logging.getLogger("specdiff_fx.runtime")
@@ -71,6 +71,7 @@ class GraphExecutor:
         self.full: Variant = self.variant(self.full_key)
         self.full_flops = count_flops(gm, example_inputs)
         self._attentions = len(plan.attention)
+        self._bindings: dict[VariantKey, Binding] = {}
 
     @property
     def compiled(self) -> list[Variant]:
@@ -97,43 +98,85 @@ class GraphExecutor:
         return self.variant(key).flops
 
     # -- running ---------------------------------------------------------------------
+    def binding(self, v: Variant) -> "Binding":
+        """Where ``v``'s added inputs come from and its extra outputs go (built once per variant)."""
+        b = self._bindings.get(v.key)
+        if b is None:
+            b = self._bindings[v.key] = Binding.of(v, self._attentions)
+        return b
+
     def run_full(self, args: Sequence[Any]) -> StepOutput:
-        user, ex = self.full.run(args, {})
-        return StepOutput(user, ex[Port(Role.TOKENS)], ex.get(Port(Role.SCORE)),
-                          [ex[p] for p in kv_ports(Role.KV, self._attentions)], self._text(ex))
+        b = self.binding(self.full)
+        if b.inputs:
+            raise KeyError(f"specdiff: the full variant takes inputs {[i.name for i in self.full.new_inputs]}")
+        return b.output(self.full.call(args))
 
     def run_sparse(self, args: Sequence[Any], key: VariantKey, inputs: SparseInputs) -> StepOutput:
         """One cached step with the variant ``key`` (sparse or skip). Sparse variants update
         ``inputs.kv`` (and ``kv_prev``) in place for the computed tokens."""
         v = self.variant(key)
-        values: dict[Port, Any] = {Port(Role.HISTORY): inputs.history, Port(Role.WEIGHTS): inputs.weights}
-        if key.kind is VariantKind.SPARSE:
-            values[Port(Role.IDX)] = inputs.idx
-            values.update(zip(kv_ports(Role.KV, self._attentions), inputs.kv))
-            if key.extrapolate:
-                values[Port(Role.KV_RATIO)] = inputs.ratio
-                values.update(zip(kv_ports(Role.KV_PREV, self._attentions), inputs.kv_prev))
-            if key.context in (ContextMode.CACHED, ContextMode.SUBSET):
-                values.update(self._text_values(v, Role.TEXT_KV, inputs.text))
-                if key.context is ContextMode.SUBSET:
-                    values[Port(Role.TEXT_IDX)] = inputs.text_idx
-                if key.extrapolate:
-                    ratio = Role.TEXT_RATIO if key.context is ContextMode.CACHED else Role.TEXT_TOKEN_RATIO
-                    values[Port(ratio)] = inputs.text_ratio
-                    values.update(self._text_values(v, Role.TEXT_KV_PREV, inputs.text_prev))
+        b = self.binding(v)
         # the runtime's indices come from topk: distinct and in range by construction, so they are
         # not read back (on a GPU each read is a synchronisation)
-        user, ex = v.run(args, values, check_values=False)
-        return StepOutput(user, ex[Port(Role.TOKENS)], ex.get(Port(Role.SCORE)), list(inputs.kv), self._text(ex))
+        out = b.output(v.call([*args, *b.values(inputs, v)], check_values=False))
+        out.kv = list(inputs.kv)
+        return out
 
-    def _text(self, extras: dict[Port, Any]) -> list[torch.Tensor] | None:
-        """The fresh text K/V a variant returned, in cache order (None when it returns none).
-        Attentions without text tokens have no text K/V: their entries are None."""
-        ports = kv_ports(Role.TEXT_KV, self._attentions)
-        if not any(p in extras for p in ports):
-            return None
-        return [extras.get(p) for p in ports]
 
-    def _text_values(self, v: Variant, role: Role, tensors: Sequence[torch.Tensor | None]) -> dict[Port, Any]:
-        wanted = {i.port for i in v.new_inputs if i.port.role is role}
-        return {p: t for p, t in zip(kv_ports(role, self._attentions), tensors) if p in wanted}
+#: The :class:`SparseInputs` field each added input's value comes from (per-attention roles:
+#: a list in cache order, indexed by :func:`~specdiff_fx.signature.cache_slot`).
+_FIELDS = {
+    Role.HISTORY: "history", Role.WEIGHTS: "weights", Role.IDX: "idx", Role.KV: "kv", Role.KV_PREV: "kv_prev",
+    Role.KV_RATIO: "ratio", Role.TEXT_KV: "text", Role.TEXT_KV_PREV: "text_prev", Role.TEXT_RATIO: "text_ratio",
+    Role.TEXT_TOKEN_RATIO: "text_ratio", Role.TEXT_IDX: "text_idx",
+}
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One variant's signature resolved to positions, once: for each added input (in order) the
+    :class:`SparseInputs` field and cache slot its value comes from, and where each extra output
+    the runtime reads sits in the variant's outputs. The runtime calls a variant on every
+    denoising step; looking ports up by name there cost about a millisecond per call on a
+    24-block model (``BENCHMARKS.md``, "The runtime's host time per call")."""
+
+    inputs: tuple[tuple[str, int | None], ...]  # (field, slot or None) per added input
+    user: int  # number of user outputs
+    tokens: int
+    score: int | None
+    kv: tuple[int, ...]  # fresh image K/V in cache order (full variants; empty for the others)
+    text: tuple[int | None, ...] | None  # fresh text K/V in cache order (None: the variant returns none)
+
+    @classmethod
+    def of(cls, v: Variant, attentions: int) -> "Binding":
+        inputs = []
+        for spec in v.new_inputs:
+            role = spec.port.role
+            if role not in _FIELDS:
+                raise KeyError(f"specdiff: the runtime passes no value for input {spec.name} of the {v.key} variant")
+            inputs.append((_FIELDS[role], cache_slot(spec.port) if spec.port.attention is not None else None))
+        at = {p: v.num_user_outputs + i for i, p in enumerate(v.outputs)}
+        kv = tuple(at[p] for p in kv_ports(Role.KV, attentions) if p in at)
+        if kv and len(kv) != 2 * attentions:
+            raise KeyError(f"specdiff: the {v.key} variant returns {len(kv)} of the {2 * attentions} image K/V")
+        text = tuple(at.get(p) for p in kv_ports(Role.TEXT_KV, attentions))
+        return cls(tuple(inputs), v.num_user_outputs, at[Port(Role.TOKENS)], at.get(Port(Role.SCORE)), kv,
+                   text if any(i is not None for i in text) else None)
+
+    def values(self, inputs: SparseInputs, v: Variant) -> list[Any]:
+        """The added inputs' values, in order."""
+        out = []
+        for (name, slot), spec in zip(self.inputs, v.new_inputs):
+            value = getattr(inputs, name)
+            if value is not None and slot is not None:
+                value = value[slot]
+            if value is None:
+                raise KeyError(f"specdiff: no value for the input {spec.name} of the {v.key} variant")
+            out.append(value)
+        return out
+
+    def output(self, outputs: Sequence[Any]) -> StepOutput:
+        return StepOutput(tuple(outputs[:self.user]), outputs[self.tokens],
+                          None if self.score is None else outputs[self.score],
+                          [outputs[i] for i in self.kv],
+                          None if self.text is None else [None if i is None else outputs[i] for i in self.text])
