@@ -22,6 +22,12 @@ def test_calls_match_the_report(model):
     assert sum(v["calls"] for v in out["split"].values()) == calls
 
 
+def test_a_random_weight_config():
+    out = time_breakdown.measure_config("tiny", steps=4, repeats=1, inductor=False, log=lambda _: None)
+    (row,) = out["rounds"]
+    assert sum(k["calls"] for k in row["kinds"].values()) == 4 and out["config"] == "tiny"
+
+
 def test_count_mismatch_is_an_error():
     class Report:
         main_steps = []

@@ -1,6 +1,6 @@
 """Where a specdiff generation's wall clock goes: its calls timed one by one, by kind.
 
-``python benchmarks/time_breakdown.py [--model sd3_b] [--steps 28] [--repeats 3] [--threads 2]``
+``python benchmarks/time_breakdown.py [--model sd3_b | --config deep] [--steps 28] [--repeats 3] [--threads 2]``
 generates the 8 prompts of the evaluation protocol (seed 0, the model family's first sampler:
 SD3 with batched CFG, FLUX with true CFG) with eager, with Inductor and with
 ``backend="specdiff"`` (defaults, or ``--specdiff JSON``), side by side, ``--repeats`` rounds after
@@ -139,6 +139,24 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
             "threads": torch.get_num_threads(), "options": options or {}, **out}
 
 
+def measure_config(config: str, steps: int = 28, repeats: int = 3, options: dict | None = None,
+                   inductor: bool = True, log: Callable[[str], None] = print) -> dict:
+    """:func:`measure` on one of ``compile_time.py``'s random-weight workloads instead of a zoo
+    model (``deep``: the tiny SD3 at SD3-medium's 24 layers, one prompt, batched CFG; ``tiny``,
+    ``mid``, ``flux_deep``): the host's share of a call grows with the number of blocks."""
+    from benchmarks import compile_time
+
+    transformer, generate = compile_time.workload(config, None, steps)
+    torch._dynamo.reset()
+    plain = TimedCalls(torch.compile(copy.deepcopy(transformer)) if inductor else copy.deepcopy(transformer))
+    with timing_parts() as parts:
+        spec = TimedCalls(torch.compile(copy.deepcopy(transformer), backend="specdiff",
+                                        options={**(options or {}), "inductor": inductor}), parts)
+        out = _rounds(None, lambda _m, fn, _t, _n, _s: generate(fn), (), None, steps, repeats, transformer,
+                      plain, spec, log)
+    return {"config": config, "steps": steps, "threads": torch.get_num_threads(), "options": options or {}, **out}
+
+
 def _rounds(model: Any, sample: Callable[..., Any], texts: Sequence[str], noise: torch.Tensor, steps: int,
             repeats: int, eager: Any, plain: TimedCalls, spec: TimedCalls, log: Callable[[str], None]) -> dict:
 
@@ -195,6 +213,8 @@ def call_split(calls: Sequence[tuple[float, float, float]]) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="sd3_b", help="a zoo model (default sd3_b, held out)")
+    p.add_argument("--config", choices=["tiny", "mid", "deep", "flux_deep"],
+                   help="a random-weight workload of compile_time.py instead of --model")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
@@ -203,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--no-inductor", action="store_true", help="plain FX instead of Inductor (smoke runs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.config:
+        return measure_config(a.config, a.steps, a.repeats, a.specdiff, inductor=not a.no_inductor)
     return measure(a.model, a.steps, a.prompts, a.repeats, a.specdiff, inductor=not a.no_inductor)
 
 

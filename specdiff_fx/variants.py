@@ -69,6 +69,7 @@ class Variant:
     flops: int = 0  # per call (count_flops on fake tensors, at build time)
     calls: int = field(default=0)
     _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _loose: tuple[int, ...] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -86,7 +87,9 @@ class Variant:
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         """Run the variant on flat arguments. Tensor inputs are made contiguous: the variant
         was compiled for contiguous inputs, whatever strides the caller's tensors have
-        (pipelines pass e.g. expanded timesteps; the runtime builds its own inputs). Caches
+        (pipelines pass e.g. expanded timesteps; the runtime builds its own inputs); the
+        model's parameters that were contiguous on the first call are passed as they are
+        (:func:`_loose_inputs`). Caches
         are contiguous already, so their in-place updates land in the caller's tensors.
         Token indices are checked in full (:func:`check_index`)."""
         return self.call(args)
@@ -108,8 +111,13 @@ class Variant:
                 check_index(a, spec.shape, self.text_tokens, check_values)
             elif not a.is_contiguous():
                 raise ValueError(f"specdiff: cache input {spec.name} must be contiguous (it is updated in place)")
-        out = self.fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
-        return tuple(out)
+        if self._loose is None:
+            self._loose = _loose_inputs(self.gm, args)
+        args = list(args)
+        for i in self._loose:
+            if isinstance(args[i], torch.Tensor):
+                args[i] = args[i].contiguous()
+        return tuple(self.fn(*args))
 
     def run(self, args: Sequence[Any], values: Mapping[Port, Any],
             check_values: bool = True) -> tuple[tuple[Any, ...], dict[Port, Any]]:
@@ -133,6 +141,16 @@ class Variant:
         """(user outputs, {extra short name: value})."""
         n = self.num_user_outputs
         return tuple(outputs[:n]), dict(zip(self.extras, outputs[n:]))
+
+
+def _loose_inputs(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[int, ...]:
+    """The positions of ``gm``'s inputs that :meth:`Variant.call` makes contiguous: all but the
+    model's parameters that are contiguous on the first call (a parameter keeps its strides from
+    call to call as plain ``torch.compile`` assumes; skipping them saves a Python loop over
+    hundreds of weights on every denoising step)."""
+    names = [p.name for p in gm.graph.find_nodes(op="placeholder")]
+    return tuple(i for i, (name, a) in enumerate(zip(names, args))
+                 if "_parameters_" not in name or not (isinstance(a, torch.Tensor) and a.is_contiguous()))
 
 
 def build_variant(

@@ -93,3 +93,25 @@ def test_a_binding_refuses_an_input_the_runtime_never_passes(captured):
     v.new_inputs = (*v.new_inputs, odd)
     with pytest.raises(KeyError, match="specdiff_base"):
         Binding.of(v, len(plan.attention))
+
+
+def test_parameters_are_passed_as_they_are_and_other_inputs_made_contiguous(captured):
+    from specdiff_fx.variants import _loose_inputs
+
+    c = captured("sd3")
+    names = [p.name for p in c.gm.graph.find_nodes(op="placeholder")]
+    params = [i for i, n in enumerate(names) if "_parameters_" in n]
+    assert params and len(params) < len(names)
+    args = list(c.example_inputs)
+    loose = _loose_inputs(c.gm, args)
+    assert set(loose) == set(range(len(names))) - set(params)  # the user's inputs, the buffers
+    # a parameter that is not contiguous from the start (a tied, transposed weight) is copied too
+    j = next(i for i in params if args[i].dim() == 2 and args[i].shape[0] != args[i].shape[1])
+    args[j] = args[j].t().contiguous().t()
+    assert not args[j].is_contiguous() and j in _loose_inputs(c.gm, args)
+    plan = analyze_dit(c.gm)
+    ex = GraphExecutor(c.gm, c.example_inputs, plan, SpecDiffConfig(inductor=False))
+    with torch.no_grad():
+        want = ex.run_full(list(c.example_inputs)).user
+        ex.full._loose = None  # as on a first call with that weight
+        torch.testing.assert_close(ex.run_full(args).user, want)
