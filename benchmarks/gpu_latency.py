@@ -29,7 +29,14 @@ reset per mode) includes the weights. For specdiff the table adds ``last_generat
 ``cache_bytes`` and ``flops_fraction`` and the speedups vs eager and vs Inductor.
 ``--split`` adds one generation per mode that synchronises around every transformer call and
 times it: a second table gives the median milliseconds per call kind (specdiff: full, cached,
-skipped), which the end-to-end latency cannot tell apart.
+skipped), which the end-to-end latency cannot tell apart, and the milliseconds until each call
+returned to the host (the device may still run then; the runtime's own reads of device values
+wait inside the call). ``--device-time`` adds one more generation per mode under
+``torch.profiler`` (each call in a ``record_function`` range, synchronised): the device's busy
+milliseconds per call kind (the kernels each call launched) and over the generation. A call
+whose synchronised time far exceeds its busy time leaves the device idle: host-bound (launches,
+the runtime's Python, Dynamo's guards), where CUDA graphs would help; one close to it is
+device-bound.
 
 ``--dry-run`` runs exactly the same functions on the CPU with tiny configs (2 layers, hidden
 64, 16x16 latents, 4 steps, float32); specdiff then defaults to ``options={"inductor": False}``
@@ -295,6 +302,10 @@ class ModeResult:
     finite: bool = True
     notes: list[str] = field(default_factory=list)
     call_ms: dict[str, list[float]] = field(default_factory=dict)  # --split: ms per call, by call kind
+    host_ms: dict[str, list[float]] = field(default_factory=dict)  # --split: ms until each call returned
+    #: --device-time: the device's busy ms per call, by call kind, and over the whole generation
+    busy_ms: dict[str, list[float]] = field(default_factory=dict)
+    busy_total_ms: float | None = None
 
     @property
     def latency_s(self) -> float:
@@ -328,16 +339,43 @@ class _TimedCalls:
     call's seconds. Only for the ``--split`` generation: the synchronisations remove the
     overlap of host and device work that the timed generations keep."""
 
-    def __init__(self, fn: Callable[..., Any], device: torch.device) -> None:
-        self.fn, self.device, self.seconds = fn, device, []
+    def __init__(self, fn: Callable[..., Any], device: torch.device, annotate: bool = False) -> None:
+        self.fn, self.device, self.annotate = fn, device, annotate
+        self.seconds: list[float] = []
+        self.host: list[float] = []  # until the call returned (the device may still run)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         _sync(self.device)
         t0 = time.perf_counter()
-        out = self.fn(*args, **kwargs)
+        if self.annotate:  # a profiler range per call: the kernels it launched are its children
+            with torch.profiler.record_function(f"{CALL_RANGE}{len(self.seconds)}"):
+                out = self.fn(*args, **kwargs)
+        else:
+            out = self.fn(*args, **kwargs)
+        self.host.append(time.perf_counter() - t0)
         _sync(self.device)
         self.seconds.append(time.perf_counter() - t0)
         return out
+
+
+#: the name prefix of each call's profiler range (``--device-time``)
+CALL_RANGE = "specdiff_bench_call_"
+
+
+def busy_per_call(events: Sequence[Any], calls: int) -> tuple[list[float], float]:
+    """The device's busy seconds per call (each call's ``record_function`` range: the device time
+    of the kernels launched inside it) and over all ``events`` (every kernel's own device time),
+    from a profiler's ``events()``."""
+    per = [0.0] * calls
+    total = 0.0
+    for e in events:
+        if e.name.startswith(CALL_RANGE):
+            i = int(e.name[len(CALL_RANGE):])
+            if i < calls:
+                per[i] += e.device_time_total / 1e6
+        elif getattr(e, "device_type", None) is not None and e.device_type.name != "CPU":
+            total += e.self_device_time_total / 1e6
+    return per, total
 
 
 def split_by_kind(seconds: Sequence[float], mode: str, report: Any) -> dict[str, list[float]]:
@@ -358,9 +396,10 @@ def split_by_kind(seconds: Sequence[float], mode: str, report: Any) -> dict[str,
 
 def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inputs, sigmas: torch.Tensor,
                  dtype: torch.dtype, *, timed: int, specdiff_options: dict[str, Any],
-                 log: Callable[[str], None] = print, split: bool = False) -> ModeResult:
+                 log: Callable[[str], None] = print, split: bool = False, device_time: bool = False) -> ModeResult:
     """Warm up (compiles) and time ``timed`` generations of ``spec`` in ``mode``; with
-    ``split``, one more generation times each transformer call (synchronised) by call kind."""
+    ``split``, one more generation times each transformer call (synchronised) by call kind;
+    with ``device_time`` one more under the profiler measures the device's busy time per call."""
     device = inputs.noise.device
     report_before = specdiff_fx.last_generation()
     fn = _compiled(transformer, mode, specdiff_options)
@@ -398,8 +437,24 @@ def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inp
                 specdiff_fx.reset()
             generate(spec, timer, inputs, sigmas, dtype)
         result.call_ms = split_by_kind(timer.seconds, mode, specdiff_fx.last_generation())
+        result.host_ms = split_by_kind(timer.host, mode, specdiff_fx.last_generation())
         log(f"  {spec.name} {mode}: per call (synchronised) " + ", ".join(
             f"{k} {len(v)} x {sorted(v)[len(v) // 2]:.1f} ms" for k, v in result.call_ms.items()))
+    if device_time:
+        from torch.profiler import ProfilerActivity, profile
+
+        timer = _TimedCalls(fn, device, annotate=True)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.no_grad(), profile(activities=activities) as prof:
+            if mode == "specdiff":
+                specdiff_fx.reset()
+            generate(spec, timer, inputs, sigmas, dtype)
+        per, total = busy_per_call(prof.events(), len(timer.seconds))
+        result.busy_ms = split_by_kind(per, mode, specdiff_fx.last_generation())
+        result.busy_total_ms = 1e3 * total
+        log(f"  {spec.name} {mode}: device busy per call " + ", ".join(
+            f"{k} {len(v)} x {sorted(v)[len(v) // 2]:.1f} ms" for k, v in result.busy_ms.items())
+            + f"; {1e3 * total:.1f} ms over the generation, whose calls took {1e3 * sum(timer.seconds):.1f} ms")
     if mode == "specdiff":
         report = specdiff_fx.last_generation()
         if report is None or report is report_before or report.num_image_tokens != spec.image_tokens:
@@ -419,7 +474,8 @@ def measure_mode(spec: ModelSpec, transformer: nn.Module, mode: str, inputs: Inp
 def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, steps: int, timed: int,
                     modes: Sequence[str], specdiff_options: dict[str, Any], seed: int = 0,
                     log: Callable[[str], None] = print,
-                    on_result: Callable[[ModeResult], None] | None = None, split: bool = False) -> list[ModeResult]:
+                    on_result: Callable[[ModeResult], None] | None = None, split: bool = False,
+                    device_time: bool = False) -> list[ModeResult]:
     """Build ``spec``'s transformer and inputs once and measure every mode of ``modes``, in that order.
 
     ``on_result`` is called after each mode (the script writes its table then, so a run stopped
@@ -435,7 +491,8 @@ def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *
     results = []
     for mode in modes:
         results.append(measure_mode(spec, transformer, mode, inputs, sigmas, dtype, timed=timed,
-                                    specdiff_options=specdiff_options, log=log, split=split))
+                                    specdiff_options=specdiff_options, log=log, split=split,
+                                    device_time=device_time))
         if on_result is not None:
             on_result(results[-1])
     del transformer, inputs
@@ -451,6 +508,10 @@ def benchmark_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *
 
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _median(values: Sequence[float], fmt: str) -> str:
+    return _cell(sorted(values)[len(values) // 2] if values else None, fmt)
 
 
 def format_table(results: Sequence[ModeResult]) -> str:
@@ -481,14 +542,20 @@ def format_table(results: Sequence[ModeResult]) -> str:
             f"{_cell(r.flops_fraction, '.1%')} | {_cell(vs_eager, '.2f')}{'×' if vs_eager else ''} | "
             f"{_cell(vs_inductor, '.2f')}{'×' if vs_inductor else ''} |")
     notes = [f"* {r.model} {r.mode}: {n}" for r in results for n in r.notes]
-    split = [r for r in results if r.call_ms]
+    split = [r for r in results if r.call_ms or r.busy_ms]
     if split:
-        lines += ["", "| model | mode | call kind | calls | median ms/call (synchronised) | total ms |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| model | mode | call kind | calls | median ms/call (synchronised) | total ms | "
+                      "median ms until returned | median device-busy ms/call |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in split:
-            for kind, ms in r.call_ms.items():
-                lines.append(f"| {r.model} | {r.mode} | {kind} | {len(ms)} | {sorted(ms)[len(ms) // 2]:.2f} "
-                             f"| {sum(ms):.1f} |")
+            for kind in dict.fromkeys([*r.call_ms, *r.busy_ms]):
+                ms, host, busy = r.call_ms.get(kind, []), r.host_ms.get(kind, []), r.busy_ms.get(kind, [])
+                lines.append(f"| {r.model} | {r.mode} | {kind} | {len(ms or busy)} | {_median(ms, '.2f')} "
+                             f"| {_cell(sum(ms) if ms else None, '.1f')} | {_median(host, '.2f')} "
+                             f"| {_median(busy, '.2f')} |")
+        totals = [r for r in split if r.busy_total_ms is not None]
+        lines += [f"* {r.model} {r.mode}: the device busy {r.busy_total_ms:.1f} ms over the profiled generation"
+                  for r in totals]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -505,6 +572,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-inductor", action="store_true", help="skip the plain Inductor mode")
     parser.add_argument("--split", action="store_true",
                         help="one more generation per mode that times each call (synchronised), by call kind")
+    parser.add_argument("--device-time", action="store_true",
+                        help="one more generation per mode under torch.profiler: the device's busy time per call kind")
     parser.add_argument("--specdiff-options", default=None,
                         help='JSON dict for torch.compile(..., backend="specdiff", options=...); '
                              'the dry run defaults to {"inductor": false}')
@@ -565,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("default")
         for name in names:
             benchmark_model(specs[name], device, dtype, steps=steps, timed=timed, modes=modes,
-                            specdiff_options=options, seed=args.seed, on_result=keep, split=args.split)
+                            specdiff_options=options, seed=args.seed, on_result=keep, split=args.split,
+                            device_time=args.device_time)
     table = format_table(results)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s; table written to {args.out}\n")
     print(table)

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_latency.py --dry-run --no-inductor --split`` runs on the CPU, exits 0 and prints
+"""``benchmarks/gpu_latency.py --dry-run --no-inductor --split --device-time`` runs on the CPU, exits 0 and prints
 its markdown tables (the same functions as the GPU run, with tiny configs)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def test_dry_run_prints_the_table(tmp_path: Path) -> None:
     # tiny models: one thread (and no Inductor compile workers) is as fast and less disturbed by other load
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--dry-run", "--no-inductor", "--split", "--out", str(out)],
+        [sys.executable, str(SCRIPT), "--dry-run", "--no-inductor", "--split", "--device-time", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -29,9 +29,12 @@ def test_dry_run_prints_the_table(tmp_path: Path) -> None:
     specdiff_rows = [row for row in rows if "| specdiff |" in row]
     assert all("%" in row for row in specdiff_rows), "specdiff rows lack flops_fraction"
     assert out.read_text().startswith(header)
-    # --split: every call of each mode timed once more, grouped by kind (4 steps: 4 calls per generation)
+    # --split: every call of each mode timed once more, grouped by kind (4 steps: 4 calls per generation);
+    # --device-time: the device's busy time per kind (none on the CPU) and over the generation
     split = [line.split("|") for line in proc.stdout.splitlines()
-             if line.startswith("| ") and "tiny (dry run)" in line and len(line.split("|")) == 8]
+             if line.startswith("| ") and "tiny (dry run)" in line and len(line.split("|")) == 10]
+    assert "median device-busy ms/call |" in proc.stdout
+    assert proc.stdout.count("the device busy 0.0 ms over the profiled generation") == 4
     for model in ("SD3", "FLUX"):
         calls = {row[3].strip(): int(row[4]) for row in split if row[1].strip() == f"{model} tiny (dry run)"}
         assert calls.get("eager") == 4, (model, calls)

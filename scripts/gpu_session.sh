@@ -12,6 +12,8 @@
 #   flux       FLUX.1-dev: specdiff (defaults), eager; one timed generation each
 #   sd3_whole  SD3-medium: specdiff with whole graphs (regional_compile=False), per-call split:
 #              what compiling block by block costs per call against sd3's specdiff row
+#   sd3_busy   SD3-medium: specdiff and Inductor, the device's busy time per call kind under
+#              torch.profiler (--device-time): host-bound calls (device idle) against device-bound
 #
 # --dry-run: the same jobs on this CPU with gpu_latency.py's tiny configs and no wheels (what
 # CI checks; seconds).
@@ -20,11 +22,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
-[[ $# -gt 0 ]] || { echo "usage: $0 [--dry-run] JOB... (jobs: sd3 flux sd3_whole)" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "usage: $0 [--dry-run] JOB... (jobs: sd3 flux sd3_whole sd3_busy)" >&2; exit 2; }
 for job in "$@"; do
   case "$job" in
-    sd3|flux|sd3_whole) ;;
-    *) echo "gpu_session: unknown job '$job' (jobs: sd3 flux sd3_whole)" >&2; exit 2 ;;
+    sd3|flux|sd3_whole|sd3_busy) ;;
+    *) echo "gpu_session: unknown job '$job' (jobs: sd3 flux sd3_whole sd3_busy)" >&2; exit 2 ;;
   esac
 done
 out="${OUT:-gpu_out}"
@@ -57,6 +59,7 @@ for job in "$@"; do
     sd3) run sd3 300 --models sd3 --modes eager,specdiff,inductor --split ;;
     flux) run flux 240 --models flux --modes specdiff,eager --timed 1 ;;
     sd3_whole) run sd3_whole 240 --models sd3 --modes specdiff --split --specdiff-options '{"regional_compile": false}' ;;
+    sd3_busy) run sd3_busy 240 --models sd3 --modes specdiff,inductor --timed 1 --device-time ;;
   esac
 done
 exit $status
