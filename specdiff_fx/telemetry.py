@@ -83,9 +83,26 @@ class GenerationReport:
     #: every rank's and the whole model's
     rank: int = 0
     parallel: tuple[str, int, int] | None = None
+    #: ``(index in steps, 0-d tensor)``: measured errors the runtime has not read back yet (on
+    #: a GPU reading one right after its call would wait for the call); :meth:`settle` reads them
+    unsettled: list = field(default_factory=list, repr=False, compare=False)
+
+    def defer(self, index: int, error: Any) -> None:
+        """``steps[index]``'s measured error is ``error``, a 0-d tensor read on :meth:`settle`."""
+        self.unsettled.append((index, error))
+
+    def settle(self) -> "GenerationReport":
+        """Read back the measured errors still on the device into their step records (the
+        runtime does on the generation's next call; :func:`last_generation`, :func:`track`'s
+        reports, :attr:`main_steps` and :meth:`summary` do before returning)."""
+        pending, self.unsettled = self.unsettled, []
+        for i, error in pending:
+            self.steps[i] = dataclasses.replace(self.steps[i], measured=float(error))
+        return self
 
     @property
     def main_steps(self) -> list[StepRecord]:
+        self.settle()
         return [s for s in self.steps if s.kind != "speculative"]
 
     def count(self, kind: str) -> int:
@@ -110,6 +127,7 @@ class GenerationReport:
         return "cached" if k == 0 else "computed" if k == m else f"{k} of {m} computed"
 
     def summary(self) -> str:
+        self.settle()
         shard = f" (rank {self.rank} of {self.parallel[1]}: its shard)" if self.parallel else ""
         lines = [
             f"specdiff generation {self.id}: {self.family}, {self.num_image_tokens} image tokens{shard}, "
@@ -139,6 +157,7 @@ class GenerationReport:
 def gather_reports(report: GenerationReport) -> list[GenerationReport]:
     """Every rank's report of this generation, in rank order (a collective: call it on every
     rank of the group). Without context parallelism: ``[report]``."""
+    report.settle()
     if report.parallel is None:
         return [report]
     import torch.distributed as dist
@@ -177,7 +196,8 @@ def set_last(report: GenerationReport) -> None:
 
 def last_generation() -> GenerationReport | None:
     """The report of the most recent generation started by a specdiff-compiled model."""
-    return _LAST[0]
+    report = _LAST[0]
+    return report.settle() if report is not None else None
 
 
 class Tracker:
@@ -185,7 +205,11 @@ class Tracker:
     thread, in the order they first did; see :func:`track`."""
 
     def __init__(self) -> None:
-        self.reports: list[GenerationReport] = []
+        self._reports: list[GenerationReport] = []
+
+    @property
+    def reports(self) -> list[GenerationReport]:
+        return [r.settle() for r in self._reports]
 
     @property
     def report(self) -> GenerationReport:
@@ -214,5 +238,5 @@ def track() -> Tracker:
 def note_call(report: GenerationReport) -> None:
     """Called by the runtime on every call: the active trackers of this thread see ``report``."""
     for tracker in getattr(_TRACKERS, "stack", ()):
-        if not any(r is report for r in tracker.reports):
-            tracker.reports.append(report)
+        if not any(r is report for r in tracker._reports):
+            tracker._reports.append(report)

@@ -284,6 +284,34 @@ class Recording:
         self.policy.observe(state, view, obs)
 
 
+@pytest.mark.parametrize("branches", [1, 2])  # 2: true CFG, two calls per step pooling their errors
+def test_errors_read_back_a_call_later_give_the_same_decisions(branches, monkeypatch):
+    """The runtime does not read a call's measured error right after its variant (on a GPU that
+    waits for the whole call): the policy observes it at the generation's next call, before
+    deciding. The decisions and the telemetry equal those of reading it at once."""
+    from specdiff_fx.runtime.ranks import SingleProcess
+
+    def run():
+        cfg = SpecDiffConfig(controller="error", tolerance=0.2, speculative_steps=0)
+        policy = Recording(make_policy(cfg, N))
+        rt = SpecDiffRuntime(fake_plan(), cfg, FakeExecutor(), policy=policy)
+        generate(rt, 24, branches=branches)
+        rep = last_generation()
+        return [(s.kind, s.measured, s.predicted) for s in rep.steps], policy.seen, rt
+
+    deferred, seen, rt = run()
+    assert any(isinstance(o.prediction_error, torch.Tensor) for _, _, o, _ in rt.generation.pending) or \
+        deferred[-1][1] is None  # the last call's error is still on its way (unless it measured none)
+    original = SingleProcess.relative_error
+    monkeypatch.setattr(SingleProcess, "relative_error", lambda self, e, n, read=True: original(self, e, n))
+    at_once, seen_at_once, rt_at_once = run()
+    assert rt_at_once.generation.pending == []
+    assert deferred == at_once
+    assert {k for k, _, _ in deferred} >= {"full", "cached", "skipped"}
+    assert [(o.decision, o.prediction_error) for o in seen] == \
+        [(o.decision, o.prediction_error) for o in seen_at_once[:len(seen)]]
+
+
 def test_runtime_measures_the_error_of_caching_for_the_policy():
     cfg = SpecDiffConfig(controller="error", tolerance=0.3, speculative_steps=0)
     policy = Recording(make_policy(cfg, N))
@@ -296,10 +324,17 @@ def test_runtime_measures_the_error_of_caching_for_the_policy():
     for o in policy.seen[1:]:  # full and sparse calls measure; a skipped call computes nothing to measure with
         measured = o.prediction_error is not None and o.prediction_error >= 0
         assert measured if o.decision.action is not Action.SKIP else o.prediction_error is None
-    # the telemetry carries each call's prediction and measurement
+    # the telemetry carries each call's prediction and measurement; a measured call reaches the
+    # policy at the generation's next call (its error is read back then), so the last one is
+    # still pending when the generation ends
     steps = last_generation().main_steps
-    assert [s.measured for s in steps] == [o.prediction_error for o in policy.seen]
-    assert [s.predicted for s in steps] == [o.decision.predicted for o in policy.seen]
+    pending = rt.generation.pending
+    assert len(policy.seen) + len(pending) == len(steps) and len(pending) <= 1
+    observed = policy.seen + [o for _, _, o, _ in pending]
+    assert [s.measured for s in steps] == [None if o.prediction_error is None else float(o.prediction_error)
+                                          for o in observed]
+    assert [s.predicted for s in steps] == [o.decision.predicted for o in observed]
+    assert all(isinstance(o.prediction_error, (float, type(None))) for o in policy.seen)  # the policy reads floats
     assert any(s.predicted is not None for s in steps[1:])
     assert "measured error" in last_generation().summary()
     # sparse calls computed probes: tokens beyond the top scores

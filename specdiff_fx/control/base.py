@@ -111,7 +111,10 @@ class Policy:
         raise NotImplementedError
 
     def observe(self, state: Any, view: StepView, obs: Observation) -> None:
-        """After every main-run call of the branch (the first included)."""
+        """After every main-run call of the branch (the first included), in call order and
+        before the policy's next decision for the generation: a call whose measured error is
+        still on the device is observed at the generation's next call (the runtime reads the
+        error back there; ``obs.prediction_error`` is always a float or None)."""
 
 
 _REGISTRY: dict[str, type[Policy]] = {}

@@ -36,6 +36,7 @@ compiled model take turns, each with its own generation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import warnings
@@ -104,7 +105,13 @@ class SpecDiffRuntime:
     @property
     def report(self) -> GenerationReport | None:
         """The report of the generation of the current (or last) call."""
-        return self.generation.report if self.generation is not None else None
+        return self.generation.report.settle() if self.generation is not None else None
+
+    @property
+    def _report(self) -> GenerationReport:
+        """The current generation's report as the runtime writes it (measured errors of the
+        last call may still be unread: :meth:`_settle`)."""
+        return self.generation.report
 
     @property
     def branches(self) -> dict[int, BranchState]:
@@ -132,6 +139,7 @@ class SpecDiffRuntime:
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
                 gen.branches.append(Branch(kept, BranchState(extrapolate=self.config.kv_extrapolation),
                                            policy=self.policy.start()))
+            self._settle(gen)
             gen.confirm(j, sigma, sample)
             self.generation, self._j = gen, j
             branch = gen.branches[j]
@@ -219,12 +227,16 @@ class SpecDiffRuntime:
             counts = torch.nn.functional.one_hot(tier.long(), 4).sum(dim=1)[:, 1:].T.tolist()
             sizes = tuple(tuple(c) for c in counts)
         ex = self.executor
-        self.report.compiles = len(ex.compiled)
-        self.report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
+        self._report.compiles = len(ex.compiled)
+        self._report.compile_seconds = sum(v.compile_seconds for v in ex.compiled)
         predicted = None
         if decision is not None:  # the controller's reason and prediction
             note, predicted = note or decision.reason, decision.predicted
-        self.report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note, predicted, measured))
+        deferred = isinstance(measured, torch.Tensor)  # read back at the generation's next call
+        self._report.steps.append(StepRecord(step, branch, kind, sigma, *sizes, flops, note, predicted,
+                                            None if deferred else measured))
+        if deferred:
+            self._report.defer(len(self._report.steps) - 1, measured)
 
     # -- steps ---------------------------------------------------------------------------
     def _view(self, state: BranchState, sigma: float) -> StepView:
@@ -250,8 +262,31 @@ class SpecDiffRuntime:
             flops = self.executor.full_flops
         else:
             out, flops, error = self._cached_step(args, sigma, branch, state, decision)
-        self.policy.observe(leader.policy, view, Observation(decision, sigma, flops, self.executor.full_flops, error))
+        self._observe(leader.policy, view, Observation(decision, sigma, flops, self.executor.full_flops, error))
         return out, decision.action is Action.FULL
+
+    def _observe(self, state: Any, view: StepView, obs: Observation) -> None:
+        """``policy.observe`` now, or, while the measured error is a tensor not yet read back,
+        at the generation's next call (:meth:`_settle`): on a GPU reading it right after the
+        variant would keep the host waiting for the whole call, where the sampler's step and
+        the next call's start could run meanwhile. The next call reads the device's values
+        anyway (its sigma, routing), so the read costs no further wait there, and the policy
+        sees every observation before its next decision, in call order."""
+        if isinstance(obs.prediction_error, torch.Tensor):
+            index = len(self._report.steps) - 1  # the call's record, whose measured error waits as well
+            assert self._report.steps[index].sigma == obs.sigma and self._report.steps[index].measured is None
+            self.generation.pending.append((state, view, obs, index))
+        else:
+            self.policy.observe(state, view, obs)
+
+    def _settle(self, gen: Generation) -> None:
+        """Hand ``gen``'s deferred observations to the policy, in call order, their errors read."""
+        if not gen.pending:
+            return
+        pending, gen.pending = gen.pending, []
+        steps = gen.report.settle().steps  # one read per error, into the records
+        for state, view, obs, index in pending:
+            self.policy.observe(state, view, dataclasses.replace(obs, prediction_error=steps[index].measured))
 
     def _hindsight(self, out: tuple[Any, ...], full: bool, sigma: float, sample: torch.Tensor,
                    state: BranchState) -> tuple[Any, ...]:
@@ -280,7 +315,7 @@ class SpecDiffRuntime:
             state.tokens = TokenHistory.start(out.tokens, sigma)
         else:
             state.tokens.push_all(out.tokens, sigma)
-        self.report.cache_bytes = max(self.report.cache_bytes, state.cache_bytes)
+        self._report.cache_bytes = max(self._report.cache_bytes, state.cache_bytes)
 
     def _fits_cap(self, state: BranchState, out: StepOutput) -> bool:
         """Apply ``max_cache_bytes`` before a full step stores its caches: the bytes they will
@@ -317,8 +352,8 @@ class SpecDiffRuntime:
         if options[0][1] and not fit[1]:
             state.context, state.k_txt = ContextCaching.COMPUTED, None
             state.text.clear()
-            self.report.context_cached = False
-            self.report.context_tokens = text_tokens(ContextMode.COMPUTE, None, self.plan)
+            self._report.context_cached = False
+            self._report.context_tokens = text_tokens(ContextMode.COMPUTE, None, self.plan)
             dropped.append("the text K/V caches (context computed on cached steps)")
         if options[0][0] and not fit[0]:
             state.extrapolate = False
@@ -337,7 +372,7 @@ class SpecDiffRuntime:
 
     def _note(self, msg: str) -> None:
         log.info(msg)
-        self.report.notes.append(msg)
+        self._report.notes.append(msg)
         if msg not in self._warned:
             self._warned.add(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=6)
@@ -385,7 +420,7 @@ class SpecDiffRuntime:
         left_out = torch.ones(out.tokens.shape[:2], dtype=torch.bool, device=out.tokens.device)
         left_out.scatter_(1, torch.topk(self._scores(state, sigma), k, dim=1).indices.to(left_out.device), False)
         err = (out.tokens.float() - state.tokens.latest.float()).pow(2).sum(dim=-1)
-        return self.ranks.relative_error((err * left_out).sum(), out.tokens.float().pow(2).sum())
+        return self.ranks.relative_error((err * left_out).sum(), out.tokens.float().pow(2).sum(), read=False)
 
     def _first_step(self, args, sigma, branch, state) -> tuple[Any, ...]:
         state.sigma0 = sigma
@@ -410,7 +445,7 @@ class SpecDiffRuntime:
         x = args[sample_i]
         v = out0.user[0] if out0.user else None
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-            self.report.notes.append("speculative run skipped: the model output is not shaped like its input")
+            self._report.notes.append("speculative run skipped: the model output is not shaped like its input")
             return
         sigmas = schedule.speculative_sigmas(sigma0, steps)
         t = args[t_i]
@@ -470,14 +505,14 @@ class SpecDiffRuntime:
                 msg = (f"specdiff: context_ratio={ratio}: this {self.plan.family} graph computes no subset of "
                        f"its context tokens ({self.plan.text_subset_error}); cached steps {how} all of them")
                 log.info(msg)
-                self.report.notes.append(msg)
+                self._report.notes.append(msg)
             state.context = {ContextMode.CACHED: ContextCaching.CACHED, ContextMode.SUBSET: ContextCaching.SUBSET,
                              ContextMode.COMPUTE: ContextCaching.COMPUTED}[mode]
             state.k_txt = k_txt
             if mode is ContextMode.COMPUTE:
                 state.text.clear()
-            self.report.context_cached = mode is not ContextMode.COMPUTE
-            self.report.context_tokens = text_tokens(mode, k_txt, self.plan)
+            self._report.context_cached = mode is not ContextMode.COMPUTE
+            self._report.context_tokens = text_tokens(mode, k_txt, self.plan)
         return state.context
 
     def _scores(self, state: BranchState, sigma: float) -> torch.Tensor:
@@ -580,7 +615,7 @@ class SpecDiffRuntime:
             fresh = torch.gather(out.tokens, 1, probe.unsqueeze(-1).expand(-1, -1, out.tokens.shape[-1])).float()
             left_out = n - decision.k
             total = (fresh - reused).pow(2).sum() * (left_out / probe.shape[1])
-            error = self.ranks.relative_error(total, out.tokens.float().pow(2).sum())
+            error = self.ranks.relative_error(total, out.tokens.float().pow(2).sum(), read=False)
         elif self.policy.measures():
             error = self.ranks.relative_error(None, None)
         if refresh_text:
@@ -600,7 +635,7 @@ class SpecDiffRuntime:
                      decision=decision, measured=error)
         if branch == 0 and tier is not None:  # a skipped call computes none
             counts = (tier == 1).to(torch.int32)  # stays on the device: no synchronisation per call
-            rep = self.report
+            rep = self._report
             rep.computed_counts = counts if rep.computed_counts is None else rep.computed_counts + counts
         return out.user, flops, error
 

@@ -39,13 +39,17 @@ class SingleProcess:
         """Whether ``flag`` holds on every rank."""
         return flag
 
-    def relative_error(self, squared_error: torch.Tensor | None, squared_norm: torch.Tensor | None) -> float | None:
+    def relative_error(self, squared_error: torch.Tensor | None, squared_norm: torch.Tensor | None,
+                       read: bool = True) -> float | torch.Tensor | None:
         """``sqrt(squared_error / squared_norm)`` over every rank's sums; ``None`` (not
         measured) if any rank passes ``None``. A collective: every rank calls it at the same
-        point, measured or not."""
+        point, measured or not. ``read=False`` may return a 0-d tensor instead of a float (not
+        read back yet: on a GPU a read waits for every kernel queued before it); a group of
+        ranks reads it to agree."""
         if squared_error is None:
             return None
-        return float(squared_error.sqrt() / squared_norm.sqrt().clamp_min(1e-12))
+        error = squared_error.sqrt() / squared_norm.sqrt().clamp_min(1e-12)
+        return float(error) if read else error
 
 
 class RankGroup(SingleProcess):
@@ -84,7 +88,8 @@ class RankGroup(SingleProcess):
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
 
-    def relative_error(self, squared_error: torch.Tensor | None, squared_norm: torch.Tensor | None) -> float | None:
+    def relative_error(self, squared_error: torch.Tensor | None, squared_norm: torch.Tensor | None,
+                       read: bool = True) -> float | None:
         sums = torch.zeros(3, dtype=torch.float64, device=self._device())
         if squared_error is not None:
             sums[0], sums[1], sums[2] = squared_error.double(), squared_norm.double(), 1.0

@@ -116,6 +116,9 @@ class Generation:
     branches: list[Branch] = field(default_factory=list)
     members: set[int] = field(default_factory=lambda: {0})
     id: int = field(default_factory=lambda: next(_IDS))
+    #: observations whose measured error is still a device tensor, in call order; the runtime
+    #: hands them to the policy at the generation's next call (:meth:`SpecDiffRuntime._settle`)
+    pending: list = field(default_factory=list)
 
     def leader(self, j: int) -> Branch:
         """The branch whose controller state and plans branch ``j`` uses."""
