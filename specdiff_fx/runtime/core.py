@@ -286,7 +286,10 @@ class SpecDiffRuntime:
         pending, gen.pending = gen.pending, []
         steps = gen.report.settle().steps  # one read per error, into the records
         for state, view, obs, index in pending:
-            self.policy.observe(state, view, dataclasses.replace(obs, prediction_error=steps[index].measured))
+            error = steps[index].measured
+            if error is None:  # another thread is settling the report this moment: read it here
+                error = float(obs.prediction_error)
+            self.policy.observe(state, view, dataclasses.replace(obs, prediction_error=error))
 
     def _hindsight(self, out: tuple[Any, ...], full: bool, sigma: float, sample: torch.Tensor,
                    state: BranchState) -> tuple[Any, ...]:
