@@ -18,6 +18,12 @@ _ROOTS = ("L['function_reference'].forward.__self__", "L['self']")
 MODULE_STATE_PREFIXES = ("l_self_", "l_function_reference_forward_self_")
 
 
+def is_parameter_input(placeholder: fx.Node) -> bool:
+    """Whether a placeholder of a Dynamo graph is one of the compiled module's parameters
+    (Dynamo names them ``..._parameters_<name>_``)."""
+    return "_parameters_" in placeholder.name
+
+
 def module_path(key: str) -> str:
     """``L['self'].__dict__['_modules']['transformer_blocks'].0.attn`` -> ``transformer_blocks.0.attn``."""
     for root in _ROOTS:

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .config import SpecDiffConfig
-from .graph_utils import clone_graph_module
+from .graph_utils import clone_graph_module, is_parameter_input
 from .passes import NewInput, RewriteContext, passes_for, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
@@ -148,9 +148,9 @@ def _loose_inputs(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[int, ...]:
     model's parameters that are contiguous on the first call (a parameter keeps its strides from
     call to call as plain ``torch.compile`` assumes; skipping them saves a Python loop over
     hundreds of weights on every denoising step)."""
-    names = [p.name for p in gm.graph.find_nodes(op="placeholder")]
-    return tuple(i for i, (name, a) in enumerate(zip(names, args))
-                 if "_parameters_" not in name or not (isinstance(a, torch.Tensor) and a.is_contiguous()))
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return tuple(i for i, (p, a) in enumerate(zip(placeholders, args))
+                 if not is_parameter_input(p) or not (isinstance(a, torch.Tensor) and a.is_contiguous()))
 
 
 def build_variant(

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..families import FAMILIES, Family, family_for_block_types
-from ..graph_utils import MODULE_STATE_PREFIXES, example_value, get_operand, module_paths
+from ..graph_utils import MODULE_STATE_PREFIXES, example_value, get_operand, is_parameter_input, module_paths
 from ..layout import Layout, LayoutError, Seg, node_shape, op_name, propagate_layouts, sdpa_args
 from ..plan import AttentionSite, Block, DiTPlan, stream_segments
 
@@ -258,7 +258,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         sample_input=sample_input,
         timestep_per_sigma=family.timestep_per_sigma,
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
-                           if "_parameters_" in p.name), None),
+                           if is_parameter_input(p)), None),
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                                if not p.name.startswith(MODULE_STATE_PREFIXES)
                                and i not in (timestep_input, sample_input)),
