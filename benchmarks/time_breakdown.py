@@ -128,13 +128,8 @@ def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeat
             log: Callable[[str], None] = print) -> dict:
     """Runs the comparison; returns the rounds and the per-kind totals (also printed)."""
     model, sampler, sample, texts, noise = generation_setup(model_name, prompts)
-    eager = model.transformer
-    torch._dynamo.reset()
-    plain = TimedCalls(torch.compile(copy.deepcopy(model.transformer)) if inductor else copy.deepcopy(eager))
-    with timing_parts() as parts:
-        spec = TimedCalls(torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
-                                        options={**(options or {}), "inductor": inductor}), parts)
-        out = _rounds(model, sample, texts, noise, steps, repeats, eager, plain, spec, log)
+    out = _compare(model.transformer, lambda fn: sample(model, fn, texts, noise, steps), repeats, options,
+                   inductor, log)
     return {"model": model_name, "sampler": sampler, "steps": steps, "prompts": len(texts),
             "threads": torch.get_num_threads(), "options": options or {}, **out}
 
@@ -147,23 +142,29 @@ def measure_config(config: str, steps: int = 28, repeats: int = 3, options: dict
     from benchmarks import compile_time
 
     transformer, generate = compile_time.workload(config, None, steps)
-    torch._dynamo.reset()
-    plain = TimedCalls(torch.compile(copy.deepcopy(transformer)) if inductor else copy.deepcopy(transformer))
-    with timing_parts() as parts:
-        spec = TimedCalls(torch.compile(copy.deepcopy(transformer), backend="specdiff",
-                                        options={**(options or {}), "inductor": inductor}), parts)
-        out = _rounds(None, lambda _m, fn, _t, _n, _s: generate(fn), (), None, steps, repeats, transformer,
-                      plain, spec, log)
+    out = _compare(transformer, generate, repeats, options, inductor, log)
     return {"config": config, "steps": steps, "threads": torch.get_num_threads(), "options": options or {}, **out}
 
 
-def _rounds(model: Any, sample: Callable[..., Any], texts: Sequence[str], noise: torch.Tensor, steps: int,
-            repeats: int, eager: Any, plain: TimedCalls, spec: TimedCalls, log: Callable[[str], None]) -> dict:
+def _compare(eager: Any, generate: Callable[[Any], Any], repeats: int, options: dict | None, inductor: bool,
+             log: Callable[[str], None]) -> dict:
+    """``eager``, its plain Inductor compile and its specdiff compile side by side, each generation
+    made by ``generate(transformer)``: :func:`_rounds` with the calls timed."""
+    torch._dynamo.reset()
+    plain = TimedCalls(torch.compile(copy.deepcopy(eager)) if inductor else copy.deepcopy(eager))
+    with timing_parts() as parts:
+        spec = TimedCalls(torch.compile(copy.deepcopy(eager), backend="specdiff",
+                                        options={**(options or {}), "inductor": inductor}), parts)
+        return _rounds(generate, repeats, eager, plain, spec, log)
+
+
+def _rounds(generate: Callable[[Any], Any], repeats: int, eager: Any, plain: TimedCalls, spec: TimedCalls,
+            log: Callable[[str], None]) -> dict:
 
     def gen(transformer: Any) -> float:
         if transformer is spec:
             specdiff_fx.reset()
-        return protocol._clock(lambda: sample(model, transformer, texts, noise, steps))
+        return protocol._clock(lambda: generate(transformer))
 
     rounds = []
     per_call: dict[str, list[tuple[float, float, float]]] = {k: [] for k in KINDS}  # (call, graph, routing)
