@@ -7,8 +7,8 @@ with ``--context-ratio 0``; the default, 0.5, is what a default cached step runs
 config (SD3 architecture, random weights: 8 layers, hidden 512, 1024 image tokens, 80 context
 tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each (``--ab``: times the
-cached step against the same step compiled so that Inductor copies every cache it writes,
-side by side, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
+cached step against the same step compiled so that Inductor copies every cache it writes, and
+against the same step without the ``few_row_linear`` pass, side by side, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
 full step's rows, reading each layer's own weights against one resident weight per shape, and
 prepacked for oneDNN where it is built in; ``--freezing``: times the untouched mid config under
 Inductor with and without ``freezing=True``). It prints the self-CPU
@@ -195,9 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--context-ratio", type=float, default=0.5)
     p.add_argument("--top", type=int, default=8, help="largest entries printed per variant")
     p.add_argument("--ab", action="store_true",
-                   help="instead of profiling: time the full step, the cached step and the cached step compiled "
-                        "without variants.IN_PLACE_CACHES (Inductor then copies each cache it writes), "
-                        "alternately, 8 rounds, medians")
+                   help="instead of profiling: time the full step, the cached step, the cached step compiled "
+                        "without variants.IN_PLACE_CACHES (Inductor then copies each cache it writes) and the cached "
+                        "step without the few_row_linear pass (every linear as Inductor lowers it), alternately, "
+                        "--rounds rounds, medians")
+    p.add_argument("--rounds", type=int, default=8, help="--ab: rounds of alternating calls")
     p.add_argument("--weights", action="store_true",
                    help="instead of profiling: time the blocks' linear layers alone at a cached and a full "
                         "step's rows, each layer with its own weights (as a step streams them from memory) "
@@ -254,10 +256,17 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             variants.IN_PLACE_CACHES.update(saved)
         calls["cached, caches copied"] = lambda: copying(*example, *extra)
+        from specdiff_fx.passes import few_row_linear, passes_for
+
+        key = VariantKey.sparse(k, context, k_txt=k_txt)
+        plain_linears = build_variant(gm, example, plan, cfg, key,
+                                      passes=[q for q in passes_for(key, cfg) if q is not few_row_linear])
+        extra2 = [e.clone() for e in extra]  # its own caches
+        calls["cached, linears as x W^T"] = lambda: plain_linears(*example, *extra2)
         with torch.no_grad():
             for fn in calls.values():
                 fn(), fn()
-            med = alternate(calls, 8)
+            med = alternate(calls, a.rounds)
         share = sparse.flops / full.flops
         for name, t in med.items():
             print(f"{name}: {t * 1e3:.1f} ms" + ("" if name == "full" else

@@ -1,7 +1,8 @@
 """Small tensor functions the rewrite passes insert into graphs as ``call_function`` nodes.
 
 Each is plain, traceable PyTorch (no data-dependent Python control flow), so AOT autograd
-and Inductor trace straight through them and the plain-FX path just calls them.
+and Inductor trace straight through them and the plain-FX path just calls them; the one
+exception, :func:`few_row_linear`, is an opaque custom op on purpose (see its comment).
 Shapes: ``B`` batch, ``k`` computed image tokens, ``N`` all image tokens.
 """
 
@@ -393,3 +394,29 @@ def gather_shards(x: torch.Tensor, dim: int, group_name: str, world_size: int) -
     out = torch.ops._c10d_functional.all_gather_into_tensor(x.contiguous(), world_size, group_name)
     out = torch.ops._c10d_functional.wait_tensor(out)
     return torch.cat(torch.chunk(out, world_size, dim=0), dim=dim)
+
+
+# -- linears of a few rows (CPU) -----------------------------------------------------------
+# A DiT's modulation (adaLN) linears take one row per sample, ``[B, D] x [D, 6D]``, on every
+# call whatever the number of tokens computed: on a cached call they read as many weight bytes
+# as on a full one. At 2-8 rows BLAS's ``x W^T`` streams the weight 1.4-4.7x slower than
+# ``W x^T`` does on our CPUs (BENCHMARKS.md, "A cached step's modulation linears"). Registered as
+# an opaque op: written as plain ``addmm``, Inductor would fuse the transposing copy of the result
+# into the per-token kernels that read it, which then load the modulation strided.
+
+
+@torch.library.custom_op("specdiff::few_row_linear", mutates_args=())
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for an ``x`` of a few rows, as ``(W x^T + b)^T``; one row is
+    computed as two (BLAS's matrix-vector path streams the weight as slowly as ``x W^T``)."""
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        x2 = torch.cat([x2, x2])
+    out = torch.mm(weight, x2.t()) if bias is None else torch.addmm(bias.unsqueeze(1), weight, x2.t())
+    return out[:, :rows].t().contiguous().reshape(*x.shape[:-1], weight.shape[0])
+
+
+@few_row_linear.register_fake
+def _few_row_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -160,8 +160,10 @@ def build_variant(
     config: SpecDiffConfig,
     key: VariantKey,
     mode: str | None = None,
+    passes: Sequence[Callable[..., fx.GraphModule]] | None = None,
 ) -> Variant:
-    """Clone ``gm``, run the passes of the variant ``key``, compile.
+    """Clone ``gm``, run the passes of the variant ``key`` (``passes``: these instead of
+    :func:`~specdiff_fx.passes.passes_for`'s, for benchmarks that compare pass lists), compile.
 
     Compiles under ``torch.no_grad()``: the variants are inference graphs.
     """
@@ -175,7 +177,7 @@ def build_variant(
     clone = clone_graph_module(gm)
     ctx = RewriteContext(plan=plan, config=config, key=key)
     seed_placeholder_values(clone, example_inputs, ctx)
-    rewritten = run_passes(clone, passes_for(key, config), ctx)
+    rewritten = run_passes(clone, passes_for(key, config) if passes is None else tuple(passes), ctx)
     added = [n.name for n in rewritten.graph.find_nodes(op="placeholder")][len(example_inputs):]
     assert added == [i.name for i in ctx.new_inputs], (added, ctx.new_inputs)
     examples = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in example_inputs] + [

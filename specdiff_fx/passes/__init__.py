@@ -15,6 +15,7 @@ from .collapse_ulysses import collapse_ulysses
 from .expose_attention_kv import expose_attention_kv
 from .expose_attention_score import expose_attention_score
 from .expose_token_output import expose_token_output
+from .few_row_linear import few_row_linear
 from .finalize_outputs import finalize_outputs
 from .gather_token_subset import gather_token_subset
 from .skip_token_stream import skip_token_stream
@@ -25,13 +26,16 @@ from ..signature import VariantKey, VariantKind
 FULL_PASSES = (expose_attention_kv, expose_attention_score, expose_token_output, finalize_outputs)
 
 #: subset variant: k image tokens computed with cached K/V for the rest; the others'
-#: outputs blended from history; returns the user outputs of that tiered step too
+#: outputs blended from history; returns the user outputs of that tiered step too (the
+#: full variant keeps Inductor's own code for the model's computation: ``few_row_linear``
+#: only here; the skip variant computes no block and no embedder)
 SPARSE_PASSES = (
     gather_token_subset,
     blend_token_history,
     attend_with_kv_cache,
     expose_attention_score,
     expose_token_output,
+    few_row_linear,
     finalize_outputs,
 )
 
@@ -52,6 +56,6 @@ def passes_for(key: VariantKey, config) -> tuple:
 __all__ = [
     "FULL_PASSES", "SKIP_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
     "attend_with_kv_cache", "blend_token_history", "collapse_ulysses", "expose_attention_kv", "expose_attention_score",
-    "expose_token_output", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "skip_token_stream",
+    "expose_token_output", "few_row_linear", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "skip_token_stream",
     "specialize_shapes",
 ]
