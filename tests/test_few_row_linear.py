@@ -141,14 +141,16 @@ def test_the_op_is_a_linear(shape, bias):
     torch.library.opcheck(OP, (x, w, b), test_utils=("test_schema", "test_faketensor"))
 
 
-def test_inductor_compiles_a_variant_with_the_op(captured, monkeypatch):
+@pytest.mark.parametrize("regional", [False, True])
+def test_inductor_compiles_a_variant_with_the_op(captured, monkeypatch, regional):
     """The sparse variant of tiny SD3 with its per-sample linears as the op, compiled by
-    Inductor: the op lowers as an opaque call and gives the plain graph's outputs."""
+    Inductor as one graph and block by block: the op lowers as an opaque call and gives the
+    plain graph's outputs."""
     monkeypatch.setattr(rule, "MIN_WEIGHT_BYTES", 0)
     c = captured("sd3")
     plan = analyze_dit(c.gm)
     key = VariantKey.sparse(5, ContextMode.COMPUTE, True)
-    compiled = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(), key)
+    compiled = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(regional_compile=regional), key)
     plain = build_variant(c.gm, c.example_inputs, plan, SpecDiffConfig(inductor=False), key, passes=[
         p for p in passes_for(key, CFG) if p is not few_row_linear])
     assert count(compiled.gm, OP) == per_sample_linears(c.model)
