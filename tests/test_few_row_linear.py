@@ -99,19 +99,22 @@ def test_small_weights_and_the_full_variant_keep_their_linears(captured, name):
     assert few_row_linear in passes_for(VariantKey.sparse(5, ContextMode.COMPUTE, False), CFG)
 
 
-def _linear_graph(x: torch.Tensor, w: torch.Tensor) -> fx.GraphModule:
+def _linear_graph(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> fx.GraphModule:
     gm = fx.symbolic_trace(lambda x, w: F.linear(x, w, None))
     (px, pw) = gm.graph.find_nodes(op="placeholder")
     px.meta["val"], pw.meta["val"] = x, w
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    node.meta["val"] = torch.empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
     return gm
 
 
 @pytest.mark.parametrize("case, rewritten", [
     ("rows 1", True), ("rows 8", True), ("rows 9", False), ("3-d, rows 2x4", True), ("float64", False),
-    ("another device", False), ("small weight", False),
+    ("another device", False), ("small weight", False), ("autocast", False),
 ])
 def test_the_rule(case, rewritten):
-    """Only float32 on a CPU, at most MAX_ROWS rows, a weight of at least MIN_WEIGHT_BYTES."""
+    """Only float32 on a CPU, at most MAX_ROWS rows, a weight of at least MIN_WEIGHT_BYTES; not
+    a float32 linear whose output autocast makes bfloat16."""
     big = (1536, 256)  # 1.5 MiB in float32
     x, w = {
         "rows 1": (torch.empty(1, 256), torch.empty(big)),
@@ -121,8 +124,9 @@ def test_the_rule(case, rewritten):
         "float64": (torch.empty(2, 256, dtype=torch.float64), torch.empty(big, dtype=torch.float64)),
         "another device": (torch.empty(2, 256, device="meta"), torch.empty(big, device="meta")),
         "small weight": (torch.empty(2, 256), torch.empty(1024, 256)),
+        "autocast": (torch.empty(2, 256), torch.empty(big)),
     }[case]
-    gm = _linear_graph(x, w)
+    gm = _linear_graph(x, w, torch.bfloat16 if case == "autocast" else None)
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert rule.rewrites(node) is rewritten
     few_row_linear(gm, None)

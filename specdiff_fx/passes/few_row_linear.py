@@ -10,7 +10,8 @@ config the modulation took 8 % of a cached step for a negligible share of its FL
 
 Reads: ``call_function`` nodes of ``torch._C._nn.linear`` / ``F.linear`` and the fake values
 of their operands (``meta["val"]``).
-Writes: the target of each such node whose input is float32 on a CPU with at most
+Writes: the target of each such node whose input, weight and output are float32 (not under
+autocast) on a CPU, whose input has at most
 :data:`MAX_ROWS` rows (the product of its leading dims) and whose weight holds at least
 :data:`MIN_WEIGHT_BYTES`, replaced by :func:`specdiff_fx.ops.few_row_linear` (same arguments).
 Keeps true: every node's shape and dtype, the graph's inputs and outputs; values equal up to
@@ -42,8 +43,11 @@ def rewrites(node: fx.Node) -> bool:
     x, weight = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.dim() < 1:
         return False
+    out = node.meta.get("val")
     rows = x.numel() // max(1, x.shape[-1])
+    # the output's dtype too: under CPU autocast a float32 linear computes in bfloat16
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and 1 <= rows <= MAX_ROWS
+            and isinstance(out, torch.Tensor) and out.dtype == torch.float32
             and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES)
 
 
