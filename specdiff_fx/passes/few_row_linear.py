@@ -44,11 +44,12 @@ def rewrites(node: fx.Node) -> bool:
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.dim() < 1:
         return False
     out = node.meta.get("val")
-    rows = x.numel() // max(1, x.shape[-1])
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     # the output's dtype too: under CPU autocast a float32 linear computes in bfloat16
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and 1 <= rows <= MAX_ROWS
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and isinstance(out, torch.Tensor) and out.dtype == torch.float32
-            and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES)
+            and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
+            and isinstance(rows, int) and 1 <= rows <= MAX_ROWS)  # not a symbolic size
 
 
 def few_row_linear(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
