@@ -8,7 +8,8 @@ config (SD3 architecture, random weights: 8 layers, hidden 512, 1024 image token
 tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each (``--ab``: times the
 cached step against the same step compiled so that Inductor copies every cache it writes, and
-against the same step without the ``few_row_linear`` pass, side by side, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
+against the same step without the ``few_row_linear`` pass, each right after a full step as in a
+generation, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
 full step's rows, reading each layer's own weights against one resident weight per shape, and
 prepacked for oneDNN where it is built in; ``--freezing``: times the untouched mid config under
 Inductor with and without ``freezing=True``). It prints the self-CPU
@@ -26,6 +27,7 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,13 +64,40 @@ def profile(fn, calls: int = 3) -> tuple[collections.Counter, collections.Counte
 
 def alternate(fns: dict, rounds: int) -> dict:
     """Seconds per call of each of ``fns`` (name -> callable), called in turn ``rounds`` times
-    so that the VM's drift hits them alike; the median (upper, for an even count) per name."""
+    so that the VM's drift hits them alike; the median (upper, for an even count) per name.
+    Each round calls them in a new random order (seeded): variants of one model read the same
+    weights, a call right after another finds the end of them still in the CPU's last-level
+    cache, and a call right after a full step finds nothing; a fixed order (or a rotation of
+    it, which keeps who follows whom) gives those to the same variant every round."""
+    import random
+
     times = {name: [] for name in fns}
+    order, rng = list(fns.items()), random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def after_full(full: Callable[[], Any], cached: dict, rounds: int) -> dict:
+    """Seconds per call of each of ``cached`` (name -> callable), each called right after a call
+    of ``full``, as a generation's sparse call follows a full call (which leaves none of the
+    weights or caches a cached step reads in the CPU's caches); the pairs in a new random order
+    (seeded) each round; medians (upper), and the full call's under ``"full"``."""
+    import random
+
+    times: dict[str, list[float]] = {"full": [], **{name: [] for name in cached}}
+    names, rng = list(cached), random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            for key, fn in (("full", full), (name, cached[name])):
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
@@ -195,10 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--context-ratio", type=float, default=0.5)
     p.add_argument("--top", type=int, default=8, help="largest entries printed per variant")
     p.add_argument("--ab", action="store_true",
-                   help="instead of profiling: time the full step, the cached step, the cached step compiled "
-                        "without variants.IN_PLACE_CACHES (Inductor then copies each cache it writes) and the cached "
-                        "step without the few_row_linear pass (every linear as Inductor lowers it), alternately, "
-                        "--rounds rounds, medians")
+                   help="instead of profiling: time the cached step, the cached step compiled without "
+                        "variants.IN_PLACE_CACHES (Inductor then copies each cache it writes) and the cached step "
+                        "without the few_row_linear pass (every linear as Inductor lowers it), each right after a "
+                        "full step, --rounds rounds, medians")
     p.add_argument("--rounds", type=int, default=8, help="--ab: rounds of alternating calls")
     p.add_argument("--weights", action="store_true",
                    help="instead of profiling: time the blocks' linear layers alone at a cached and a full "
@@ -266,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             for fn in calls.values():
                 fn(), fn()
-            med = alternate(calls, a.rounds)
+            med = after_full(calls.pop("full"), calls, a.rounds)
         share = sparse.flops / full.flops
         for name, t in med.items():
             print(f"{name}: {t * 1e3:.1f} ms" + ("" if name == "full" else
