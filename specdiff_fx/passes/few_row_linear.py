@@ -11,9 +11,9 @@ config the modulation took 8 % of a cached step for a negligible share of its FL
 Reads: ``call_function`` nodes of ``torch._C._nn.linear`` / ``F.linear`` and the fake values
 of their operands (``meta["val"]``).
 Writes: the target of each such node whose input, weight and output are float32 (not under
-autocast) on a CPU, whose input has at most
-:data:`MAX_ROWS` rows (the product of its leading dims) and whose weight holds at least
-:data:`MIN_WEIGHT_BYTES`, replaced by :func:`specdiff_fx.ops.few_row_linear` (same arguments).
+autocast) on a CPU, whose input has at most :data:`MAX_ROWS` rows (the product of its leading
+dims) and whose weight holds at least :data:`MIN_WEIGHT_BYTES`, replaced by
+:func:`specdiff_fx.ops.few_row_linear` (same arguments, a missing bias as ``None``).
 Keeps true: every node's shape and dtype, the graph's inputs and outputs; values equal up to
 float32 rounding (another order of the same products). Nothing on other devices or dtypes
 (unmeasured there), nothing with more rows (where ``x W^T`` is as fast or faster).
