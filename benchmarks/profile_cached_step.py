@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import random
 import sys
 import time
 from pathlib import Path
@@ -69,8 +70,6 @@ def alternate(fns: dict, rounds: int) -> dict:
     weights, a call right after another finds the end of them still in the CPU's last-level
     cache, and a call right after a full step finds nothing; a fixed order (or a rotation of
     it, which keeps who follows whom) gives those to the same variant every round."""
-    import random
-
     times = {name: [] for name in fns}
     order, rng = list(fns.items()), random.Random(0)
     for _ in range(rounds):
@@ -87,8 +86,6 @@ def after_full(full: Callable[[], Any], cached: dict, rounds: int) -> dict:
     of ``full``, as a generation's sparse call follows a full call (which leaves none of the
     weights or caches a cached step reads in the CPU's caches); the pairs in a new random order
     (seeded) each round; medians (upper), and the full call's under ``"full"``."""
-    import random
-
     times: dict[str, list[float]] = {"full": [], **{name: [] for name in cached}}
     names, rng = list(cached), random.Random(0)
     for _ in range(rounds):
@@ -228,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "variants.IN_PLACE_CACHES (Inductor then copies each cache it writes) and the cached step "
                         "without the few_row_linear pass (every linear as Inductor lowers it), each right after a "
                         "full step, --rounds rounds, medians")
-    p.add_argument("--rounds", type=int, default=8, help="--ab: rounds of alternating calls")
+    p.add_argument("--rounds", type=int, default=8, help="--ab: rounds (each cached variant once after a full step per round)")
     p.add_argument("--weights", action="store_true",
                    help="instead of profiling: time the blocks' linear layers alone at a cached and a full "
                         "step's rows, each layer with its own weights (as a step streams them from memory) "
