@@ -8,8 +8,8 @@ row takes the matrix-vector path either way, as slow, and is computed as two), s
 config the modulation took 8 % of a cached step for a negligible share of its FLOPs
 (``BENCHMARKS.md``, "A cached step's modulation linears").
 
-Reads: ``call_function`` nodes of ``torch._C._nn.linear`` / ``F.linear`` and the fake values
-of their operands (``meta["val"]``).
+Reads: the linear nodes (``layout.op_name``: ``torch._C._nn.linear`` / ``F.linear``) and the
+fake values of their operands and outputs (``meta["val"]``).
 Writes: the target of each such node whose input, weight and output are float32 (not under
 autocast) on a CPU, whose input has at most :data:`MAX_ROWS` rows (the product of its leading
 dims) and whose weight holds at least :data:`MIN_WEIGHT_BYTES`, replaced by
@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers specdiff::few_row_linear)
+from ..layout import op_name
 from .context import RewriteContext
 
 #: at most this many rows: measured faster at 1-8 rows (1 computed as 2), equal at 16
@@ -35,12 +36,11 @@ MAX_ROWS = 8
 #: 0.375 MiB 0.38 / 0.62, 1 MiB 1.15 / 0.94, 1.5 MiB 2.64 / 1.23, 6 MiB 15.3 / 3.6): from 1.5 MiB
 #: faster at either thread count
 MIN_WEIGHT_BYTES = 3 << 19
-LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
 def rewrites(node: fx.Node) -> bool:
     """Whether :func:`few_row_linear` rewrites ``node``."""
-    if node.op != "call_function" or node.target not in LINEAR or node.kwargs or not 2 <= len(node.args) <= 3:
+    if node.op != "call_function" or op_name(node) != "linear" or node.kwargs or not 2 <= len(node.args) <= 3:
         return False
     x, weight = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.dim() < 1:
@@ -55,8 +55,7 @@ def rewrites(node: fx.Node) -> bool:
 
 
 def few_row_linear(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
-    for node in gm.graph.find_nodes(op="call_function", target=torch._C._nn.linear) + \
-            gm.graph.find_nodes(op="call_function", target=torch.nn.functional.linear):
+    for node in gm.graph.nodes:
         if rewrites(node):
             args = tuple(node.args) + (None,) * (3 - len(node.args))
             node.target, node.args = torch.ops.specdiff.few_row_linear.default, args
