@@ -14,6 +14,9 @@
 #              what compiling block by block costs per call against sd3's specdiff row
 #   sd3_busy   SD3-medium: specdiff and Inductor, the device's busy time per call kind under
 #              torch.profiler (--device-time): host-bound calls (device idle) against device-bound
+#   check      correctness on the device's kernels (benchmarks/gpu_check.py): tiny SD3 and FLUX,
+#              bfloat16 and float32; cache_ratio=0 and the sparse variant computing every token
+#              against eager, as closely as plain Inductor; exit 1 if a check fails
 #
 # --dry-run: the same jobs on this CPU with gpu_latency.py's tiny configs and no wheels (what
 # CI checks; seconds).
@@ -22,11 +25,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
-[[ $# -gt 0 ]] || { echo "usage: $0 [--dry-run] JOB... (jobs: sd3 flux sd3_whole sd3_busy)" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "usage: $0 [--dry-run] JOB... (jobs: sd3 flux sd3_whole sd3_busy check)" >&2; exit 2; }
 for job in "$@"; do
   case "$job" in
-    sd3|flux|sd3_whole|sd3_busy) ;;
-    *) echo "gpu_session: unknown job '$job' (jobs: sd3 flux sd3_whole sd3_busy)" >&2; exit 2 ;;
+    sd3|flux|sd3_whole|sd3_busy|check) ;;
+    *) echo "gpu_session: unknown job '$job' (jobs: sd3 flux sd3_whole sd3_busy check)" >&2; exit 2 ;;
   esac
 done
 out="${OUT:-gpu_out}"
@@ -46,10 +49,12 @@ else
 fi
 
 status=0
-run() {  # run NAME LIMIT_SECONDS ARGS...: one gpu_latency.py invocation, its table and log under $out
+run() {  # run NAME LIMIT_SECONDS ARGS...: one gpu_latency.py (job check: gpu_check.py) invocation, its table and log under $out
   local name=$1 limit=$2; shift 2
+  local script=benchmarks/gpu_latency.py
+  [[ $name == check ]] && script=benchmarks/gpu_check.py
   echo "== $name (limit ${limit} s)"
-  timeout "$limit" "$py" benchmarks/gpu_latency.py "${extra[@]}" --out "$out/$name.md" "$@" 2>&1 | tee "$out/$name.log"
+  timeout "$limit" "$py" "$script" "${extra[@]}" --out "$out/$name.md" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
   [[ $rc == 0 ]] || { echo "== $name: exit $rc (124: its time limit; the table keeps the modes it finished)"; status=1; }
 }
@@ -60,6 +65,7 @@ for job in "$@"; do
     flux) run flux 240 --models flux --modes specdiff,eager --timed 1 ;;
     sd3_whole) run sd3_whole 240 --models sd3 --modes specdiff --split --specdiff-options '{"regional_compile": false}' ;;
     sd3_busy) run sd3_busy 240 --models sd3 --modes specdiff,inductor --timed 1 --device-time ;;
+    check) run check 240 ;;
   esac
 done
 exit $status
