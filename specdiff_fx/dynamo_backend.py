@@ -25,7 +25,7 @@ import torch.fx as fx
 from .config import SpecDiffConfig
 from .passes import DynamicShapes, NotADiT, analyze_dit, collapse_ulysses, specialize_shapes
 from .plan import DiTPlan
-from .variants import compile_graph
+from .variants import asks_for_cudagraphs, compile_graph, mode_options
 
 log = logging.getLogger("specdiff_fx")
 
@@ -72,6 +72,8 @@ class SpecDiffBackend:
 
     def __init__(self, config: SpecDiffConfig | None = None, mode: str | None = None) -> None:
         self.config = config or SpecDiffConfig()
+        if mode_options(mode) and not self.config.inductor:  # an unknown mode is refused here, before any graph
+            _warn_once(f"specdiff: mode={mode!r} has no effect with inductor=False (the graphs run as plain FX)")
         self.mode = mode
         self.records: list[CompileRecord] = []
         self.runtimes: list[Any] = []
@@ -116,6 +118,11 @@ class SpecDiffBackend:
             return self._fallback(original, example_inputs, "score='attention' is not supported under context "
                                   "parallelism (its caches hold every rank's keys for a share of the heads; "
                                   "score='drift', the default, is)", plan, t0)
+        device = next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), None)
+        if self.config.inductor and device is not None and device.type == "cuda" and asks_for_cudagraphs(self.mode):
+            _warn_once(f"specdiff: mode={self.mode!r} asks for CUDA graphs; the rewritten graphs are compiled "
+                       "without them (a CUDA graph's replay overwrites the outputs of the one before, which "
+                       "specdiff keeps as caches); the mode's other settings apply")
         try:
             policy = make_policy(self.config, plan.num_image_tokens)
             executor = GraphExecutor(gm, example_inputs, plan, self.config, self.mode,

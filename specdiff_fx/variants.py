@@ -26,6 +26,35 @@ from .signature import ContextMode, Port, Role, VariantKey, VariantKind
 #: a cached step"). Without that reordering the rows are written in place.
 IN_PLACE_CACHES = {"reorder_for_locality": False}
 
+#: Inductor settings for every rewritten variant: no CUDA graphs. A CUDA graph's replay writes
+#: its outputs into the memory the replay before it wrote them to, while the runtime keeps a full
+#: call's outputs (K/V, token outputs) as caches across calls; the sparse variant writes its
+#: caches in place, which Inductor's CUDA graphs skip anyway. A ``mode`` that turns them on
+#: ("reduce-overhead", "max-autotune") keeps its other settings for the variants; the untouched
+#: graph (``cache_ratio=0``, a fallback) gets the mode as it is.
+NO_CUDAGRAPHS = {"triton.cudagraphs": False}
+
+
+def mode_options(mode: str | None) -> dict[str, Any]:
+    """Inductor's settings for ``torch.compile``'s ``mode``; ``ValueError`` for an unknown one."""
+    if mode is None or mode == "default":
+        return {}
+    if not isinstance(mode, str):
+        raise ValueError(f"specdiff: mode must be a string (torch.compile's mode), got {type(mode).__name__}")
+    from torch._inductor import list_mode_options
+
+    try:
+        return dict(list_mode_options(mode))
+    except Exception as e:  # Inductor's message lists the modes this torch knows
+        raise ValueError(f"specdiff: unknown mode {mode!r}: {e}") from None
+
+
+def asks_for_cudagraphs(mode: str | None) -> bool:
+    """Whether ``mode`` (or Inductor's global config) would compile with CUDA graphs."""
+    from torch._inductor import config as inductor_config
+
+    return bool(mode_options(mode).get("triton.cudagraphs", inductor_config.triton.cudagraphs))
+
 
 def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: SpecDiffConfig,
                   mode: str | None = None, patches: Mapping[str, Any] | None = None,
@@ -36,10 +65,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Spe
     (:mod:`specdiff_fx.regional`)."""
     if not config.inductor:
         return gm.forward
-    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    merged = {**(list_mode_options(mode) if mode and mode != "default" else {}), **(patches or {})}
+    merged = {**mode_options(mode), **(patches or {})}
     device = next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), None)
     if plan is not None and plan.blocks and config.regional_on(device):
         from .regional import compile_regions, regional_compile_fx
@@ -190,8 +218,8 @@ def build_variant(
             examples[len(example_inputs) + j] = index.contiguous()
     flops = count_flops(rewritten, examples)  # before Inductor, which may edit the graph
     with torch.no_grad():
-        fn = compile_graph(rewritten, examples, config, mode,
-                           IN_PLACE_CACHES if key.kind is VariantKind.SPARSE else None, plan)
+        patches = {**NO_CUDAGRAPHS, **(IN_PLACE_CACHES if key.kind is VariantKind.SPARSE else {})}
+        fn = compile_graph(rewritten, examples, config, mode, patches, plan)
     meta = rewritten.meta["specdiff_outputs"]
     return Variant(
         key=key, gm=rewritten, fn=fn, new_inputs=tuple(ctx.new_inputs),
