@@ -577,6 +577,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--specdiff-options", default=None,
                         help='JSON dict for torch.compile(..., backend="specdiff", options=...); '
                              'the dry run defaults to {"inductor": false}')
+    parser.add_argument("--inductor-config", default=None,
+                        help='JSON dict of torch._inductor.config settings for every compiled mode (Inductor and '
+                             'specdiff alike), e.g. \'{"cpp_wrapper": true}\'')
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="weights/activations dtype (default bfloat16; float32 with --dry-run)")
     parser.add_argument("--device", default=None, help="default cuda (cpu with --dry-run)")
@@ -618,11 +621,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    inductor_config = json.loads(args.inductor_config) if args.inductor_config else {}
+    if not isinstance(inductor_config, dict):
+        raise SystemExit(f"--inductor-config: a JSON dict, got {args.inductor_config!r}")
+    from torch._inductor import config as inductor_settings
+
+    settings = contextlib.ExitStack()
+    try:  # an unknown key is refused here, before any model is built
+        settings.enter_context(inductor_settings.patch(inductor_config))
+    except (AttributeError, TypeError) as e:
+        raise SystemExit(f"--inductor-config: {e}") from None
     threads = torch.get_num_threads()
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({threads} thread{'s' if threads != 1 else ''})")
     print(f"gpu_latency: {where}, torch {torch.__version__}, {dtype}, {steps} steps, modes {modes}, "
-          f"specdiff options {options}{' [dry run]' if args.dry_run else ''}")
+          f"specdiff options {options}, Inductor config {inductor_config}{' [dry run]' if args.dry_run else ''}")
 
     results: list[ModeResult] = []
     t0 = time.perf_counter()
@@ -630,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.append(result)
         Path(args.out).write_text(format_table(results) + "\n")
 
-    with warnings.catch_warnings():
+    with settings, warnings.catch_warnings():
         warnings.simplefilter("default")
         for name in names:
             benchmark_model(specs[name], device, dtype, steps=steps, timed=timed, modes=modes,

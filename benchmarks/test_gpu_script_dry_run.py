@@ -52,6 +52,19 @@ def test_modes_are_checked() -> None:
             gpu_latency.main(["--dry-run", "--modes", bad])
 
 
+def test_inductor_config_is_checked() -> None:
+    """``--inductor-config`` (global Inductor settings for every compiled mode): a non-dict or an
+    unknown key is refused before any model is built."""
+    import pytest
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_latency
+
+    for bad, match in (('{"no_such_setting": 1}', "no_such_setting does not exist"), ("[1]", "a JSON dict")):
+        with pytest.raises(SystemExit, match=match):
+            gpu_latency.main(["--dry-run", "--models", "sd3", "--inductor-config", bad])
+
+
 def test_session_script_runs_its_jobs_dry(tmp_path: Path) -> None:
     """``scripts/gpu_session.sh --dry-run JOB...`` (the prepared command for a lent GPU) runs each
     job's gpu_latency.py on the CPU and leaves its table and log in ``$OUT``; an unknown job is

@@ -14,6 +14,8 @@
 #              what compiling block by block costs per call against sd3's specdiff row
 #   sd3_busy   SD3-medium: specdiff and Inductor, the device's busy time per call kind under
 #              torch.profiler (--device-time): host-bound calls (device idle) against device-bound
+#   sd3_cpp    SD3-medium: specdiff and Inductor with Inductor's C++ wrapper (cpp_wrapper: kernels
+#              launched from C++, not Python), per-call split: what launching costs a cached call
 #   check      correctness on the device's kernels (benchmarks/gpu_check.py): tiny SD3 and FLUX,
 #              bfloat16 and float32; cache_ratio=0 and the sparse variant computing every token
 #              against eager, as closely as plain Inductor; exit 1 if a check fails
@@ -25,11 +27,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 dry=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
-[[ $# -gt 0 ]] || { echo "usage: $0 [--dry-run] JOB... (jobs: sd3 flux sd3_whole sd3_busy check)" >&2; exit 2; }
+[[ $# -gt 0 ]] || { echo "usage: $0 [--dry-run] JOB... (jobs: sd3 flux sd3_whole sd3_busy sd3_cpp check)" >&2; exit 2; }
 for job in "$@"; do
   case "$job" in
-    sd3|flux|sd3_whole|sd3_busy|check) ;;
-    *) echo "gpu_session: unknown job '$job' (jobs: sd3 flux sd3_whole sd3_busy check)" >&2; exit 2 ;;
+    sd3|flux|sd3_whole|sd3_busy|sd3_cpp|check) ;;
+    *) echo "gpu_session: unknown job '$job' (jobs: sd3 flux sd3_whole sd3_busy sd3_cpp check)" >&2; exit 2 ;;
   esac
 done
 out="${OUT:-gpu_out}"
@@ -65,6 +67,7 @@ for job in "$@"; do
     flux) run flux 240 --models flux --modes specdiff,eager --timed 1 ;;
     sd3_whole) run sd3_whole 240 --models sd3 --modes specdiff --split --specdiff-options '{"regional_compile": false}' ;;
     sd3_busy) run sd3_busy 240 --models sd3 --modes specdiff,inductor --timed 1 --device-time ;;
+    sd3_cpp) run sd3_cpp 300 --models sd3 --modes specdiff,inductor --timed 1 --split --inductor-config '{"cpp_wrapper": true}' ;;
     check) run check 240 ;;
   esac
 done
