@@ -125,36 +125,41 @@ def generation_setup(model_name: str, prompts: int) -> tuple[Any, str, Callable[
 
 def measure(model_name: str = "sd3_b", steps: int = 28, prompts: int = 8, repeats: int = 3,
             options: dict | None = None, inductor: bool = True,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, skip_module_guards: bool = False) -> dict:
     """Runs the comparison; returns the rounds and the per-kind totals (also printed)."""
     model, sampler, sample, texts, noise = generation_setup(model_name, prompts)
     out = _compare(model.transformer, lambda fn: sample(model, fn, texts, noise, steps), repeats, options,
-                   inductor, log)
+                   inductor, log, skip_module_guards)
     return {"model": model_name, "sampler": sampler, "steps": steps, "prompts": len(texts),
             "threads": torch.get_num_threads(), "options": options or {}, **out}
 
 
 def measure_config(config: str, steps: int = 28, repeats: int = 3, options: dict | None = None,
-                   inductor: bool = True, log: Callable[[str], None] = print) -> dict:
+                   inductor: bool = True, log: Callable[[str], None] = print,
+                   skip_module_guards: bool = False) -> dict:
     """:func:`measure` on one of ``compile_time.py``'s random-weight workloads instead of a zoo
     model (``deep``: the tiny SD3 at SD3-medium's 24 layers, one prompt, batched CFG; ``tiny``,
     ``mid``, ``flux_deep``): the host's share of a call grows with the number of blocks."""
     from benchmarks import compile_time
 
     transformer, generate = compile_time.workload(config, None, steps)
-    out = _compare(transformer, generate, repeats, options, inductor, log)
+    out = _compare(transformer, generate, repeats, options, inductor, log, skip_module_guards)
     return {"config": config, "steps": steps, "threads": torch.get_num_threads(), "options": options or {}, **out}
 
 
 def _compare(eager: Any, generate: Callable[[Any], Any], repeats: int, options: dict | None, inductor: bool,
-             log: Callable[[str], None]) -> dict:
+             log: Callable[[str], None], skip_module_guards: bool = False) -> dict:
     """``eager``, its plain Inductor compile and its specdiff compile side by side, each generation
-    made by ``generate(transformer)``: :func:`_rounds` with the calls timed."""
+    made by ``generate(transformer)``: :func:`_rounds` with the calls timed. ``skip_module_guards``:
+    both compiles without Dynamo's guards on the modules' attributes and parameters
+    (``guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe``)."""
     torch._dynamo.reset()
-    plain = TimedCalls(torch.compile(copy.deepcopy(eager)) if inductor else copy.deepcopy(eager))
+    guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if skip_module_guards else {}
+    plain = TimedCalls(torch.compile(copy.deepcopy(eager), options=dict(guards) or None) if inductor
+                       else copy.deepcopy(eager))
     with timing_parts() as parts:
         spec = TimedCalls(torch.compile(copy.deepcopy(eager), backend="specdiff",
-                                        options={**(options or {}), "inductor": inductor}), parts)
+                                        options={**(options or {}), "inductor": inductor, **guards}), parts)
         return _rounds(generate, repeats, eager, plain, spec, log)
 
 
@@ -222,11 +227,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--specdiff", type=json.loads, default={}, metavar="JSON", help="specdiff options")
     p.add_argument("--no-inductor", action="store_true", help="plain FX instead of Inductor (smoke runs)")
+    p.add_argument("--skip-module-guards", action="store_true",
+                   help="both compiles with guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.config:
-        return measure_config(a.config, a.steps, a.repeats, a.specdiff, inductor=not a.no_inductor)
-    return measure(a.model, a.steps, a.prompts, a.repeats, a.specdiff, inductor=not a.no_inductor)
+        return measure_config(a.config, a.steps, a.repeats, a.specdiff, inductor=not a.no_inductor,
+                              skip_module_guards=a.skip_module_guards)
+    return measure(a.model, a.steps, a.prompts, a.repeats, a.specdiff, inductor=not a.no_inductor,
+                   skip_module_guards=a.skip_module_guards)
 
 
 if __name__ == "__main__":

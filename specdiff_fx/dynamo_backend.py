@@ -72,7 +72,8 @@ class SpecDiffBackend:
 
     def __init__(self, config: SpecDiffConfig | None = None, mode: str | None = None) -> None:
         self.config = config or SpecDiffConfig()
-        if mode_options(mode) and not self.config.inductor:  # an unknown mode is refused here, before any graph
+        inductor_mode = mode_options(mode)  # an unknown mode is refused here, before any graph
+        if inductor_mode and not self.config.inductor:
             _warn_once(f"specdiff: mode={mode!r} has no effect with inductor=False (the graphs run as plain FX)")
         self.mode = mode
         self.records: list[CompileRecord] = []
