@@ -22,6 +22,9 @@ latents (``||x - x_eager|| / ||x_eager||``):
 * ``specdiff defaults``: finite output; its deviation and FLOPs are reported, not checked (random
   weights say nothing about fidelity).
 
+Every specdiff mode must also have been compiled as asked (``last_record().status``: "plain" at
+``cache_ratio=0``, else "specdiff"): a fallback to plain Inductor fails the check.
+
 A check passes when the mode's deviation is at most twice Inductor's plus a floor (1e-4 in
 float32, 2e-2 in bfloat16; on the CPU dry run, eager's place is taken by itself, the floor
 alone). TF32 is off, so that float32 means float32. The table goes to ``--out``; the exit status
@@ -105,8 +108,14 @@ def run_model(spec: gl.ModelSpec, device: torch.device, dtype: torch.dtype, step
         opts = {**options, **({"inductor": False} if fx_only else {})}
         x, seconds = generate(torch.compile(model, backend="specdiff", options=opts))
         dev = deviation(x, ref)
-        report = specdiff_fx.last_generation() if mode != "specdiff r=0" else None
         row = Row(label, name, mode, dev, seconds)
+        record = specdiff_fx.last_record()  # what the backend did with the graph: a fallback is a failure here
+        expected = "plain" if mode == "specdiff r=0" else "specdiff"
+        report = specdiff_fx.last_generation() if expected == "specdiff" else None
+        if record is None or record.status != expected:
+            row.verdict = f"FAIL ({record.status}: {record.reason})" if record is not None else "FAIL (no record)"
+            rows.append(row)
+            continue
         if report is not None:
             kinds = [s.kind for s in report.steps]
             row.calls = f"{kinds.count('full')} / {kinds.count('cached')} / {kinds.count('skipped')}"

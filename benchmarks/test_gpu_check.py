@@ -42,3 +42,19 @@ def test_a_deviating_mode_fails(monkeypatch) -> None:
     assert row.verdict.startswith("FAIL"), row
     assert next(r for r in rows if r.mode == "specdiff r=0").verdict == "ok"
     assert "FAIL" in gpu_check.format_table(rows)
+
+
+def test_a_fallback_fails(monkeypatch) -> None:
+    """A graph the backend did not rewrite (a fallback to plain Inductor) fails every specdiff mode,
+    whatever its latents: the check is about the rewritten graphs."""
+    import types
+
+    sys.path.insert(0, str(HERE))
+    import gpu_check
+
+    fallback = types.SimpleNamespace(status="fallback", reason="rewrite failed: boom")
+    monkeypatch.setattr(gpu_check.specdiff_fx, "last_record", lambda: fallback)
+    rows = gpu_check.run_model(gpu_check.gl.TINY_SPECS["flux"], torch.device("cpu"), torch.float32, 4,
+                               inductor=False, fx_only=True)
+    verdicts = {r.mode: r.verdict for r in rows}
+    assert all(verdicts[m] == "FAIL (fallback: rewrite failed: boom)" for m in gpu_check.SPECDIFF_MODES), verdicts
