@@ -25,7 +25,7 @@ import torch.fx as fx
 from .config import SpecDiffConfig
 from .passes import DynamicShapes, NotADiT, analyze_dit, collapse_ulysses, specialize_shapes
 from .plan import DiTPlan
-from .variants import asks_for_cudagraphs, compile_graph, mode_options
+from .variants import asks_for_cudagraphs, compile_graph, inputs_device, mode_options
 
 log = logging.getLogger("specdiff_fx")
 
@@ -119,7 +119,7 @@ class SpecDiffBackend:
             return self._fallback(original, example_inputs, "score='attention' is not supported under context "
                                   "parallelism (its caches hold every rank's keys for a share of the heads; "
                                   "score='drift', the default, is)", plan, t0)
-        device = next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), None)
+        device = inputs_device(example_inputs)
         if self.config.inductor and device is not None and device.type == "cuda" and asks_for_cudagraphs(self.mode):
             _warn_once(f"specdiff: mode={self.mode!r} asks for CUDA graphs; the rewritten graphs are compiled "
                        "without them (a CUDA graph's replay overwrites the outputs of the one before, which "

@@ -49,6 +49,11 @@ def mode_options(mode: str | None) -> dict[str, Any]:
         raise ValueError(f"specdiff: unknown mode {mode!r}: {e}") from None
 
 
+def inputs_device(example_inputs: Sequence[Any]) -> torch.device | None:
+    """The device of a graph's first tensor input (``None`` without one)."""
+    return next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), None)
+
+
 def asks_for_cudagraphs(mode: str | None) -> bool:
     """Whether ``mode`` (or Inductor's global config) would compile with CUDA graphs."""
     from torch._inductor import config as inductor_config
@@ -68,7 +73,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Spe
     from torch._inductor.compile_fx import compile_fx
 
     merged = {**mode_options(mode), **(patches or {})}
-    device = next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), None)
+    device = inputs_device(example_inputs)
     if plan is not None and plan.blocks and config.regional_on(device):
         from .regional import compile_regions, regional_compile_fx
 
