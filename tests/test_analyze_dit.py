@@ -111,3 +111,23 @@ def test_text_joined_in_from_elsewhere_refuses_text_subsets():
     facts = _text_layouts(gm, family, x, end, 6, Layout(1, (Seg("img", 6),)), [], None)
     assert "joins in text tokens that do not come from the text input" in facts["text_subset_error"]
     assert "text_layouts" not in facts
+
+
+def test_a_dit_inside_the_compiled_module_is_refused_with_the_fix():
+    """A transformer compiled as a submodule of a wrapper (its module paths, inputs and
+    parameters named from the wrapper) is refused with the one-line fix, not with a
+    misleading "no image-token stream"; the backend then falls back to plain compilation."""
+    from conftest import capture
+    from oracle import sd3_inputs, tiny_sd3
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    gm, _ = capture(Wrapper(tiny_sd3()), sd3_inputs(2, 8, 12))
+    with pytest.raises(NotADiT, match=r"SD3Transformer2DModel is a submodule \('inner'\).*torch.compile\(pipe.transformer"):
+        analyze_dit(gm)

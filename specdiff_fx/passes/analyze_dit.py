@@ -197,6 +197,12 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
             "no supported DiT found: the graph has none of the transformer blocks of "
             + ", ".join(f.model_class for f in FAMILIES)
         )
+    nested = sorted({p for node in gm.graph.nodes for p, cls in module_paths(node) if p and cls == family.model_class})
+    if nested:  # the compiled root is not on module stacks; the DiT is a submodule of what was compiled
+        raise NotADiT(
+            f"{family.model_class} is a submodule ({nested[0]!r}) of the compiled module: specdiff rewrites a DiT "
+            f"compiled as itself, e.g. pipe.transformer = torch.compile(pipe.transformer, backend=\"specdiff\")"
+        )
     if _has_symbolic_shapes(gm):
         raise DynamicShapes(f"{family.model_class} traced with dynamic (symbolic) shapes")
     start = _stream_start(gm, family.embed)
