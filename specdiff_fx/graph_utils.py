@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 _MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]|\['([^']+)'\]|\.([A-Za-z_0-9]+)")
 
@@ -16,6 +18,15 @@ _MODULES = re.compile(r"__dict__\['_modules'\]\['([^']+)'\]|\['([^']+)'\]|\.([A-
 _ROOTS = ("L['function_reference'].forward.__self__", "L['self']")
 #: ... and in placeholder names of its parameters and buffers
 MODULE_STATE_PREFIXES = ("l_self_", "l_function_reference_forward_self_")
+
+
+def static_fake_mode() -> FakeTensorMode:
+    """A fake mode for the passes' shape propagation and FLOP counts: static shapes, and a
+    shape environment so that a graph that reads a Python number from a tensor (``.item()``:
+    Dynamo passes a float attribute that changed between calls, such as a LoRA adapter's scale
+    after ``set_adapters``, as a 0-d tensor input) propagates it as an unknown number instead
+    of failing."""
+    return FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
 
 
 def is_parameter_input(placeholder: fx.Node) -> bool:

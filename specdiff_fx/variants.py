@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 
 from .config import SpecDiffConfig
-from .graph_utils import clone_graph_module, is_parameter_input
+from .graph_utils import clone_graph_module, is_parameter_input, static_fake_mode
 from .passes import NewInput, RewriteContext, passes_for, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
@@ -77,8 +78,30 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Spe
     if plan is not None and plan.blocks and config.regional_on(device):
         from .regional import compile_regions, regional_compile_fx
 
-        return compile_regions(gm, example_inputs, plan, regional_compile_fx(merged))
-    return compile_fx(gm, list(example_inputs), config_patches=merged or None)
+        with _tracing_context(gm):
+            return compile_regions(gm, example_inputs, plan, regional_compile_fx(merged))
+    with _tracing_context(gm):
+        return compile_fx(gm, list(example_inputs), config_patches=merged or None)
+
+
+@contextlib.contextmanager
+def _tracing_context(gm: fx.GraphModule) -> Iterator[None]:
+    """Inside Dynamo's call of the backend, nothing; a variant compiled later, in the middle of
+    a generation, is traced by Inductor in the fake mode the passes propagated its shapes in
+    (:func:`~specdiff_fx.graph_utils.static_fake_mode`, found on its placeholders). Without it,
+    Inductor's tracing fails on a graph that reads a Python number from an input tensor
+    (``.item()``: what Dynamo makes of a float attribute that changed between calls, such as a
+    LoRA adapter's scale after ``set_adapters``); with it the number stays a runtime value."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if TracingContext.try_get() is not None:
+        yield
+        return
+    vals = (n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder"))
+    mode = next((v.fake_mode for v in vals if isinstance(v, FakeTensor)), None) or static_fake_mode()
+    with tracing(TracingContext(mode)):
+        yield
 
 
 @dataclass
@@ -270,9 +293,7 @@ def flop_counter():
 
 def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
     """FLOPs of one call of ``gm`` (:func:`flop_counter` on fake tensors: no compute)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = static_fake_mode()
     fake = [mode.from_tensor(a.detach(), static_shapes=True) if isinstance(a, torch.Tensor) else a
             for a in example_inputs]
     with mode, flop_counter() as counter, torch.no_grad():

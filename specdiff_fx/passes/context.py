@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..config import SpecDiffConfig
-from ..graph_utils import add_placeholder
+from ..graph_utils import add_placeholder, static_fake_mode
 from ..plan import DiTPlan
 from ..signature import ContextMode, Port, Role, VariantKey, VariantKind
 
@@ -51,7 +51,7 @@ class RewriteContext:
     plan: DiTPlan
     config: SpecDiffConfig
     key: VariantKey
-    fake_mode: FakeTensorMode = field(default_factory=lambda: FakeTensorMode(allow_non_fake_inputs=True))
+    fake_mode: FakeTensorMode = field(default_factory=static_fake_mode)
     extras: dict[Port, fx.Node] = field(default_factory=dict)
     new_inputs: list[NewInput] = field(default_factory=list)
     memo: dict = field(default_factory=dict)

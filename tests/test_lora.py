@@ -1,0 +1,84 @@
+"""LoRA adapters (diffusers' ``add_adapter`` / ``load_lora_weights``, through peft) on a compiled
+transformer: the adapters' extra matrix products are per-token ops like the base layers', so the
+rewrite covers them, and a scale changed with ``set_adapters`` reaches every later image.
+
+Dynamo guards the adapters' scale; when it changes it recompiles and passes the scale as a 0-d
+tensor input read with ``.item()`` (and later changes need no recompile). The rewrite's shape
+propagation must take that input (it used to fail, and the model fell back to plain compilation).
+"""
+
+import pytest
+import torch
+
+import specdiff_fx
+from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+
+peft = pytest.importorskip("peft")
+
+#: the sparse variant computes every token: the rewritten graphs, adapters included, must give
+#: eager's output (gathers, cached K/V and scatters run with nothing left out)
+EVERY_TOKEN = dict(controller="fixed", warmup_steps=1, cache_ratio=1e-6, context_ratio=0, hindsight=False,
+                   inductor=False)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
+
+
+def euler(model, inputs, steps=6):
+    x = inputs["hidden_states"].clone()
+    sigmas = torch.linspace(1, 0, steps + 1)
+    per_sigma = 1.0 if "img_ids" in inputs else 1000.0
+    for i in range(steps):
+        t = torch.full((x.shape[0],), float(sigmas[i]) * per_sigma)
+        x = x + (sigmas[i + 1] - sigmas[i]) * model(**dict(inputs, hidden_states=x, timestep=t)).sample
+    return x
+
+
+def with_lora(name):
+    model = tiny_sd3(0) if name == "sd3" else tiny_flux(0)
+    # init_lora_weights=False: random B as well as A, so the adapter changes the output
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False),
+                      adapter_name="style")
+    return model, (sd3_inputs(2, 8, 8) if name == "sd3" else flux_inputs(2, 4, 4))
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_lora_adapters_are_rewritten_and_follow_set_adapters(name):
+    model, inputs = with_lora(name)
+    backend = specdiff_fx.backend(**EVERY_TOKEN)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        base = euler(model, inputs)
+        assert rel(euler(compiled, inputs), base) <= 1e-5
+        for scale in (0.3, 0.7):  # the first change recompiles (scale becomes an input), the second does not
+            model.set_adapters(["style"], weights=[scale])
+            ref = euler(model, inputs)
+            assert rel(ref, base) > 1e-3  # the scale matters
+            assert rel(euler(compiled, inputs), ref) <= 1e-5, scale
+    assert [r.status for r in backend.records] == ["specdiff", "specdiff"], [r.reason for r in backend.records]
+    graph = backend.runtimes[-1].executor.gm
+    assert any(n.op == "call_method" and n.target == "item" for n in graph.graph.nodes)  # the scale as an input
+
+
+@pytest.mark.inductor
+def test_lora_scale_as_an_input_under_inductor():
+    """Under Inductor, with the sparse variant compiled in the middle of a generation (outside
+    Dynamo's call of the backend), the scale read from its input tensor: after a change that
+    needs no recompile, every token computed, the output is eager's at the new scale."""
+    model, inputs = with_lora("flux")
+    model.set_adapters(["style"], weights=[0.5])
+    backend = specdiff_fx.backend(**{**EVERY_TOKEN, "inductor": True})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        euler(compiled, inputs)
+        model.set_adapters(["style"], weights=[0.9])
+        euler(compiled, inputs)  # recompiles if the first graph had the scale as a constant
+        model.set_adapters(["style"], weights=[0.2])
+        ref, out = euler(model, inputs), euler(compiled, inputs)
+    assert {r.status for r in backend.records} == {"specdiff"}, [r.reason for r in backend.records]
+    assert specdiff_fx.last_generation().count("cached") > 0
+    assert rel(out, ref) <= 1e-4
