@@ -4,16 +4,16 @@ rewrite covers them, and a scale changed with ``set_adapters`` reaches every lat
 
 Dynamo guards the adapters' scale; when it changes it recompiles and passes the scale as a 0-d
 tensor input read with ``.item()`` (and later changes need no recompile). The rewrite's shape
-propagation must take that input (it used to fail, and the model fell back to plain compilation).
+propagation, and Inductor's tracing of a variant compiled in the middle of a generation, must
+take that input: the recompiled graph is rewritten, not compiled plain as a fallback.
 """
 
+import peft  # a test dependency (pyproject's "test" extra): what diffusers loads adapters with
 import pytest
 import torch
 
 import specdiff_fx
 from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
-
-peft = pytest.importorskip("peft")
 
 #: the sparse variant computes every token: the rewritten graphs, adapters included, must give
 #: eager's output (gathers, cached K/V and scatters run with nothing left out)
@@ -76,9 +76,9 @@ def test_lora_scale_as_an_input_under_inductor():
     with torch.no_grad():
         euler(compiled, inputs)
         model.set_adapters(["style"], weights=[0.9])
-        euler(compiled, inputs)  # recompiles if the first graph had the scale as a constant
+        euler(compiled, inputs)  # recompiles: the first graph had the scale as a constant
         model.set_adapters(["style"], weights=[0.2])
         ref, out = euler(model, inputs), euler(compiled, inputs)
-    assert {r.status for r in backend.records} == {"specdiff"}, [r.reason for r in backend.records]
+    assert [r.status for r in backend.records] == ["specdiff", "specdiff"], [r.reason for r in backend.records]
     assert specdiff_fx.last_generation().count("cached") > 0
     assert rel(out, ref) <= 1e-4
