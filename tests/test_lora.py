@@ -22,13 +22,13 @@ EVERY_TOKEN = dict(controller="fixed", warmup_steps=1, cache_ratio=1e-6, context
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
 
 
-def euler(model, inputs, steps=6):
+def euler(model, inputs, steps=6, **kwargs):
     x = inputs["hidden_states"].clone()
     sigmas = torch.linspace(1, 0, steps + 1)
     per_sigma = 1.0 if "img_ids" in inputs else 1000.0
     for i in range(steps):
         t = torch.full((x.shape[0],), float(sigmas[i]) * per_sigma)
-        x = x + (sigmas[i + 1] - sigmas[i]) * model(**dict(inputs, hidden_states=x, timestep=t)).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * model(**dict(inputs, hidden_states=x, timestep=t), **kwargs).sample
     return x
 
 
@@ -61,6 +61,21 @@ def test_lora_adapters_are_rewritten_and_follow_set_adapters(name):
     assert [r.status for r in backend.records] == ["specdiff", "specdiff"], [r.reason for r in backend.records]
     graph = backend.runtimes[-1].executor.gm
     assert any(n.op == "call_method" and n.target == "item" for n in graph.graph.nodes)  # the scale as an input
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_lora_scale_per_call(name):
+    """The scale as the SD3 and FLUX pipelines pass ``lora_scale``: ``joint_attention_kwargs=
+    {"scale": s}`` on every call (the transformer scales its adapters inside ``forward``)."""
+    model, inputs = with_lora(name)
+    backend = specdiff_fx.backend(**EVERY_TOKEN)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for scale in (1.0, 0.5, 0.25):
+            kw = {"joint_attention_kwargs": {"scale": scale}}
+            assert rel(euler(compiled, inputs, **kw), euler(model, inputs, **kw)) <= 1e-5, scale
+    assert [r.status for r in backend.records] == ["specdiff", "specdiff"], [r.reason for r in backend.records]
 
 
 @pytest.mark.inductor
