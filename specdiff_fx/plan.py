@@ -69,6 +69,10 @@ class DiTPlan:
     timestep_input: int  # index of the timestep among the graph inputs
     sample_input: int  # index of the latent (hidden_states) among the graph inputs
     timestep_per_sigma: float
+    #: index of the model's output (what ``plan.end`` becomes) among the graph's outputs; Dynamo
+    #: puts values written back to module attributes before it (a LoRA scale set inside
+    #: ``forward``)
+    sample_output: int = 0
     weight_input: int | None = None  # index of a parameter input: identifies the model at run time
     #: indices of the conditioning inputs (neither latent, timestep nor module state): fixed
     #: through a generation, they tell interleaved generations apart at run time

@@ -188,6 +188,23 @@ def _text_layouts(gm: fx.GraphModule, family: Family, start: fx.Node, end: fx.No
     return {"text_start": text.name, "num_text_tokens": m, "text_layouts": {n.name: i for n, i in infos.items()}}
 
 
+def _sample_output(gm: fx.GraphModule, end: fx.Node) -> int:
+    """The position, among the graph's outputs, of the first one computed from ``end`` (the model's
+    output; Dynamo may return values written back to module attributes before it)."""
+    out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+    for i, value in enumerate(outputs):
+        seen, todo = set(), [value] if isinstance(value, fx.Node) else []
+        while todo:
+            node = todo.pop()
+            if node is end:
+                return i
+            if node not in seen:
+                seen.add(node)
+                todo.extend(node.all_input_nodes)
+    raise NotADiT(f"no graph output is computed from the output projection ({end.name})")
+
+
 def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     """Find the image-token stream, blocks, attention calls and side inputs of a DiT graph."""
     type_names = {cls for node in gm.graph.nodes for _, cls in module_paths(node)}
@@ -263,6 +280,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         timestep_input=timestep_input,
         sample_input=sample_input,
         timestep_per_sigma=family.timestep_per_sigma,
+        sample_output=_sample_output(gm, end),
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if is_parameter_input(p)), None),
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))

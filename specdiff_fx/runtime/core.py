@@ -41,7 +41,7 @@ import logging
 import threading
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -149,7 +149,7 @@ class SpecDiffRuntime:
             else:
                 out, full = self._later_step(args, sigma, j, state)
             out = self._hindsight(out, full, sigma, sample, state)
-            branch.trace.push(sigma, sample, out[0] if out else None)
+            branch.trace.push(sigma, sample, self._sample_of(out))
             state.sigmas.append(sigma)
             state.step += 1
             gen.report.live_generations = len(self.router.generations)
@@ -296,14 +296,15 @@ class SpecDiffRuntime:
         """The call's outputs with the hindsight correction (:mod:`.hindsight`) on a full call;
         a cached call's output is remembered for it. Only where the output is shaped like the
         latent (a velocity the sampler integrates)."""
-        v = out[0] if out else None
+        v = self._sample_of(out)
         if not self.config.hindsight or state.degraded or not isinstance(v, torch.Tensor) \
                 or v.shape != sample.shape or not v.is_floating_point():
             return out
         if not full:
             state.hindsight.cached(sigma, v)
             return out
-        return (state.hindsight.full(sigma, v, state.sigmas), *out[1:])
+        i = self.plan.sample_output
+        return (*out[:i], state.hindsight.full(sigma, v, state.sigmas), *out[i + 1:])
 
     def _store_full(self, state: BranchState, out: StepOutput, sigma: float) -> None:
         if not self._fits_cap(state, out):
@@ -446,7 +447,7 @@ class SpecDiffRuntime:
             return
         sample_i, t_i = self.plan.sample_input, self.plan.timestep_input
         x = args[sample_i]
-        v = out0.user[0] if out0.user else None
+        v = self._sample_of(out0.user)
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             self._report.notes.append("speculative run skipped: the model output is not shaped like its input")
             return
@@ -468,7 +469,12 @@ class SpecDiffRuntime:
             out = self.executor.run_full(spec_args)
             state.spec.append((sigmas[j], self._spec_record(out)))
             self._record(-1, branch, "speculative", sigmas[j], self.executor.full_flops)
-            v = out.user[0]
+            v = self._sample_of(out.user)
+
+    def _sample_of(self, outputs: Sequence[Any]) -> Any:
+        """The model's output among a call's user outputs (``DiTPlan.sample_output``)."""
+        i = self.plan.sample_output
+        return outputs[i] if len(outputs) > i else None
 
     def _image_rows(self, sample: torch.Tensor) -> tuple[int, int] | None:
         """``(offset, length)`` of the image tokens on axis 1 of the latent when the stream
