@@ -16,8 +16,9 @@ from specdiff_fx.variants import check_index
 FAST = {"inductor": False, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
 
 
-def euler(model, inputs, steps=8, sigmas=None, on_step=None):
-    """A minimal flow-matching loop calling ``model`` like a pipeline would."""
+def euler(model, inputs, steps=8, sigmas=None, on_step=None, **call_kwargs):
+    """A minimal flow-matching loop calling ``model`` like a pipeline would (``call_kwargs``: more
+    keyword arguments of every call, e.g. ``joint_attention_kwargs``)."""
     x = inputs["hidden_states"].clone()
     sigmas = torch.linspace(1, 0, steps + 1) if sigmas is None else sigmas
     per_sigma = 1.0 if "img_ids" in inputs else 1000.0
@@ -25,7 +26,7 @@ def euler(model, inputs, steps=8, sigmas=None, on_step=None):
         if on_step:
             on_step(i)
         kw = dict(inputs, hidden_states=x, timestep=torch.full((x.shape[0],), float(sigmas[i]) * per_sigma))
-        v = model(**kw).sample
+        v = model(**kw, **call_kwargs).sample
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 

@@ -14,22 +14,13 @@ import torch
 
 import specdiff_fx
 from oracle import flux_inputs, sd3_inputs, tiny_flux, tiny_sd3
+from test_hardening import euler
 
 #: the sparse variant computes every token: the rewritten graphs, adapters included, must give
 #: eager's output (gathers, cached K/V and scatters run with nothing left out)
 EVERY_TOKEN = dict(controller="fixed", warmup_steps=1, cache_ratio=1e-6, context_ratio=0, hindsight=False,
                    inductor=False)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]
-
-
-def euler(model, inputs, steps=6, **kwargs):
-    x = inputs["hidden_states"].clone()
-    sigmas = torch.linspace(1, 0, steps + 1)
-    per_sigma = 1.0 if "img_ids" in inputs else 1000.0
-    for i in range(steps):
-        t = torch.full((x.shape[0],), float(sigmas[i]) * per_sigma)
-        x = x + (sigmas[i + 1] - sigmas[i]) * model(**dict(inputs, hidden_states=x, timestep=t), **kwargs).sample
-    return x
 
 
 def with_lora(name):

@@ -193,28 +193,28 @@ def _sample_output(gm: fx.GraphModule, end: fx.Node) -> int:
     output; Dynamo may return values written back to module attributes before it)."""
     out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-    for i, value in enumerate(outputs):
-        seen, todo = set(), [value] if isinstance(value, fx.Node) else []
-        while todo:
-            node = todo.pop()
-            if node is end:
-                return i
-            if node not in seen:
-                seen.add(node)
-                todo.extend(node.all_input_nodes)
-    raise NotADiT(f"no graph output is computed from the output projection ({end.name})")
+    downstream, todo = set(), [end]
+    while todo:
+        node = todo.pop()
+        if node not in downstream:
+            downstream.add(node)
+            todo.extend(node.users)
+    i = next((i for i, value in enumerate(outputs) if isinstance(value, fx.Node) and value in downstream), None)
+    if i is None:
+        raise NotADiT(f"no graph output is computed from the output projection ({end.name})")
+    return i
 
 
 def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     """Find the image-token stream, blocks, attention calls and side inputs of a DiT graph."""
-    type_names = {cls for node in gm.graph.nodes for _, cls in module_paths(node)}
-    family = family_for_block_types(type_names)
+    modules = {path_cls for node in gm.graph.nodes for path_cls in module_paths(node)}
+    family = family_for_block_types({cls for _, cls in modules})
     if family is None:
         raise NotADiT(
             "no supported DiT found: the graph has none of the transformer blocks of "
             + ", ".join(f.model_class for f in FAMILIES)
         )
-    nested = sorted({p for node in gm.graph.nodes for p, cls in module_paths(node) if p and cls == family.model_class})
+    nested = sorted(p for p, cls in modules if p and cls == family.model_class)
     if nested:  # the compiled root is not on module stacks; the DiT is a submodule of what was compiled
         raise NotADiT(
             f"{family.model_class} is a submodule ({nested[0]!r}) of the compiled module: specdiff rewrites a DiT "
