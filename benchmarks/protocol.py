@@ -27,6 +27,12 @@ in [-1, 1]; ``transformer`` is the eager module, a ``torch.compile``d one or a c
   model does, a compiled module forwards the attribute, and the cache wrapper below has its own).
   ``flux_truecfg`` adds a second call per step inside ``cache_context("uncond")`` with the
   prompt ``""`` and combines ``uncond + 4.0 * (cond - uncond)``; ``flux_nocfg`` makes one call.
+* ``sd3_slg`` (SD3-architecture models; only when asked for with ``--samplers``): ``sd3_cfg``
+  with SD3.5's skip-layer guidance as ``StableDiffusion3Pipeline`` runs it
+  (``skip_guidance_layers``, scale 2.8, start 0.01, stop 0.2): on the steps ``i`` with ``0.01 n <
+  i < 0.2 n`` a second call on the cond latents and prompt with ``skip_layers`` (the model's
+  blocks at 30 % of its depth, as SD3.5-medium's ``[7, 8, 9]`` of 24; :func:`slg_layers`),
+  added as ``2.8 * (cond - skipped)``. A call with ``skip_layers`` is another graph to Dynamo.
 
 Steps 20, 28 and 50. Prompts: the 8 of ``ablation.py --robustness`` (``sweep.PROMPTS +
 ablation.MORE_PROMPTS``), seeds 0 and 1. Initial noise: for seed ``s``, ``torch.randn(8, 3, S, S, generator=
@@ -63,8 +69,9 @@ timestep: a second branch) and its report covers both.
 
 Metrics per cell and method, over the prompts x seeds: mean and worst-image PSNR and SSIM against
 eager full compute (``specdiff_fx.metrics`` per image; an image identical to the reference counts
-as 100 dB), and the FLOPs executed as a fraction of full compute: specdiff's from its report
-(``last_generation().flops_fraction``, speculative calls included); the caches' counted around
+as 100 dB), and the FLOPs executed as a fraction of full compute: specdiff's from the reports of
+the generation's graphs (``specdiff_fx.track()``; :func:`flops_fraction`, speculative calls
+included; ``sd3_slg`` runs two graphs); the caches' counted around
 the eager, hooked generation with ``torch.utils.flop_counter.FlopCounterMode``'s formulas
 (:func:`count_flops`: the totals of ``diffusers_caches.count_flops``, at a fraction of its
 overhead), over the same count for eager. (A dispatch mode around a *compiled* call makes Dynamo
@@ -212,9 +219,22 @@ def guide(sampler: str, model: ShapesModel, outs: Sequence[torch.Tensor]) -> tor
     raise ValueError(f"unknown sampler {sampler!r}")
 
 
+#: SD3.5 skip-layer guidance as ``StableDiffusion3Pipeline.__call__``'s defaults (scale, start, stop)
+SLG_SCALE, SLG_START, SLG_STOP = 2.8, 0.01, 0.2
+
+
+def slg_layers(num_layers: int) -> list[int]:
+    """The blocks skip-layer guidance leaves out: those at 29-38 % of the depth (SD3.5-medium's
+    recommended ``[7, 8, 9]`` of 24); below 12 blocks the one at 30 %."""
+    if num_layers >= 12:
+        return list(range(round(0.29 * num_layers), round(0.38 * num_layers) + 1))
+    return [round(0.3 * num_layers)]
+
+
 def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts: Sequence[str],
-                   noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """``StableDiffusion3Pipeline``'s loop: shift-3 flow-matching Euler, batched CFG."""
+                   noise: torch.Tensor, steps: int, skip_layer_guidance: bool = False) -> torch.Tensor:
+    """``StableDiffusion3Pipeline``'s loop: shift-3 flow-matching Euler, batched CFG (with
+    ``skip_layer_guidance``, SD3.5's skip-layer guidance as well)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
@@ -224,13 +244,25 @@ def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts:
     null_hidden, null_pooled = model.encode([NEGATIVE_PROMPT] * b)
     hidden, pooled = torch.cat([null_hidden, hidden]), torch.cat([null_pooled, pooled])
     latents = noise.to(model.device, model.dtype)
-    for t in scheduler.timesteps:
+    skip = slg_layers(int(model.config["transformer"]["num_layers"])) if skip_layer_guidance else None
+    for i, t in enumerate(scheduler.timesteps):
         latent_input = torch.cat([latents] * 2)
         timestep = t.expand(latent_input.shape[0])
         pred = transformer(hidden_states=latent_input, timestep=timestep, encoder_hidden_states=hidden,
                            pooled_projections=pooled, joint_attention_kwargs=None, return_dict=False)[0]
-        latents = scheduler.step(guide("sd3_cfg", model, [pred]), t, latents, return_dict=False)[0]
+        velocity = guide("sd3_cfg", model, [pred])
+        if skip is not None and steps * SLG_START < i < steps * SLG_STOP:
+            skipped = transformer(hidden_states=latents, timestep=t.expand(b), encoder_hidden_states=hidden[b:],
+                                  pooled_projections=pooled[b:], joint_attention_kwargs=None, return_dict=False,
+                                  skip_layers=skip)[0]
+            velocity = velocity + SLG_SCALE * (pred.chunk(2)[1] - skipped)
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return latents.float().clamp(-1, 1)
+
+
+def sample_sd3_slg(model, transformer, prompts, noise, steps) -> torch.Tensor:
+    """``sd3_cfg`` with SD3.5's skip-layer guidance (a second call on some steps)."""
+    return sample_sd3_cfg(model, transformer, prompts, noise, steps, skip_layer_guidance=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -303,10 +335,15 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "sd3_cfg": sample_sd3_cfg,
     "flux_truecfg": sample_flux_truecfg,
     "flux_nocfg": sample_flux_nocfg,
+    "sd3_slg": sample_sd3_slg,
 }
+#: the samplers of the protocol's cells, per family
 SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_cfg",), "flux": ("flux_truecfg", "flux_nocfg")}
+#: more samplers a family runs only when ``--samplers`` names them
+EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg",), "flux": ()}
 #: transformer calls per denoising step: true CFG calls once for "cond" and once for "uncond"
-CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1}
+#: (``sd3_slg``: one, and a second on the skip-layer steps)
+CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1, "sd3_slg": 1}
 
 
 def initial_noise(seed: int, size: int, n: int) -> torch.Tensor:
@@ -477,28 +514,41 @@ def _generate(sample: Callable[..., torch.Tensor], model: ShapesModel, transform
 def _specdiff_generations(sample: Callable[..., torch.Tensor], model: ShapesModel, compiled: Any,
                           prompts: Sequence[str], noise: torch.Tensor, steps: int,
                           batch1: bool) -> tuple[torch.Tensor, list[Any]]:
-    """The images and one report per generation (``GenerationReport``, or the compile record as
-    text where no specdiff runtime ran)."""
+    """The images and, per image batch, the list of its generations' reports
+    (``GenerationReport``: one per compiled graph that ran, e.g. two under skip-layer guidance),
+    or the compile record as text where no specdiff runtime ran."""
     reports: list[Any] = []
-    marker: list[Any] = []
+    active: list[Any] = []
 
     def finish() -> None:
-        if not marker:
+        if not active:
             return
-        rep = specdiff_fx.last_generation()
-        if rep is None or rep is marker.pop():
+        tracker = active.pop()
+        tracker.__exit__(None, None, None)
+        if tracker.reports:
+            reports.append(tracker.reports)
+        else:
             record_ = specdiff_fx.last_record()
-            rep = str(record_) if record_ is not None else "no compile record"
-        reports.append(rep)
+            reports.append(str(record_) if record_ is not None else "no compile record")
 
     def before() -> None:
         finish()
         specdiff_fx.reset()
-        marker.append(specdiff_fx.last_generation())
+        active.append(specdiff_fx.track().__enter__())
 
-    images = _generate(sample, model, compiled, prompts, noise, steps, batch1, before=before)
-    finish()
+    try:
+        images = _generate(sample, model, compiled, prompts, noise, steps, batch1, before=before)
+    finally:
+        finish()
     return images, reports
+
+
+def flops_fraction(reports: Sequence[Any]) -> float:
+    """The FLOPs one image batch's generations executed over computing every one of their main
+    calls in full (each graph's calls at its own full cost)."""
+    done = sum(sum(st.flops for st in r.steps) for r in reports)
+    full = sum(len(r.main_steps) * r.full_flops for r in reports)
+    return done / full if full else float("nan")
 
 
 @dataclass
@@ -573,17 +623,19 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
                 for s in seeds:
                     outs[s], reports = _specdiff_generations(SAMPLERS[cell.sampler], model, compiled, prompts,
                                                              noise[s], cell.steps, m.batch1)
-                    for rep in reports:
-                        if isinstance(rep, str):  # no specdiff runtime ran: the untouched graph did
+                    for group in reports:
+                        if isinstance(group, str):  # no specdiff runtime ran: the untouched graph did
                             flops.append(1.0)
-                            calls.append({"untouched_graph": rep})
+                            calls.append({"untouched_graph": group})
                             continue
-                        flops.append(rep.flops_fraction)
-                        calls.append({
-                            "speculative": rep.count("speculative"), "full": rep.count("full"),
-                            "cached": rep.count("cached"), "skipped": rep.count("skipped"),
-                            "branches": len({st.branch for st in rep.steps}),
-                            "context_cached": rep.context_cached, "compiles": rep.compiles, "notes": list(rep.notes)})
+                        flops.append(flops_fraction(group))
+                        for rep in group:
+                            calls.append({
+                                "speculative": rep.count("speculative"), "full": rep.count("full"),
+                                "cached": rep.count("cached"), "skipped": rep.count("skipped"),
+                                "branches": len({st.branch for st in rep.steps}),
+                                "context_cached": rep.context_cached, "compiles": rep.compiles,
+                                "notes": list(rep.notes)})
                 record(cell, m, outs, flops, time.perf_counter() - t0, {"specdiff_calls": calls, "batch1": m.batch1})
             torch._dynamo.reset()
             continue
@@ -932,7 +984,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for entry in entries:
             model = specdiff_zoo.load_shapes_dit(entry.name)
             size = image_size(model)
-            samplers = [s for s in SAMPLERS_BY_FAMILY[model.family] if not a.samplers or s in a.samplers]
+            samplers = [s for s in SAMPLERS_BY_FAMILY[model.family] + EXTRA_SAMPLERS_BY_FAMILY[model.family]
+                        if (s in a.samplers if a.samplers else s in SAMPLERS_BY_FAMILY[model.family])]
             if a.tiny and not a.samplers:
                 samplers = samplers[:1]
             models_meta.append({"name": entry.name, "family": entry.family, "split": entry.split,

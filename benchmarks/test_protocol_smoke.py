@@ -173,3 +173,18 @@ def test_registry_and_held_out_summary(monkeypatch):
     assert overall["mean_psnr"] == pytest.approx(29.25) and overall["worst_psnr"] == 24.0 and overall["flops"] == 0.34
     assert overall["meets"] == {"mean_psnr": False, "worst_psnr": False, "flops": True}
     assert summary[0]["meets"] == {"mean_psnr": True, "worst_psnr": True, "flops": True}
+
+
+def test_tiny_sd3_skip_layer_guidance_counts_both_graphs():
+    """``sd3_slg`` only when asked for: a second graph (``skip_layers``) on the skip-layer steps;
+    each batch's FLOPs count both graphs' calls, and the main run stays one generation."""
+    data = protocol.main(["--tiny", "--models", "sd3", "--samplers", "sd3_slg", "--steps", "12",
+                          "--methods", "eager,specdiff"])
+    eager, spec = data["results"]
+    assert (spec["sampler"], spec["steps"]) == ("sd3_slg", 12)
+    main, skipped = spec["specdiff_calls"]  # 0.12 < i < 2.4: steps 1 and 2 call the model twice
+    assert main["full"] + main["cached"] + main["skipped"] == 12 and main["cached"] > 0
+    assert skipped["full"] + skipped["cached"] + skipped["skipped"] == 2
+    assert 0 < spec["flops"] < 1
+    assert protocol.slg_layers(24) == [7, 8, 9] and protocol.slg_layers(4) == [1]
+    assert "sd3_slg" not in protocol.SAMPLERS_BY_FAMILY["sd3"]  # not a cell of the default protocol

@@ -10,7 +10,7 @@ import torch
 import specdiff_fx
 from specdiff_fx import SpecDiffConfig
 from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
-from specdiff_fx.runtime.routing import Branch, Generation, unexplained
+from specdiff_fx.runtime.routing import Branch, Generation, companion_columns, unexplained
 from specdiff_fx.telemetry import GenerationReport
 from test_runtime import B, C, N, FakeExecutor, fake_plan
 from inflight import interleave, run_together, total_flops
@@ -138,6 +138,55 @@ def test_true_cfg_generations_interleaved():
         assert {s.branch for s in rep.steps} == {0, 1} and rep.count("speculative") == 2
         assert rep.context_cached is False  # the fake model has no text tokens
     assert total_flops(tracked.reports) <= 1.15 * sum(f for _, f in refs)
+
+
+@pytest.mark.parametrize("case", ["same latent", "other latent", "other model"])
+def test_a_second_graph_of_the_model_on_the_same_latent(case):
+    """Skip-layer guidance: on some steps the sampler calls the model a second time through
+    another compiled graph (another runtime) on the same latent and adds what it returns. Each
+    runtime keeps its one generation; the other runtime's outputs explain the update only when
+    called on this latent, at this sigma, by this model."""
+    w = torch.zeros(3)
+    main, aux = runtime(weight=True), runtime(weight=True)
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(1))
+    cond, sig = torch.full((B, N, C), 0.5), torch.linspace(1, 0, 11)
+    cond_aux = torch.randn(B, N, C, generator=torch.Generator().manual_seed(2))  # outside main's span
+    with specdiff_fx.track() as tracked:
+        for i in range(10):
+            t = torch.full((B,), float(sig[i]) * 1000)
+            v = main(x, t, cond, w)[0]
+            if 1 <= i < 5:
+                x_aux = x if case != "other latent" else x + 0.01
+                w_aux = w if case != "other model" else torch.ones(3)
+                v = v + 2.0 * (v - aux(x_aux, t, cond_aux, w_aux)[0])
+            x = x + (sig[i + 1] - sig[i]) * v
+    mains = [r for r in tracked.reports if any(s.sigma < 0.5 for s in r.main_steps)]
+    if case == "same latent":
+        assert len(tracked.reports) == 2 and len(mains) == 1
+        assert len(mains[0].main_steps) == 10 and mains[0].count("cached") > 0
+        assert [s.step for s in tracked.reports[1].main_steps] == [0, 1, 2, 3]
+    else:  # the added output is nobody's this runtime may use: the main run starts over
+        assert len(tracked.reports) > 2 and all(len(r.main_steps) < 10 for r in mains)
+
+
+def test_companion_columns_align_rows_by_latent():
+    x = torch.randn(1, 4, 2)
+    pair = torch.cat([x, x])  # the halves of a batched CFG call on x
+    out2, out1 = torch.randn(2, 4, 2), torch.randn(1, 4, 2)
+    # one latent, a call with two rows on it: two columns, one per row
+    cols = companion_columns(x, [(pair, out2)])
+    assert len(cols) == 2 and torch.equal(cols[0], out2[:1]) and torch.equal(cols[1], out2[1:])
+    # two equal rows, a call on one of them: one column, in both rows
+    cols = companion_columns(pair, [(x, out1)])
+    assert len(cols) == 1 and torch.equal(cols[0], torch.cat([out1, out1]))
+    # rows that differ: only the matching row gets the output, the other a zero column
+    mixed = torch.cat([x, x + 1])
+    (col,) = companion_columns(mixed, [(x, out1)])
+    assert torch.equal(col[0], out1[0]) and not col[1].any()
+    # another latent, another shape, another dtype: nothing
+    assert companion_columns(x, [(x + 1e-3, out1)]) == []
+    assert companion_columns(x, [(torch.randn(1, 5, 2), torch.randn(1, 5, 2))]) == []
+    assert companion_columns(x, [(x.double(), out1.double())]) == []
 
 
 def test_a_latent_no_generation_explains_starts_a_new_one():

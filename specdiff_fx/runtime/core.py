@@ -54,7 +54,7 @@ from ..telemetry import GenerationReport, StepRecord, note_call, set_last
 from .context import text_mode, text_tokens
 from .executor import GraphExecutor, SparseInputs, StepOutput
 from .ranks import ranks_for
-from .routing import Branch, Generation, Router, StepPlan
+from .routing import Branch, Generation, Router, StepPlan, _same_sigma
 from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
@@ -133,7 +133,8 @@ class SpecDiffRuntime:
             sample = args[self.plan.sample_input]
             conditioning = tuple(args[i] for i in self.plan.condition_inputs)
             model = self._model(args)
-            hit = self.router.route(model, conditioning, sigma, sample, self._image_rows(sample))
+            hit = self.router.route(model, conditioning, sigma, sample, self._image_rows(sample),
+                                    companions=lambda s: self._companions(model, s))
             gen, j = hit if hit is not None else (self._start_generation(model), 0)
             if j == len(gen.branches):
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
@@ -176,6 +177,24 @@ class SpecDiffRuntime:
         if i is None or not isinstance(args[i], torch.Tensor):
             return None
         return args[i].untyped_storage().data_ptr()
+
+    def _companions(self, model: int | None, sigma: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(latent, output)`` of the calls the other live runtimes made on ``model`` at ``sigma``
+        (another graph of the same model, e.g. SD3.5's skip-layer guidance call: routing's
+        companions). Read from their routers' traces without their locks (a snapshot of
+        references: tensors a trace holds are never written)."""
+        found = []
+        for rt in list(_LIVE):
+            if rt is self:
+                continue
+            for gen in list(rt.router.generations.values()):
+                if gen.model != model:
+                    continue
+                for br in list(gen.branches):
+                    for s, x, out in zip(list(br.trace.sigmas), list(br.trace.samples), list(br.trace.outputs)):
+                        if out is not None and _same_sigma(s, sigma):
+                            found.append((x, out))
+        return found
 
     def _sigma(self, args: list[Any]) -> float:
         """The call's sigma: its timestep over the family's scale (the largest entry: Wan 2.2

@@ -18,6 +18,15 @@ matched by what stays fixed through a generation and by how its latent moved:
   starts a new generation: a wrong match would read another image's caches, a missed one
   only costs a full step.
 
+The sampler may also combine outputs of calls this runtime never saw: another compiled graph of
+the same model, called on the same latent at the same sigma (SD3.5's skip-layer guidance calls
+the transformer a second time per step with some blocks left out: Dynamo compiles that as a
+graph of its own, with a runtime of its own). When a branch's own span leaves the update
+unexplained, the router tries again with those *companion* outputs added: the outputs of other
+runtimes' calls of the same model whose latent rows equal the branch's at one of its sigmas
+(:func:`companion_columns`). Equality of the latent at the same sigma is what ties them to this
+image; the call itself stays in its own runtime, with its own caches and decisions.
+
 A call that continues no branch but has the *same* sigma and the *same* latent as a
 branch's last call is a further branch of that generation (FLUX true-CFG: cond, then
 uncond, each with its own conditioning). It becomes a *member* that shares the step's
@@ -38,7 +47,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -182,14 +191,43 @@ def _twins(members: tuple[tuple[int, ...], ...], device: torch.device) -> tuple[
     return twins, torch.tensor(twins, device=device), torch.tensor([members[i][0] for i in twins], device=device)
 
 
+def companion_columns(latent: torch.Tensor, calls: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Outputs of other calls made on this latent, as columns aligned with its rows.
+
+    ``latent`` (``[b, ...]``) is a branch's latent at one of its sigmas; ``calls`` are
+    ``(latent, output)`` pairs of calls outside the branch's runtime at that sigma. For each pair
+    whose rows have ``latent``'s shape, and each row of ``latent``, the output rows whose latent
+    row equals it: slot ``m`` holds every row's ``m``-th match (zeros where a row has fewer; a
+    zero column explains nothing). A pair that shares no row contributes nothing: another image's
+    calls never enter the span."""
+    b = latent.shape[0]
+    flat = latent.reshape(b, -1)
+    columns: list[torch.Tensor] = []
+    for other, out in calls:
+        if (other.shape[1:] != latent.shape[1:] or out.shape != other.shape or other.dtype != latent.dtype
+                or other.device != latent.device):
+            continue
+        equal = (flat[:, None, :] == other.reshape(other.shape[0], 1, -1).transpose(0, 1)).all(dim=2)  # [b, b_other]
+        matches = [torch.nonzero(row).flatten().tolist() for row in equal.cpu()]
+        for m in range(max((len(r) for r in matches), default=0)):
+            col = torch.zeros_like(latent, dtype=out.dtype)
+            for i, r in enumerate(matches):
+                if m < len(r):
+                    col[i] = out[r[m]]
+            columns.append(col)
+    return columns
+
+
 def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
-                groups: torch.Tensor | None, rows: tuple[int, int] | None = None) -> float:
+                groups: torch.Tensor | None, rows: tuple[int, int] | None = None,
+                extra: Sequence[torch.Tensor] = ()) -> float:
     """The largest, over samples, relative residual of ``sample - x_last`` after projecting
     it onto the span of what a sampler could have combined it from (see the module
     docstring), less the latent dtype's rounding of ``sample``; ``inf`` when the branch has
     no earlier call of this shape or nothing to project on. ``rows`` (offset, length on
     axis 1) restricts the test to the image tokens of a latent that carries context tokens
-    the sampler does not move (FLUX.2 reference images).
+    the sampler does not move (FLUX.2 reference images). ``extra``: more output columns shaped
+    like ``sample`` (companion calls: :func:`companion_columns`).
 
     It runs on every call, so it is a handful of batched ops whatever the batch and the number
     of branches: one stack of the update, the latents and the outputs, one gather of every
@@ -201,6 +239,7 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
     take = (lambda t: t.narrow(1, *rows)) if rows is not None else (lambda t: t)
     outputs = [take(out) for other in generation.branches for s in trace.sigmas
                for out in [other.trace.output_at(s)] if out is not None and out.shape == sample.shape]
+    outputs += [take(col) for col in extra if col.shape == sample.shape]
     if not outputs:
         return float("inf")
     # float32 arithmetic (float64 for float64 latents): the decision compares a share with 5 %, which
@@ -278,19 +317,25 @@ class Router:
         self.generations.clear()
 
     def route(self, model: int | None, conditioning: tuple[Any, ...], sigma: float,
-              sample: torch.Tensor, rows: tuple[int, int] | None = None) -> tuple[Generation, int] | None:
+              sample: torch.Tensor, rows: tuple[int, int] | None = None,
+              companions: Callable[[float], Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+              ) -> tuple[Generation, int] | None:
         """The (generation, branch index) this call continues or joins; ``None``: a new
-        generation. Marks the generation most recently used."""
-        best, best_score = None, SPAN_TOLERANCE
+        generation. Marks the generation most recently used. ``companions(s)``: the
+        ``(latent, output)`` of the calls other runtimes made on this model at sigma ``s``, tried
+        when no branch's own outputs explain the update (see the module docstring)."""
         live = [g for g in self.generations.values() if g.model == model]
-        for gen in live:  # a continuation: same conditioning, lower sigma, the latent moved as a sampler moves it
-            for j, br in enumerate(gen.branches):
-                last = br.trace.sigmas[0] if br.trace.sigmas else None
-                if (last is not None and last > sigma and not _same_sigma(last, sigma)
-                        and same_conditioning(br.conditioning, conditioning)):
-                    score = unexplained(sample, gen, br, br.state.groups, rows)
-                    if score < best_score or (best is None and score <= best_score):
-                        best, best_score = (gen, j), score
+        # a continuation: same conditioning, lower sigma, the latent moved as a sampler moves it
+        candidates = [(gen, j, br) for gen in live for j, br in enumerate(gen.branches)
+                      if br.trace.sigmas and br.trace.sigmas[0] > sigma and not _same_sigma(br.trace.sigmas[0], sigma)
+                      and same_conditioning(br.conditioning, conditioning)]
+        best = self._best(candidates, sample, rows, lambda br: ())
+        if best is None and companions is not None and candidates:
+            def extra(br: Branch) -> list[torch.Tensor] | None:  # None: nothing new to try
+                cols = [col for s, x in zip(br.trace.sigmas, br.trace.samples)
+                        for col in companion_columns(x, companions(s))]
+                return cols or None
+            best = self._best(candidates, sample, rows, extra)
         if best is None:  # a further branch: the same sigma and latent as a call of this generation
             best = next(((gen, len(gen.branches)) for gen in live for br in gen.branches
                          if br.trace.sigmas and _same_sigma(br.trace.sigmas[0], sigma)
@@ -298,6 +343,20 @@ class Router:
                          and torch.equal(br.trace.samples[0], sample)), None)
         if best is not None:
             self.generations.move_to_end(best[0].id)
+        return best
+
+    @staticmethod
+    def _best(candidates, sample, rows, extra) -> tuple[Generation, int] | None:
+        """The candidate ``(generation, j, branch)`` whose span (with ``extra(branch)``'s columns;
+        ``None`` skips it) explains the update best, if within :data:`SPAN_TOLERANCE`."""
+        best, best_score = None, SPAN_TOLERANCE
+        for gen, j, br in candidates:
+            cols = extra(br)
+            if cols is None:
+                continue
+            score = unexplained(sample, gen, br, br.state.groups, rows, cols)
+            if score < best_score or (best is None and score <= best_score):
+                best, best_score = (gen, j), score
         return best
 
     def add(self, generation: Generation) -> list[Generation]:
