@@ -27,6 +27,10 @@ in [-1, 1]; ``transformer`` is the eager module, a ``torch.compile``d one or a c
   model does, a compiled module forwards the attribute, and the cache wrapper below has its own).
   ``flux_truecfg`` adds a second call per step inside ``cache_context("uncond")`` with the
   prompt ``""`` and combines ``uncond + 4.0 * (cond - uncond)``; ``flux_nocfg`` makes one call.
+* ``flux_truecfg_renorm`` (FLUX-architecture models; only when asked for with ``--samplers``):
+  ``flux_truecfg`` with the guided velocity rescaled per token to the cond output's norm
+  (``comb * |cond| / |comb|`` over each token's channels), as ``QwenImagePipeline`` runs its true
+  CFG.
 * ``sd3_slg`` (SD3-architecture models; only when asked for with ``--samplers``): ``sd3_cfg``
   with SD3.5's skip-layer guidance as ``StableDiffusion3Pipeline`` runs it
   (``skip_guidance_layers``, scale 2.8, start 0.01, stop 0.2): on the steps ``i`` with ``0.01 n <
@@ -207,13 +211,17 @@ def guide(sampler: str, model: ShapesModel, outs: Sequence[torch.Tensor]) -> tor
     """The velocity one step of ``sampler`` moves the latent with, from the step's transformer
     outputs in call order: ``sd3_cfg`` one output whose halves are ``[uncond; cond]``, combined
     with the model's ``default_guidance_scale``; ``flux_truecfg`` the "cond" then the "uncond"
-    call, combined with :data:`TRUE_CFG_SCALE`; ``flux_nocfg`` its one output."""
+    call, combined with :data:`TRUE_CFG_SCALE` (``flux_truecfg_renorm``: then rescaled per token as
+    ``QwenImagePipeline`` does); ``flux_nocfg`` its one output."""
     if sampler == "sd3_cfg":
         uncond, cond = outs[0].chunk(2)
         return uncond + float(model.config.get("default_guidance_scale", 4.0)) * (cond - uncond)
-    if sampler == "flux_truecfg":
+    if sampler in ("flux_truecfg", "flux_truecfg_renorm"):
         cond, uncond = outs
-        return uncond + TRUE_CFG_SCALE * (cond - uncond)
+        comb = uncond + TRUE_CFG_SCALE * (cond - uncond)
+        if sampler == "flux_truecfg_renorm":  # QwenImagePipeline: each token keeps the cond output's norm
+            comb = comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+        return comb
     if sampler == "flux_nocfg":
         return outs[0]
     raise ValueError(f"unknown sampler {sampler!r}")
@@ -292,7 +300,7 @@ def flux_timesteps(steps: int, image_seq_len: int, device: torch.device | str = 
 
 
 def _sample_flux(model: ShapesModel, transformer: Callable[..., Any], prompts: Sequence[str], noise: torch.Tensor,
-                 steps: int, true_cfg: bool) -> torch.Tensor:
+                 steps: int, true_cfg: bool, renorm: bool = False) -> torch.Tensor:
     size = noise.shape[-1]
     b = len(prompts)
     latents = pack_pixels(noise.to(model.device, model.dtype))
@@ -316,7 +324,7 @@ def _sample_flux(model: ShapesModel, transformer: Callable[..., Any], prompts: S
                                         pooled_projections=neg_pooled, encoder_hidden_states=neg_hidden,
                                         txt_ids=txt_ids, img_ids=img_ids, joint_attention_kwargs={},
                                         return_dict=False)[0])
-        velocity = guide("flux_truecfg" if true_cfg else "flux_nocfg", model, outs)
+        velocity = guide(("flux_truecfg_renorm" if renorm else "flux_truecfg") if true_cfg else "flux_nocfg", model, outs)
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
     return unpack_pixels(latents, size, size).float().clamp(-1, 1)
 
@@ -324,6 +332,11 @@ def _sample_flux(model: ShapesModel, transformer: Callable[..., Any], prompts: S
 def sample_flux_truecfg(model, transformer, prompts, noise, steps) -> torch.Tensor:
     """``FluxPipeline``'s loop with true CFG: a "cond" and an "uncond" call per step."""
     return _sample_flux(model, transformer, prompts, noise, steps, true_cfg=True)
+
+
+def sample_flux_truecfg_renorm(model, transformer, prompts, noise, steps) -> torch.Tensor:
+    """``flux_truecfg`` with ``QwenImagePipeline``'s per-token rescale of the guided velocity."""
+    return _sample_flux(model, transformer, prompts, noise, steps, true_cfg=True, renorm=True)
 
 
 def sample_flux_nocfg(model, transformer, prompts, noise, steps) -> torch.Tensor:
@@ -336,14 +349,16 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "flux_truecfg": sample_flux_truecfg,
     "flux_nocfg": sample_flux_nocfg,
     "sd3_slg": sample_sd3_slg,
+    "flux_truecfg_renorm": sample_flux_truecfg_renorm,
 }
 #: the samplers of the protocol's cells, per family
 SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_cfg",), "flux": ("flux_truecfg", "flux_nocfg")}
 #: more samplers a family runs only when ``--samplers`` names them
-EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg",), "flux": ()}
+EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg",), "flux": ("flux_truecfg_renorm",)}
 #: transformer calls per denoising step: true CFG calls once for "cond" and once for "uncond"
 #: (``sd3_slg``: one, and a second on the skip-layer steps)
-CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1, "sd3_slg": 1}
+CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1, "sd3_slg": 1,
+                                  "flux_truecfg_renorm": 2}
 
 
 def initial_noise(seed: int, size: int, n: int) -> torch.Tensor:

@@ -188,3 +188,16 @@ def test_tiny_sd3_skip_layer_guidance_counts_both_graphs():
     assert 0 < spec["flops"] < 1
     assert protocol.slg_layers(24) == [7, 8, 9] and protocol.slg_layers(4) == [1]
     assert "sd3_slg" not in protocol.SAMPLERS_BY_FAMILY["sd3"]  # not a cell of the default protocol
+
+
+def test_tiny_flux_true_cfg_rescaled_per_token_stays_one_generation():
+    """``flux_truecfg_renorm`` (Qwen-Image's true CFG: the guided velocity rescaled per token) on
+    the trained FLUX model: routing explains the update token by token, so the batch is one
+    generation of two branches that caches, not a new generation per step."""
+    data = protocol.main(["--tiny", "--models", "flux", "--samplers", "flux_truecfg_renorm", "--steps", "8",
+                          "--methods", "eager,specdiff"])
+    eager, spec = data["results"]
+    assert (spec["sampler"], spec["steps"]) == ("flux_truecfg_renorm", 8)
+    (calls,) = spec["specdiff_calls"]
+    assert calls["branches"] == 2 and calls["full"] + calls["cached"] + calls["skipped"] == 16
+    assert calls["cached"] > 0 and spec["flops"] < 1

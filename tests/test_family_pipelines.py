@@ -60,3 +60,30 @@ def test_default_options_cache_tokens(name):
     ref = eager(name, steps)
     assert torch.isfinite(out).all() and out.shape == ref.shape
     assert (out - ref).abs().max() < 0.25  # cached, not identical; close on a random tiny model
+
+
+@pytest.mark.parametrize("negative", ["blurry", "a photo of a red dog"])
+def test_qwenimage_true_cfg_rescaled_per_token(negative):
+    """``QwenImagePipeline``'s true CFG (a negative prompt, ``true_cfg_scale`` > 1) rescales the
+    guided velocity per token to the cond output's norm, which no combination of whole outputs
+    gives: routing explains it token by token. A negative prompt of another length than the
+    prompt's is another graph (the cond and uncond calls in two runtimes, each the other's
+    companion, linked to share their decisions; Dynamo's first graph, replaced by a dynamic one at
+    step 1, keeps step 0 alone); one of the same length is a second branch of one generation.
+    Either way every graph's calls after that are one generation, which caches."""
+    call = dict(num_inference_steps=STEPS, true_cfg_scale=4.0, negative_prompt=negative)
+    ref = run_pipe("qwenimage", **call)
+    with specdiff_fx.track() as tracked:
+        out = run_pipe("qwenimage", {"inductor": False}, **call)
+    reports = tracked.reports
+    assert sum(len(r.main_steps) for r in reports) == 2 * STEPS
+    long = [r for r in reports if len(r.main_steps) > 1]
+    assert len(reports) - len(long) <= 1 and len(long) == (2 if negative == "blurry" else 1)
+    for rep in long:
+        assert len({s.branch for s in rep.steps}) == 3 - len(long)
+        assert rep.count("cached") > 0 and rep.flops_fraction < 0.8
+    if len(long) == 2:  # two graphs: linked once both ran on the same latents twice, then one decision per step
+        kinds = [{s.sigma: s.kind for s in rep.main_steps} for rep in long]
+        shared = sorted(set(kinds[0]) & set(kinds[1]), reverse=True)[2:]
+        assert len(shared) >= STEPS - 4 and all(kinds[0][s] == kinds[1][s] for s in shared)
+    assert (out - ref).abs().max() < 0.25

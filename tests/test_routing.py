@@ -352,3 +352,84 @@ def test_span_test_with_fewer_latent_entries_than_columns():
     for sample in (br.trace.samples[0] - 0.05 * br.trace.outputs[0], torch.randn(b, n, c)):
         got, ref = unexplained(sample, gen, br, None), _unexplained_one_by_one(sample, gen, br, None)
         assert abs(got - ref) < 1e-5, (got, ref)
+
+
+@pytest.mark.parametrize("layout", ["packed", "channels first"])
+def test_span_test_token_by_token_explains_a_per_token_rescale(layout):
+    """Qwen-Image's true CFG gives each token of the guided velocity the cond output's norm: no
+    combination of whole outputs explains that update, token by token it is; another latent
+    stays unexplained either way, and a token with too few channels for its columns is not
+    tested (``inf``)."""
+    torch.manual_seed(0)
+    b, n, c = 2, 30, 16
+    shape, dim = ((b, n, c), -1) if layout == "packed" else ((b, c, 5, 6), 1)
+    x_last, cond, uncond = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    branches = [Branch((), None), Branch((), None)]
+    for br, out in zip(branches, (cond, uncond)):
+        br.trace.push(0.8, x_last, out)
+    gen = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=branches)
+    comb = uncond + 4.0 * (cond - uncond)
+    cont = x_last - 0.05 * comb * (cond.norm(dim=dim, keepdim=True) / comb.norm(dim=dim, keepdim=True))
+    br = branches[0]
+    assert unexplained(x_last - 0.05 * comb, gen, br, None) < 1e-6  # plain true CFG: whole outputs do
+    assert unexplained(cont, gen, br, None) > 0.05
+    assert unexplained(cont, gen, br, None, per_token=True) < 1e-5
+    assert unexplained(torch.randn(shape), gen, br, None, per_token=True) > 0.5
+    # 3 columns (x_last, two outputs) need 6 channels per token: with 4 the test is not made
+    few = (lambda t: t[..., :4]) if layout == "packed" else (lambda t: t[:, :4])
+    small = [Branch((), None), Branch((), None)]
+    for sb, out in zip(small, (cond, uncond)):
+        sb.trace.push(0.8, few(x_last), few(out))
+    gen4 = Generation(None, GenerationReport("f", n, b, 0.9, 1), branches=small)
+    assert unexplained(few(cont), gen4, small[0], None, per_token=True) == float("inf")
+
+
+class TwoGraphGen(Gen):
+    """True CFG whose uncond call runs through another runtime (another graph of the same model:
+    a negative prompt of another token length)."""
+
+    def __init__(self, rt, rt_uncond, **kw):
+        super().__init__(rt, true_cfg=True, **kw)
+        self.rt_uncond = rt_uncond
+
+    def step(self):
+        t = torch.full((B,), float(self.sig[self.i]) * 1000)
+        w = (self.weight,) if self.weight is not None else ()
+        v = self.rt(self.x, t, self.cond, *w)[0]
+        v_neg = self.rt_uncond(self.x, t, torch.zeros_like(self.cond), *w)[0]
+        self.x = self.x + (self.sig[self.i + 1] - self.sig[self.i]) * (v_neg + 3.0 * (v - v_neg))
+        self.i += 1
+        return self.i < self.steps
+
+
+@pytest.mark.parametrize("warmup", [2, 1])  # 1: the step the link is made at is already cached
+def test_true_cfg_across_two_graphs_links_and_equals_one_graph(warmup):
+    """cond in one runtime, uncond in another, on the same latents: after two steps the branches
+    are linked and share every decision and token choice, as the two branches of one runtime do:
+    the same image, the same calls."""
+    w = torch.zeros(3)
+    one = runtime(weight=True, warmup_steps=warmup)
+    ref = Gen(one, seed=1, cond=0.5, true_cfg=True, weight=w).run()
+    ref_flops = sum(s.flops for s in one.report.steps)
+    rt_a, rt_b = runtime(weight=True, warmup_steps=warmup), runtime(weight=True, warmup_steps=warmup)
+    with specdiff_fx.track() as tracked:
+        out = TwoGraphGen(rt_a, rt_b, seed=1, cond=0.5, weight=w).run()
+    torch.testing.assert_close(out, ref)
+    assert len(tracked.reports) == 2 and total_flops(tracked.reports) == ref_flops
+    kinds = [[(s.step, s.kind) for s in r.main_steps] for r in tracked.reports]
+    assert kinds[0] == kinds[1] and any(k == "cached" for _, k in kinds[0])
+    sparse = [[c for c in ex.calls if c[0] == "sparse"] for ex in (rt_a.executor, rt_b.executor)]
+    assert sparse[0] and all(a[1] == b[1] and torch.equal(a[2], b[2]) for a, b in zip(*sparse))
+    assert rt_a.generation.branches[0].link is rt_b.generation.branches[0].link is not None
+
+
+def test_two_requests_from_the_same_noise_in_two_graphs_stay_apart():
+    """Two requests in two runtimes of one model, started from the same noise at the same time
+    with other prompts: equal latents at their first step only, so they are never linked."""
+    w = torch.zeros(3)
+    refs = [alone(seed=1, cond=c, weight=w) for c in (0.5, -0.5)]
+    rts = [runtime(weight=True), runtime(weight=True)]
+    outs = interleave([Gen(rt, seed=1, cond=c, weight=w) for rt, c in zip(rts, (0.5, -0.5))])
+    for out, (ref, _) in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+    assert all(b.link is None for rt in rts for b in rt.generation.branches)

@@ -54,7 +54,7 @@ from ..telemetry import GenerationReport, StepRecord, note_call, set_last
 from .context import text_mode, text_tokens
 from .executor import GraphExecutor, SparseInputs, StepOutput
 from .ranks import ranks_for
-from .routing import Branch, Generation, Router, StepPlan, _same_sigma
+from .routing import Branch, Generation, Link, Router, StepPlan, _same_sigma
 from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
@@ -145,6 +145,8 @@ class SpecDiffRuntime:
             self.generation, self._j = gen, j
             branch = gen.branches[j]
             state = branch.state
+            if state.step >= 1:
+                self._link(gen, j, model, sigma, sample)
             if state.step == 0:
                 out, full = self._first_step(args, sigma, j, state), True
             else:
@@ -195,6 +197,31 @@ class SpecDiffRuntime:
                         if out is not None and _same_sigma(s, sigma):
                             found.append((x, out))
         return found
+
+    def _link(self, gen: Generation, j: int, model: int | None, sigma: float, sample: torch.Tensor) -> None:
+        """Link branch ``j``'s leader to a branch of another runtime of the same model and options
+        that ran on this call's latent at this sigma and on the branch's last latent at its sigma
+        (:class:`~.routing.Link`): from now on they share the controller's state and each step's
+        plan. Two requests that merely started from the same noise part after their first step."""
+        leader, branch = gen.leader(j), gen.branches[j]
+        if leader.link is not None or not branch.trace.sigmas:
+            return
+        last_sigma, last_sample = branch.trace.sigmas[0], branch.trace.samples[0]
+        for rt in list(_LIVE):
+            if rt is self or rt.config != self.config or type(rt.policy) is not type(self.policy):
+                continue
+            for other_gen in list(rt.router.generations.values()):
+                if other_gen.model != model:
+                    continue
+                for oj, other in enumerate(list(other_gen.branches)):
+                    if other.called_on(sigma, sample) and other.called_on(last_sigma, last_sample):
+                        partner = other_gen.leader(oj)
+                        link = partner.link
+                        if link is None:
+                            link = partner.link = Link(partner.policy, partner.plan, [weakref.ref(other_gen)])
+                        link.generations.append(weakref.ref(gen))
+                        leader.link, leader.policy = link, link.policy
+                        return
 
     def _sigma(self, args: list[Any]) -> float:
         """The call's sigma: its timestep over the family's scale (the largest entry: Wan 2.2
@@ -268,11 +295,20 @@ class SpecDiffRuntime:
             self._prepare(state)
         view = self._view(state, sigma)
         leader = self.generation.leader(self._j)
+        link = leader.link
+        if link is not None:  # linked across runtimes: their observations first, then their plan
+            for other in link.live():
+                if other is not self.generation:
+                    self._settle(other)
+            if link.plan is not None and link.plan.sigma == sigma:
+                leader.plan = link.plan
         if leader.plan is not None and leader.plan.sigma == sigma:  # a further member at this step: the same decision
             decision = leader.plan.decision
         else:
             decision = self.policy.decide(leader.policy, view)
             leader.plan = StepPlan(sigma, decision)
+            if link is not None:
+                link.plan = leader.plan
         if state.degraded:
             decision = Decision.full("memory cap: no caches")
         decision = self.ranks.agree(decision)
@@ -556,11 +592,16 @@ class SpecDiffRuntime:
 
     def _step_score(self, state: BranchState, sigma: float, own: torch.Tensor) -> torch.Tensor:
         """The score the step's token choice ranks: summed over the generation's branches
-        (each branch's own score at ``sigma``), as over the halves of a batched CFG call."""
-        total = own
+        (each branch's own score at ``sigma``), as over the halves of a batched CFG call, and
+        over the branches linked to them in other runtimes (:meth:`_link`)."""
         gen = self.generation
-        for m in gen.members if self._j in gen.members else ():
-            st = gen.branches[m].state
+        states = [gen.branches[m].state for m in (gen.members if self._j in gen.members else ())]
+        link = gen.leader(self._j).link
+        for other in link.live() if link is not None else ():
+            if other is not gen:
+                states += [b.state for i, b in enumerate(other.branches) if other.leader(i).link is link]
+        total = own
+        for st in states:
             if st is not state and st.tokens is not None and st.cached_for is not None \
                     and st.tokens.latest.shape[:2] == own.shape:
                 total = total + self._scores(st, sigma)

@@ -27,6 +27,20 @@ runtimes' calls of the same model whose latent rows equal the branch's at one of
 (:func:`companion_columns`). Equality of the latent at the same sigma is what ties them to this
 image; the call itself stays in its own runtime, with its own caches and decisions.
 
+Branches of one image in two runtimes are *linked* once both ran on the same latent at two
+sigmas running (:class:`Link`, made by the runtime): the branches of one guided velocity whose
+conditionings differ in shape (a negative prompt of another token length than the prompt's is
+another graph). Linked, they share the controller's state and each step's plan, as members do.
+
+Some samplers rescale the guided velocity per token: Qwen-Image's true CFG gives each token the
+norm of its cond output (``comb * |cond| / |comb|`` over the token's channels), which no
+combination of whole latents and outputs gives. When neither test above explains the update,
+the router tests it *token by token* (:func:`unexplained` with ``per_token``): each token's
+update must lie in the span of that token's columns, with coefficients of its own. It is tried
+only where a token has at least twice as many channels as there are columns to explain with,
+so that another image's latent still leaves most of its update unexplained (a random update
+keeps about ``sqrt(1 - columns / channels)`` of its norm: at least 70 %, against the 5 % allowed).
+
 A call that continues no branch but has the *same* sigma and the *same* latent as a
 branch's last call is a further branch of that generation (FLUX true-CFG: cond, then
 uncond, each with its own conditioning). It becomes a *member* that shares the step's
@@ -46,6 +60,7 @@ import functools
 import itertools
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -101,6 +116,30 @@ class Branch:
     policy: Any = None
     trace: Trace = field(default_factory=Trace)
     plan: "StepPlan | None" = None
+    link: "Link | None" = None
+
+    def called_on(self, sigma: float, sample: torch.Tensor) -> bool:
+        """Whether one of the calls the trace remembers ran at ``sigma`` on exactly ``sample``."""
+        return any(_same_sigma(s, sigma) and x.shape == sample.shape and x.dtype == sample.dtype
+                   and x.device == sample.device and torch.equal(x, sample)
+                   for s, x in zip(self.trace.sigmas, self.trace.samples))
+
+
+@dataclass(eq=False)
+class Link:
+    """Leader branches of one image in several runtimes (graphs) of one model: called on the same
+    latent at the same sigmas at two steps running, so moved by one guided velocity (a negative
+    prompt of another token length than the prompt's is another graph). Like the members of a
+    generation they share the controller's state and each step's plan (decision and tokens):
+    guidance amplifies the difference of their outputs. Each keeps its own caches."""
+
+    policy: Any
+    plan: "StepPlan | None" = None
+    #: the linked branches' generations (weak: an evicted one is not kept alive by its partner)
+    generations: list = field(default_factory=list)
+
+    def live(self) -> list["Generation"]:
+        return [g for g in (ref() for ref in self.generations) if g is not None]
 
 
 @dataclass
@@ -218,16 +257,26 @@ def companion_columns(latent: torch.Tensor, calls: Sequence[tuple[torch.Tensor, 
     return columns
 
 
+def token_channels(sample: torch.Tensor) -> tuple[int, bool]:
+    """``(channels, last)``: how many entries one token of ``sample`` has, and whether they lie on
+    the last axis (a packed ``[B, N, C]`` latent) or on axis 1 (``[B, C, *spatial]``: a token per
+    position)."""
+    return (sample.shape[-1], True) if sample.dim() == 3 else (sample.shape[1], False)
+
+
 def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
                 groups: torch.Tensor | None, rows: tuple[int, int] | None = None,
-                extra: Sequence[torch.Tensor] = ()) -> float:
+                extra: Sequence[torch.Tensor] = (), per_token: bool = False) -> float:
     """The largest, over samples, relative residual of ``sample - x_last`` after projecting
     it onto the span of what a sampler could have combined it from (see the module
     docstring), less the latent dtype's rounding of ``sample``; ``inf`` when the branch has
     no earlier call of this shape or nothing to project on. ``rows`` (offset, length on
     axis 1) restricts the test to the image tokens of a latent that carries context tokens
     the sampler does not move (FLUX.2 reference images). ``extra``: more output columns shaped
-    like ``sample`` (companion calls: :func:`companion_columns`).
+    like ``sample`` (companion calls: :func:`companion_columns`). ``per_token``: every token's
+    update in its own columns' span (coefficients per token; the residual is the norm over the
+    tokens' residuals); ``inf`` where a token has fewer than twice as many channels as there are
+    columns to explain with.
 
     It runs on every call, so it is a handful of batched ops whatever the batch and the number
     of branches: one stack of the update, the latents and the outputs, one gather of every
@@ -272,13 +321,13 @@ def unexplained(sample: torch.Tensor, generation: Generation, branch: Branch,
             aug = src.reshape(-1, src.shape[-1]).index_select(0, at).view(len(rows_i), -1, src.shape[-1])
             own = x if len(rows_i) == b else x.index_select(0, torch.tensor(rows_i, device=x.device))
         slack = 2 * _rounding(sample.dtype) * own.norm(dim=1)
-        shares.append(_unexplained_share(aug, slack))
+        shares.append(_unexplained_share(aug, slack, token_channels(take(sample)) if per_token else None))
     # one synchronisation for the batch; NaN/Inf latents or outputs (a non-finite share): nothing to match on
     worst = float(torch.stack(shares).max()) if len(shares) > 1 else float(shares[0])
     return worst if math.isfinite(worst) else float("inf")
 
 
-def _unexplained_share(aug: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+def _unexplained_share(aug: torch.Tensor, slack: torch.Tensor, tokens: tuple[int, bool] | None = None) -> torch.Tensor:
     """The largest over the batch of ``max(0, |d - P d| - slack) / |d|``, ``d`` the last of each
     sample's columns ``aug`` (``[b, m + 1, n]``: ``m + 1`` columns of length ``n``) and ``P`` the
     projection onto the span of the ``m`` before it; 0 where ``d`` is 0 (a zero update is in every
@@ -292,7 +341,14 @@ def _unexplained_share(aug: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
     # outside the span: nothing that moves the decision. R alone: no Q is formed or multiplied.
     m, n = aug.shape[1] - 1, aug.shape[2]
     a = aug.transpose(1, 2)  # [b, n, m + 1]: column-major, as LAPACK wants
-    if n > m:
+    if tokens is not None:  # per token: [b * T, c, m + 1], one small QR each
+        c, last = tokens
+        if c < 2 * m or n % c:
+            return torch.full_like(aug[0, 0, 0], float("inf"))
+        per = aug.reshape(aug.shape[0], m + 1, n // c, c) if last else aug.reshape(aug.shape[0], m + 1, c, n // c).transpose(2, 3)
+        r_tok = torch.linalg.qr(per.permute(0, 2, 3, 1).reshape(-1, c, m + 1), mode="r").R[:, m, m]
+        residual = r_tok.reshape(aug.shape[0], -1).pow(2).sum(dim=1).sqrt()
+    elif n > m:
         residual = torch.linalg.qr(a, mode="r").R[:, m, m].abs()
     else:  # no more entries than columns (tiny latents): project explicitly
         q = torch.linalg.qr(a[..., :m]).Q
@@ -330,12 +386,15 @@ class Router:
                       if br.trace.sigmas and br.trace.sigmas[0] > sigma and not _same_sigma(br.trace.sigmas[0], sigma)
                       and same_conditioning(br.conditioning, conditioning)]
         best = self._best(candidates, sample, rows, lambda br: ())
+        found: dict[int, list[torch.Tensor]] = {}
         if best is None and companions is not None and candidates:
             def extra(br: Branch) -> list[torch.Tensor] | None:  # None: nothing new to try
-                cols = [col for s, x in zip(br.trace.sigmas, br.trace.samples)
-                        for col in companion_columns(x, companions(s))]
+                cols = found[id(br)] = [col for s, x in zip(br.trace.sigmas, br.trace.samples)
+                                        for col in companion_columns(x, companions(s))]
                 return cols or None
             best = self._best(candidates, sample, rows, extra)
+        if best is None and candidates:  # a sampler that rescales per token (Qwen-Image's true CFG)
+            best = self._best(candidates, sample, rows, lambda br: found.get(id(br), []), per_token=True)
         if best is None:  # a further branch: the same sigma and latent as a call of this generation
             best = next(((gen, len(gen.branches)) for gen in live for br in gen.branches
                          if br.trace.sigmas and _same_sigma(br.trace.sigmas[0], sigma)
@@ -346,15 +405,16 @@ class Router:
         return best
 
     @staticmethod
-    def _best(candidates, sample, rows, extra) -> tuple[Generation, int] | None:
+    def _best(candidates, sample, rows, extra, per_token: bool = False) -> tuple[Generation, int] | None:
         """The candidate ``(generation, j, branch)`` whose span (with ``extra(branch)``'s columns;
-        ``None`` skips it) explains the update best, if within :data:`SPAN_TOLERANCE`."""
+        ``None`` skips it; ``per_token``: token by token) explains the update best, if within
+        :data:`SPAN_TOLERANCE`."""
         best, best_score = None, SPAN_TOLERANCE
         for gen, j, br in candidates:
             cols = extra(br)
             if cols is None:
                 continue
-            score = unexplained(sample, gen, br, br.state.groups, rows, cols)
+            score = unexplained(sample, gen, br, br.state.groups, rows, cols, per_token)
             if score < best_score or (best is None and score <= best_score):
                 best, best_score = (gen, j), score
         return best
