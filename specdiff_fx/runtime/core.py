@@ -180,23 +180,25 @@ class SpecDiffRuntime:
             return None
         return args[i].untyped_storage().data_ptr()
 
-    def _companions(self, model: int | None, sigma: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(latent, output)`` of the calls the other live runtimes made on ``model`` at ``sigma``
-        (another graph of the same model, e.g. SD3.5's skip-layer guidance call: routing's
-        companions). Read from their routers' traces without their locks (a snapshot of
-        references: tensors a trace holds are never written)."""
-        found = []
+    def _other_branches(self, model: int | None):
+        """``(runtime, generation, index, branch)`` of every branch the other live runtimes keep for
+        ``model`` (another graph of the same model: routing's companions, :meth:`_link`'s partners).
+        Read without their locks: a snapshot of references (tensors a trace holds are never
+        written)."""
         for rt in list(_LIVE):
             if rt is self:
                 continue
             for gen in list(rt.router.generations.values()):
-                if gen.model != model:
-                    continue
-                for br in list(gen.branches):
-                    for s, x, out in zip(list(br.trace.sigmas), list(br.trace.samples), list(br.trace.outputs)):
-                        if out is not None and _same_sigma(s, sigma):
-                            found.append((x, out))
-        return found
+                if gen.model == model:
+                    for j, br in enumerate(list(gen.branches)):
+                        yield rt, gen, j, br
+
+    def _companions(self, model: int | None, sigma: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(latent, output)`` of the calls the other live runtimes made on ``model`` at ``sigma``
+        (e.g. SD3.5's skip-layer guidance call: routing's companions)."""
+        return [(x, out) for _, _, _, br in self._other_branches(model)
+                for s, x, out in zip(list(br.trace.sigmas), list(br.trace.samples), list(br.trace.outputs))
+                if out is not None and _same_sigma(s, sigma)]
 
     def _link(self, gen: Generation, j: int, model: int | None, sigma: float, sample: torch.Tensor) -> None:
         """Link branch ``j``'s leader to a branch of another runtime of the same model and options
@@ -207,21 +209,16 @@ class SpecDiffRuntime:
         if leader.link is not None or not branch.trace.sigmas:
             return
         last_sigma, last_sample = branch.trace.sigmas[0], branch.trace.samples[0]
-        for rt in list(_LIVE):
-            if rt is self or rt.config != self.config or type(rt.policy) is not type(self.policy):
-                continue
-            for other_gen in list(rt.router.generations.values()):
-                if other_gen.model != model:
-                    continue
-                for oj, other in enumerate(list(other_gen.branches)):
-                    if other.called_on(sigma, sample) and other.called_on(last_sigma, last_sample):
-                        partner = other_gen.leader(oj)
-                        link = partner.link
-                        if link is None:
-                            link = partner.link = Link(partner.policy, partner.plan, [weakref.ref(other_gen)])
-                        link.generations.append(weakref.ref(gen))
-                        leader.link, leader.policy = link, link.policy
-                        return
+        for rt, other_gen, oj, other in self._other_branches(model):
+            if (rt.config == self.config and type(rt.policy) is type(self.policy)
+                    and other.called_on(sigma, sample) and other.called_on(last_sigma, last_sample)):
+                partner = other_gen.leader(oj)
+                link = partner.link
+                if link is None:
+                    link = partner.link = Link(partner.policy, partner.plan, [weakref.ref(other_gen)])
+                link.generations.append(weakref.ref(gen))
+                leader.link, leader.policy = link, link.policy
+                return
 
     def _sigma(self, args: list[Any]) -> float:
         """The call's sigma: its timestep over the family's scale (the largest entry: Wan 2.2
