@@ -235,8 +235,18 @@ def scatter_tokens(subset: torch.Tensor, idx: torch.Tensor, base: torch.Tensor) 
 
 def tier_blend(history: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per-token weighted sum of past outputs: ``history`` ``[H, B, N, C]``, ``weights``
-    ``[B, N, H]`` -> ``[B, N, C]``. Reuse is a one-hot row, blend a normalised one."""
-    return torch.einsum("hbnc,bnh->bnc", history, weights.to(history.dtype))
+    ``[B, N, H]`` -> ``[B, N, C]``. Reuse is a one-hot row, blend a normalised one.
+
+    Written as ``H`` products and sums (``H`` is static and small: 2, or ``blend_history``),
+    not as an ``einsum``: as a batched matrix product over ``H`` Inductor's CPU code made it a
+    reduction of length ``H`` with an OpenMP region per token row, which took 6.4 ms of a 20.6 ms
+    cached call on a 256-token model (BENCHMARKS.md, "The history blend's OpenMP regions"); as
+    products it is one elementwise kernel, fused with the scatter after it."""
+    w = weights.to(history.dtype)
+    out = history[0] * w[..., 0:1]
+    for h in range(1, history.shape[0]):
+        out = out + history[h] * w[..., h:h + 1]
+    return out
 
 
 # -- context parallelism (Ulysses) -------------------------------------------------------
