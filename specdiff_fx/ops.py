@@ -410,7 +410,8 @@ def gather_shards(x: torch.Tensor, dim: int, group_name: str, world_size: int) -
 # A DiT's modulation (adaLN) linears take one row per sample, ``[B, D] x [D, 6D]``, on every
 # call whatever the number of tokens computed: on a cached call they read as many weight bytes
 # as on a full one. At 2-8 rows BLAS's ``x W^T`` streams the weight 1.4-4.7x slower than
-# ``W x^T`` does on our CPUs (BENCHMARKS.md, "A cached step's modulation linears"). Registered as
+# ``W x^T`` does on some CPUs and faster on others (BENCHMARKS.md, "A cached step's modulation
+# linears", "The history blend's OpenMP regions"): the pass measures which. Registered as
 # an opaque op: written as plain ``addmm``, Inductor would fuse the transposing copy of the result
 # into the per-token kernels that read it, which then load the modulation strided.
 

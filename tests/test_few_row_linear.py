@@ -1,6 +1,7 @@
 """The ``few_row_linear`` pass and its op: which linears a cached variant computes as ``W x^T``
 on a CPU (real Dynamo graphs of tiny SD3 and FLUX), and that their values do not change."""
 
+import functools
 import importlib
 
 import pytest
@@ -25,8 +26,16 @@ from specdiff_fx.signature import ContextMode, Role, VariantKey
 
 rule = importlib.import_module("specdiff_fx.passes.few_row_linear")
 OP = torch.ops.specdiff.few_row_linear.default
+MEASURED = rule.left_operand_faster  # the host's rule, before the fixture below stands in for it
 CFG = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False)
 SPARSE = [gather_token_subset, attend_with_kv_cache, expose_token_output]
+
+
+@pytest.fixture(autouse=True)
+def op_faster(monkeypatch):
+    """The rule's structure, independent of this host's BLAS: the host's measurement says the op
+    is faster (its own tests below patch the timings instead)."""
+    monkeypatch.setattr(rule, "left_operand_faster", lambda *shape: True)
 
 
 def sparse_graph(c, with_pass: bool):
@@ -164,3 +173,26 @@ def test_inductor_compiles_a_variant_with_the_op(captured, monkeypatch, regional
         want = plain(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("timings, faster", [((2.0, 1.0), True), ((1.0, 0.85), True), ((1.0, 0.9), False),
+                                             ((1.0, 3.4), False)])
+def test_the_host_decides(monkeypatch, timings, faster):
+    """A node the rule admits is rewritten only where the op timed clearly faster on this host
+    (at most MARGIN of F.linear's time), measured once per shape and thread count."""
+    calls = []
+    monkeypatch.setattr(rule, "left_operand_faster", functools.lru_cache(MEASURED.__wrapped__))
+    monkeypatch.setattr(rule, "_time_forms", lambda *shape: calls.append(shape) or timings)
+    x, w = torch.empty(2, 256), torch.empty(1536, 256)
+    for _ in range(2):
+        gm = _linear_graph(x, w)
+        node = next(n for n in gm.graph.nodes if n.op == "call_function")
+        assert rule.rewrites(node) is faster
+        few_row_linear(gm, None)
+        assert (node.target is OP) is faster
+    assert calls == [(2, 1536, 256)]
+
+
+def test_time_forms_times_both():
+    linear, op = rule._time_forms(2, 96, 64)
+    assert 0 < linear < 1 and 0 < op < 1

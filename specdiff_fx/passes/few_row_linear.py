@@ -1,27 +1,41 @@
-"""The sparse variant on a CPU, last before ``finalize_outputs``: linears of a few rows as ``W x^T``.
+"""The sparse variant on a CPU, last before ``finalize_outputs``: linears of a few rows as ``W x^T``
+where this host streams the weight faster that way.
 
 A cached call computes few tokens, but every block's modulation linear (adaLN: one row per
 sample, ``[B, D] x [D, 6D]``) and the embedders' still run whole and read their weights in
-full. On a CPU, BLAS computes ``x W^T`` at 2, 4 and 8 rows 4.7, 2.6 and 1.4 times slower than
-``W x^T`` (16 weights of 6 MiB, 2 threads; both memory-bound: the weight is streamed once; one
-row takes the matrix-vector path either way, as slow, and is computed as two), so on the mid
-config the modulation took 8 % of a cached step for a negligible share of its FLOPs
-(``BENCHMARKS.md``, "A cached step's modulation linears").
+full. Both operand orders are memory-bound (the weight is streamed once), and which one BLAS
+streams faster depends on the host: on an AMD EPYC host ``x W^T`` was 4.7, 2.6 and 1.4 times
+slower than ``W x^T`` at 2, 4 and 8 rows (16 weights of 6 MiB, 2 threads), and the rewrite took
+7-16 ms off the mid config's cached step; on an Intel Xeon host (MKL, AVX-512) at 2 rows
+``W x^T`` was 3.4 times *slower*, and the rewrite added 5-10 ms (``BENCHMARKS.md``, "A cached
+step's modulation linears" and "The history blend's OpenMP regions"). So the pass measures: for
+each shape it would rewrite, :func:`left_operand_faster` times both forms once per process on
+this host (a few tenths of a second at most, at compile time) and the node is rewritten only
+where the op is clearly faster.
 
 Reads: the linear nodes (``layout.op_name``: ``torch._C._nn.linear`` / ``F.linear``) and the
 fake values of their operands and outputs (``meta["val"]``).
 Writes: the target of each such node whose input, weight and output are float32 (not under
 autocast) on a CPU, whose input has at most :data:`MAX_ROWS` rows (the product of its leading
-dims) and whose weight holds at least :data:`MIN_WEIGHT_BYTES`, replaced by
+dims), whose weight holds at least :data:`MIN_WEIGHT_BYTES` and for whose shape
+:func:`left_operand_faster` measured the op faster, replaced by
 :func:`specdiff_fx.ops.few_row_linear` (same arguments, a missing bias as ``None``).
 Keeps true: every node's shape and dtype, the graph's inputs and outputs; values equal up to
 float32 rounding (another order of the same products). Nothing on other devices or dtypes
-(unmeasured there), nothing with more rows (where ``x W^T`` is as fast or faster).
+(unmeasured there), nothing with more rows (on the AMD host ``x W^T`` was as fast from 16 rows;
+a cached call's token linears have hundreds).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
+import statistics
+import time
+
 import torch
+import torch.nn.functional as F
 import torch.fx as fx
 
 from .. import ops  # noqa: F401  (registers specdiff::few_row_linear)
@@ -36,6 +50,51 @@ MAX_ROWS = 8
 #: 0.375 MiB 0.38 / 0.62, 1 MiB 1.15 / 0.94, 1.5 MiB 2.64 / 1.23, 6 MiB 15.3 / 3.6): from 1.5 MiB
 #: faster at either thread count
 MIN_WEIGHT_BYTES = 3 << 19
+#: the op must take at most this share of ``F.linear``'s time to be used (timing noise on a
+#: shared machine is a few per cent; a rewrite that gains less is not worth its risk)
+MARGIN = 0.85
+#: the weights one timed pass streams add up to at least this, with 2 to 16 weights: more than
+#: most CPUs' last-level cache, as a call's distinct weights are (not all: the Intel host of the
+#: measurements above has 300 MiB, where both forms stream from that cache alike)
+STREAM_BYTES = 48 << 20
+
+log = logging.getLogger("specdiff_fx.passes")
+
+
+def _time_forms(rows: int, out_features: int, in_features: int) -> tuple[float, float]:
+    """Median seconds of one pass over a set of distinct ``[out, in]`` weights, as ``F.linear``
+    of ``rows`` rows and as the op; the two forms alternate, after one warm-up pass each."""
+    size = out_features * in_features * 4
+    n = min(16, max(2, math.ceil(STREAM_BYTES / size)))
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(out_features, in_features, generator=g) for _ in range(n)]
+    bias = torch.randn(out_features, generator=g)
+    x = torch.randn(rows, in_features, generator=g)
+    op = torch.ops.specdiff.few_row_linear.default
+    forms = (lambda w: F.linear(x, w, bias), lambda w: op(x, w, bias))
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.no_grad():
+        for r in range(6):
+            for form, out in zip(forms, times):
+                t = time.perf_counter()
+                for w in weights:
+                    form(w)
+                if r:
+                    out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+@functools.lru_cache(maxsize=None)
+def left_operand_faster(rows: int, out_features: int, in_features: int, threads: int) -> bool:
+    """Whether the op (``W x^T``) computes a float32 linear of ``rows`` rows and an
+    ``[out_features, in_features]`` weight clearly faster than ``F.linear`` on this host with
+    ``threads`` torch threads: measured once per process and shape."""
+    linear, op = _time_forms(rows, out_features, in_features)
+    faster = op <= MARGIN * linear
+    log.info("specdiff: a linear of %d row(s) and a [%d, %d] weight takes %.2f ms as x W^T and %.2f ms as W x^T "
+             "on this host (%d threads): %s", rows, out_features, in_features, 1e3 * linear, 1e3 * op, threads,
+             "computed as W x^T" if faster else "left to Inductor")
+    return faster
 
 
 def rewrites(node: fx.Node) -> bool:
@@ -51,7 +110,8 @@ def rewrites(node: fx.Node) -> bool:
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and isinstance(out, torch.Tensor) and out.dtype == torch.float32
             and weight.numel() * weight.element_size() >= MIN_WEIGHT_BYTES
-            and isinstance(rows, int) and 1 <= rows <= MAX_ROWS)  # not a symbolic size
+            and isinstance(rows, int) and 1 <= rows <= MAX_ROWS  # not a symbolic size
+            and left_operand_faster(rows, weight.shape[0], weight.shape[1], torch.get_num_threads()))
 
 
 def few_row_linear(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModule:
