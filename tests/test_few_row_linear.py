@@ -193,6 +193,15 @@ def test_the_host_decides(monkeypatch, timings, faster):
     assert calls == [(2, 1536, 256)]
 
 
-def test_time_forms_times_both():
+def test_time_forms_times_both(monkeypatch):
+    """Real products, also where the caller traces under a fake tensor mode (a fake product
+    would take no time and decide nothing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     linear, op = rule._time_forms(2, 96, 64)
     assert 0 < linear < 1 and 0 < op < 1
+    seen, real = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b: seen.append(type(w)) or real(x, w, b))
+    with FakeTensorMode():
+        rule._time_forms(2, 96, 64)
+    assert seen and all(t is torch.Tensor for t in seen)

@@ -66,14 +66,15 @@ def _time_forms(rows: int, out_features: int, in_features: int) -> tuple[float, 
     of ``rows`` rows and as the op; the two forms alternate, after one warm-up pass each."""
     size = out_features * in_features * 4
     n = min(16, max(2, math.ceil(STREAM_BYTES / size)))
-    g = torch.Generator().manual_seed(0)
-    weights = [torch.randn(out_features, in_features, generator=g) for _ in range(n)]
-    bias = torch.randn(out_features, generator=g)
-    x = torch.randn(rows, in_features, generator=g)
     op = torch.ops.specdiff.few_row_linear.default
-    forms = (lambda w: F.linear(x, w, bias), lambda w: op(x, w, bias))
     times: tuple[list[float], list[float]] = ([], [])
-    with torch.no_grad():
+    # real tensors even where the caller traces under a fake mode
+    with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        weights = [torch.randn(out_features, in_features, generator=g) for _ in range(n)]
+        bias = torch.randn(out_features, generator=g)
+        x = torch.randn(rows, in_features, generator=g)
+        forms = (lambda w: F.linear(x, w, bias), lambda w: op(x, w, bias))
         for r in range(6):
             for form, out in zip(forms, times):
                 t = time.perf_counter()
