@@ -42,10 +42,12 @@ from .. import ops  # noqa: F401  (registers specdiff::few_row_linear)
 from ..layout import op_name
 from .context import RewriteContext
 
+#: The two bounds below are the AMD EPYC host's measurements; they bound which shapes are timed
+#: at all, and within them :func:`left_operand_faster` decides on the host at hand.
 #: at most this many rows: measured faster at 1-8 rows (1 computed as 2), equal at 16
 MAX_ROWS = 8
 #: at least 1.5 MiB of weight: below that the op's dispatch (about 25 us a call) costs more than
-#: the faster product saves (measured, 16 linears at 2 rows, ``F.linear`` against the op, 1 thread:
+#: the faster product saves (measured there, 16 linears at 2 rows, ``F.linear`` against the op, 1 thread:
 #: 0.375 MiB 0.36 / 0.78 ms, 1 MiB 1.20 / 1.43, 1.5 MiB 4.70 / 1.89, 6 MiB 15.4 / 6.0; 2 threads:
 #: 0.375 MiB 0.38 / 0.62, 1 MiB 1.15 / 0.94, 1.5 MiB 2.64 / 1.23, 6 MiB 15.3 / 3.6): from 1.5 MiB
 #: faster at either thread count
