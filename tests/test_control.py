@@ -366,6 +366,21 @@ def test_runtime_skip_calls():
     assert all(s.predicted is not None for s in steps if s.kind == "skipped")
 
 
+def test_attention_score_survives_skipped_calls():
+    """``score="attention"`` under the error controller: a skipped call computes no attention
+    (its variant returns no score), so the attention each token received is the last computed
+    one's; the full call after skipped calls ranks the tokens by it to measure the error of
+    caching (it used to find no score there and raise)."""
+    cfg = SpecDiffConfig(controller="error", tolerance=0.3, sparse_calls=1, score="attention")
+    ex = FakeExecutor()
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    generate(rt, 20)
+    kinds = [c[0] for c in ex.calls]
+    after_skip = [b for a, b in zip(kinds, kinds[1:]) if a == "skip"]
+    assert "full" in after_skip and "sparse" in kinds
+    assert rt.generation.branches[0].state.his is not None
+
+
 def test_error_controller_tolerance_sets_the_compute():
     flops = []
     for tol in (0.01, 0.3, 5.0):

@@ -56,7 +56,8 @@ class FakeExecutor:
         if idx is not None:
             rows = idx[..., None].expand(-1, -1, C)
             tokens.scatter_(1, rows, torch.gather(-x, 1, rows))
-        return StepOutput((tokens,), tokens, self.score(sigma), list(inputs.kv))
+        # the skip variant computes no attention: no score, as the real one (VariantKey.skip)
+        return StepOutput((tokens,), tokens, None if idx is None else self.score(sigma), list(inputs.kv))
 
     def flops(self, key):
         return 100 if key.kind is VariantKind.FULL else 30

@@ -692,7 +692,8 @@ class SpecDiffRuntime:
             state.text.push(inputs.text_idx, sigma)
         if idx is not None:
             state.tokens.push(idx, out.tokens, sigma)
-        state.his = out.score
+        if out.score is not None:  # a skipped call computes no attention: the last received stays
+            state.his = out.score
         state.cached_for = (state.cached_for + 1 if tier is None else torch.where(tier == 1, 0, state.cached_for + 1)
                             ).to(torch.int32)
         self._push_past(state, sigma, out.tokens)
