@@ -118,16 +118,19 @@ def cold(config: str, model_name: str | None, regional: bool, steps: int, out: s
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def steady(config: str, model_name: str | None, steps: int, rounds: int) -> dict[str, list[float]]:
+def steady(config: str, model_name: str | None, steps: int, rounds: int,
+           options: dict | None = None) -> dict[str, list[float]]:
     """Each setting's (and eager's) generation seconds, ``rounds`` rounds side by side in this
-    process after a warm-up round."""
+    process after a warm-up round. ``options``: further specdiff options for both settings (the
+    tests pass ``{"inductor": False}``)."""
     import specdiff_fx
 
     model, generate = workload(config, model_name, steps)
     fns: dict[str, Any] = {EAGER: model}
     with torch.no_grad():
         for name, regional in SETTINGS.items():  # no dynamo reset between: it would drop the first's code
-            fns[name] = torch.compile(copy.deepcopy(model), backend="specdiff", options={"regional_compile": regional})
+            fns[name] = torch.compile(copy.deepcopy(model), backend="specdiff",
+                                      options={**(options or {}), "regional_compile": regional})
             specdiff_fx.reset()
             generate(fns[name])  # compiles
         times: dict[str, list[float]] = {name: [] for name in fns}
