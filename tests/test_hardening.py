@@ -285,6 +285,30 @@ def test_half_precision_on_cpu(dtype):
     assert specdiff_fx.last_generation().count("cached") > 0
 
 
+PIECES = [{"score": "attention"}, {"blend": True}, {"blend": True, "blend_mode": "taylor", "reuse_mass": 0.3},
+          {"speculative_steps": 2}, {"kv_extrapolation": False}, {"hindsight": False}, {"sparse_calls": 2},
+          {"score": "attention", "speculative_steps": 2, "blend": True, "kv_extrapolation": False}]  # as published
+
+
+@pytest.mark.parametrize("family,options", [("sd3", o) for o in PIECES] + [("flux", PIECES[0]), ("flux", PIECES[-1])],
+                         ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_each_optional_piece_runs_through_the_error_controller(family, options):
+    """SpecDiff's optional pieces (attention score, the blend tiers, the speculative run, ...)
+    with the default controller: full, sparse and skipped calls, and a full call after a
+    skipped one (where ``score="attention"`` once raised), stay finite and near eager."""
+    model, inputs = (tiny_sd3(), sd3_inputs(2, 8, 8)) if family == "sd3" else (tiny_flux(), flux_inputs(2, 4, 4))
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=specdiff_fx.backend(inductor=False, tolerance=0.3, **options))
+    with torch.no_grad():
+        out = euler(cm, inputs, steps=12)
+        ref = euler(model, inputs, steps=12)
+    kinds = [s.kind for s in specdiff_fx.last_generation().main_steps]
+    assert {"full", "cached"} <= set(kinds)
+    if options.get("sparse_calls", 1) is not None:
+        assert "full" in [b for a, b in zip(kinds, kinds[1:]) if a == "skipped"], kinds
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.5 * ref.abs().max()
+
+
 def test_caches_hold_no_autograd_state():
     model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
     be = specdiff_fx.backend(**FAST)
