@@ -68,8 +68,9 @@ class SpecDiffConfig:
         blend_history: how many past outputs tier C3 blends (``>= 1``).
         blend: ``True`` turns tier C3 on: the non-computed tokens above ``reuse_mass``
             get an estimate from their past outputs instead of their last one. Off by
-            default: on our trained models both C3 estimates lost 0.2–3.2 dB against plain
-            reuse once the K/V were extrapolated (BENCHMARKS.md).
+            default: under the error controller neither C3 estimate beat plain reuse on the
+            tune models at equal FLOPs (the paper's blend -0.5 dB of mean; the taylor one on
+            the ``tolerance`` curve, and an image forked at 8 steps; BENCHMARKS.md).
         blend_mode: how tier C3 estimates a token: ``"taylor"`` extrapolates its last two
             computed outputs to first order in sigma; ``"paper"`` blends its last
             ``blend_history`` step outputs with weights ``exp(-j) * |sigma_{now-j} - sigma|``
