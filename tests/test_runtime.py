@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from specdiff_fx import SpecDiffConfig, last_generation, schedule
+from specdiff_fx import SpecDiffConfig, last_generation, ops, schedule
 from specdiff_fx.layout import Layout, Seg
 from specdiff_fx.plan import AttentionSite, DiTPlan
 from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
@@ -52,7 +52,7 @@ class FakeExecutor:
         idx = inputs.idx
         self.calls.append(("sparse" if idx is not None else "skip", sigma, None if idx is None else idx.clone()))
         self.kv_inputs = (inputs.kv_prev, inputs.ratio)
-        tokens = torch.einsum("hbnc,bnh->bnc", inputs.history, inputs.weights)
+        tokens = ops.tier_blend(inputs.history, inputs.weights)  # the variants' tier epilogue
         if idx is not None:
             rows = idx[..., None].expand(-1, -1, C)
             tokens.scatter_(1, rows, torch.gather(-x, 1, rows))
