@@ -37,6 +37,10 @@ in [-1, 1]; ``transformer`` is the eager module, a ``torch.compile``d one or a c
   i < 0.2 n`` a second call on the cond latents and prompt with ``skip_layers`` (the model's
   blocks at 30 % of its depth, as SD3.5-medium's ``[7, 8, 9]`` of 24; :func:`slg_layers`),
   added as ``2.8 * (cond - skipped)``. A call with ``skip_layers`` is another graph to Dynamo.
+* ``sd3_heun`` (SD3-architecture models; only when asked for with ``--samplers``): ``sd3_cfg``
+  with the pipeline's scheduler swapped for ``FlowMatchHeunDiscreteScheduler(shift=3.0)``: each
+  step but the first calls the transformer twice, once on the Euler-predicted latent (the
+  corrector) and once on the corrected one at the same sigma; ``n`` steps are ``2n - 1`` calls.
 
 Steps 20, 28 and 50. Prompts: the 8 of ``ablation.py --robustness`` (``sweep.PROMPTS +
 ablation.MORE_PROMPTS``), seeds 0 and 1. Initial noise: for seed ``s``, ``torch.randn(8, 3, S, S, generator=
@@ -240,12 +244,15 @@ def slg_layers(num_layers: int) -> list[int]:
 
 
 def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts: Sequence[str],
-                   noise: torch.Tensor, steps: int, skip_layer_guidance: bool = False) -> torch.Tensor:
+                   noise: torch.Tensor, steps: int, skip_layer_guidance: bool = False, heun: bool = False
+                   ) -> torch.Tensor:
     """``StableDiffusion3Pipeline``'s loop: shift-3 flow-matching Euler, batched CFG (with
-    ``skip_layer_guidance``, SD3.5's skip-layer guidance as well)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    ``skip_layer_guidance``, SD3.5's skip-layer guidance as well; with ``heun``, the pipeline with
+    its scheduler swapped for ``FlowMatchHeunDiscreteScheduler``: the same loop over the
+    scheduler's ``2 steps - 1`` timesteps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
+    scheduler = (FlowMatchHeunDiscreteScheduler if heun else FlowMatchEulerDiscreteScheduler)(**SD3_SCHEDULER)
     scheduler.set_timesteps(steps, device=model.device)
     b = len(prompts)
     hidden, pooled = model.encode(list(prompts))
@@ -271,6 +278,11 @@ def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts:
 def sample_sd3_slg(model, transformer, prompts, noise, steps) -> torch.Tensor:
     """``sd3_cfg`` with SD3.5's skip-layer guidance (a second call on some steps)."""
     return sample_sd3_cfg(model, transformer, prompts, noise, steps, skip_layer_guidance=True)
+
+
+def sample_sd3_heun(model, transformer, prompts, noise, steps) -> torch.Tensor:
+    """``sd3_cfg`` with ``FlowMatchHeunDiscreteScheduler`` (two calls per step but the first)."""
+    return sample_sd3_cfg(model, transformer, prompts, noise, steps, heun=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -349,12 +361,13 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "flux_truecfg": sample_flux_truecfg,
     "flux_nocfg": sample_flux_nocfg,
     "sd3_slg": sample_sd3_slg,
+    "sd3_heun": sample_sd3_heun,
     "flux_truecfg_renorm": sample_flux_truecfg_renorm,
 }
 #: the samplers of the protocol's cells, per family
 SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_cfg",), "flux": ("flux_truecfg", "flux_nocfg")}
 #: more samplers a family runs only when ``--samplers`` names them
-EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg",), "flux": ("flux_truecfg_renorm",)}
+EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg", "sd3_heun"), "flux": ("flux_truecfg_renorm",)}
 #: transformer calls per denoising step: true CFG calls once for "cond" and once for "uncond"
 #: (``sd3_slg``: one, and a second on the skip-layer steps)
 CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1, "sd3_slg": 1,
