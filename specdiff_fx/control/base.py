@@ -53,6 +53,10 @@ class StepView:
     #: per-token estimate of the error of not computing each token now ([B, N]), when the
     #: runtime has one (each token's predicted drift since its last computation)
     drift: Callable[[], torch.Tensor | None] = lambda: None
+    #: the lowest sigma the decision serves, where it serves a later call too: a second-order
+    #: sampler's step, whose corrector (at the step's end sigma, estimated from the sigmas so far)
+    #: repeats the decision; ``None``: this call's own sigma
+    until: float | None = None
 
 
 @dataclass
@@ -68,6 +72,10 @@ class Observation:
     #: tokens a sparse call would have left out; a sparse call: estimated from its probes)
     prediction_error: float | None = None
     extra: dict = field(default_factory=dict)
+    #: which step the call belongs to: calls with one key pool their errors as one step's (the
+    #: runtime passes its step plan's: the branches of one step, a second-order sampler's corrector
+    #: with its step's first call); ``None``: the calls at one sigma
+    step: Any = None
 
 
 class Policy:

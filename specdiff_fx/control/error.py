@@ -37,7 +37,16 @@ while a rate measured over such a short distance does not; at 8 steps the interv
 predicted 0.098 for a call whose error was 0.169 (BENCHMARKS.md, "The first cached call").
 It reads only sigmas and measurements: no step count, no shift, no guidance mode. Under true
 CFG the two calls of a step share one state: they count as one step, and their errors pool as
-a batch's do (:class:`StepErrors`).
+a batch's do (:class:`StepErrors`). A second-order sampler (Heun) calls the model at a step's
+start and again at its end sigma (the corrector, on the Euler-predicted latent); the runtime
+has the corrector repeat the decision of its step's first call and pool with it, so the
+decision serves the step's end sigma as well and is predicted there (``StepView.until``, the
+end sigma estimated as the hindsight correction estimates a step): the first call of such a
+step runs at the sigma of the corrector before it, where the error predicted for the call's
+own sigma is 0 after a full corrector, and the decision would rest on the guards alone (on the
+tune SD3 model, 10-25 Heun steps, 4 seeds: predicted at the call's own sigma, 1.6-6.6 dB less mean
+per cell for 8-29 points fewer FLOPs, and the held-out SD3 model under 30 dB at 10 and 14 steps;
+BENCHMARKS.md, "Heun's two calls per step").
 
 Which cached calls compute tokens (``SpecDiffConfig.sparse_calls``, default 1): the first
 cached call after a full call computes the most-drifted tokens and its probes measure the
@@ -86,6 +95,7 @@ image) and changed no image at 8-12 steps (BENCHMARKS.md, "Without the fast-phas
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..runtime.hindsight import step_estimate
 from .base import Action, Decision, Observation, Policy, StepView, register_policy
@@ -102,6 +112,7 @@ class StepErrors:
     travelled: float  # sigma from the last full call before this step to it
     prior_peak: float | None  # ``ErrorState.peak`` before this step
     squares: list[float] = field(default_factory=list)
+    key: Any = None  # ``Observation.step`` of its calls (``None``: they are keyed by ``sigma``)
 
     def add(self, error: float | None) -> None:
         if error is not None and self.travelled > 1e-9:
@@ -165,7 +176,8 @@ class ErrorControlled(Policy):
     def step_weight(view: StepView) -> float:
         """``sigma / gap`` capped at 1: a step moves the latent at most sigma, so the error of
         a last step shorter than the one before it weighs little."""
-        gap = view.sigmas[-1] - view.sigma if view.sigmas else 0.0
+        before = [s for s in view.sigmas if s > view.sigma]  # a second call at one sigma: from the step before
+        gap = before[-1] - view.sigma if before else 0.0
         return min(1.0, view.sigma / gap) if gap > 0 else 1.0
 
     def guard(self, state: ErrorState, view: StepView) -> Decision | None:
@@ -175,9 +187,14 @@ class ErrorControlled(Policy):
             return Decision.full("no error measured yet")
         if self.final_jump(view):
             return Decision.full("the final jump: nothing after it corrects its error")
-        if max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view) >= self.max_interval - 1e-9:
+        if max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view) >= self.max_interval - 1e-9:
             return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
         return None
+
+    @staticmethod
+    def served(view: StepView) -> float:
+        """The lowest sigma the decision serves: this call's, or a second-order step's corrector's."""
+        return view.sigma if view.until is None else min(view.sigma, view.until)
 
     @classmethod
     def final_jump(cls, view: StepView) -> bool:
@@ -196,7 +213,7 @@ class ErrorControlled(Policy):
         rate = state.rate
         if state.peak is None and state.first_rate is not None:
             rate = max(rate, state.first_rate)
-        return rate * max(0.0, state.refresh_sigma - view.sigma) * self.step_weight(view)
+        return rate * max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view)
 
     def decide(self, state: ErrorState, view: StepView) -> Decision:
         full = self.guard(state, view)
@@ -214,9 +231,10 @@ class ErrorControlled(Policy):
 
     def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
         action = obs.decision.action
-        if state.step is None or obs.sigma != state.step.sigma:  # the step's first call
+        key = ("sigma", obs.sigma) if obs.step is None else ("step", obs.step)  # the step the call belongs to
+        if state.step is None or key != state.step.key:  # the step's first call
             travelled = state.refresh_sigma - obs.sigma if state.refresh_sigma is not None else 0.0
-            state.step = StepErrors(obs.sigma, travelled, state.peak)
+            state.step = StepErrors(obs.sigma, travelled, state.peak, key=key)
             if action is Action.FULL:
                 state.refresh_sigma, state.peak, state.sparse_since = obs.sigma, None, 0
                 state.first_rate, state.short_rate = state.short_rate, None

@@ -53,6 +53,7 @@ from ..signature import ContextMode, VariantKey
 from ..telemetry import GenerationReport, StepRecord, note_call, set_last
 from .context import text_mode, text_tokens
 from .executor import GraphExecutor, SparseInputs, StepOutput
+from .hindsight import step_estimate
 from .ranks import ranks_for
 from .routing import Branch, Generation, Link, Router, StepPlan, _same_sigma
 from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
@@ -299,13 +300,23 @@ class SpecDiffRuntime:
                     self._settle(other)
             if link.plan is not None and link.plan.sigma == sigma:
                 leader.plan = link.plan
-        if leader.plan is not None and leader.plan.sigma == sigma:  # a further member at this step: the same decision
-            decision = leader.plan.decision
+        again = bool(state.sigmas) and _same_sigma(state.sigmas[-1], sigma)  # a second call at one sigma (Heun)
+        # a second-order sampler's corrector call (the first call at the step's end sigma, after the
+        # step's first call): it completes the step its first call began, with that call's decision
+        follow = state.second_order and state.recalled and not again and leader.plan is not None
+        state.second_order, state.recalled = state.second_order or again, again
+        plan = leader.plan
+        if plan is not None and (follow or (plan.sigma == sigma and id(state) not in plan.used)):
+            decision = plan.decision  # a further member at this step, or the step's corrector: the same decision
         else:
+            if state.second_order and again:  # a second-order step: its corrector repeats this decision
+                est = step_estimate(state.sigmas, sigma)
+                view = dataclasses.replace(view, until=None if est is None else sigma - est)
             decision = self.policy.decide(leader.policy, view)
-            leader.plan = StepPlan(sigma, decision)
+            plan = leader.plan = StepPlan(sigma, decision)
             if link is not None:
                 link.plan = leader.plan
+        plan.used.add(id(state))
         if state.degraded:
             decision = Decision.full("memory cap: no caches")
         decision = self.ranks.agree(decision)
@@ -314,7 +325,9 @@ class SpecDiffRuntime:
             flops = self.executor.full_flops
         else:
             out, flops, error = self._cached_step(args, sigma, branch, state, decision)
-        self._observe(leader.policy, view, Observation(decision, sigma, flops, self.executor.full_flops, error))
+        # the step's corrector pools with the step's first call, as a further member's call does
+        self._observe(leader.policy, view, Observation(decision, sigma, flops, self.executor.full_flops, error,
+                                                       step=plan.id))
         return out, decision.action is Action.FULL
 
     def _observe(self, state: Any, view: StepView, obs: Observation) -> None:

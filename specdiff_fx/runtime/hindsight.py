@@ -47,6 +47,7 @@ import torch
 def step_estimate(sigmas: list[float], sigma: float) -> float | None:
     """The step (a positive length of sigma) after a call at ``sigma``, from the sigmas of the
     calls before it (oldest first); ``None`` with no call before."""
+    sigmas = [s for s in sigmas if s > sigma]  # a second call at one sigma (Heun) steps on from it
     if not sigmas:
         return None
     d1 = sigmas[-1] - sigma

@@ -7,7 +7,12 @@ matched by what stays fixed through a generation and by how its latent moved:
   keep separate state) and the **conditioning** (every graph input that is neither the
   latent, the timestep nor a weight: prompt embeddings, pooled projections, guidance, ids),
   compared exactly;
-* a **monotone sigma**: a continuation runs at a lower sigma than the branch's last call;
+* a **monotone sigma**: a continuation runs at a lower sigma than the branch's last call, or,
+  where no branch continues at a lower one, at the same sigma on another latent: a second-order
+  sampler (Heun) calls the model at a step's end sigma twice, on the Euler-predicted latent (the
+  corrector) and on the corrected one (the next step's first call). The same latent at the same
+  sigma is a further branch (below), except after a second-order branch's corrector: a corrector
+  that returned what its step's first call did leaves the corrected latent where it predicted;
 * the **latent update**: a sampler moves the latent by a combination of what the model just
   returned (for every branch of the generation: CFG combines cond and uncond) and of the
   latents themselves (multistep samplers), so ``x - x_last`` lies in the span of
@@ -75,10 +80,28 @@ log = logging.getLogger("specdiff_fx.runtime")
 #: (beyond the latent dtype's rounding); another generation's latent leaves nearly all of it
 SPAN_TOLERANCE = 0.05
 _IDS = itertools.count(1)
+_PLANS = itertools.count(1)
 
 
 def _same_sigma(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-7 * max(1.0, abs(a))
+
+
+def _continues(branch: "Branch", sigma: float, sample: torch.Tensor) -> bool:
+    """Whether a call at ``sigma`` on ``sample`` may continue ``branch``: at a lower sigma than its
+    last call, or at the same sigma on another latent (Heun: the corrector's call on the
+    Euler-predicted latent, then the next step's first call on the corrected one, both at that
+    step's end sigma). The same latent at the same sigma continues only a branch already seen to
+    be second-order whose last call was a corrector (a corrector that returned what its step's
+    first call did corrects nothing: the next step starts on the predicted latent); otherwise it
+    is a further branch (true CFG's uncond call) or another request from the same noise."""
+    trace = branch.trace
+    last = trace.sigmas[0]
+    if not _same_sigma(last, sigma):
+        return last > sigma
+    x = trace.samples[0]
+    same = x.shape == sample.shape and x.dtype == sample.dtype and torch.equal(x, sample)
+    return not same or (branch.state.second_order and not branch.state.recalled)
 
 
 @dataclass
@@ -152,6 +175,10 @@ class StepPlan:
     decision: Any
     idx: torch.Tensor | None = None  # [B, k] the computed tokens (sparse)
     probe: torch.Tensor | None = None  # [B, p] those of them drawn at random
+    #: the branches that ran with it (``id`` of their :class:`BranchState`): a branch called
+    #: again at the same sigma (a second-order sampler's next step) decides anew
+    used: set = field(default_factory=set)
+    id: int = field(default_factory=lambda: next(_PLANS))  # the controller's key of the step (``Observation.step``)
 
 
 @dataclass
@@ -381,11 +408,17 @@ class Router:
         ``(latent, output)`` of the calls other runtimes made on this model at sigma ``s``, tried
         when no branch's own outputs explain the update (see the module docstring)."""
         live = [g for g in self.generations.values() if g.model == model]
-        # a continuation: same conditioning, lower sigma, the latent moved as a sampler moves it
+        # a continuation: same conditioning, lower sigma (or, where no branch continues at a lower
+        # sigma, the same sigma: a second-order sampler's next step), the latent moved as a sampler
+        # moves it
         candidates = [(gen, j, br) for gen in live for j, br in enumerate(gen.branches)
-                      if br.trace.sigmas and br.trace.sigmas[0] > sigma and not _same_sigma(br.trace.sigmas[0], sigma)
+                      if br.trace.sigmas and _continues(br, sigma, sample)
                       and same_conditioning(br.conditioning, conditioning)]
-        best = self._best(candidates, sample, rows, lambda br: ())
+        again = [c for c in candidates if _same_sigma(c[2].trace.sigmas[0], sigma)]
+        best = self._best([c for c in candidates if not _same_sigma(c[2].trace.sigmas[0], sigma)], sample, rows,
+                          lambda br: ())
+        if best is None and again:
+            best = self._best(again, sample, rows, lambda br: ())
         found: dict[int, list[torch.Tensor]] = {}
         if best is None and companions is not None and candidates:
             def extra(br: Branch) -> list[torch.Tensor] | None:  # None: nothing new to try

@@ -216,6 +216,10 @@ class BranchState:
     k_txt: int | None = None  # ContextCaching.SUBSET: text tokens computed per sample on a cached step
     degraded: bool = False  # cache cap exceeded even without extrapolation, or a full call failed: every step full, no caches
     hindsight: Hindsight = field(default_factory=Hindsight)  # the cached calls' latent displacement
+    #: a second-order sampler (Heun): the branch was called twice at one sigma on two latents;
+    #: ``recalled``: its last call was such a second call (the next is that step's corrector)
+    second_order: bool = False
+    recalled: bool = False
 
     def drop_caches(self) -> None:
         self.kv.clear()
