@@ -39,8 +39,13 @@ in [-1, 1]; ``transformer`` is the eager module, a ``torch.compile``d one or a c
   added as ``2.8 * (cond - skipped)``. A call with ``skip_layers`` is another graph to Dynamo.
 * ``sd3_heun`` (SD3-architecture models; only when asked for with ``--samplers``): ``sd3_cfg``
   with the pipeline's scheduler swapped for ``FlowMatchHeunDiscreteScheduler(shift=3.0)``: each
-  step but the first calls the transformer twice, once on the Euler-predicted latent (the
-  corrector) and once on the corrected one at the same sigma; ``n`` steps are ``2n - 1`` calls.
+  step but the last calls the transformer at its start sigma and again at its end sigma on the
+  Euler-predicted latent (the corrector); the next step's first call runs at that end sigma on
+  the corrected latent; ``n`` steps are ``2n - 1`` calls.
+* ``sd3_unipc`` (SD3-architecture models; only when asked for with ``--samplers``): ``sd3_cfg``
+  with ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+  flow_shift=3.0)`` (the scheduler Wan's pipelines run; order 2 with its corrector): each update
+  combines the last two outputs; one call per step.
 
 Steps 20, 28 and 50. Prompts: the 8 of ``ablation.py --robustness`` (``sweep.PROMPTS +
 ablation.MORE_PROMPTS``), seeds 0 and 1. Initial noise: for seed ``s``, ``torch.randn(8, 3, S, S, generator=
@@ -243,16 +248,25 @@ def slg_layers(num_layers: int) -> list[int]:
     return [round(0.3 * num_layers)]
 
 
+def sd3_scheduler(kind: str) -> Any:
+    """The scheduler of an SD3 sampler: ``"euler"`` the pipeline's own; ``"heun"`` and ``"unipc"``
+    what a user swaps in (``FlowMatchHeunDiscreteScheduler``; ``UniPCMultistepScheduler`` with flow
+    sigmas, as Wan's pipelines configure it), both at shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler
+
+    if kind == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       flow_shift=SD3_SCHEDULER["shift"])
+    return {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}[kind](**SD3_SCHEDULER)
+
+
 def sample_sd3_cfg(model: ShapesModel, transformer: Callable[..., Any], prompts: Sequence[str],
-                   noise: torch.Tensor, steps: int, skip_layer_guidance: bool = False, heun: bool = False
+                   noise: torch.Tensor, steps: int, skip_layer_guidance: bool = False, scheduler: str = "euler"
                    ) -> torch.Tensor:
     """``StableDiffusion3Pipeline``'s loop: shift-3 flow-matching Euler, batched CFG (with
-    ``skip_layer_guidance``, SD3.5's skip-layer guidance as well; with ``heun``, the pipeline with
-    its scheduler swapped for ``FlowMatchHeunDiscreteScheduler``: the same loop over the
-    scheduler's ``2 steps - 1`` timesteps)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
-
-    scheduler = (FlowMatchHeunDiscreteScheduler if heun else FlowMatchEulerDiscreteScheduler)(**SD3_SCHEDULER)
+    ``skip_layer_guidance``, SD3.5's skip-layer guidance as well; with another ``scheduler``, the
+    pipeline with that one swapped in, :func:`sd3_scheduler`: the same loop over its timesteps)."""
+    scheduler = sd3_scheduler(scheduler)
     scheduler.set_timesteps(steps, device=model.device)
     b = len(prompts)
     hidden, pooled = model.encode(list(prompts))
@@ -281,8 +295,13 @@ def sample_sd3_slg(model, transformer, prompts, noise, steps) -> torch.Tensor:
 
 
 def sample_sd3_heun(model, transformer, prompts, noise, steps) -> torch.Tensor:
-    """``sd3_cfg`` with ``FlowMatchHeunDiscreteScheduler`` (two calls per step but the first)."""
-    return sample_sd3_cfg(model, transformer, prompts, noise, steps, heun=True)
+    """``sd3_cfg`` with ``FlowMatchHeunDiscreteScheduler`` (two calls per step but the last)."""
+    return sample_sd3_cfg(model, transformer, prompts, noise, steps, scheduler="heun")
+
+
+def sample_sd3_unipc(model, transformer, prompts, noise, steps) -> torch.Tensor:
+    """``sd3_cfg`` with ``UniPCMultistepScheduler`` (flow sigmas, shift 3; order 2 with its corrector)."""
+    return sample_sd3_cfg(model, transformer, prompts, noise, steps, scheduler="unipc")
 
 
 @functools.lru_cache(maxsize=1)
@@ -362,12 +381,13 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "flux_nocfg": sample_flux_nocfg,
     "sd3_slg": sample_sd3_slg,
     "sd3_heun": sample_sd3_heun,
+    "sd3_unipc": sample_sd3_unipc,
     "flux_truecfg_renorm": sample_flux_truecfg_renorm,
 }
 #: the samplers of the protocol's cells, per family
 SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_cfg",), "flux": ("flux_truecfg", "flux_nocfg")}
 #: more samplers a family runs only when ``--samplers`` names them
-EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg", "sd3_heun"), "flux": ("flux_truecfg_renorm",)}
+EXTRA_SAMPLERS_BY_FAMILY: dict[str, tuple[str, ...]] = {"sd3": ("sd3_slg", "sd3_heun", "sd3_unipc"), "flux": ("flux_truecfg_renorm",)}
 #: transformer calls per denoising step: true CFG calls once for "cond" and once for "uncond"
 #: (``sd3_slg``: one, and a second on the skip-layer steps)
 CALLS_PER_STEP: dict[str, int] = {"sd3_cfg": 1, "flux_truecfg": 2, "flux_nocfg": 1, "sd3_slg": 1,

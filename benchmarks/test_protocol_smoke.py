@@ -201,3 +201,37 @@ def test_tiny_flux_true_cfg_rescaled_per_token_stays_one_generation():
     (calls,) = spec["specdiff_calls"]
     assert calls["branches"] == 2 and calls["full"] + calls["cached"] + calls["skipped"] == 16
     assert calls["cached"] > 0 and spec["flops"] < 1
+
+
+@pytest.mark.parametrize("sampler, kind", [("sd3_heun", "heun"), ("sd3_unipc", "unipc")])
+def test_swapped_sd3_schedulers_equal_the_pipeline_and_cache(sampler, kind):
+    """``sd3_heun`` / ``sd3_unipc`` only when asked for: the SD3 pipeline with its scheduler swapped
+    gives the sampler's latents; under specdiff the batch caches (Heun: ``2n - 1`` calls)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from specdiff_zoo import load_shapes_dit
+
+    torch.set_num_threads(1)
+    prompts, steps = protocol.PROMPTS[:2], 4
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd3 = load_shapes_dit("sd3")
+        noise = protocol.initial_noise(0, protocol.image_size(sd3), len(prompts))
+        hidden, pooled = sd3.encode(prompts)
+        neg_hidden, neg_pooled = sd3.encode([protocol.NEGATIVE_PROMPT] * len(prompts))
+        pipe = StableDiffusion3Pipeline(
+            scheduler=protocol.sd3_scheduler(kind), vae=None, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, transformer=sd3.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        latents = pipe(prompt_embeds=hidden, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_hidden,
+                       negative_pooled_prompt_embeds=neg_pooled, guidance_scale=sd3.config["default_guidance_scale"],
+                       num_inference_steps=steps, latents=noise, output_type="latent").images
+        assert torch.equal(protocol.SAMPLERS[sampler](sd3, sd3.transformer, prompts, noise, steps),
+                           latents.float().clamp(-1, 1))
+    data = protocol.main(["--tiny", "--models", "sd3", "--samplers", sampler, "--steps", "10",
+                          "--methods", "eager,specdiff"])
+    _, spec = data["results"]
+    (main,) = spec["specdiff_calls"]
+    assert main["full"] + main["cached"] + main["skipped"] == (19 if kind == "heun" else 10)
+    assert main["cached"] > 0 and 0 < spec["flops"] < 1
+    assert sampler not in protocol.SAMPLERS_BY_FAMILY["sd3"]
