@@ -5,8 +5,10 @@ runs, for each setting, one process with a fresh Inductor cache directory
 (``TORCHINDUCTOR_CACHE_DIR``, FX graph cache off: a user's first run) that compiles the model
 with ``backend="specdiff"`` and generates once; it reports the first generation's seconds, the
 variants' compile seconds (``last_generation().compile_seconds``) and whether the two settings'
-final latents agree. Then, in this process, both settings generate ``--rounds`` times alternately
-after a warm-up round of both: the steady-state seconds side by side (and eager's, for the ratio).
+final latents agree (``--cold-jobs 2`` runs the two processes side by side: their seconds then
+share the CPU, so they are no first-run timings; the smoke test's way). Then, in this process,
+both settings generate ``--rounds`` times alternately after a warm-up round of both: the
+steady-state seconds side by side (and eager's, for the ratio).
 
 The workload, random weights unless a zoo model:
 
@@ -24,6 +26,7 @@ The workload, random weights unless a zoo model:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
 import os
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default=None, help="a zoo model (sd3_b, flux_64, ...) instead of --config")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--rounds", type=int, default=4, help="side-by-side rounds after the cold runs (0: none)")
+    p.add_argument("--cold-jobs", type=int, default=1, choices=[1, 2],
+                   help="cold processes at a time (2: side by side, sharing the CPU: their seconds are then no "
+                        "first-run timings; for smoke tests)")
     p.add_argument("--child", choices=["0", "1"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -158,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
         child(a.config, a.model, a.child == "1", a.steps, a.out)
         return {}
     with tempfile.TemporaryDirectory() as tmp:
-        firsts = {name: cold(a.config, a.model, regional, a.steps, os.path.join(tmp, f"{int(regional)}.pt"))
-                  for name, regional in SETTINGS.items()}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=a.cold_jobs) as pool:
+            runs = {name: pool.submit(cold, a.config, a.model, regional, a.steps, os.path.join(tmp, f"{int(regional)}.pt"))
+                    for name, regional in SETTINGS.items()}
+            firsts = {name: run.result() for name, run in runs.items()}
         latents = [torch.load(os.path.join(tmp, f"{int(r)}.pt")) for r in SETTINGS.values()]
     diff = float((latents[0] - latents[1]).abs().max())
     # --rounds 0: the cold first generations only

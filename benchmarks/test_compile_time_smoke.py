@@ -1,5 +1,5 @@
-"""CI smoke test: compile_time runs both settings cold in their own processes, on a tiny config,
-and the two settings' images agree; its side-by-side rounds in this process run too (as plain FX
+"""CI smoke test: compile_time runs both settings cold in their own processes (side by side:
+``--cold-jobs 2``), on a tiny config, and the two settings' images agree; its side-by-side rounds in this process run too (as plain FX
 here: the cold runs already compile every variant with Inductor twice, the costliest test of the
 suite, and the rounds would compile them twice more)."""
 
@@ -7,7 +7,7 @@ from benchmarks import compile_time
 
 
 def test_both_settings_run_and_agree():
-    out = compile_time.main(["--config", "tiny", "--steps", "3", "--rounds", "0"])
+    out = compile_time.main(["--config", "tiny", "--steps", "3", "--rounds", "0", "--cold-jobs", "2"])
     assert set(out["first"]) == set(compile_time.SETTINGS)
     assert all(f["compiles"] >= 2 and f["compile_s"] > 0 for f in out["first"].values())
     assert out["latent_diff"] < 1e-3
