@@ -45,7 +45,7 @@ def test_a_branch_continues_at_its_sigma_on_another_latent_or_after_a_corrector(
     assert not _continues(branch, 0.5, x.clone())  # the same latent: a further branch (true CFG)
     branch.state.second_order = True  # a second-order branch whose last call was a corrector:
     assert _continues(branch, 0.5, x.clone())  # a skipped corrector leaves the latent where it predicted
-    branch.state.recalled = True  # its last call was a step's first call: the same latent is a further branch
+    branch.state.sigmas = [0.6, 0.5, 0.5]  # its last call was a step's first call: the same latent is a further branch
     assert not _continues(branch, 0.5, x.clone())
 
 

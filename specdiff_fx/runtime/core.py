@@ -304,7 +304,7 @@ class SpecDiffRuntime:
         # a second-order sampler's corrector call (the first call at the step's end sigma, after the
         # step's first call): it completes the step its first call began, with that call's decision
         follow = state.second_order and state.recalled and not again and leader.plan is not None
-        state.second_order, state.recalled = state.second_order or again, again
+        state.second_order = state.second_order or again
         plan = leader.plan
         if plan is not None and (follow or (plan.sigma == sigma and id(state) not in plan.used)):
             decision = plan.decision  # a further member at this step, or the step's corrector: the same decision

@@ -72,7 +72,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..telemetry import GenerationReport
-from .state import BranchState, nbytes
+from .state import BranchState, _same_sigma, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
 
@@ -83,10 +83,6 @@ _IDS = itertools.count(1)
 _PLANS = itertools.count(1)
 
 
-def _same_sigma(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-7 * max(1.0, abs(a))
-
-
 def _continues(branch: "Branch", sigma: float, sample: torch.Tensor) -> bool:
     """Whether a call at ``sigma`` on ``sample`` may continue ``branch``: at a lower sigma than its
     last call, or at the same sigma on another latent (Heun: the corrector's call on the
@@ -95,13 +91,10 @@ def _continues(branch: "Branch", sigma: float, sample: torch.Tensor) -> bool:
     be second-order whose last call was a corrector (a corrector that returned what its step's
     first call did corrects nothing: the next step starts on the predicted latent); otherwise it
     is a further branch (true CFG's uncond call) or another request from the same noise."""
-    trace = branch.trace
-    last = trace.sigmas[0]
+    last = branch.trace.sigmas[0]
     if not _same_sigma(last, sigma):
         return last > sigma
-    x = trace.samples[0]
-    same = x.shape == sample.shape and x.dtype == sample.dtype and torch.equal(x, sample)
-    return not same or (branch.state.second_order and not branch.state.recalled)
+    return not branch.called_on(sigma, sample) or (branch.state.second_order and not branch.state.recalled)
 
 
 @dataclass
@@ -414,9 +407,10 @@ class Router:
         candidates = [(gen, j, br) for gen in live for j, br in enumerate(gen.branches)
                       if br.trace.sigmas and _continues(br, sigma, sample)
                       and same_conditioning(br.conditioning, conditioning)]
-        again = [c for c in candidates if _same_sigma(c[2].trace.sigmas[0], sigma)]
-        best = self._best([c for c in candidates if not _same_sigma(c[2].trace.sigmas[0], sigma)], sample, rows,
-                          lambda br: ())
+        lower, again = [], []
+        for c in candidates:
+            (again if _same_sigma(c[2].trace.sigmas[0], sigma) else lower).append(c)
+        best = self._best(lower, sample, rows, lambda br: ())
         if best is None and again:
             best = self._best(again, sample, rows, lambda br: ())
         found: dict[int, list[torch.Tensor]] = {}

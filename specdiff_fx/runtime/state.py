@@ -27,6 +27,10 @@ from .. import schedule
 from .hindsight import Hindsight
 
 
+def _same_sigma(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-7 * max(1.0, abs(a))
+
+
 def nbytes(*tensors: torch.Tensor | None) -> int:
     total = 0
     for t in tensors:  # a plain loop: the runtime sums every held tensor on every call
@@ -216,10 +220,14 @@ class BranchState:
     k_txt: int | None = None  # ContextCaching.SUBSET: text tokens computed per sample on a cached step
     degraded: bool = False  # cache cap exceeded even without extrapolation, or a full call failed: every step full, no caches
     hindsight: Hindsight = field(default_factory=Hindsight)  # the cached calls' latent displacement
-    #: a second-order sampler (Heun): the branch was called twice at one sigma on two latents;
-    #: ``recalled``: its last call was such a second call (the next is that step's corrector)
+    #: a second-order sampler (Heun): the branch was called twice at one sigma on two latents
     second_order: bool = False
-    recalled: bool = False
+
+    @property
+    def recalled(self) -> bool:
+        """Whether its last call was a second call at the sigma of the one before (a second-order
+        sampler's next step: the call after it is that step's corrector)."""
+        return len(self.sigmas) >= 2 and _same_sigma(self.sigmas[-1], self.sigmas[-2])
 
     def drop_caches(self) -> None:
         self.kv.clear()
