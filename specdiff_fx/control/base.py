@@ -57,6 +57,9 @@ class StepView:
     #: sampler's step, whose corrector (at the step's end sigma, estimated from the sigmas so far)
     #: repeats the decision; ``None``: this call's own sigma
     until: float | None = None
+    #: the sampler's updates combine outputs of calls before the newest (a multistep method:
+    #: UniPC, DPM-Solver++), as the runtime saw from how the latent moved
+    multistep: bool = False
 
 
 @dataclass

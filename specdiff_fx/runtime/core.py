@@ -55,8 +55,8 @@ from .context import text_mode, text_tokens
 from .executor import GraphExecutor, SparseInputs, StepOutput
 from .hindsight import step_estimate
 from .ranks import ranks_for
-from .routing import Branch, Generation, Link, Router, StepPlan, _same_sigma
-from .state import BranchState, ContextCaching, TokenHistory, detached, nbytes
+from .routing import FIRST_ORDER_CHECKS, Branch, Generation, Link, Router, StepPlan, _same_sigma, update_order
+from .state import BranchState, ContextCaching, TokenHistory, UpdateOrder, detached, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
 
@@ -146,6 +146,8 @@ class SpecDiffRuntime:
             self.generation, self._j = gen, j
             branch = gen.branches[j]
             state = branch.state
+            if state.step >= 2:
+                self._check_order(gen, j, sigma, sample)
             if state.step >= 1:
                 self._link(gen, j, model, sigma, sample)
             if state.step == 0:
@@ -155,6 +157,7 @@ class SpecDiffRuntime:
             out = self._hindsight(out, full, sigma, sample, state)
             branch.trace.push(sigma, sample, self._sample_of(out))
             state.sigmas.append(sigma)
+            state.full_run = state.full_run + 1 if full else 0
             state.step += 1
             gen.report.live_generations = len(self.router.generations)
             gen.report.held_bytes = self.router.held_bytes
@@ -200,6 +203,34 @@ class SpecDiffRuntime:
         return [(x, out) for _, _, _, br in self._other_branches(model)
                 for s, x, out in zip(list(br.trace.sigmas), list(br.trace.samples), list(br.trace.outputs))
                 if out is not None and _same_sigma(s, sigma)]
+
+    def _check_order(self, gen: Generation, j: int, sigma: float, sample: torch.Tensor) -> None:
+        """Whether the sampler combines earlier calls' outputs (:func:`~.routing.update_order`),
+        kept in the leader's state for the controller (``StepView.multistep``): checked on a
+        branch's continuations at a lower sigma after two full calls (whose outputs differ; after a
+        cached call an earlier output may equal the newest; a second-order sampler's calls at one
+        sigma are its own case) until one needs an earlier output or
+        :data:`~.routing.FIRST_ORDER_CHECKS` were made (``FIRST`` if none needed more than the
+        newest call; ``UNKNOWN`` stays where the branch's own calls did not explain an update:
+        skip-layer guidance, per-token rescales). Every generation's first two calls are full, so
+        its third call is checked."""
+        branch, order = gen.branches[j], gen.leader(j).state
+        if (order.update_order is not UpdateOrder.UNKNOWN or order.order_checks >= FIRST_ORDER_CHECKS
+                or branch.state.second_order or branch.state.full_run < 2
+                or _same_sigma(branch.trace.sigmas[0], sigma)):
+            return
+        found = update_order(sample, gen, branch, self._image_rows(sample))
+        order.order_checks += 1
+        if found is UpdateOrder.FIRST:
+            order.first_order_updates += 1
+            if order.first_order_updates >= FIRST_ORDER_CHECKS:
+                order.update_order = UpdateOrder.FIRST
+        elif found is UpdateOrder.MULTISTEP:
+            order.update_order = UpdateOrder.MULTISTEP
+            msg = ("specdiff: the sampler combines earlier calls' outputs (a multistep method such as UniPC or "
+                   "DPM-Solver++); the error controller holds this generation to a tighter tolerance")
+            log.info(msg)
+            gen.report.notes.append(msg)
 
     def _link(self, gen: Generation, j: int, model: int | None, sigma: float, sample: torch.Tensor) -> None:
         """Link branch ``j``'s leader to a branch of another runtime of the same model and options
@@ -285,8 +316,9 @@ class SpecDiffRuntime:
     # -- steps ---------------------------------------------------------------------------
     def _view(self, state: BranchState, sigma: float) -> StepView:
         drift = (lambda: state.tokens.drift(sigma)) if state.tokens is not None else (lambda: None)
+        multistep = self.generation.leader(self._j).state.update_order is UpdateOrder.MULTISTEP
         return StepView(step=state.step, sigma=sigma, sigmas=tuple(state.sigmas),
-                        num_tokens=self.plan.num_image_tokens, drift=drift)
+                        num_tokens=self.plan.num_image_tokens, drift=drift, multistep=multistep)
 
     def _later_step(self, args, sigma: float, branch: int, state: BranchState) -> tuple[tuple[Any, ...], bool]:
         if state.step == 1:

@@ -61,6 +61,7 @@ recently used one is evicted with a note when a new one would exceed the bound.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 import logging
@@ -72,7 +73,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..telemetry import GenerationReport
-from .state import BranchState, _same_sigma, nbytes
+from .state import BranchState, UpdateOrder, _same_sigma, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
 
@@ -106,10 +107,20 @@ class Trace:
     outputs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
 
     def push(self, sigma: float, sample: torch.Tensor, output: Any) -> None:
-        self.sigmas.appendleft(sigma)
-        self.samples.appendleft(sample.detach().clone())
         out = output if isinstance(output, torch.Tensor) and output.shape == sample.shape else None
-        self.outputs.appendleft(None if out is None else out.detach().clone())
+        self.push_kept(sigma, sample.detach().clone(), None if out is None else out.detach().clone())
+
+    def newest(self) -> "Trace":
+        """The trace of the last call alone."""
+        t = Trace()
+        t.push_kept(self.sigmas[0], self.samples[0], self.outputs[0])
+        return t
+
+    def push_kept(self, sigma: float, sample: torch.Tensor, output: torch.Tensor | None) -> None:
+        """:meth:`push` of tensors already kept by a trace (no copy)."""
+        self.sigmas.appendleft(sigma)
+        self.samples.appendleft(sample)
+        self.outputs.appendleft(output)
 
     def output_at(self, sigma: float) -> torch.Tensor | None:
         for s, out in zip(self.sigmas, self.outputs):
@@ -379,6 +390,38 @@ def _unexplained_share(aug: torch.Tensor, slack: torch.Tensor, tokens: tuple[int
     share = torch.where(norm > 0, (residual - slack).clamp_min(0) / norm.clamp_min(tiny), torch.zeros_like(norm))
     finite = torch.isfinite(aug.sum())
     return torch.where(finite, share.max(), torch.full_like(norm[0], float("nan")))
+
+
+#: updates a branch's sampler is checked on (each after two full calls); all from the newest call
+#: alone, it counts as one-step (a multistep method combines earlier outputs from its second
+#: update on)
+FIRST_ORDER_CHECKS = 3
+#: an update that leaves more than this share unexplained by the newest call's latent and outputs
+#: combined an earlier output too: far above the rounding of an update that did not (float32
+#: arithmetic: about 1e-6), far below what a second-order term leaves (half the change of the
+#: outputs from one call to the next: 1-25 % on the tune models)
+MULTISTEP_SHARE = 1e-3
+
+
+def update_order(sample: torch.Tensor, generation: Generation, branch: Branch,
+                 rows: tuple[int, int] | None = None) -> UpdateOrder:
+    """Whether the update that led to ``sample`` (a continuation of ``branch`` at a lower sigma)
+    came from the branch's newest call alone: its latent and the outputs every branch returned
+    at that call (Euler, DDIM, guidance combining them), or needed the call before as well (a
+    multistep method: UniPC's predictor and corrector, DPM-Solver++(2M) combine the last two
+    outputs). Two span tests like routing's (:func:`unexplained`); ``UNKNOWN`` where the
+    branch's own calls do not explain the update (it was matched with companions' outputs or
+    token by token) or it has fewer than two calls. Only telling where the two calls' outputs
+    differ (both computed, not one reused from the other): the caller checks."""
+    trace = branch.trace
+    if len(trace.sigmas) < 2:
+        return UpdateOrder.UNKNOWN
+    newest = dataclasses.replace(branch, trace=trace.newest())
+    if unexplained(sample, generation, newest, branch.state.groups, rows) <= MULTISTEP_SHARE:
+        return UpdateOrder.FIRST
+    if unexplained(sample, generation, branch, branch.state.groups, rows) <= SPAN_TOLERANCE:
+        return UpdateOrder.MULTISTEP
+    return UpdateOrder.UNKNOWN
 
 
 class Router:

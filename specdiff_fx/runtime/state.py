@@ -198,6 +198,14 @@ class ContextCaching(enum.Enum):
     COMPUTED = "computed"  # all computed
 
 
+class UpdateOrder(enum.Enum):
+    """What a branch's latent updates say of its sampler (``routing.update_order``)."""
+
+    UNKNOWN = "unknown"  # not seen yet, or not from the branch's own calls (companions, per token)
+    FIRST = "first"  # every update checked came from the newest call's latent and outputs alone
+    MULTISTEP = "multistep"  # an update combined an earlier call's output too (UniPC, DPM-Solver++)
+
+
 @dataclass
 class BranchState:
     """The state of one branch of one generation."""
@@ -222,6 +230,12 @@ class BranchState:
     hindsight: Hindsight = field(default_factory=Hindsight)  # the cached calls' latent displacement
     #: a second-order sampler (Heun): the branch was called twice at one sigma on two latents
     second_order: bool = False
+    #: what its latent updates say of the sampler (``routing.update_order``): how many updates
+    #: were checked, how many of them came from the newest call alone
+    update_order: UpdateOrder = UpdateOrder.UNKNOWN
+    order_checks: int = 0
+    first_order_updates: int = 0
+    full_run: int = 0  # full calls in a row up to its last call
 
     @property
     def recalled(self) -> bool:
