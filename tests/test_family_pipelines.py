@@ -56,7 +56,10 @@ def test_default_options_cache_tokens(name):
     assert_error_controlled(rep, steps)
     skipped = [s for s in rep.steps if s.kind == "skipped"]  # after an interval's first sparse call
     assert cached and len(cached) + len(skipped) == (steps - len(full)) * calls and all(s.c1 == (k,) for s in cached)
-    assert rep.flops_fraction < 0.8
+    # Wan samples with UniPC, a multistep sampler: held to a tighter tolerance, it caches less
+    multistep = [note for note in rep.notes if "multistep" in note]
+    assert len(multistep) == (name == "wan")
+    assert rep.flops_fraction < (0.95 if multistep else 0.8)
     ref = eager(name, steps)
     assert torch.isfinite(out).all() and out.shape == ref.shape
     assert (out - ref).abs().max() < 0.25  # cached, not identical; close on a random tiny model

@@ -65,6 +65,10 @@ def test_update_order_of_constructed_updates():
     assert update_order(0.9 * x_last - 0.1 * v, gen, br) is UpdateOrder.FIRST  # DDIM-like: latent and output
     assert update_order(x_last - 0.1 * (1.5 * v - 0.5 * v_prev), gen, br) is UpdateOrder.MULTISTEP
     assert update_order(x_last + 0.1 * torch.randn(B, N, C, generator=g), gen, br) is UpdateOrder.UNKNOWN
+    # a per-token rescale of a one-step update (Qwen-Image's true CFG): close to the span of whole
+    # outputs, but not a combination of them, with or without the call before
+    rescale = 1 + 0.02 * torch.randn(B, N, 1, generator=g)
+    assert update_order(x_last - 0.1 * v * rescale, gen, br) is UpdateOrder.UNKNOWN
     # true CFG: the newest outputs of both branches combined are one step's update
     uncond = Branch((), BranchState(extrapolate=False))
     u_prev, u = torch.randn(B, N, C, generator=g), torch.randn(B, N, C, generator=g)

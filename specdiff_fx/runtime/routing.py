@@ -396,30 +396,32 @@ def _unexplained_share(aug: torch.Tensor, slack: torch.Tensor, tokens: tuple[int
 #: alone, it counts as one-step (a multistep method combines earlier outputs from its second
 #: update on)
 FIRST_ORDER_CHECKS = 3
-#: an update that leaves more than this share unexplained by the newest call's latent and outputs
-#: combined an earlier output too: far above the rounding of an update that did not (float32
-#: arithmetic: about 1e-6), far below what a second-order term leaves (half the change of the
-#: outputs from one call to the next: 1-25 % on the tune models)
-MULTISTEP_SHARE = 1e-3
+#: an update explained to within this share by some columns is a combination of them: far above
+#: the rounding of one that is (float32 arithmetic: about 1e-6), far below what a multistep
+#: method's second-order terms leave unexplained by the newest call alone (half the change of the
+#: outputs from one call to the next: 1-25 % on the tune models) and what a per-token rescale
+#: leaves unexplained by any combination of whole outputs (Qwen-Image's true CFG: 0.2-2 %)
+EXACT_SHARE = 1e-4
 
 
 def update_order(sample: torch.Tensor, generation: Generation, branch: Branch,
                  rows: tuple[int, int] | None = None) -> UpdateOrder:
     """Whether the update that led to ``sample`` (a continuation of ``branch`` at a lower sigma)
-    came from the branch's newest call alone: its latent and the outputs every branch returned
-    at that call (Euler, DDIM, guidance combining them), or needed the call before as well (a
-    multistep method: UniPC's predictor and corrector, DPM-Solver++(2M) combine the last two
-    outputs). Two span tests like routing's (:func:`unexplained`); ``UNKNOWN`` where the
-    branch's own calls do not explain the update (it was matched with companions' outputs or
-    token by token) or it has fewer than two calls. Only telling where the two calls' outputs
-    differ (both computed, not one reused from the other): the caller checks."""
+    is a combination of the branch's newest call alone: its latent and the outputs every branch
+    returned at that call (Euler, DDIM, guidance combining them), or needed the call before as
+    well (a multistep method: UniPC's predictor and corrector, DPM-Solver++(2M) combine the last
+    two outputs). Two span tests like routing's (:func:`unexplained`), each to
+    :data:`EXACT_SHARE`; ``UNKNOWN`` where neither explains the update (it was matched with
+    companions' outputs or token by token, or within routing's tolerance only) or the branch has
+    fewer than two calls. Only telling where the two calls' outputs differ (both computed, not one
+    reused from the other): the caller checks."""
     trace = branch.trace
     if len(trace.sigmas) < 2:
         return UpdateOrder.UNKNOWN
     newest = dataclasses.replace(branch, trace=trace.newest())
-    if unexplained(sample, generation, newest, branch.state.groups, rows) <= MULTISTEP_SHARE:
+    if unexplained(sample, generation, newest, branch.state.groups, rows) <= EXACT_SHARE:
         return UpdateOrder.FIRST
-    if unexplained(sample, generation, branch, branch.state.groups, rows) <= SPAN_TOLERANCE:
+    if unexplained(sample, generation, branch, branch.state.groups, rows) <= EXACT_SHARE:
         return UpdateOrder.MULTISTEP
     return UpdateOrder.UNKNOWN
 
