@@ -53,8 +53,8 @@ A multistep sampler (UniPC, as Wan's pipelines sample; DPM-Solver++(2M)) is held
 latent moves (``StepView.multistep``: an update that needs an earlier call's output besides the
 newest one's). Such a sampler feeds an image's error back through the model more strongly than
 Euler: on the tune SD3 model with CFG 4 at 10-16 UniPC steps the uncond outputs of some images
-change by 30-90 % from one call to the next for several calls running (the median image's by
-3-5 %), and one call reused at sigma 0.9 (its true error 0.14) forked an image whose every later
+change by 18-95 % from one call to the next for several calls running (the median sample's by
+3-10 %), and one call reused at sigma 0.9 (its true error 0.14) forked an image whose every later
 call was computed in full (12 steps: 21.5 dB). The update's weights are not what amplifies it:
 with every later output held at the reference's, an output's weight in the image is at most an
 Euler step's (but the call before the last: 1.9 steps), and the fourth of 10 calls reused cost
