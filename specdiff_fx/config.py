@@ -45,7 +45,9 @@ class SpecDiffConfig:
         tolerance: with ``controller="error"``: the relative error of its outputs a cached
             call may have (``||F - F_reused|| / ||F||`` over the tokens it does not compute,
             measured as the generation runs); a call predicted above it computes every token.
-            Lower is sharper and slower.
+            Lower is sharper and slower. A generation whose sampler is multistep (UniPC,
+            DPM-Solver++; told from how the latent moves) is held to 7/16 of it
+            (``ErrorControlled.multistep_share``).
         sparse_calls: with ``controller="error"``: how many cached calls after each full call
             compute the most-drifted tokens (and measure the error of the others on their
             probes); the cached calls after them, until the next full call, compute no token
