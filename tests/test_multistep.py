@@ -2,7 +2,7 @@
 last calls, not the newest one's alone. The runtime tells it from how the latent moves
 (``routing.update_order``) and the error controller holds such a generation to a tighter
 tolerance (``ErrorControlled.multistep_share``). Fake executors of ``test_runtime`` (no model);
-the tiny SD3 pipeline with ``UniPCMultistepScheduler`` in ``test_pipelines_specdiff``."""
+the tiny SD3 pipeline with UniPC and DPM-Solver++ in ``test_pipelines_specdiff``."""
 
 import pytest
 import torch
@@ -20,7 +20,7 @@ from test_second_order import heun_generate
 
 
 class CurvedExecutor(FakeExecutor):
-    """Velocity ``-sin(3 x)``: not linear in the latent, so an earlier call's output is not in the
+    """Velocity ``-sin(3 x) / 3``: not linear in the latent, so an earlier call's output is not in the
     span of the newest call's latent and output (with ``-x`` every output is)."""
 
     def run_full(self, args):
