@@ -8,8 +8,9 @@ config (SD3 architecture, random weights: 8 layers, hidden 512, 1024 image token
 tokens, batch 2) with Inductor, times each
 (mean of 5 calls after 2 warm-up calls) and profiles 3 calls of each (``--ab``: times the
 cached step against the same step compiled so that Inductor copies every cache it writes, and
-against the same step without the ``few_row_linear`` pass, each right after a full step as in a
-generation, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
+against the same step without the ``few_row_linear`` pass, and against the same step with its K/V
+caches in the other dtype (``kv_dtype="model"``, float32, where the defaults store bfloat16),
+each right after a full step as in a generation, instead; ``--weights``: times the blocks' linear layers alone, at a cached and a
 full step's rows, reading each layer's own weights against one resident weight per shape, and
 prepacked for oneDNN where it is built in; ``--freezing``: times the untouched mid config under
 Inductor with and without ``freezing=True``). It prints the self-CPU
@@ -222,9 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--top", type=int, default=8, help="largest entries printed per variant")
     p.add_argument("--ab", action="store_true",
                    help="instead of profiling: time the cached step, the cached step compiled without "
-                        "variants.IN_PLACE_CACHES (Inductor then copies each cache it writes) and the cached step "
-                        "without the few_row_linear pass (every linear as Inductor lowers it), each right after a "
-                        "full step, --rounds rounds, medians")
+                        "variants.IN_PLACE_CACHES (Inductor then copies each cache it writes), the cached step "
+                        "without the few_row_linear pass (every linear as Inductor lowers it) and the cached step "
+                        "with its K/V caches in the other kv_dtype, each right after a full step, --rounds rounds, medians")
     p.add_argument("--rounds", type=int, default=8, help="--ab: rounds (each cached variant once after a full step per round)")
     p.add_argument("--weights", action="store_true",
                    help="instead of profiling: time the blocks' linear layers alone at a cached and a full "
@@ -289,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict:
                                       passes=[q for q in passes_for(key, cfg) if q is not few_row_linear])
         extra2 = [e.clone() for e in extra]  # its own caches
         calls["cached, linears as x W^T"] = lambda: plain_linears(*example, *extra2)
+        # the other K/V cache dtype: the model's (float32) where the defaults store bfloat16, else bfloat16
+        other = "model" if cfg.kv_cache_dtype(torch.float32) != torch.float32 else "bfloat16"
+        narrow = build_variant(gm, example, plan, cfg.replace(kv_dtype=other), key)
+        extra3 = [e.clone() if i.port.role in (Role.IDX, Role.TEXT_IDX) else torch.zeros(i.shape, dtype=i.dtype)
+                  for e, i in zip(extra, narrow.new_inputs)]
+        calls[f"cached, kv_dtype={other!r}"] = lambda: narrow(*example, *extra3)
         with torch.no_grad():
             for fn in calls.values():
                 fn(), fn()

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 
+#: the values of ``kv_dtype`` (see :class:`SpecDiffConfig`)
+KV_DTYPES = ("model", "bfloat16", "auto")
+
 #: the default ``context_ratio`` (see :class:`SpecDiffConfig`)
 CONTEXT_RATIO = 0.5
 
@@ -89,6 +92,15 @@ class SpecDiffConfig:
         kv_extrapolation: extrapolate the cached tokens' keys/values to first order in sigma
             from their last two computations (instead of reusing the last); doubles the K/V
             cache.
+        kv_dtype: the dtype the image and text K/V caches are stored in. ``"auto"``
+            (default): bfloat16 where the model's keys are float32, else the keys' own dtype
+            (a bfloat16 or float16 model's caches are unchanged); ``"model"``: the keys' own
+            dtype; ``"bfloat16"``: bfloat16 whatever the model computes in. Only the stored
+            copies are rounded: a cached step widens them to the model's dtype where it
+            extrapolates them and the attention reads them in it. For a float32 model half
+            the K/V caches' bytes, and a cached step streams a third fewer bytes through its
+            K/V extrapolation; on the tune models the same images to about 0.1 dB
+            (BENCHMARKS.md).
         hindsight: ``True`` (default) corrects, on each full call, what the cached calls since
             the previous full call moved the latent wrong: their outputs against the linear
             interpolation between the two full calls' outputs, summed over the steps they fed,
@@ -146,6 +158,7 @@ class SpecDiffConfig:
     starvation_scale: float | None = None
     score: str = "drift"
     kv_extrapolation: bool = True
+    kv_dtype: str = "auto"
     hindsight: bool = True
     cache_context: bool | None = None
     context_interval: int = 0
@@ -210,6 +223,8 @@ class SpecDiffConfig:
         for key in ("blend", "kv_extrapolation", "hindsight", "inductor", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
+        if self.kv_dtype not in KV_DTYPES:
+            raise bad("kv_dtype", " or ".join(repr(d) for d in KV_DTYPES))
         if not (isinstance(self.regional_compile, bool) or self.regional_compile == "auto"):
             raise bad("regional_compile", "True, False or 'auto'")
         if self.cache_context is not None and not isinstance(self.cache_context, bool):
@@ -242,6 +257,14 @@ class SpecDiffConfig:
             _is_int(self.max_cache_bytes) and self.max_cache_bytes >= 0
         ):
             raise bad("max_cache_bytes", "None or an int >= 0")
+
+    def kv_cache_dtype(self, dtype: "torch.dtype") -> "torch.dtype":
+        """The dtype of the K/V caches of keys computed in ``dtype`` (see ``kv_dtype``)."""
+        import torch
+
+        if self.kv_dtype == "bfloat16" or (self.kv_dtype == "auto" and dtype == torch.float32):
+            return torch.bfloat16
+        return dtype
 
     def regional_on(self, device: "torch.device | str | None") -> bool:
         """Whether graphs whose inputs live on ``device`` compile block by block:

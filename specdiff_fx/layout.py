@@ -201,6 +201,11 @@ def node_shape(node: Any) -> tuple[int, ...] | None:
     return None
 
 
+def node_dtype(node: fx.Node) -> torch.dtype:
+    """The dtype of ``node``'s tensor value from its fake-tensor metadata."""
+    return node.meta.get("val", node.meta.get("example_value")).dtype
+
+
 def sdpa_args(node: fx.Node) -> dict[str, Any]:
     """SDPA's arguments by name, whether Dynamo recorded them positionally or by keyword."""
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]

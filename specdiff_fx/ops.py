@@ -78,11 +78,15 @@ def _row_index(idx: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tenso
             torch.arange(heads, device=idx.device).reshape(1, heads, 1), idx.reshape(b, 1, k))
 
 
-def extrapolate(cache: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+def extrapolate(cache: torch.Tensor, prev: torch.Tensor, ratio: torch.Tensor,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
     """Cached keys (or values) ``[B, H, N, d]`` extrapolated to first order from the
     computation before (``prev``, same shape): ``cache + ratio * (cache - prev)``, with
-    ``ratio`` per token (``[B, N]``) or per sample (``[B]``)."""
-    return torch.addcmul(cache, ratio.to(cache.dtype).reshape(cache.shape[0], 1, -1, 1), cache - prev)
+    ``ratio`` per token (``[B, N]``) or per sample (``[B]``), computed and returned in
+    ``dtype`` (default: the caches'; caches stored in a narrower dtype are widened first)."""
+    dtype = dtype or cache.dtype
+    cache, prev = cache.to(dtype), prev.to(dtype)
+    return torch.addcmul(cache, ratio.to(dtype).reshape(cache.shape[0], 1, -1, 1), cache - prev)
 
 
 def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev: torch.Tensor | None = None,
@@ -95,6 +99,11 @@ def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev
     extrapolated to first order, ``cache + ratio * (cache - prev)``, and both caches shift in
     place at ``idx``: ``prev <- cache``, ``cache <- rows``.
 
+    The caches may be stored in a narrower dtype than ``rows`` (``kv_dtype``): the fresh rows
+    are rounded to it where they are written, and the keys returned are the caches' without
+    extrapolation, in ``rows``' dtype with it (extrapolated in that dtype, the fresh rows
+    unrounded).
+
     The caches are written with ``index_put_``, which Inductor performs in place on the
     caller's tensors when the variant is compiled with ``variants.IN_PLACE_CACHES`` (its
     re-inplacing pass knows ``index_put_``; for ``scatter_`` on a graph input, or with its
@@ -102,14 +111,13 @@ def cached_rows(cache: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, prev
     back: six extra passes over ``N`` rows per cache and call).
     """
     heads = rows.shape[1]
-    rows = rows.to(cache.dtype)
     where = _row_index(idx, heads)
     if prev is None:
-        cache.index_put_(where, rows)
+        cache.index_put_(where, rows.to(cache.dtype))
         return cache
-    keys = extrapolate(cache, prev, ratio).index_put(where, rows)
+    keys = extrapolate(cache, prev, ratio, rows.dtype).index_put(where, rows)
     prev.index_put_(where, cache[where])
-    cache.index_put_(where, rows)
+    cache.index_put_(where, rows.to(cache.dtype))
     return keys
 
 
@@ -157,7 +165,7 @@ def attend_keys(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor, off
         if text_idx is not None:
             text = cached_rows(text, text_segment(fresh, 2, offset, k), text_idx, text_prev, text_ratio)
         elif text_prev is not None:
-            text = extrapolate(text, text_prev, text_ratio)
+            text = extrapolate(text, text_prev, text_ratio, fresh.dtype)
         text = text.to(fresh.dtype)
         before = text.narrow(2, 0, text_offset)
         after = text.narrow(2, text_offset, text.shape[2] - text_offset)
@@ -377,7 +385,7 @@ def ulysses_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.T
     keys = cached_rows(cache_k, _rank_rows(kx, w, offset, k), idx, prev_k, ratio)
     values = cached_rows(cache_v, _rank_rows(vx, w, offset, k), idx, prev_v, ratio)
     if text_k is not None:
-        texts = [cache if prev is None else extrapolate(cache, prev, text_ratio)
+        texts = [cache if prev is None else extrapolate(cache, prev, text_ratio, qx.dtype)
                  for cache, prev in ((text_k, text_prev_k), (text_v, text_prev_v))]
     else:
         texts = [_rank_rows(t, w, offset, k, rest=True) for t in (kx, vx)]

@@ -88,7 +88,7 @@ def _variant_scenario(model, inputs) -> dict:
     gm, ex = capture(model, {**inputs, "return_dict": False})
     gm = collapse_ulysses(gm)
     plan = analyze_dit(gm)
-    cfg = SpecDiffConfig(inductor=False)
+    cfg = SpecDiffConfig(inductor=False, kv_dtype="model")  # caches as computed: the comparisons are exact
     attn, n, batch = len(plan.attention), plan.num_image_tokens, plan.batch
 
     def count(v, target) -> int:
@@ -127,6 +127,28 @@ def _variant_scenario(model, inputs) -> dict:
             "text_diff": max((float((a - b).abs().max()) for a, b in zip(fresh_text, text) if a is not None),
                              default=None),
         }
+    # bfloat16 caches (kv_dtype): the full variant returns its exchanged K/V rounded; a sparse call
+    # computing every token reads and writes them and still equals the full call
+    narrow = cfg.replace(kv_dtype="bfloat16")
+    full_b = build_variant(gm, ex, plan, narrow, VariantKey.full(refresh_text=True))
+    _, extras_b = full_b.run(ex, {})
+    kv_b = [extras_b[p] for p in kv_ports(Role.KV, attn)]
+    text_b = [extras_b[p] for p in kv_ports(Role.TEXT_KV, attn) if p in extras_b]
+    v = build_variant(gm, ex, plan, narrow, VariantKey.sparse(n, ContextMode.COMPUTE, extrapolate=True))
+    caches, prev = [t.clone() for t in kv_b], [t.clone() for t in kv_b]
+    values = {Port(Role.IDX): torch.arange(n).expand(batch, n).contiguous(),
+              Port(Role.HISTORY): torch.zeros(cfg.history_depth, batch, n, plan.out_channels),
+              Port(Role.WEIGHTS): torch.zeros(batch, n, cfg.history_depth),
+              Port(Role.KV_RATIO): torch.zeros(batch, n),
+              **dict(zip(kv_ports(Role.KV, attn), caches)), **dict(zip(kv_ports(Role.KV_PREV, attn), prev))}
+    got, _ = v.run(ex, values)
+    out["bf16"] = {
+        "returned": sorted({str(t.dtype) for t in kv_b + text_b}), "texts": len(text_b),
+        "inputs": sorted({str(i.dtype) for i in v.new_inputs if i.port.role in (Role.KV, Role.KV_PREV)}),
+        "diff": float((got[0] - user[0]).abs().max()),
+        "rounded": all(torch.equal(a, b.to(torch.bfloat16)) for a, b in zip(kv_b, kv)),
+        "caches_diff": max(float((a.float() - b.float()).abs().max()) for a, b in zip(caches, kv_b)),
+    }
     return out
 
 
@@ -238,6 +260,9 @@ def test_variants_keep_the_caches_in_the_exchanged_layout(ranks):
         assert v["sparse"]["cached"]["text_shape"] == (b, h_local, 6, d)  # 3 text tokens per rank
         assert v["sparse"]["compute"]["text_shape"] is None and v["sparse"]["compute"]["text_diff"] is None
         assert v["sparse"]["refresh"]["text_diff"] < 1e-5  # a refreshing step returns the exchanged text K/V
+        bf16 = v["bf16"]
+        assert bf16["returned"] == bf16["inputs"] == ["torch.bfloat16"] and bf16["texts"] > 0 and bf16["rounded"]
+        assert bf16["diff"] < 1e-5 and bf16["caches_diff"] < 1e-2, bf16
 
 
 def test_a_cached_call_sends_only_its_computed_tokens_through_the_exchange(ranks):

@@ -78,7 +78,8 @@ def test_inductor_full_variant_matches_eager(captured):
 @pytest.mark.inductor
 def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
     """FLUX: the sparse variant compiled by Inductor equals the plain FX run, and its in-place
-    cache writes survive compilation. One context mode, ``SUBSET`` (the default under CFG: a
+    cache writes survive compilation, with the default caches (bfloat16 for this float32
+    model, ``kv_dtype="auto"``: read, widened and written in place). One context mode, ``SUBSET`` (the default under CFG: a
     share of the text tokens computed, their rows written into the text caches too): each
     mode is one more Inductor compile (tens of seconds on CPU). The other modes are checked on
     the plain FX path (test_sparse_semantics.py against the oracle, test_text_subset.py,
@@ -114,7 +115,7 @@ def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
             return torch.stack([torch.randperm(m, generator=g)[:k_txt] for _ in range(2)])
         if i.port.role in (Role.KV_RATIO, Role.TEXT_TOKEN_RATIO):
             return torch.rand(i.shape, generator=g) * 1.5
-        return torch.randn(i.shape, generator=g)
+        return torch.randn(i.shape, generator=g).to(i.dtype)  # the caches: bfloat16 (kv_dtype="auto")
 
     values = [value(i) for i in compiled.new_inputs]
     c1 = [t.clone() for t in values]
@@ -134,7 +135,8 @@ def test_inductor_sparse_variant_matches_fx(captured, monkeypatch):
     assert {r: len(js) for r, js in written.items()} == {
         r: 2 * len(plan.attention) for r in (Role.KV, Role.KV_PREV, Role.TEXT_KV, Role.TEXT_KV_PREV)}
     for x, y, before in ((c1[j], c2[j], values[j]) for js in written.values() for j in js):
-        assert rel_err(x, y) <= 1e-5 and not torch.equal(x, before)
+        # a bfloat16 cache row may round the two graphs' fresh keys one unit apart
+        assert x.dtype == torch.bfloat16 and rel_err(x.float(), y.float()) <= 1e-2 and not torch.equal(x, before)
 
 
 def test_executor_keeps_example_inputs_while_a_fallback_variant_may_be_needed(captured):

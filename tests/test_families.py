@@ -57,7 +57,7 @@ class Family:
             options = dict(options)
             context = options.pop("cache_context", None)  # which variant (not an option of the config)
             cfg = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False,
-                                 **options)
+                                 kv_dtype="model", **options)  # caches as computed: exact comparisons
             if kind == "full":
                 vkey = VariantKey.full(refresh_text=context is not False)
             else:
@@ -287,7 +287,7 @@ def test_text_subset_with_exact_caches_gives_the_full_models_tokens(family, name
     whose text does not flow as a subset are refused when the variant is built."""
     f = family(name)
     key = VariantKey.sparse(7, ContextMode.SUBSET, extrapolate=False, k_txt=3)
-    cfg = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False)
+    cfg = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False, kv_dtype="model")
     if TEXT_SUBSET[name]:
         assert TEXT_SUBSET[name] in f.plan.text_subset_error
         with pytest.raises(ValueError, match="supports no text subset"):
@@ -333,7 +333,7 @@ def test_wan_variants_rewrite_exactly(variant_name):
     plan = analyze_dit(gm)
     assert plan.family == "wan" and plan.num_image_tokens == N
     assert len(plan.attention) == n_attn and len(plan.cross_attention) == n_cross
-    cfg = SpecDiffConfig(inductor=False, kv_extrapolation=False, context_ratio=0.0)
+    cfg = SpecDiffConfig(inductor=False, kv_extrapolation=False, context_ratio=0.0, kv_dtype="model")
     full = build_variant(gm, example_inputs, plan, cfg, VariantKey.full(refresh_text=False))
     with torch.no_grad():
         user, extras = full.split(full(*example_inputs))

@@ -65,7 +65,7 @@ def sparse_args(c, ctx, plan, seed=0):
         if i.port.role is Role.IDX:
             extra.append(torch.stack([torch.randperm(plan.num_image_tokens, generator=g)[:5].sort().values for _ in range(2)]))
         else:
-            extra.append(torch.randn(i.shape, generator=g))
+            extra.append(torch.randn(i.shape, generator=g).to(i.dtype))  # the caches: bfloat16 (kv_dtype="auto")
     return [*c.example_inputs, *extra]
 
 

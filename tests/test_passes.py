@@ -26,7 +26,7 @@ from specdiff_fx.passes import (
 from specdiff_fx.passes.context import seed_placeholder_values
 from specdiff_fx.signature import ContextMode, VariantKey
 
-CFG = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False)
+CFG = SpecDiffConfig(inductor=False, score_queries=0, kv_extrapolation=False, kv_dtype="model")
 MODELS = ["sd3", "flux"]
 
 

@@ -96,8 +96,9 @@ def test_inductor_regions_match_the_fx_variant(captured):
         want, got = fx_variant(*a_in), regional(*b_in)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-    for a, b in zip(a_in, b_in):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    for a, b in zip(a_in, b_in):  # a bfloat16 cache row (kv_dtype="auto") may round one unit apart
+        tol = dict(rtol=1e-2, atol=1e-2) if a.dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, **tol)
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux", "chroma", "flux2", "qwenimage", "wan"])

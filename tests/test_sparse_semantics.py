@@ -11,7 +11,8 @@ from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant
 from specdiff_fx.signature import ContextMode, VariantKey
 
 # the attention score is checked too; K/V extrapolation has its own test below
-CFG = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False)
+CFG = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False,
+                     kv_dtype="model")  # caches as computed: the comparisons are exact
 _VARIANTS: dict = {}
 
 

@@ -21,7 +21,8 @@ from specdiff_fx import SpecDiffConfig, analyze_dit, build_variant, ops
 from specdiff_fx.layout import sdpa_args
 from specdiff_fx.signature import ContextMode, Role, VariantKey
 
-CFG = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False)
+CFG = SpecDiffConfig(inductor=False, score_queries=0, score="attention", kv_extrapolation=False,
+                     kv_dtype="model")  # caches as computed: the comparisons are exact
 TOL = dict(atol=1e-5, rtol=1e-4)
 _VARIANTS: dict = {}
 

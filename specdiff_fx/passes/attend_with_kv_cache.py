@@ -29,6 +29,9 @@ With ``ContextMode.REFRESH`` the subset graph computes every text token (as with
 ``COMPUTE``) and also returns their fresh keys/values as extras ``Role.TEXT_KV`` ``kt{i}`` /
 ``vt{i}`` (``[B, H, M, d]``, like the full variant's), so a cached step can refresh the text
 K/V caches.
+Every cache input has the dtype ``config.kv_cache_dtype`` gives for the keys' (``kv_dtype``):
+a narrower one is widened where the caches are read (see :func:`specdiff_fx.ops.cached_rows`);
+the ratios are float32.
 An attention mask gets back its columns for every key (:func:`gather_token_subset` cut
 them to the subset's keys; ``ctx.memo["mask_rows"]``).
 Under context parallelism (an attention is :func:`specdiff_fx.ops.ulysses_attention`) the
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from .. import ops
@@ -62,9 +66,10 @@ def _text_kwargs(gm: fx.GraphModule, ctx: RewriteContext, i: int, t: str, shape:
     """The text caches of attention ``i``'s keys (``t="k"``) or values (``"v"``), read
     from caches (``CACHED``) or written at the text index (``SUBSET``)."""
     in_place = ctx.context is ContextMode.SUBSET
-    kwargs = {"text": ctx.add_input(gm, Port(Role.TEXT_KV, i, t), shape, val.dtype, val.device, in_place=in_place)}
+    dtype = ctx.config.kv_cache_dtype(val.dtype)
+    kwargs = {"text": ctx.add_input(gm, Port(Role.TEXT_KV, i, t), shape, dtype, val.device, in_place=in_place)}
     if text_ratio is not None:
-        kwargs.update(text_prev=ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), shape, val.dtype, val.device,
+        kwargs.update(text_prev=ctx.add_input(gm, Port(Role.TEXT_KV_PREV, i, t), shape, dtype, val.device,
                                               in_place=in_place), text_ratio=text_ratio)
     if in_place:
         kwargs.update(text_idx=ctx.memo["text_idx"])
@@ -89,11 +94,12 @@ def _ulysses(gm: fx.GraphModule, ctx: RewriteContext, ratio: fx.Node | None, tex
         val = args["key"].meta["val"]
         b, h, _, d = val.shape
         shape = (b, h // world, world * n, d)
+        dtype = ctx.config.kv_cache_dtype(val.dtype)
         kwargs = {}
         for t in ("k", "v"):
-            kwargs[f"cache_{t}"] = ctx.add_input(gm, Port(Role.KV, i, t), shape, val.dtype, val.device)
+            kwargs[f"cache_{t}"] = ctx.add_input(gm, Port(Role.KV, i, t), shape, dtype, val.device)
             if ratio is not None:
-                kwargs[f"prev_{t}"] = ctx.add_input(gm, Port(Role.KV_PREV, i, t), shape, val.dtype, val.device)
+                kwargs[f"prev_{t}"] = ctx.add_input(gm, Port(Role.KV_PREV, i, t), shape, dtype, val.device)
         if ratio is not None:
             kwargs["ratio"] = ratio
         offset = site.img_offset
@@ -115,6 +121,7 @@ def _ulysses(gm: fx.GraphModule, ctx: RewriteContext, ratio: fx.Node | None, tex
         if refresh:  # the fresh text K/V, for the runtime's text caches
             with gm.graph.inserting_after(attended):
                 out, *texts = [gm.graph.call_function(operator.getitem, (attended, j)) for j in range(3)]
+            texts = [ctx.cache_kv(gm, node, val.dtype) for node in texts]
             ctx.extras.update(zip((Port(Role.TEXT_KV, i, "k"), Port(Role.TEXT_KV, i, "v")), texts))
         sdpa.replace_all_uses_with(out)
 
@@ -127,14 +134,14 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
     ratio = text_ratio = None
     text_cached = key.context in (ContextMode.CACHED, ContextMode.SUBSET)
     first = sdpa_args(nodes[plan.attention[0].node])["key"].meta["val"]
-    if key.extrapolate:
-        ratio = ctx.add_input(gm, Port(Role.KV_RATIO), (plan.batch, plan.num_image_tokens), first.dtype,
+    if key.extrapolate:  # the ratios are float32 whatever the keys' dtype (ops.extrapolate casts them)
+        ratio = ctx.add_input(gm, Port(Role.KV_RATIO), (plan.batch, plan.num_image_tokens), torch.float32,
                               first.device)
         if key.context is ContextMode.CACHED:
-            text_ratio = ctx.add_input(gm, Port(Role.TEXT_RATIO), (plan.batch,), first.dtype, first.device)
+            text_ratio = ctx.add_input(gm, Port(Role.TEXT_RATIO), (plan.batch,), torch.float32, first.device)
         elif key.context is ContextMode.SUBSET:
             text_ratio = ctx.add_input(gm, Port(Role.TEXT_TOKEN_RATIO), (plan.batch, plan.num_text_tokens),
-                                       first.dtype, first.device)
+                                       torch.float32, first.device)
     if plan.parallel is not None:
         _ulysses(gm, ctx, ratio, text_ratio)
         return gm
@@ -147,10 +154,11 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
             fresh = args[name]
             val = fresh.meta["val"]
             shape = (plan.batch, node_shape(fresh)[1], plan.num_image_tokens, node_shape(fresh)[3])
-            cache = ctx.add_input(gm, Port(Role.KV, i, t), shape, val.dtype, val.device)
+            dtype = ctx.config.kv_cache_dtype(val.dtype)
+            cache = ctx.add_input(gm, Port(Role.KV, i, t), shape, dtype, val.device)
             kwargs = {}
             if ratio is not None:
-                kwargs.update(prev=ctx.add_input(gm, Port(Role.KV_PREV, i, t), shape, val.dtype, val.device),
+                kwargs.update(prev=ctx.add_input(gm, Port(Role.KV_PREV, i, t), shape, dtype, val.device),
                               ratio=ratio)
             offset = site.img_offset
             m = site.layout.length - plan.num_image_tokens
@@ -163,8 +171,8 @@ def attend_with_kv_cache(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphMod
             with gm.graph.inserting_before(sdpa):
                 new[name] = gm.graph.call_function(ops.attend_keys, (cache, fresh, idx, offset), kwargs)
                 if key.context is ContextMode.REFRESH and m:  # the fresh text K/V, for the runtime's text caches
-                    ctx.extras[Port(Role.TEXT_KV, i, t)] = gm.graph.call_function(
-                        ops.text_segment, (fresh, 2, offset, ctx.k))
+                    ctx.extras[Port(Role.TEXT_KV, i, t)] = ctx.cache_kv(gm, gm.graph.call_function(
+                        ops.text_segment, (fresh, 2, offset, ctx.k)), val.dtype)
         positional = ["query", "key", "value"]
         sdpa.args = tuple(new.get(positional[j], a) if j < 3 else a for j, a in enumerate(sdpa.args))
         sdpa.kwargs = {name: new.get(name, a) for name, a in sdpa.kwargs.items()}

@@ -77,6 +77,16 @@ class RewriteContext:
         self.new_inputs.append(NewInput(port, tuple(shape), dtype, torch.device(device), in_place))
         return node
 
+    def cache_kv(self, gm: fx.GraphModule, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+        """``node`` (keys or values computed in ``dtype``) as the K/V caches store them:
+        rounded to ``config.kv_cache_dtype(dtype)`` by a node right after it, or ``node``
+        itself where the dtypes agree."""
+        store = self.config.kv_cache_dtype(dtype)
+        if store == dtype:
+            return node
+        with gm.graph.inserting_after(node):
+            return gm.graph.call_method("to", (node, store))
+
     def add_history_inputs(self, gm: fx.GraphModule, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:
         """The inputs :func:`ops.tier_blend` reads, for per-token outputs shaped like ``like``
         (``[B, N, C]``): ``history`` ``[h, B, N, C]`` and ``weights`` ``[B, N, h]``, ``h`` the

@@ -13,6 +13,8 @@ caches are the keys and values *after* the exchange, as the attention reads them
 returns them with the output (``[B, H/W, W*N, d]``: every rank's image tokens, rank-major,
 this rank's heads; text ``[B, H/W, W*M, d]``). The replaced node stays in the graph, unused,
 until the dead-code removal after the last pass (later passes find the attention by its name).
+The caches are returned in ``config.kv_cache_dtype`` of the keys' dtype (``kv_dtype``: a
+rounding node after each segment where it is narrower).
 Keeps true: the attention and every user output are unchanged.
 """
 
@@ -24,7 +26,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..graph_utils import nodes_by_name
-from ..layout import sdpa_args
+from ..layout import node_dtype, sdpa_args
 from ..signature import ContextMode, Port, Role
 from .context import RewriteContext
 
@@ -51,12 +53,15 @@ def expose_attention_kv(gm: fx.GraphModule, ctx: RewriteContext) -> fx.GraphModu
         if text:
             ports += [Port(Role.TEXT_KV, i, "k"), Port(Role.TEXT_KV, i, "v")]
         if sdpa.target is ops.ulysses_attention:
-            ctx.extras.update(zip(ports, _exchanged_kv(gm, sdpa, site.img_offset, n, text)))
+            dtype = node_dtype(sdpa_args(sdpa)["key"])
+            kv = _exchanged_kv(gm, sdpa, site.img_offset, n, text)
+            ctx.extras.update((port, ctx.cache_kv(gm, node, dtype)) for port, node in zip(ports, kv))
             continue
         args = sdpa_args(sdpa)
-        with gm.graph.inserting_before(sdpa):
-            for port in ports:
-                segment = ops.image_segment if port.role is Role.KV else ops.text_segment
-                ctx.extras[port] = gm.graph.call_function(
-                    segment, (args["key" if port.tensor == "k" else "value"], 2, site.img_offset, n))
+        for port in ports:
+            fresh = args["key" if port.tensor == "k" else "value"]
+            segment = ops.image_segment if port.role is Role.KV else ops.text_segment
+            with gm.graph.inserting_before(sdpa):
+                node = gm.graph.call_function(segment, (fresh, 2, site.img_offset, n))
+            ctx.extras[port] = ctx.cache_kv(gm, node, node_dtype(fresh))
     return gm

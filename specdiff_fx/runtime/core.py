@@ -700,7 +700,8 @@ class SpecDiffRuntime:
         else:
             inputs.kv = state.kv.kv
             if state.extrapolate:
-                inputs.kv_prev, inputs.ratio = state.kv.prev, state.tokens.ratio(sigma).to(state.kv.kv[0])
+                inputs.kv_prev, inputs.ratio = state.kv.prev, state.tokens.ratio(sigma).to(
+                    device=state.kv.kv[0].device, dtype=torch.float32)
             context = ContextMode.COMPUTE
             mode = self._context_mode(state)
             if mode is ContextCaching.SUBSET:

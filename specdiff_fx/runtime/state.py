@@ -172,7 +172,7 @@ class TextKVStore:
         change = None
         for new, old in zip(self.kv, self.prev):
             if new is not None:
-                sq = (new - old).float().pow(2).sum(dim=(1, 3))
+                sq = (new.float() - old.float()).pow(2).sum(dim=(1, 3))
                 change = sq if change is None else change + sq
         if change is None:  # no extrapolation: no previous K/V
             change = torch.ones_like(self.sigmas[0])
