@@ -69,9 +69,10 @@ def test_a_sparse_variant_reads_and_writes_narrow_caches(captured, reference, na
     wide = build_variant(c.gm, c.example_inputs, plan, CFG, key)
     narrow = build_variant(c.gm, c.example_inputs, plan, BF16, key)
     dtypes = {i.name: i.dtype for i in narrow.new_inputs}
-    for i in narrow.new_inputs:
-        want = torch.bfloat16 if i.port.role in CACHES else dict((w.name, w.dtype) for w in wide.new_inputs)[i.name]
-        assert i.dtype == want, i.name
+    wide_dtypes = {i.name: i.dtype for i in wide.new_inputs}
+    assert dtypes.keys() == wide_dtypes.keys()
+    for i in narrow.new_inputs:  # only the caches change dtype
+        assert i.dtype == (torch.bfloat16 if i.port.role in CACHES else wide_dtypes[i.name]), i.name
     assert dtypes["specdiff_kv_ratio"] == dtypes["specdiff_kv_ratio_txt_tokens"] == torch.float32
     g = torch.Generator().manual_seed(5)
     caches = {key: t.to(torch.bfloat16) for key, t in kv_inputs(plan, reference(name, stale=True),
