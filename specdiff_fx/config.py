@@ -99,7 +99,7 @@ class SpecDiffConfig:
             copies are rounded: a cached step widens them to the model's dtype where it
             extrapolates them and the attention reads them in it. For a float32 model half
             the K/V caches' bytes, and a cached step streams a third fewer bytes through its
-            K/V extrapolation; on the tune models the same images to about 0.1 dB
+            K/V extrapolation; on the held-out models every cell's PSNR within 0.1 dB
             (BENCHMARKS.md).
         hindsight: ``True`` (default) corrects, on each full call, what the cached calls since
             the previous full call moved the latent wrong: their outputs against the linear
