@@ -191,11 +191,17 @@ def op_name(node: fx.Node) -> str | None:
     return None
 
 
+def node_value(node: fx.Node) -> Any:
+    """``node``'s fake value: ``meta["val"]`` (after shape propagation) or Dynamo's
+    ``meta["example_value"]``; ``None`` if it has neither."""
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
 def node_shape(node: Any) -> tuple[int, ...] | None:
     """The static shape of ``node``'s value from its fake-tensor metadata, if a tensor."""
     if not isinstance(node, fx.Node):
         return None
-    val = node.meta.get("val", node.meta.get("example_value"))
+    val = node_value(node)
     if isinstance(val, torch.Tensor):
         return tuple(val.shape)
     return None
@@ -203,7 +209,7 @@ def node_shape(node: Any) -> tuple[int, ...] | None:
 
 def node_dtype(node: fx.Node) -> torch.dtype:
     """The dtype of ``node``'s tensor value from its fake-tensor metadata."""
-    return node.meta.get("val", node.meta.get("example_value")).dtype
+    return node_value(node).dtype
 
 
 def sdpa_args(node: fx.Node) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from .. import ops
 from ..graph_utils import clone_graph_module
-from ..layout import node_shape, op_name, sdpa_args
+from ..layout import node_shape, node_value, op_name, sdpa_args
 
 
 _COLLECTIVES = {"all_to_all_single": "a2a", "wait_tensor": "wait", "all_gather_into_tensor": "gather"}
@@ -120,10 +120,6 @@ def _walk_back(out: fx.Node) -> tuple[fx.Node, str] | None:
     return node, group
 
 
-def _value(node: fx.Node):
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
 def _new(graph: fx.Graph, like: fx.Node, target, args, kwargs, val, stack: bool = True) -> fx.Node:
     node = graph.call_function(target, args, kwargs)
     node.meta["example_value"] = val
@@ -149,14 +145,14 @@ def _collapse_attention(gm: fx.GraphModule, sdpa: fx.Node) -> tuple[str, int] | 
         return None
     g = gm.graph
     with g.inserting_before(sdpa):
-        heads_first = [_new(g, sdpa, torch.transpose, (f[0], 1, 2), {}, _value(f[0]).transpose(1, 2))
+        heads_first = [_new(g, sdpa, torch.transpose, (f[0], 1, 2), {}, node_value(f[0]).transpose(1, 2))
                        for f in found]
         attended = _new(g, sdpa, ops.ulysses_attention, tuple(heads_first),
                         {"attn_mask": None, "dropout_p": args.get("dropout_p", 0.0),
                          "is_causal": args.get("is_causal", False), "scale": args.get("scale"),
                          "group_name": group, "world_size": world},
-                        _value(heads_first[0]).new_empty((b, h, s_q, d)))
-        tokens_first = _new(g, sdpa, torch.transpose, (attended, 1, 2), {}, _value(attended).transpose(1, 2))
+                        node_value(heads_first[0]).new_empty((b, h, s_q, d)))
+        tokens_first = _new(g, sdpa, torch.transpose, (attended, 1, 2), {}, node_value(attended).transpose(1, 2))
     last.replace_all_uses_with(tokens_first)
     return group, world
 
@@ -204,7 +200,7 @@ def _collapse_gather(gm: fx.GraphModule) -> tuple[str, int] | None:
             continue
         last, dim = found
         with gm.graph.inserting_before(last):
-            new = _new(gm.graph, last, ops.gather_shards, (src, dim, group, world), {}, _value(last), stack=False)
+            new = _new(gm.graph, last, ops.gather_shards, (src, dim, group, world), {}, node_value(last), stack=False)
         last.replace_all_uses_with(new)
         return group, world
     return None
