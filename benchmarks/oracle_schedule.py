@@ -3,6 +3,7 @@
     python benchmarks/oracle_schedule.py --tolerances 0.06,0.08,0.1      # tune models, 9 cells, 2 seeds
     python benchmarks/oracle_schedule.py --tolerances 0.08 --no-hindsight
     python benchmarks/oracle_schedule.py --tolerances 0.12 --criterion max
+    python benchmarks/oracle_schedule.py --tolerances 0.06,0.08,0.1 --sigma-weight 0.5 --weight-cap 2
 
 No specdiff runtime is involved. Every call of the protocol's samplers runs the untouched
 transformer; the oracle then returns either that output (a *full* call) or the output of the
@@ -20,6 +21,11 @@ outputs only after its last call, as ``FluxPipeline`` does). Before 2026-12-04 t
 call decided alone, on its own error: a weaker oracle under true CFG (BENCHMARKS.md). With hindsight (the default, as in the
 library) each full call returns its output plus :class:`specdiff_fx.runtime.hindsight.Hindsight`'s
 correction of the skipped calls before it.
+
+``--sigma-weight G`` holds the call at sigma to ``tolerance * w(sigma)``, ``w = ((1 - sigma) /
+sigma) ** G`` capped at ``--weight-cap``: ``G > 0`` is stricter at high noise (where the
+composition forms) and looser near the end, ``G < 0`` the other way, ``0`` (the default) the
+library's flat tolerance.
 
 What it bounds: a controller that knew every call's error of reuse exactly, with no sparse call to
 pay for measuring it and no guard but the final jump. Its images against full compute (PSNR mean
@@ -45,7 +51,8 @@ class OracleCaller:
     """A callable standing in for the transformer in a protocol sampler (see module docstring)."""
 
     def __init__(self, transformer: Any, timestep_per_sigma: float, branches: int, tolerance: float,
-                 hindsight: bool = True, criterion: str = "batch") -> None:
+                 hindsight: bool = True, criterion: str = "batch", sigma_weight: float = 0.0,
+                 weight_cap: float = 4.0) -> None:
         from specdiff_fx.runtime.hindsight import Hindsight
 
         if criterion not in ("batch", "max"):
@@ -53,6 +60,7 @@ class OracleCaller:
         self.transformer, self.branches, self.tolerance = transformer, branches, tolerance
         self.timestep_per_sigma = timestep_per_sigma  # the family's (specdiff_fx.families)
         self.hindsight, self.criterion = hindsight, criterion
+        self.sigma_weight, self.weight_cap = sigma_weight, weight_cap
         self.last: list[torch.Tensor | None] = [None] * branches
         self.sigmas: list[list[float]] = [[] for _ in range(branches)]
         self.corrections = [Hindsight() for _ in range(branches)]
@@ -66,6 +74,13 @@ class OracleCaller:
             per = (true - reused).flatten(1).norm(dim=1) / true.flatten(1).norm(dim=1).clamp_min(1e-12)
             return float(per.max())
         return float((true - reused).norm() / true.norm().clamp_min(1e-12))
+
+    def threshold(self, sigma: float) -> float:
+        """The error a call at ``sigma`` may reuse with: ``tolerance * w(sigma)`` (module docstring)."""
+        if self.sigma_weight == 0:
+            return self.tolerance
+        s = min(max(sigma, 1e-3), 1 - 1e-3)
+        return self.tolerance * min(self.weight_cap, ((1 - s) / s) ** self.sigma_weight)
 
     def pooled(self, errors: list[float]) -> float:
         """The step's error from its calls' (one per branch)."""
@@ -88,7 +103,7 @@ class OracleCaller:
         calls, returned, self._step, self._returned = self._step, self._returned, [], []
         sigmas = self.sigmas[calls[0][0]]
         full = any(self.last[c] is None for c, _, _ in calls) or self.pooled(
-            [self.error(t, self.last[c]) for c, _, t in calls]) > self.tolerance
+            [self.error(t, self.last[c]) for c, _, t in calls]) > self.threshold(calls[0][1])
         view = StepView(step=len(sigmas), sigma=calls[0][1], sigmas=tuple(sigmas), num_tokens=0)
         full = full or ErrorControlled.final_jump(view)
         self.kinds.append("f" if full else "s")
@@ -116,7 +131,8 @@ class OracleCaller:
 
 
 def cell(model: Any, sampler: str, steps: int, seeds: Sequence[int], tolerances: Sequence[float],
-         hindsight: bool = True, criterion: str = "batch", prompts: int = 8) -> list[dict]:
+         hindsight: bool = True, criterion: str = "batch", prompts: int = 8, sigma_weight: float = 0.0,
+         weight_cap: float = 4.0) -> list[dict]:
     """One (model, sampler, steps) cell at each tolerance: per-image PSNR against full compute
     (one reference generation per seed, shared by the tolerances) and the share of full calls."""
     from benchmarks import protocol
@@ -133,7 +149,8 @@ def cell(model: Any, sampler: str, steps: int, seeds: Sequence[int], tolerances:
             noise = protocol.initial_noise(seed, protocol.image_size(model), prompts)
             ref = protocol.SAMPLERS[sampler](model, model.transformer, texts, noise, steps)
             for i, tol in enumerate(tolerances):
-                caller = OracleCaller(model.transformer, timestep_per_sigma, branches, tol, hindsight, criterion)
+                caller = OracleCaller(model.transformer, timestep_per_sigma, branches, tol, hindsight, criterion,
+                                      sigma_weight, weight_cap)
                 images = protocol.SAMPLERS[sampler](model, caller, texts, noise, steps)
                 psnr[i] += protocol._per_image(images, ref)[0]
                 fractions[i].append(caller.full_fraction)
@@ -152,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--no-hindsight", action="store_true", help="full calls return their output uncorrected")
     p.add_argument("--criterion", default="batch", choices=("batch", "max"),
                    help="the batch's relative error of reuse, or the largest sample's")
+    p.add_argument("--sigma-weight", type=float, default=0.0, metavar="G",
+                   help="the tolerance at sigma times ((1 - sigma) / sigma) ** G (default 0: flat)")
+    p.add_argument("--weight-cap", type=float, default=4.0, help="the largest factor --sigma-weight applies")
     p.add_argument("--samplers", default=None, help="comma-separated (default: every sampler of the model's family)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
@@ -168,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         model = load_shapes_dit(name)
         for sampler in a.samplers.split(",") if a.samplers else protocol.SAMPLERS_BY_FAMILY[model.family]:
             for steps in (int(s) for s in a.steps.split(",")):
-                for c in cell(model, sampler, steps, seeds, tolerances, not a.no_hindsight, a.criterion, a.prompts):
+                for c in cell(model, sampler, steps, seeds, tolerances, not a.no_hindsight, a.criterion, a.prompts,
+                              a.sigma_weight, a.weight_cap):
                     c["model"] = name
                     print(f"tolerance {c['tolerance']:g} {name} {sampler} {steps}: {c['mean_psnr']:.2f} / "
                           f"{c['worst_psnr']:.2f} dB, full calls {c['full_fraction']:.1%}  {c['kinds'][0]}", flush=True)
@@ -176,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for tol in tolerances:
         cells = [c for c in results if c["tolerance"] == tol]
         means = [c["mean_psnr"] for c in cells]
-        print(f"tolerance {tol:g} (hindsight {'off' if a.no_hindsight else 'on'}, criterion {a.criterion}), "
+        print(f"tolerance {tol:g} (hindsight {'off' if a.no_hindsight else 'on'}, criterion {a.criterion}"
+              f"{f', sigma weight {a.sigma_weight:g} (cap {a.weight_cap:g})' if a.sigma_weight else ''}), "
               f"{len(cells)} cells: mean of cells {sum(means) / len(means):.2f} dB, lowest cell {min(means):.2f}, "
               f"lowest worst image {min(c['worst_psnr'] for c in cells):.2f}, full calls "
               f"{sum(c['full_fraction'] for c in cells) / len(cells):.1%}", flush=True)

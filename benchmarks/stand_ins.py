@@ -20,7 +20,10 @@ For each call ``t`` of a full-compute generation (the protocol's samplers) and a
   call ``t``'s latent and sigma, ``(x_t - x0) / sigma_t``: what a DDIM-style step from a reused
   prediction does;
 * noise reuse: the same with the noise the call predicted, ``eps = x + (1 - sigma) * v``, held
-  fixed: ``(eps - x_t) / (1 - sigma_t)``.
+  fixed: ``(eps - x_t) / (1 - sigma_t)``;
+* hidden reuse: the last block's output ``h_end`` of call ``t-l`` through the model's own
+  ``norm_out`` with call ``t``'s conditioning and ``proj_out``: reuse with the output layer's
+  modulation brought up to date (what caching the hidden state instead of the output would give).
 
 On a rectified-flow model sampled by Euler without guidance, x0 and noise reuse at lag 1 equal
 output reuse exactly (the step moved the latent along the reused velocity); they differ under
@@ -89,7 +92,7 @@ def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 
         lines = []
         for lag in lags:
             errs: dict[str, list[float]] = {"output reuse": [], "residual reuse": [], "extrapolation": [],
-                                            "x0 reuse": [], "noise reuse": []}
+                                            "x0 reuse": [], "noise reuse": [], "hidden reuse": []}
             for t in range((lag + 1) * per, len(calls)):
                 a, a2, b = calls[t - lag * per], calls[t - (lag + 1) * per], calls[t]
                 errs["output reuse"].append(rel(a["out"], b["out"]))
@@ -102,6 +105,7 @@ def measure(name: str, sampler_name: str, steps: int, prompts: int, lags=(1, 2, 
                 eps = a["x"] + (1 - sa) * a["out"]
                 errs["x0 reuse"].append(rel((b["x"] - x0) / sb, b["out"]))
                 errs["noise reuse"].append(rel((eps - b["x"]) / (1 - sb), b["out"]))
+                errs["hidden reuse"].append(rel(tr.proj_out(tr.norm_out(a["end"], b["cond"])), b["out"]))
             n = len(errs["output reuse"])
             thirds = [slice(0, n // 3), slice(n // 3, 2 * n // 3), slice(2 * n // 3, n)]
             cells = [" / ".join(f"{sum(e[s]) / max(1, len(e[s])):.3f}" for s in thirds) for e in errs.values()]
@@ -118,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cells = [(a.model, a.sampler or ("sd3_cfg" if a.model.startswith("sd3") else "flux_nocfg"))] if a.model else \
         [("sd3", "sd3_cfg"), ("flux", "flux_nocfg"), ("flux", "flux_truecfg")]
-    print("| model | sampler | steps | lag | output reuse | residual reuse | extrapolation | x0 reuse | noise reuse |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | sampler | steps | lag | output reuse | residual reuse | extrapolation | x0 reuse | noise reuse | hidden reuse |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, sampler in cells:
         print("\n".join(measure(name, sampler, a.steps, a.prompts)), flush=True)
 

@@ -53,3 +53,22 @@ def test_true_cfg_calls_pool_their_errors_and_earlier_outputs_follow_the_decisio
     assert torch.equal(cond, 3 * one)  # not decided yet
     _call(caller, 0.9)
     assert caller.kinds == ["f", "s"] and torch.equal(cond, one)
+
+
+def test_sigma_weight_moves_the_threshold_with_sigma():
+    import pytest
+    import torch
+
+    flat = oracle_schedule.OracleCaller(_Scripted([]), 1000.0, 1, 0.2)
+    assert flat.threshold(0.9) == flat.threshold(0.1) == 0.2
+    strict_early = oracle_schedule.OracleCaller(_Scripted([]), 1000.0, 1, 0.2, sigma_weight=1.0, weight_cap=2.0)
+    assert strict_early.threshold(0.5) == pytest.approx(0.2)
+    assert strict_early.threshold(0.9) == pytest.approx(0.2 / 9)
+    assert strict_early.threshold(0.1) == pytest.approx(0.4)  # 9x, capped at 2x
+    # the same 50 % change at sigma 0.9 is reused under the flat tolerance 0.6, computed under the weighted one
+    one, two = torch.ones(1, 4), 2 * torch.ones(1, 4)
+    for weight, kinds in ((0.0, ["f", "s"]), (1.0, ["f", "f"])):
+        caller = oracle_schedule.OracleCaller(_Scripted([one, two]), 1000.0, 1, 0.6, hindsight=False,
+                                              sigma_weight=weight)
+        _call(caller, 1.0), _call(caller, 0.9)
+        assert caller.kinds == kinds

@@ -14,14 +14,14 @@ def _cells(line: str) -> list[list[float]]:
 
 def test_x0_and_noise_reuse_equal_output_reuse_without_guidance_at_lag_1():
     (line,) = stand_ins.measure("flux", "flux_nocfg", steps=6, prompts=1, lags=(1,))
-    out, residual, extrap, x0, noise = _cells(line)
-    assert all(0 < e < 1 for e in out + residual + extrap)
+    out, residual, extrap, x0, noise, hidden = _cells(line)
+    assert all(0 < e < 1 for e in out + residual + extrap + hidden)
     assert x0 == out and noise == out
 
 
 def test_sd3_patch_layout_and_guidance():
     (line,) = stand_ins.measure("sd3", "sd3_cfg", steps=6, prompts=1, lags=(1,))
-    out, _, _, x0, noise = _cells(line)
+    out, _, _, x0, noise, _ = _cells(line)
     # under batched CFG the latent moved along the guided velocity, not the branch's own: they differ
     assert x0 != out and noise != out
     assert all(0 < e < 2 for e in out) and all(0 < e < float("inf") for e in x0 + noise)
