@@ -80,6 +80,13 @@ class SpecDiffConfig:
             computed outputs to first order in sigma; ``"paper"`` blends its last
             ``blend_history`` step outputs with weights ``exp(-j) * |sigma_{now-j} - sigma|``
             as SpecDiff describes.
+        reuse_extrapolation: ``lam``, how far a reused token's output is carried along its
+            last two computed outputs in a generation without guidance: ``F1 + lam * r * (F1 -
+            F2)``, ``r`` the first-order ratio of sigma (:func:`schedule.extrapolation_ratio`),
+            on the skipped calls and on a sparse call's reused tokens; ``0`` reuses ``F1``
+            as it is, ``1`` extrapolates to first order, ``0 <= lam <= 1``. Under guidance (batched
+            CFG halves, true CFG's second call, linked graphs) the tokens are reused as they
+            are, whatever ``lam`` (BENCHMARKS.md).
         starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term; ``None``
             picks 0.5 with ``score="attention"`` (SpecDiff) and 0 with ``score="drift"``
             (whose score already grows with the time since a token was computed).
@@ -156,6 +163,7 @@ class SpecDiffConfig:
     blend: bool = False
     blend_mode: str = "paper"
     starvation_scale: float | None = None
+    reuse_extrapolation: float = 0.0
     score: str = "drift"
     kv_extrapolation: bool = True
     kv_dtype: str = "auto"
@@ -212,6 +220,8 @@ class SpecDiffConfig:
                                  f"{' or '.join(map(repr, owners))}; got controller={self.controller!r}")
         if not (_is_real(self.reuse_mass) and 0.0 <= self.reuse_mass < 1.0):
             raise bad("reuse_mass", "a number with 0 <= reuse_mass < 1")
+        if not (_is_real(self.reuse_extrapolation) and 0.0 <= self.reuse_extrapolation <= 1.0):
+            raise bad("reuse_extrapolation", "a number with 0 <= reuse_extrapolation <= 1")
         if not (_is_int(self.blend_history) and 1 <= self.blend_history <= 8):
             raise bad("blend_history", "an int with 1 <= blend_history <= 8")
         if self.blend_mode not in ("taylor", "paper"):

@@ -194,18 +194,21 @@ def tier_weights(tier: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def taylor_weights(tier: torch.Tensor, fresh_sigma: torch.Tensor, sigma: float, history: int,
-                   max_ratio: float = 1.5) -> torch.Tensor:
-    """``[B, N, H]`` rows over each token's last two *computed* outputs ``(F1, F2)``: C2
-    reuses ``F1``; C3 extrapolates to first order in sigma,
-    ``F1 + (sigma - s1) / (s1 - s2) * (F1 - F2)`` (weights ``1 + r, -r``, ``r`` clamped to
-    ``[0, max_ratio]``; ``r = 0`` while a token has one computed output only); C1 rows are
-    zeros (overwritten by the fresh outputs). Needs ``history >= 2``."""
+def taylor_weights(tier: torch.Tensor | None, fresh_sigma: torch.Tensor, sigma: float, history: int,
+                   max_ratio: float = 1.5, reach: float = 0.0) -> torch.Tensor:
+    """``[B, N, H]`` rows over each token's last two *computed* outputs ``(F1, F2)``: C3
+    extrapolates to first order in sigma, ``F1 + (sigma - s1) / (s1 - s2) * (F1 - F2)``
+    (weights ``1 + r, -r``, ``r`` clamped to ``[0, max_ratio]``; ``r = 0`` while a token has one
+    computed output only); C2 carries ``F1`` the share ``reach`` of that way (``0``: reuses
+    it); C1 rows are zeros (overwritten by the fresh outputs). ``tier=None``: every token C2
+    (a skipped call). Needs ``history >= 2``."""
     r = extrapolation_ratio(fresh_sigma, sigma, max_ratio)
-    b, n = tier.shape
-    w = torch.zeros(b, n, history, device=tier.device)
-    c2, c3 = (tier == 2).float(), (tier == 3).float()
-    w[..., 0] = c2 + c3 * (1 + r)
+    b, n = r.shape
+    w = torch.zeros(b, n, history, device=r.device)
+    c2 = torch.ones_like(r) if tier is None else (tier == 2).float()
+    c3 = torch.zeros_like(r) if tier is None else (tier == 3).float()
+    slope = (c2 * reach + c3) * r
+    w[..., 0] = c2 + c3 + slope
     if history > 1:
-        w[..., 1] = -c3 * r
+        w[..., 1] = -slope
     return w

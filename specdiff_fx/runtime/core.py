@@ -660,6 +660,19 @@ class SpecDiffRuntime:
             w[..., 0] = 1
         return w
 
+    def _reuse_reach(self, state: BranchState) -> float:
+        """``config.reuse_extrapolation`` for a generation without guidance, else 0: under batched
+        CFG (same-latent halves), true CFG or another companion call (a second branch) or graphs
+        linked across runtimes, guidance scales the difference of the branches'
+        outputs, and their extrapolated differences with it (BENCHMARKS.md)."""
+        lam = self.config.reuse_extrapolation
+        if not lam or self._paper_blend:
+            return 0.0
+        gen = self.generation
+        if state.groups is not None or len(gen.branches) > 1 or gen.leader(self._j).link is not None:
+            return 0.0
+        return lam
+
     def _cached_step(self, args, sigma: float, branch: int, state: BranchState,
                      decision: Decision) -> tuple[tuple[Any, ...], int, float | None]:
         cfg = self.config
@@ -686,13 +699,15 @@ class SpecDiffRuntime:
                 history[j] = tok
         else:  # reuse (C2) and the taylor C3 read each token's last two computed outputs: no copy
             history = state.tokens.outputs  # read by the graph before the history is updated
-        if tier is None:
+        reach = self._reuse_reach(state)
+        if tier is None and not reach:
             weights = self._reuse_weights(latest, cfg.history_depth)
         elif self._paper_blend:
             blend = schedule.blend_weights([s for s, _ in state.past], sigma, cfg.blend_history)
             weights = schedule.tier_weights(tier, blend).to(latest.dtype)
         else:
-            weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, cfg.history_depth).to(latest.dtype)
+            weights = schedule.taylor_weights(tier, state.tokens.sigmas, sigma, cfg.history_depth,
+                                              reach=reach).to(latest.dtype)
         inputs = SparseInputs(idx, history, weights)
         refresh_text = False
         if decision.action is Action.SKIP:
