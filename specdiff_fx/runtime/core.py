@@ -661,15 +661,12 @@ class SpecDiffRuntime:
         return w
 
     def _reuse_reach(self, state: BranchState) -> float:
-        """``config.reuse_extrapolation`` for a generation without guidance, else 0: under batched
-        CFG (same-latent halves), true CFG or another companion call (a second branch) or graphs
-        linked across runtimes, guidance scales the difference of the branches'
-        outputs, and their extrapolated differences with it (BENCHMARKS.md)."""
+        """``config.reuse_extrapolation`` for a generation without guidance, else 0: under
+        :meth:`_guided` or graphs linked across runtimes (the branches of one guided velocity),
+        guidance scales the difference of the branches' outputs, and their extrapolated
+        differences with it (BENCHMARKS.md)."""
         lam = self.config.reuse_extrapolation
-        if not lam or self._paper_blend:
-            return 0.0
-        gen = self.generation
-        if state.groups is not None or len(gen.branches) > 1 or gen.leader(self._j).link is not None:
+        if not lam or self._paper_blend or self._guided(state) or self.generation.leader(self._j).link is not None:
             return 0.0
         return lam
 
