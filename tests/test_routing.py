@@ -423,6 +423,40 @@ def test_true_cfg_across_two_graphs_links_and_equals_one_graph(warmup):
     assert rt_a.generation.branches[0].link is rt_b.generation.branches[0].link is not None
 
 
+class CondTextExecutor(CondExecutor):
+    """:class:`CondExecutor` of a model with text tokens: full calls return text K/V, cached
+    calls record their variant keys (the context mode among them)."""
+
+    def run_full(self, args):
+        out = super().run_full(args)
+        return StepOutput(out.user, out.tokens, out.score, out.kv, [torch.zeros(B, 1, 3, 4)] * 2)
+
+    def run_sparse(self, args, key, inputs):
+        self.keys = getattr(self, "keys", []) + [key]
+        return super().run_sparse(args, key, inputs)
+
+
+def test_two_graphs_of_one_guided_velocity_count_as_guided():
+    """Linked branches in two runtimes are the cond and uncond of one guided velocity: where the
+    graph supports no text subset, a ``context_ratio`` between 0 and 1 computes every context
+    token on cached steps under guidance, in each runtime as in one runtime with two branches,
+    and the two graphs give that runtime's image (each alone would count as unguided and cache
+    them all)."""
+    from specdiff_fx.runtime.context import ContextMode
+    refused = replace(plan(weight=True), text_subset_error="cross-attention")
+    options = CFG.replace(context_ratio=0.5, warmup_steps=3)
+    w = torch.zeros(3)
+    one = SpecDiffRuntime(refused, options, CondTextExecutor())
+    ref = Gen(one, seed=1, cond=0.5, true_cfg=True, weight=w).run()
+    rts = [SpecDiffRuntime(refused, options, CondTextExecutor()) for _ in range(2)]
+    out = TwoGraphGen(*rts, seed=1, cond=0.5, weight=w).run()
+    torch.testing.assert_close(out, ref)
+    assert rts[0].generation.branches[0].link is not None
+    for rt in (one, *rts):
+        assert rt.executor.keys and {k.context for k in rt.executor.keys} == {ContextMode.COMPUTE}
+        assert any("cached steps compute (classifier-free guidance) all of them" in n for n in rt.report.notes)
+
+
 def test_two_requests_from_the_same_noise_in_two_graphs_stay_apart():
     """Two requests in two runtimes of one model, started from the same noise at the same time
     with other prompts: equal latents at their first step only, so they are never linked."""

@@ -586,9 +586,12 @@ class SpecDiffRuntime:
         return out.score if self.config.score == "attention" else detached(out.tokens)
 
     def _guided(self, state: BranchState) -> bool:
-        """Classifier-free guidance: batched halves from the same latent, or more than one
-        call per step (true CFG; any further branch counts, confirmed member or not)."""
-        return state.groups is not None or len(self.generation.branches) > 1
+        """Classifier-free guidance: batched halves from the same latent, more than one call
+        per step (true CFG; any further branch counts, confirmed member or not), or a branch
+        linked to one in another runtime (the cond and uncond of one guided velocity in two
+        graphs: a negative prompt of another token length)."""
+        return state.groups is not None or len(self.generation.branches) > 1 \
+            or self.generation.leader(self._j).link is not None
 
     def _text_plan(self, state: BranchState) -> tuple[ContextMode, int | None]:
         """The context mode (and ``k_txt``) of this generation's cached steps: every text
@@ -662,11 +665,10 @@ class SpecDiffRuntime:
 
     def _reuse_reach(self, state: BranchState) -> float:
         """``config.reuse_extrapolation`` for a generation without guidance, else 0: under
-        :meth:`_guided` or graphs linked across runtimes (the branches of one guided velocity),
-        guidance scales the difference of the branches' outputs, and their extrapolated
-        differences with it (BENCHMARKS.md)."""
+        guidance (:meth:`_guided`) the guidance scale multiplies the difference of the branches'
+        outputs, and their extrapolated differences with it (BENCHMARKS.md)."""
         lam = self.config.reuse_extrapolation
-        if not lam or self._paper_blend or self._guided(state) or self.generation.leader(self._j).link is not None:
+        if not lam or self._paper_blend or self._guided(state):
             return 0.0
         return lam
 
