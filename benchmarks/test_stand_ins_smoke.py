@@ -38,3 +38,14 @@ def test_token_latent_inverts_sd3_unpatchify():
     b, n, _ = tokens.shape
     back = tokens.reshape(b, 4, 4, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(x.shape)
     assert torch.equal(back, x)
+
+
+def test_guided_velocity_stand_ins_under_both_cfg_forms():
+    """``--guided``: the guided velocity's error per stand-in, for batched CFG (SD3: ``[uncond;
+    cond]`` halves) and true CFG (FLUX: cond, then uncond calls); extrapolating nothing of a step
+    that moved by 0 would be reuse, so the columns differ where the outputs moved."""
+    for name, sampler in (("sd3", "sd3_cfg"), ("flux", "flux_truecfg")):
+        (line,) = stand_ins.measure_guided(name, sampler, steps=6, prompts=1, lags=(1,))
+        reuse, extrap, half, mean = _cells(line)
+        assert all(0 < e < 10 for e in reuse + extrap + half + mean)
+        assert extrap != reuse and half != reuse and mean != reuse
