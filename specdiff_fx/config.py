@@ -86,7 +86,9 @@ class SpecDiffConfig:
             on the skipped calls and on a sparse call's reused tokens; ``0`` reuses ``F1``
             as it is, ``1`` extrapolates to first order, ``0 <= lam <= 1``. Under guidance (batched
             CFG halves, true CFG's second call, linked graphs) the tokens are reused as they
-            are, whatever ``lam`` (BENCHMARKS.md).
+            are, whatever ``lam`` (BENCHMARKS.md). Without guidance ``0.5`` gained 1-4 dB
+            mean per cell on our FLUX models at 0-2.7 points more FLOPs; ``1`` forked an
+            image on one of them (BENCHMARKS.md, "Without guidance: ...").
         starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term; ``None``
             picks 0.5 with ``score="attention"`` (SpecDiff) and 0 with ``score="drift"``
             (whose score already grows with the time since a token was computed).
