@@ -5,7 +5,7 @@
     python benchmarks/controller_trace.py --options '{"controller": "error_latest_rate", "tolerance": 0.1}'  # a variant
 
 One specdiff generation per step count (the protocol's sampler, 8 prompts in one batch, seed
-0, plain-FX path), with every call also run by the untouched transformer on the same inputs:
+0 or ``--seed``, plain-FX path), with every call also run by the untouched transformer on the same inputs:
 the call's *true* error is ``||out - out_full|| / ||out_full||`` over every token of the
 batch (what the cache got wrong on that call, given the latent it was handed). A full call
 computes exactly (true error 0); what it returns differs from the untouched transformer's output
@@ -46,7 +46,7 @@ def _sample(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def trace(name: str, sampler: str, steps: int, options: dict, prompts: int = 8) -> dict:
+def trace(name: str, sampler: str, steps: int, options: dict, prompts: int = 8, seed: int = 0) -> dict:
     """One traced generation; returns the per-call rows and the summary."""
     import specdiff_fx
     from benchmarks import protocol
@@ -54,7 +54,7 @@ def trace(name: str, sampler: str, steps: int, options: dict, prompts: int = 8) 
     from specdiff_zoo import load_shapes_dit
 
     model = load_shapes_dit(name)
-    noise = protocol.initial_noise(0, protocol.image_size(model), prompts)
+    noise = protocol.initial_noise(seed, protocol.image_size(model), prompts)
     texts = protocol.PROMPTS[:prompts]
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(model.transformer), backend="specdiff",
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--options", default="{}", help="specdiff options as JSON")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="the protocol's noise seed (default 0)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(ROOT))
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     controller_variants.register()  # so that --options may select a variant's controller
     out = []
     for steps in (int(s) for s in a.steps.split(",")):
-        t = trace(a.model, a.sampler, steps, json.loads(a.options), a.prompts)
+        t = trace(a.model, a.sampler, steps, json.loads(a.options), a.prompts, a.seed)
         print(report(t), flush=True)
         out.append(t)
     return out

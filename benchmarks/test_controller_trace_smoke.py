@@ -20,3 +20,22 @@ def test_controller_trace_tiny(capsys):
                 assert (0 < r[key] < 1) if r["kind"] == "cached" else key not in r, (key, r)
     printed = capsys.readouterr().out
     assert "sum e*dsigma" in printed and "computed tokens' fresh outputs" in printed
+
+
+
+def test_controller_trace_takes_the_protocol_seed(monkeypatch):
+    """``--seed`` reaches the protocol's noise (stopped there: the run itself is the test above)."""
+    import pytest
+
+    from benchmarks import protocol
+
+    seeds = []
+
+    def noise(seed, *args, **kwargs):
+        seeds.append(seed)
+        raise StopIteration
+
+    monkeypatch.setattr(protocol, "initial_noise", noise)
+    with pytest.raises(StopIteration):
+        controller_trace.main(["--model", "flux", "--steps", "6", "--prompts", "1", "--threads", "1", "--seed", "3"])
+    assert seeds == [3]
