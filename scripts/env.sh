@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import specdiff_fx, pytest, hypothesis, pytest_benchmark, peft" 2>/dev/null; then
+if ! .venv/bin/python -c "import specdiff_fx, pytest, hypothesis, pytest_benchmark, peft, xdist" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[test]"

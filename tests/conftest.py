@@ -18,7 +18,9 @@ from oracle import flux_inputs, full_reference, sd3_inputs, tiny_flux, tiny_sd3 
 # Dynamo silently fall back to eager because a recompile limit was reached
 torch._dynamo.config.recompile_limit = 1024
 torch._dynamo.config.accumulated_recompile_limit = 4096
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads per test process; one per process when pytest-xdist runs the files in parallel
+# (scripts/test.sh: one process per core), so that the processes do not oversubscribe the cores
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def capture(model: torch.nn.Module, inputs: dict) -> tuple[torch.fx.GraphModule, list]:
