@@ -22,7 +22,6 @@ def test_controller_trace_tiny(capsys):
     assert "sum e*dsigma" in printed and "computed tokens' fresh outputs" in printed
 
 
-
 def test_controller_trace_takes_the_protocol_seed(monkeypatch):
     """``--seed`` reaches the protocol's noise (stopped there: the run itself is the test above)."""
     import pytest

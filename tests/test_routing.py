@@ -9,10 +9,10 @@ import torch
 
 import specdiff_fx
 from specdiff_fx import SpecDiffConfig
-from specdiff_fx.runtime import SpecDiffRuntime, StepOutput
+from specdiff_fx.runtime import SpecDiffRuntime
 from specdiff_fx.runtime.routing import Branch, Generation, companion_columns, unexplained
 from specdiff_fx.telemetry import GenerationReport
-from test_runtime import B, C, N, FakeExecutor, fake_plan
+from test_runtime import B, C, N, FakeExecutor, TextExecutor, fake_plan
 from inflight import interleave, run_together, total_flops
 
 CFG = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,), speculative_steps=2)
@@ -27,8 +27,7 @@ class CondExecutor(FakeExecutor):
 
     def run_full(self, args):
         x, t, cond = args[:3]
-        out = super().run_full((x - cond, t))
-        return StepOutput(out.user, out.tokens, out.score, out.kv)
+        return super().run_full((x - cond, t))
 
     def run_sparse(self, args, key, inputs):
         x, t, cond = args[:3]
@@ -423,17 +422,9 @@ def test_true_cfg_across_two_graphs_links_and_equals_one_graph(warmup):
     assert rt_a.generation.branches[0].link is rt_b.generation.branches[0].link is not None
 
 
-class CondTextExecutor(CondExecutor):
-    """:class:`CondExecutor` of a model with text tokens: full calls return text K/V, cached
-    calls record their variant keys (the context mode among them)."""
-
-    def run_full(self, args):
-        out = super().run_full(args)
-        return StepOutput(out.user, out.tokens, out.score, out.kv, [torch.zeros(B, 1, 3, 4)] * 2)
-
-    def run_sparse(self, args, key, inputs):
-        self.keys = getattr(self, "keys", []) + [key]
-        return super().run_sparse(args, key, inputs)
+class CondTextExecutor(CondExecutor, TextExecutor):
+    """:class:`CondExecutor` of a model with text tokens (:class:`TextExecutor`: full calls
+    return text K/V, cached calls record their variant keys)."""
 
 
 def test_two_graphs_of_one_guided_velocity_count_as_guided():
