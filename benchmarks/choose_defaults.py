@@ -14,8 +14,11 @@ sampler, step count and seed; its images are the prompts):
 1. every (model, sampler, steps) cell keeps a mean PSNR >= ``--min-mean`` (30 dB);
 2. every image >= ``--min-image`` (25 dB) wherever the current defaults keep every image of
    that cell >= ``--min-image``;
-3. among the candidates that pass and cover every cell the current defaults cover, the fewest
-   FLOPs (the mean over cells of the executed share) wins; the current defaults win a tie.
+3. among the candidates that pass and cover every cell the current defaults cover, the one with
+   the fewest cells that hold an image under ``--min-image`` wins (the floors are targets: where
+   the current defaults miss one, a candidate that meets it comes first, whatever its FLOPs);
+   then the fewest FLOPs (the mean over cells of the executed share); the current defaults win
+   a tie.
 
 A candidate failing on a cell fails whatever it does not cover; one that passes on fewer cells
 than the current defaults cover is reported as incomplete and not chosen. Prints one line per
@@ -89,6 +92,7 @@ def judge(cells: dict[Cell, dict], current: dict[Cell, dict], min_mean: float, m
         if (m, s, n, seed) in cells:
             cur_by_cell[(m, s, n)] += c["psnr"]
     fails = []
+    below = sum(min(psnr) < min_image for psnr in by_cell.values())
     for cell, psnr in sorted(by_cell.items()):
         mean = sum(psnr) / len(psnr)
         if mean < min_mean:
@@ -103,7 +107,7 @@ def judge(cells: dict[Cell, dict], current: dict[Cell, dict], min_mean: float, m
         "lowest_cell": min(means) if means else float("nan"),
         "worst_image": min(min(p) for p in by_cell.values()) if by_cell else float("nan"),
         "flops": sum(cells[c]["flops"] for c in shared) / len(shared) if shared else float("nan"),
-        "fails": fails, "complete": set(current) <= set(cells),
+        "fails": fails, "complete": set(current) <= set(cells), "cells_below_floor": below,
     }
 
 
@@ -116,7 +120,8 @@ def choose(runs: dict[str, dict[Cell, dict]], current: str, min_mean: float = 30
     passing = [k for k, v in verdicts.items() if not v["fails"] and v["complete"]]
     if not passing:
         return None, verdicts
-    return min(passing, key=lambda k: (round(verdicts[k]["flops"], 6), k != current)), verdicts
+    return min(passing, key=lambda k: (verdicts[k]["cells_below_floor"], round(verdicts[k]["flops"], 6),
+                                       k != current)), verdicts
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
@@ -137,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                                                         "passes where measured (incomplete)")
         mark = "*" if key == chosen else " "
         print(f"{mark} {key:32s} {v['cells']:3d} cells, seeds {v['seeds']}: {v['mean']:.2f} / {v['lowest_cell']:.2f} / "
-              f"{v['worst_image']:.2f} dB, {100 * v['flops']:.1f} % FLOPs; {state}")
+              f"{v['worst_image']:.2f} dB, {100 * v['flops']:.1f} % FLOPs, {v['cells_below_floor']} cell(s) with an "
+              f"image under {args.min_image:g} dB; {state}")
     print(f"choice: {chosen if chosen is not None else 'none passes'}")
     return json.loads(chosen) if chosen is not None else None
 

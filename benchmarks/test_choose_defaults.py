@@ -44,6 +44,19 @@ def test_an_image_under_the_line_counts_only_where_the_defaults_kept_it(tmp_path
     assert verdicts[json.dumps({"tolerance": 0.4})]["fails"] == ["sd3 sd3_cfg 20: mean 29.50 dB"]
 
 
+def test_a_candidate_that_lifts_an_image_over_the_line_comes_before_fewer_flops(tmp_path):
+    cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([40, 24], 0.30), CELL_B: ([38, 27], 0.30)})
+    cheaper = _run(tmp_path, "cheap", {"tolerance": 0.3}, [0], {CELL_A: ([39, 24.5], 0.25), CELL_B: ([37, 26], 0.25)})
+    lifts = _run(tmp_path, "lifts", {"reuse_extrapolation": 0.5}, [0],
+                 {CELL_A: ([41, 25.5], 0.31), CELL_B: ([38, 27], 0.31)})
+    chosen, verdicts = choose_defaults.choose(choose_defaults.load([cur, cheaper, lifts]), "{}")
+    assert chosen == json.dumps({"reuse_extrapolation": 0.5})
+    assert [verdicts[k]["cells_below_floor"] for k in ("{}", json.dumps({"tolerance": 0.3}),
+                                                        json.dumps({"reuse_extrapolation": 0.5}))] == [1, 1, 0]
+    # without the candidate that lifts it, the fewest FLOPs decide as before
+    assert choose_defaults.choose(choose_defaults.load([cur, cheaper]), "{}")[0] == json.dumps({"tolerance": 0.3})
+
+
 def test_more_seeds_add_up_and_a_candidate_must_cover_them(tmp_path):
     cur01 = _run(tmp_path, "c01", {"tolerance": 0.16}, [0, 1], {CELL_A: ([40, 30, 41, 31], 0.40)})
     cur23 = _run(tmp_path, "c23", {}, [2, 3], {CELL_A: ([40, 28, 39, 29], 0.40)})
