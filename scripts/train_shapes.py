@@ -14,7 +14,7 @@ Writes ``shapes_<name>.safetensors`` (EMA weights, keys prefixed
 ``--image-size`` (32 or 64) sets the pixel resolution, ``--num-layers``,
 ``--num-single-layers`` (FLUX), ``--heads`` and ``--head-dim`` override the
 architecture of :func:`specdiff_zoo.default_transformer_config`; with none of
-them the run is the tune models' setup. Weights are stored as float32 unless
+them the run is the setup of the tune models ``sd3`` and ``flux``. Weights are stored as float32 unless
 that would exceed 14 MiB, then as float16 (``--weights-dtype``); the final
 colour check runs on the stored (rounded) weights. The JSON records the
 architecture, every hyper-parameter, the command line and the git commit.

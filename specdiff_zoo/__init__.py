@@ -14,8 +14,9 @@ coloured-shapes dataset of :mod:`specdiff_zoo.data`, in two families:
 All predict the velocity ``v = noise - x0`` for ``x_sigma = (1 - sigma) x0 +
 sigma noise``. The trained models are listed in :data:`MODELS` (a
 :class:`ZooModel` each): the ``"tune"`` split (``"sd3"``, ``"flux"``, 32 px,
-256 image tokens, and ``"flux_64t"``, the ``"flux"`` model continued at 64 px:
-1024 image tokens) is what the method's defaults are chosen on; the
+256 image tokens; ``"flux_64t"``, the ``"flux"`` model continued at 64 px:
+1024 image tokens; ``"flux_64s"``, a FLUX trained from scratch at 64 px) is what
+the method's defaults are chosen on; the
 ``"heldout"`` split differs in seed, depth/width, training length and image
 size and was not used to choose anything. Weights live in
 ``specdiff_zoo/weights`` and load fully offline with :func:`load_shapes_dit`.
@@ -136,6 +137,12 @@ MODELS: dict[str, ZooModel] = {
                  "model continued at 64 px, seed 21, 500 steps at batch 12; colour blobs rather than clean "
                  "shapes (the regime of the 1024-token held-out model)",
                  follows_prompts=False),
+        ZooModel("flux_64s", "flux", "tune", 64, "shapes_flux_64s",
+                 "FLUX, 2 double + 3 single blocks, 4 heads x 32, 1024 image tokens (64 px), trained from "
+                 "scratch at 64 px: seed 29, 800 steps at batch 12; undertrained, colour blobs (a tune model "
+                 "in the regime of the 1024-token held-out model, added after that model's unguided cells "
+                 "were seen to have less margin than the other tune models')",
+                 follows_prompts=False),
         ZooModel("sd3_b", "sd3", "heldout", 32, "shapes_sd3_b",
                  "SD3 MMDiT, 6 layers, 3 heads x 32, 256 image tokens; seed 11, 1000 + 900 steps at batch 24"),
         ZooModel("flux_64", "flux", "heldout", 64, "shapes_flux_64",
@@ -188,8 +195,9 @@ def default_transformer_config(
 ) -> dict[str, Any]:
     """Constructor kwargs of the zoo transformer for ``family``.
 
-    With no overrides this is the tune models' architecture (at ``image_size``
-    32 exactly their stored config). ``num_layers`` counts SD3 joint blocks or
+    With no overrides this is the architecture of ``"sd3"``, ``"flux"`` and
+    ``"flux_64t"`` (at ``image_size`` 32 exactly the first two's stored config;
+    ``"flux_64s"`` has one single-stream block less). ``num_layers`` counts SD3 joint blocks or
     FLUX double-stream blocks; ``num_single_layers`` (FLUX only) the
     single-stream blocks; ``heads`` x ``head_dim`` is the width. SD3's
     ``caption_projection_dim`` follows the width and its ``sample_size`` /

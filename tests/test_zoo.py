@@ -182,6 +182,7 @@ def test_registry_contents_and_splits() -> None:
         ("sd3", "sd3", 32, "shapes_sd3"),
         ("flux", "flux", 32, "shapes_flux"),
         ("flux_64t", "flux", 64, "shapes_flux_64t"),
+        ("flux_64s", "flux", 64, "shapes_flux_64s"),
     ]
     assert models() == list(MODELS.values())
     assert models(split="tune") + models(split="heldout") == sorted(
@@ -219,9 +220,11 @@ def test_heldout_models_differ_from_tune_models() -> None:
 
 
 def test_default_config_unchanged_for_tune_models() -> None:
-    for m in models(split="tune"):
-        meta = json.loads(m.paths()[0].read_text())
-        assert default_transformer_config(m.family) == meta["transformer"]
+    for name in ("sd3", "flux"):  # the 32 px tune models; flux_64t continues flux, flux_64s is its own
+        meta = json.loads(MODELS[name].paths()[0].read_text())
+        assert default_transformer_config(MODELS[name].family) == meta["transformer"]
+    s = json.loads(MODELS["flux_64s"].paths()[0].read_text())["transformer"]
+    assert s == {**default_transformer_config("flux", image_size=64), "num_single_layers": 3}
 
 
 def test_load_errors(tmp_path: Path) -> None:
