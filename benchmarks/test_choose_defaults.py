@@ -57,6 +57,26 @@ def test_a_candidate_that_lifts_an_image_over_the_line_comes_before_fewer_flops(
     assert choose_defaults.choose(choose_defaults.load([cur, cheaper]), "{}")[0] == json.dumps({"tolerance": 0.3})
 
 
+def test_a_bf16_reference_lowers_its_cells_floors(tmp_path):
+    cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([40, 24], 0.30), CELL_B: ([38, 27], 0.30)})
+    cheaper = _run(tmp_path, "cheap", {"tolerance": 0.3}, [0], {CELL_A: ([39, 22], 0.25), CELL_B: ([29.5, 27], 0.25)})
+    lifts = _run(tmp_path, "lifts", {"tolerance": 0.05}, [0], {CELL_A: ([41, 25.5], 0.5), CELL_B: ([38, 27], 0.5)})
+    bf16 = tmp_path / "bf16.json"  # full compute in bfloat16 on both cells: CELL_A forks an image, CELL_B a mean
+    bf16.write_text(json.dumps({"seeds": [0], "results": [
+        {"model": m, "sampler": s, "steps": n, "split": "tune", "kind": "bf16", "params": {}, "psnr": p, "flops": 1.0}
+        for (m, s, n), p in ((CELL_A, [35, 21.5]), (CELL_B, [29.0, 31.0]))]}))
+    paths = [cur, cheaper, lifts, bf16]
+    floors = choose_defaults.reference_floors(paths)
+    assert floors == {CELL_A: (28.25, 21.5), CELL_B: (30.0, 25.0)}
+    assert choose_defaults.choose(choose_defaults.load(paths), "{}")[0] == json.dumps({"tolerance": 0.05})
+    chosen, verdicts = choose_defaults.choose(choose_defaults.load(paths), "{}", floors=floors)
+    # CELL_A's images are all over bf16's worst (21.5): no candidate is below its floor, the fewest FLOPs win;
+    # CELL_B's mean floor stays 30 (bf16's mean is 30.0): the cheaper candidate's 28.25 fails it
+    assert chosen == "{}" and [verdicts[k]["cells_below_floor"] for k in verdicts] == [0, 0, 0]
+    assert verdicts[json.dumps({"tolerance": 0.3})]["fails"] == ["flux flux_nocfg 28: mean 28.25 dB"]
+    assert choose_defaults.main([str(p) for p in paths]) == {}
+
+
 def test_more_seeds_add_up_and_a_candidate_must_cover_them(tmp_path):
     cur01 = _run(tmp_path, "c01", {"tolerance": 0.16}, [0, 1], {CELL_A: ([40, 30, 41, 31], 0.40)})
     cur23 = _run(tmp_path, "c23", {}, [2, 3], {CELL_A: ([40, 28, 39, 29], 0.40)})
