@@ -235,3 +235,12 @@ def test_swapped_sd3_schedulers_equal_the_pipeline_and_cache(sampler, kind):
     assert main["full"] + main["cached"] + main["skipped"] == (19 if kind == "heun" else 10)
     assert main["cached"] > 0 and 0 < spec["flops"] < 1
     assert sampler not in protocol.SAMPLERS_BY_FAMILY["sd3"]
+
+
+def test_default_methods_measure_the_speculative_run():
+    """The protocol's default specdiff settings include the speculative pre-run the library's
+    defaults do not run (a setting equal to the defaults would measure them twice)."""
+    from specdiff_fx.config import SpecDiffConfig
+
+    spec = [p["speculative_steps"] for p in protocol.DEFAULT_SPECDIFF if "speculative_steps" in p]
+    assert spec and all(s != SpecDiffConfig().speculative_steps for s in spec)
