@@ -11,9 +11,10 @@ options of the present defaults (``'{}'``: the library's defaults as they are).
 The rule, per candidate, over the cells it shares with the current defaults (a cell: model,
 sampler, step count and seed; its images are the prompts):
 
-1. every (model, sampler, steps) cell keeps a mean PSNR >= ``--min-mean`` (30 dB);
-2. every image >= ``--min-image`` (25 dB) wherever the current defaults keep every image of
-   that cell >= ``--min-image``;
+1. every (model, sampler, steps) cell keeps a mean PSNR >= ``--min-mean`` (30 dB; or the cell's
+   own mean floor, below);
+2. every image >= ``--min-image`` (25 dB; or the cell's own image floor, below) wherever the
+   current defaults keep every image of that cell >= it;
 3. among the candidates that pass and cover every cell the current defaults cover, the one with
    the fewest cells that hold an image under the image floor wins (the floors are targets: where
    the current defaults miss one, a candidate that meets it comes first, whatever its FLOPs);
