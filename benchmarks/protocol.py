@@ -840,6 +840,37 @@ def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: r["flops"])
 
 
+REFERENCE_KINDS = ("eager", "bf16", "specdiff")
+
+
+def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
+    """The target "specdiff's curve lies above every cache's", per cache setting: on ``model``'s
+    cells (or every cell), each setting that is neither specdiff nor a reference (eager, bf16)
+    against the specdiff settings measured on the same cells at no more mean FLOPs (FLOPs are the
+    speed axis). ``above_mean``: the specdiff setting among those with the highest mean of cells'
+    mean PSNR, when it is higher than the cache's (else ``None``); ``above_both``: among those that
+    are higher on the mean *and* no lower on the lowest worst image, the one with the highest
+    mean (else ``None``). Only settings measured on the same cells are compared. A cache setting whose ``above_both`` is ``None`` lies above specdiff's
+    measured points on the worst image or the mean. Sorted by the cache's FLOPs."""
+    rows = curve_rows(results, model)
+    cells: dict[str, set] = {}
+    for r in results:
+        if model is None or r["model"] == model:
+            cells.setdefault(r["method"], set()).add((r["model"], r["sampler"], r["steps"]))
+    out = []
+    for c in rows:
+        if c["kind"] in REFERENCE_KINDS:
+            continue
+        cheaper = [s for s in rows if s["kind"] == "specdiff" and cells[s["method"]] == cells[c["method"]]
+                   and s["flops"] <= c["flops"] and s["mean_psnr"] > c["mean_psnr"]]
+        both = [s for s in cheaper if s["worst_psnr"] >= c["worst_psnr"]]
+        best = (lambda ss: max(ss, key=lambda s: s["mean_psnr"]) if ss else None)
+        out.append({"method": c["method"], "kind": c["kind"], "cells": c["cells"], "mean_psnr": c["mean_psnr"],
+                    "worst_psnr": c["worst_psnr"], "flops": c["flops"], "above_mean": best(cheaper),
+                    "above_both": best(both)})
+    return out
+
+
 def _ok(flag: bool) -> str:
     return "yes" if flag else "**no**"
 

@@ -13,7 +13,10 @@ is an error if they do not.
 It prints, per model, one row per method: the number of cells, the mean of the cells' mean PSNR,
 the lowest worst image, the mean FLOPs over the cells (sorted by FLOPs: the curve), and over every
 cell of the runs the same with the lowest cell, the cells whose every image is at least the target
-and the range of FLOPs. ``--write`` writes ``protocol.json``, ``protocol.md`` (the protocol's
+and the range of FLOPs; then, per cache setting, the specdiff setting at no more FLOPs that lies
+above it on the mean and the one above it on the mean and the worst image, if any
+(``benchmarks.protocol.dominance_rows``: the target that specdiff's curve lies above every
+cache's). ``--write`` writes ``protocol.json``, ``protocol.md`` (the protocol's
 tables and these) and ``<model>.png`` (``benchmarks.protocol.plot_model``) into ``--out``.
 """
 
@@ -96,6 +99,21 @@ def curve_markdown(data: dict) -> str:
             lines.append(f"| {r['method']} | {r['cells']} | {r['mean_psnr']:.2f} | {r['lowest_cell']:.2f} | "
                          f"{r['worst_psnr']:.2f} | {r['cells_worst_ok']} of {r['cells']} | {r['flops']:.1%} "
                          f"({r['flops_low']:.1%}–{r['flops_high']:.1%}) |")
+        dom = protocol.dominance_rows(data["results"], model)
+        if dom:
+            lines += ["", f"## Against the caches: {title} (the specdiff setting at no more FLOPs that is "
+                      "higher on the mean, and on the mean and the lowest worst image)", "",
+                      "| cache setting | mean PSNR | lowest worst image | FLOPs | specdiff above on the mean | "
+                      "specdiff above on both |", "|---|---|---|---|---|---|"]
+            for d in dom:
+                cell = (lambda s: f"{s['method']} ({s['mean_psnr']:.2f} / {s['worst_psnr']:.2f} dB, "
+                        f"{s['flops']:.1%})" if s else "**none**")
+                lines.append(f"| {d['method']} | {d['mean_psnr']:.2f} | {d['worst_psnr']:.2f} | {d['flops']:.1%} | "
+                             f"{cell(d['above_mean'])} | {cell(d['above_both'])} |")
+            n_both = sum(d["above_both"] is not None for d in dom)
+            n_mean = sum(d["above_mean"] is not None for d in dom)
+            lines += ["", f"Cache settings under a specdiff setting at no more FLOPs: {n_mean} of {len(dom)} on "
+                      f"the mean, {n_both} of {len(dom)} on the mean and the worst image."]
     return "\n".join(lines) + "\n"
 
 

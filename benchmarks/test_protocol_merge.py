@@ -67,3 +67,29 @@ def test_merge_refuses_runs_that_are_not_comparable_or_disagree():
     disagree["results"][1]["psnr"] = [35.0, 25.0]
     with pytest.raises(ValueError, match="otherwise"):
         protocol_merge.merge([a, disagree])
+
+
+def test_dominance_names_the_specdiff_setting_above_each_cache():
+    def spec(tol, psnr, flops):
+        return _row("m", 20, f"specdiff tolerance={tol}", "specdiff", psnr, flops)
+
+    rows = [_eager(20),
+            _row("m", 20, "bf16", "bf16", [45.0, 44.0], 1.0),  # a reference, never a cache
+            spec(0.2, [33.0, 21.0], 0.30), spec(0.1, [40.0, 30.0], 0.45),
+            _row("m", 20, "mag_cache a", "mag_cache", [34.0, 28.0], 0.50),  # above on the mean: 0.1 (35 > 31)
+            _row("m", 20, "mag_cache b", "mag_cache", [30.0, 20.0], 0.40),  # only 0.2 is cheaper: 27 > 25, 21 >= 20
+            _row("m", 20, "faster_cache", "faster_cache", [34.0, 34.0], 0.60),  # mean under 0.1's, worst not
+            _row("m", 20, "pab", "pyramid_attention_broadcast", [33.0, 32.0], 0.25)]  # nothing as cheap
+    dom = {d["method"]: d for d in protocol.dominance_rows(rows, "m")}
+    assert list(dom) == ["pab", "mag_cache b", "mag_cache a", "faster_cache"]  # by FLOPs; no bf16, no specdiff
+    assert dom["pab"]["above_mean"] is None and dom["pab"]["above_both"] is None
+    assert dom["mag_cache b"]["above_both"]["method"] == "specdiff tolerance=0.2"
+    assert dom["mag_cache a"]["above_both"]["method"] == "specdiff tolerance=0.1"
+    assert dom["faster_cache"]["above_mean"]["method"] == "specdiff tolerance=0.1"
+    assert dom["faster_cache"]["above_both"] is None  # 30 < 34 on the worst image
+    # a setting measured on other cells is not compared
+    other = _row("m", 28, "specdiff tolerance=0.05", "specdiff", [60.0, 60.0], 0.1)
+    assert protocol.dominance_rows(rows + [other], "m")[0]["above_mean"] is None
+    md = protocol_merge.curve_markdown({"models": [{"name": "m"}], "results": rows})
+    assert "| faster_cache | 34.00 | 34.00 | 60.0% | specdiff tolerance=0.1 (35.00 / 30.00 dB, 45.0%) | **none** |" in md
+    assert "3 of 4 on the mean, 2 of 4 on the mean and the worst image" in md
