@@ -102,8 +102,9 @@ Outputs (with ``--write``, into ``--out``, default ``benchmarks/protocol/``): ``
 (every number, per image too; machine, versions, date, command line), ``protocol.md`` (models
 and splits, one row per (model, sampler, steps, method), the specdiff-defaults summary over the
 held-out cells against the targets: mean PSNR >= 30 dB, worst image >= 25 dB, FLOPs <= 35 %,
-with the ``bf16`` reference's mean and worst PSNR of the same cells next to them where it ran)
-and ``<model>.png`` per model (PSNR against speed, one marker per method: the mean over the
+with the ``bf16`` reference's mean and worst PSNR of the same cells next to them where it ran;
+each model's curve, and per cache setting the specdiff setting at no more FLOPs above it:
+``curve_markdown``) and ``<model>.png`` per model (PSNR against speed, one marker per method: the mean over the
 model's cells, a segment down to the worst image).
 
     python benchmarks/protocol.py --write                    # everything (see the time estimate)
@@ -949,6 +950,43 @@ def short_label(params: dict) -> str:
     return " ".join(f"{_SHORT.get(k, k)}={_fmt(v).replace(' ', '')}" for k, v in params.items())
 
 
+def curve_markdown(data: dict) -> str:
+    """Per model (and over every cell, for several models): the curve (:func:`curve_rows`) as a
+    table and, where caches ran beside specdiff, the caches against it (:func:`dominance_rows`)."""
+    lines = []
+    groups = [(f"`{md['name']}`", md["name"]) for md in data["models"]]
+    if len(groups) > 1:
+        groups.append(("every cell", None))
+    for title, model in groups:
+        rows = curve_rows(data["results"], model)
+        if not rows:
+            continue
+        lines += ["", f"## Curve: {title} (mean over the cells, sorted by FLOPs)", "",
+                  f"| method | cells | mean PSNR | lowest cell | lowest worst image | cells with worst ≥ "
+                  f"{TARGETS['worst_psnr']:.0f} dB | FLOPs (range) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['cells']} | {r['mean_psnr']:.2f} | {r['lowest_cell']:.2f} | "
+                         f"{r['worst_psnr']:.2f} | {r['cells_worst_ok']} of {r['cells']} | {r['flops']:.1%} "
+                         f"({r['flops_low']:.1%}–{r['flops_high']:.1%}) |")
+        dom = dominance_rows(data["results"], model)
+        if dom:
+            lines += ["", f"## Against the caches: {title} (the specdiff setting at no more FLOPs that is "
+                      "higher on the mean, and on the mean and the lowest worst image)", "",
+                      "| cache setting | mean PSNR | lowest worst image | FLOPs | specdiff above on the mean | "
+                      "specdiff above on both |", "|---|---|---|---|---|---|"]
+            for d in dom:
+                cell = (lambda s: f"{s['method']} ({s['mean_psnr']:.2f} / {s['worst_psnr']:.2f} dB, "
+                        f"{s['flops']:.1%})" if s else "**none**")
+                lines.append(f"| {d['method']} | {d['mean_psnr']:.2f} | {d['worst_psnr']:.2f} | {d['flops']:.1%} | "
+                             f"{cell(d['above_mean'])} | {cell(d['above_both'])} |")
+            n_both = sum(d["above_both"] is not None for d in dom)
+            n_mean = sum(d["above_mean"] is not None for d in dom)
+            lines += ["", f"Cache settings under a specdiff setting at no more FLOPs: {n_mean} of {len(dom)} on "
+                      f"the mean, {n_both} of {len(dom)} on the mean and the worst image."]
+    return "\n".join(lines) + "\n"
+
+
 def plot_model(data: dict, name: str, path: Path) -> None:
     speed = {r["method"]: r["speedup"] for r in data["speed"] if r["model"] == name}
     points = []
@@ -1095,7 +1133,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_seconds": time.perf_counter() - start,
     }
     data["machine"]["load_average_end"] = os.getloadavg()
-    text = markdown(data)
+    text = markdown(data) + curve_markdown(data)
     print(text, flush=True)
     if a.write:
         a.out.mkdir(parents=True, exist_ok=True)

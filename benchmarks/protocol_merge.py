@@ -82,39 +82,8 @@ def merge(runs: Sequence[dict], sources: Sequence[str] = ()) -> dict:
     return merged
 
 
-def curve_markdown(data: dict) -> str:
-    lines = []
-    groups = [(f"`{md['name']}`", md["name"]) for md in data["models"]]
-    if len(groups) > 1:
-        groups.append(("every cell", None))
-    for title, model in groups:
-        rows = protocol.curve_rows(data["results"], model)
-        if not rows:
-            continue
-        lines += ["", f"## Curve: {title} (mean over the cells, sorted by FLOPs)", "",
-                  f"| method | cells | mean PSNR | lowest cell | lowest worst image | cells with worst ≥ "
-                  f"{protocol.TARGETS['worst_psnr']:.0f} dB | FLOPs (range) |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            lines.append(f"| {r['method']} | {r['cells']} | {r['mean_psnr']:.2f} | {r['lowest_cell']:.2f} | "
-                         f"{r['worst_psnr']:.2f} | {r['cells_worst_ok']} of {r['cells']} | {r['flops']:.1%} "
-                         f"({r['flops_low']:.1%}–{r['flops_high']:.1%}) |")
-        dom = protocol.dominance_rows(data["results"], model)
-        if dom:
-            lines += ["", f"## Against the caches: {title} (the specdiff setting at no more FLOPs that is "
-                      "higher on the mean, and on the mean and the lowest worst image)", "",
-                      "| cache setting | mean PSNR | lowest worst image | FLOPs | specdiff above on the mean | "
-                      "specdiff above on both |", "|---|---|---|---|---|---|"]
-            for d in dom:
-                cell = (lambda s: f"{s['method']} ({s['mean_psnr']:.2f} / {s['worst_psnr']:.2f} dB, "
-                        f"{s['flops']:.1%})" if s else "**none**")
-                lines.append(f"| {d['method']} | {d['mean_psnr']:.2f} | {d['worst_psnr']:.2f} | {d['flops']:.1%} | "
-                             f"{cell(d['above_mean'])} | {cell(d['above_both'])} |")
-            n_both = sum(d["above_both"] is not None for d in dom)
-            n_mean = sum(d["above_mean"] is not None for d in dom)
-            lines += ["", f"Cache settings under a specdiff setting at no more FLOPs: {n_mean} of {len(dom)} on "
-                      f"the mean, {n_both} of {len(dom)} on the mean and the worst image."]
-    return "\n".join(lines) + "\n"
+#: each model's curve and the caches against specdiff's settings (``protocol.py --write`` writes them too)
+curve_markdown = protocol.curve_markdown
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

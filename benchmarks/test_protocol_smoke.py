@@ -48,6 +48,9 @@ def test_tiny_sd3_writes_every_file(tmp_path):
     md = (tmp_path / "protocol.md").read_text()
     assert "| sd3 | sd3_cfg | 6 | specdiff defaults |" in md and "No held-out model in this run." in md
     assert f"| {low['mean_psnr']:.2f} / {low['worst_psnr']:.2f} |" in md
+    # the curve, and the cache against the specdiff settings at no more FLOPs (the curve target)
+    assert "## Curve: `sd3`" in md and "## Against the caches: `sd3`" in md
+    assert f"| {cache['method']} | {cache['mean_psnr']:.2f} |" in md
     assert (tmp_path / "sd3.png").stat().st_size > 0
     # the speed table (its run needs Inductor: a row as run_speed writes it) shows the pairs' spread
     data["speed"] = [{"model": "sd3", "sampler": "sd3_cfg", "method": "specdiff defaults", "speedup": 2.4,
