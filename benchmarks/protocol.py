@@ -104,8 +104,8 @@ and splits, one row per (model, sampler, steps, method), the specdiff-defaults s
 held-out cells against the targets: mean PSNR >= 30 dB, worst image >= 25 dB, FLOPs <= 35 %,
 with the ``bf16`` reference's mean and worst PSNR of the same cells next to them where it ran;
 each model's curve, and per cache setting the specdiff setting at no more FLOPs above it:
-``curve_markdown``) and ``<model>.png`` per model (PSNR against speed, one marker per method: the mean over the
-model's cells, a segment down to the worst image).
+``curve_markdown``) and ``<model>.png`` per model (PSNR against speed, one marker per method:
+the mean over the model's cells, a segment down to the worst image).
 
     python benchmarks/protocol.py --write                    # everything (see the time estimate)
     python benchmarks/protocol.py --models sd3 --samplers sd3_cfg --steps 28
@@ -841,7 +841,12 @@ def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: r["flops"])
 
 
-REFERENCE_KINDS = ("eager", "bf16", "specdiff")
+#: the kinds of method that are not a diffusers cache
+_NOT_CACHES = ("eager", "bf16", "specdiff")
+
+
+def _highest_mean(rows: list[dict]) -> dict | None:
+    return max(rows, key=lambda r: r["mean_psnr"]) if rows else None
 
 
 def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
@@ -851,8 +856,9 @@ def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[di
     speed axis). ``above_mean``: the specdiff setting among those with the highest mean of cells'
     mean PSNR, when it is higher than the cache's (else ``None``); ``above_both``: among those that
     are higher on the mean *and* no lower on the lowest worst image, the one with the highest
-    mean (else ``None``). Only settings measured on the same cells are compared. A cache setting whose ``above_both`` is ``None`` lies above specdiff's
-    measured points on the worst image or the mean. Sorted by the cache's FLOPs."""
+    mean (else ``None``). Only settings measured on the same cells are compared. A cache setting
+    whose ``above_both`` is ``None`` lies above specdiff's measured points on the worst image or
+    the mean. Sorted by the cache's FLOPs."""
     rows = curve_rows(results, model)
     cells: dict[str, set] = {}
     for r in results:
@@ -860,15 +866,14 @@ def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[di
             cells.setdefault(r["method"], set()).add((r["model"], r["sampler"], r["steps"]))
     out = []
     for c in rows:
-        if c["kind"] in REFERENCE_KINDS:
+        if c["kind"] in _NOT_CACHES:
             continue
         cheaper = [s for s in rows if s["kind"] == "specdiff" and cells[s["method"]] == cells[c["method"]]
                    and s["flops"] <= c["flops"] and s["mean_psnr"] > c["mean_psnr"]]
         both = [s for s in cheaper if s["worst_psnr"] >= c["worst_psnr"]]
-        best = (lambda ss: max(ss, key=lambda s: s["mean_psnr"]) if ss else None)
         out.append({"method": c["method"], "kind": c["kind"], "cells": c["cells"], "mean_psnr": c["mean_psnr"],
-                    "worst_psnr": c["worst_psnr"], "flops": c["flops"], "above_mean": best(cheaper),
-                    "above_both": best(both)})
+                    "worst_psnr": c["worst_psnr"], "flops": c["flops"], "above_mean": _highest_mean(cheaper),
+                    "above_both": _highest_mean(both)})
     return out
 
 
