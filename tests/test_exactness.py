@@ -30,6 +30,17 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def within_one_rounding(a, b, max_share=0.01):
+    """``a`` equals ``b`` up to one rounding step of their dtype, on at most ``max_share`` of the
+    elements: two float32 computations that agree to 1e-6 can round a few elements to
+    neighbouring bfloat16 values (the K/V caches are stored rounded, ``kv_dtype="auto"``), while
+    a systematic difference (another rounding mode, a wrong value) moves far more of them."""
+    a, b = a.float(), b.float()
+    diff = (a - b).abs()
+    step = b.abs() * torch.finfo(torch.bfloat16).eps + 1e-6 * b.abs().max()
+    return bool((diff <= step).all()) and (diff > 0).float().mean().item() <= max_share
+
+
 def compiled_output(model, inputs, backend):
     torch._dynamo.reset()
     with torch.no_grad():
@@ -72,7 +83,11 @@ def test_inductor_full_variant_matches_eager(captured):
         _, plain_extras = plain.split(plain(*c.example_inputs))
     assert rel_err(user[0], ref) <= 1e-4
     for key, value in plain_extras.items():
-        assert rel_err(extras[key], value) <= 1e-4, key
+        assert extras[key].dtype == value.dtype, key
+        if value.dtype == torch.bfloat16:  # the K/V caches of this float32 model, rounded as stored
+            assert within_one_rounding(extras[key], value), key
+        else:
+            assert rel_err(extras[key], value) <= 1e-4, key
 
 
 @pytest.mark.inductor
