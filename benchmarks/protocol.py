@@ -446,6 +446,10 @@ def _fmt(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
+#: the kinds of method that are not a diffusers cache
+NOT_CACHES = ("eager", "bf16", "specdiff")
+
+
 def method(kind: str, params: dict | None = None, label: str | None = None) -> Method:
     params = dict(params or {})
     if label is None:
@@ -621,7 +625,7 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
     results: list[dict] = []
     refs: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
     full_flops: dict[tuple[str, int], int] = {}
-    need_count = any(m.kind not in ("eager", "bf16", "specdiff") for m in methods)
+    need_count = any(m.kind not in NOT_CACHES for m in methods)
     for cell in cells:
         sample = SAMPLERS[cell.sampler]
         key = (cell.sampler, cell.steps)
@@ -823,7 +827,8 @@ def summary_rows(results: list[dict], split: str = "heldout") -> list[dict]:
 
 
 def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
-    """Per method (``model``'s cells, or every cell): its kind and params, cells, mean of the
+    """Per method (``model``'s cells, or every cell): its kind and params, cells (and their
+    ``(model, sampler, steps)`` keys), mean of the
     cells' mean PSNR, lowest cell, lowest worst image, cells whose every image reaches the
     protocol's worst-image target, FLOPs mean / lowest / highest over the cells; sorted by mean
     FLOPs. The curve of a model's plot and of ``protocol_merge``'s tables."""
@@ -833,16 +838,13 @@ def curve_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
         cells = [r for r in mine if r["method"] == label]
         flops = [r["flops"] for r in cells]
         rows.append({"method": label, "kind": cells[0]["kind"], "params": cells[0]["params"], "cells": len(cells),
+                     "cell_keys": frozenset((r["model"], r["sampler"], r["steps"]) for r in cells),
                      "mean_psnr": statistics.fmean(r["mean_psnr"] for r in cells),
                      "lowest_cell": min(r["mean_psnr"] for r in cells),
                      "worst_psnr": min(r["worst_psnr"] for r in cells),
                      "cells_worst_ok": sum(r["worst_psnr"] >= TARGETS["worst_psnr"] for r in cells),
                      "flops": statistics.fmean(flops), "flops_low": min(flops), "flops_high": max(flops)})
     return sorted(rows, key=lambda r: r["flops"])
-
-
-#: the kinds of method that are not a diffusers cache
-_NOT_CACHES = ("eager", "bf16", "specdiff")
 
 
 def _highest_mean(rows: list[dict]) -> dict | None:
@@ -860,15 +862,11 @@ def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[di
     whose ``above_both`` is ``None`` lies above specdiff's measured points on the worst image or
     the mean. Sorted by the cache's FLOPs."""
     rows = curve_rows(results, model)
-    cells: dict[str, set] = {}
-    for r in results:
-        if model is None or r["model"] == model:
-            cells.setdefault(r["method"], set()).add((r["model"], r["sampler"], r["steps"]))
     out = []
     for c in rows:
-        if c["kind"] in _NOT_CACHES:
+        if c["kind"] in NOT_CACHES:
             continue
-        cheaper = [s for s in rows if s["kind"] == "specdiff" and cells[s["method"]] == cells[c["method"]]
+        cheaper = [s for s in rows if s["kind"] == "specdiff" and s["cell_keys"] == c["cell_keys"]
                    and s["flops"] <= c["flops"] and s["mean_psnr"] > c["mean_psnr"]]
         both = [s for s in cheaper if s["worst_psnr"] >= c["worst_psnr"]]
         out.append({"method": c["method"], "kind": c["kind"], "cells": c["cells"], "mean_psnr": c["mean_psnr"],
@@ -958,6 +956,9 @@ def short_label(params: dict) -> str:
 def curve_markdown(data: dict) -> str:
     """Per model (and over every cell, for several models): the curve (:func:`curve_rows`) as a
     table and, where caches ran beside specdiff, the caches against it (:func:`dominance_rows`)."""
+    def setting(s: dict | None) -> str:
+        return f"{s['method']} ({s['mean_psnr']:.2f} / {s['worst_psnr']:.2f} dB, {s['flops']:.1%})" if s else "**none**"
+
     lines = []
     groups = [(f"`{md['name']}`", md["name"]) for md in data["models"]]
     if len(groups) > 1:
@@ -981,10 +982,8 @@ def curve_markdown(data: dict) -> str:
                       "| cache setting | mean PSNR | lowest worst image | FLOPs | specdiff above on the mean | "
                       "specdiff above on both |", "|---|---|---|---|---|---|"]
             for d in dom:
-                cell = (lambda s: f"{s['method']} ({s['mean_psnr']:.2f} / {s['worst_psnr']:.2f} dB, "
-                        f"{s['flops']:.1%})" if s else "**none**")
                 lines.append(f"| {d['method']} | {d['mean_psnr']:.2f} | {d['worst_psnr']:.2f} | {d['flops']:.1%} | "
-                             f"{cell(d['above_mean'])} | {cell(d['above_both'])} |")
+                             f"{setting(d['above_mean'])} | {setting(d['above_both'])} |")
             n_both = sum(d["above_both"] is not None for d in dom)
             n_mean = sum(d["above_mean"] is not None for d in dom)
             lines += ["", f"Cache settings under a specdiff setting at no more FLOPs: {n_mean} of {len(dom)} on "
