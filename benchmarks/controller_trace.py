@@ -161,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     from benchmarks import controller_variants
 
     controller_variants.register()  # so that --options may select a variant's controller
+    from benchmarks import protocol
+
+    if a.sampler not in protocol.SAMPLERS:
+        p.error(f"--sampler {a.sampler!r}: one of {', '.join(protocol.SAMPLERS)}")
     out = []
     for steps in (int(s) for s in a.steps.split(",")):
         t = trace(a.model, a.sampler, steps, json.loads(a.options), a.prompts, a.seed)

@@ -1,6 +1,8 @@
 """CI smoke test: the controller trace runs, a full call's true error is zero, and each sparse
 call's error is split between its computed and left-out tokens."""
 
+import pytest
+
 from benchmarks import controller_trace
 
 
@@ -38,3 +40,10 @@ def test_controller_trace_takes_the_protocol_seed(monkeypatch):
     with pytest.raises(StopIteration):
         controller_trace.main(["--model", "flux", "--steps", "6", "--prompts", "1", "--threads", "1", "--seed", "3"])
     assert seeds == [3]
+
+
+def test_controller_trace_names_the_samplers_on_a_wrong_one(capsys):
+    with pytest.raises(SystemExit):
+        controller_trace.main(["--sampler", "true_cfg"])
+    err = capsys.readouterr().err
+    assert "'true_cfg'" in err and "flux_truecfg" in err and "sd3_cfg" in err
