@@ -69,9 +69,9 @@ def runtime(weight=False, **options):
     return SpecDiffRuntime(plan(weight), CFG.replace(**options), CondExecutor())
 
 
-def alone(**kw):
+def alone(reuse_extrapolation=0.0, **kw):
     """A generation's result and FLOPs, run alone on a fresh runtime."""
-    rt = runtime(weight=kw.get("weight") is not None)
+    rt = runtime(weight=kw.get("weight") is not None, reuse_extrapolation=reuse_extrapolation)
     out = Gen(rt, **kw).run()
     return out, sum(s.flops for s in rt.report.steps)
 
@@ -101,13 +101,33 @@ def test_three_generations_started_apart():
     assert total_flops(tracked.reports) <= 1.15 * sum(f for _, f in refs)
 
 
-def test_same_seed_other_prompt_is_another_generation():
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_same_seed_other_prompt_is_another_generation(lam):
+    """Two requests from the same noise at the same time look like true CFG's cond and uncond
+    until their second calls: each still samples as it would alone, also where being guided
+    changes what a reused token gets (``reuse_extrapolation``)."""
     kws = [dict(seed=1, cond=0.5), dict(seed=1, cond=-0.5)]
-    refs = [alone(**kw) for kw in kws]
-    rt = runtime()
+    refs = [alone(reuse_extrapolation=lam, **kw) for kw in kws]
+    rt = runtime(reuse_extrapolation=lam)
     outs = interleave([Gen(rt, **kw) for kw in kws])
     for out, (ref, _) in zip(outs, refs):
         torch.testing.assert_close(out, ref)
+    if lam:  # the reach moved the images: the comparison above could fail
+        assert not torch.allclose(refs[0][0], alone(reuse_extrapolation=0.0, **kws[0])[0])
+
+
+def test_true_cfg_stays_guided_with_reuse_extrapolation():
+    """Under true CFG (two calls per step on one latent) reused tokens stay as they are, alone
+    and interleaved with another generation."""
+    kws = [dict(seed=1, cond=0.5, true_cfg=True), dict(seed=2, cond=0.5, true_cfg=True)]
+    plain = [alone(reuse_extrapolation=0.0, **kw)[0] for kw in kws]
+    refs = [alone(reuse_extrapolation=0.5, **kw)[0] for kw in kws]
+    for ref, p in zip(refs, plain):
+        torch.testing.assert_close(ref, p, rtol=0, atol=0)
+    rt = runtime(reuse_extrapolation=0.5)
+    outs = interleave([Gen(rt, **kw) for kw in kws])
+    for out, p in zip(outs, plain):
+        torch.testing.assert_close(out, p, rtol=0, atol=0)
 
 
 def test_two_models_sharing_one_graph_keep_separate_state():

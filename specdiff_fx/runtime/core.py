@@ -587,11 +587,16 @@ class SpecDiffRuntime:
 
     def _guided(self, state: BranchState) -> bool:
         """Classifier-free guidance: batched halves from the same latent, more than one call
-        per step (true CFG; any further branch counts, confirmed member or not), or a branch
-        linked to one in another runtime (the cond and uncond of one guided velocity in two
-        graphs: a negative prompt of another token length)."""
-        return state.groups is not None or len(self.generation.branches) > 1 \
-            or self.generation.leader(self._j).link is not None
+        per step (true CFG: a further branch that is a member, or one that has made only the
+        call it shares with a member, so that it may still become one), or a branch linked to
+        one in another runtime (the cond and uncond of one guided velocity in two graphs: a
+        negative prompt of another token length). A further branch that went on from its first
+        call without becoming a member is another request that started from the same noise at
+        the same time (routing's module docstring): it does not make this one guided, or the
+        two would sample otherwise than each alone."""
+        gen = self.generation
+        further = any(j in gen.members or len(br.trace.sigmas) < 2 for j, br in enumerate(gen.branches) if j)
+        return state.groups is not None or further or gen.leader(self._j).link is not None
 
     def _text_plan(self, state: BranchState) -> tuple[ContextMode, int | None]:
         """The context mode (and ``k_txt``) of this generation's cached steps: every text
