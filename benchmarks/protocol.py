@@ -1100,6 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log(f"{len(entries)} model(s), steps {steps}, {len(prompts)} prompt(s) x seeds {seeds}, "
         f"{len(methods)} method(s): {[m.label for m in methods]}")
     machine = machine_info()
+    git = _git()  # the library the run imported: read now, not when the run ends hours later
     results: list[dict] = []
     speed: list[dict] = []
     models_meta = []
@@ -1128,7 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python benchmarks/protocol.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine, "git": _git(), "prompts": prompts, "seeds": seeds, "steps": steps,
+        "machine": machine, "git": git, "prompts": prompts, "seeds": seeds, "steps": steps,
         "images_per_cell": len(prompts) * len(seeds), "targets": TARGETS,
         "samplers": {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "flux_guidance": FLUX_GUIDANCE,
                      "true_cfg_scale": TRUE_CFG_SCALE, "negative_prompt": NEGATIVE_PROMPT},
@@ -1137,6 +1138,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_seconds": time.perf_counter() - start,
     }
     data["machine"]["load_average_end"] = os.getloadavg()
+    if _git() != git:  # the tree moved while the run ran: its code is the start's, say what it moved to
+        data["git_at_end"] = _git()
+        log(f"the git tree changed during the run; recorded the start's ({git['commit'][:10]})")
     text = markdown(data) + curve_markdown(data)
     print(text, flush=True)
     if a.write:

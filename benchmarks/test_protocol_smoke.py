@@ -59,8 +59,11 @@ def test_tiny_sd3_writes_every_file(tmp_path):
     assert "| sd3 | sd3_cfg | specdiff defaults | 2.40x | 2.25-3.12x | 0.80 | 1.90 | 20.0 |" in protocol.markdown(data)
 
 
-def test_one_prompt_runs_a_generation_and_a_report_per_prompt():
+def test_one_prompt_runs_a_generation_and_a_report_per_prompt(monkeypatch):
+    states = iter([{"commit": "a" * 40, "dirty": False}] + [{"commit": "b" * 40, "dirty": True}] * 3)
+    monkeypatch.setattr(protocol, "_git", lambda: next(states))  # a commit lands while the run runs
     data = protocol.main(["--tiny", "--prompts", "2", "--one-prompt", "--methods", "eager,specdiff"])
+    assert data["git"]["commit"] == "a" * 40 and data["git_at_end"]["commit"] == "b" * 40
     spec = data["results"][1]
     assert spec["method"] == "specdiff defaults (one prompt per generation)" and spec["batch1"]
     assert spec["images"] == 2 and len(spec["flops_per_generation"]) == 2
