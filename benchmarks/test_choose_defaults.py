@@ -47,14 +47,41 @@ def test_an_image_under_the_line_counts_only_where_the_defaults_kept_it(tmp_path
 def test_a_candidate_that_lifts_an_image_over_the_line_comes_before_fewer_flops(tmp_path):
     cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([40, 24], 0.30), CELL_B: ([38, 27], 0.30)})
     cheaper = _run(tmp_path, "cheap", {"tolerance": 0.3}, [0], {CELL_A: ([39, 24.5], 0.25), CELL_B: ([37, 26], 0.25)})
-    lifts = _run(tmp_path, "lifts", {"reuse_extrapolation": 0.5}, [0],
+    lifts = _run(tmp_path, "lifts", {"reuse_extrapolation": 0.25}, [0],
                  {CELL_A: ([41, 25.5], 0.31), CELL_B: ([38, 27], 0.31)})
     chosen, verdicts = choose_defaults.choose(choose_defaults.load([cur, cheaper, lifts]), "{}")
-    assert chosen == json.dumps({"reuse_extrapolation": 0.5})
+    assert chosen == json.dumps({"reuse_extrapolation": 0.25})
     assert [verdicts[k]["cells_below_floor"] for k in ("{}", json.dumps({"tolerance": 0.3}),
-                                                        json.dumps({"reuse_extrapolation": 0.5}))] == [1, 1, 0]
+                                                        json.dumps({"reuse_extrapolation": 0.25}))] == [1, 1, 0]
     # without the candidate that lifts it, the fewest FLOPs decide as before
     assert choose_defaults.choose(choose_defaults.load([cur, cheaper]), "{}")[0] == json.dumps({"tolerance": 0.3})
+
+
+def test_a_costlier_candidate_wins_only_above_the_exchange_rate(tmp_path):
+    cur = _run(tmp_path, "cur", {}, [0], {CELL_A: ([36, 30], 0.30), CELL_B: ([36, 30], 0.30)})
+    # +2 dB mean of cells for +0.5 points: 4 dB per point, above the rate (3): it wins
+    above = _run(tmp_path, "above", {"reuse_extrapolation": 0.25}, [0],
+                 {CELL_A: ([38, 32], 0.305), CELL_B: ([38, 32], 0.305)})
+    # +3 dB for +2 points (1.5 dB per point, what the knob trades): the cheaper one stays
+    knob = _run(tmp_path, "knob", {"tolerance": 0.13}, [0], {CELL_A: ([39, 33], 0.32), CELL_B: ([39, 33], 0.32)})
+    # above the rate on the mean, but its worst image falls: not preferred
+    lower = _run(tmp_path, "lower", {"reuse_extrapolation": 1.0}, [0],
+                 {CELL_A: ([42, 29], 0.305), CELL_B: ([42, 29], 0.305)})
+    # a tiny gain at nearly the same FLOPs (above the rate, under the minimum gain): not preferred
+    tiny = _run(tmp_path, "tiny", {"sparse_calls": 2}, [0], {CELL_A: ([36.4, 30], 0.3001), CELL_B: ([36.4, 30], 0.3001)})
+    key = json.dumps({"reuse_extrapolation": 0.25})
+    load = choose_defaults.load
+    assert choose_defaults.choose(load([cur, above]), "{}")[0] == key
+    assert choose_defaults.choose(load([cur, knob]), "{}")[0] == "{}"
+    assert choose_defaults.choose(load([cur, lower]), "{}")[0] == "{}"
+    assert choose_defaults.choose(load([cur, tiny]), "{}")[0] == "{}"
+    # the scan goes up in FLOPs from the choice so far: the knob's point is judged against `above`
+    assert choose_defaults.choose(load([cur, above, knob, lower, tiny]), "{}")[0] == key
+    # once it is the default, the rule keeps it against plain reuse
+    assert choose_defaults.choose(load([cur, above]), key)[0] == key
+    # a higher rate asked for: the cheapest passing candidate again
+    assert choose_defaults.choose(load([cur, above]), "{}", exchange=5.0)[0] == "{}"
+    assert choose_defaults.main([str(cur), str(above), "--exchange", "5"]) == {}
 
 
 def test_a_bf16_reference_lowers_its_cells_floors(tmp_path):

@@ -86,9 +86,12 @@ class SpecDiffConfig:
             on the skipped calls and on a sparse call's reused tokens; ``0`` reuses ``F1``
             as it is, ``1`` extrapolates to first order, ``0 <= lam <= 1``. Under guidance (batched
             CFG halves, true CFG's second call, linked graphs) the tokens are reused as they
-            are, whatever ``lam`` (BENCHMARKS.md). Without guidance ``0.5`` gained 1-4 dB
-            mean per cell on our FLUX models at 0-2.7 points more FLOPs; ``1`` forked an
-            image on one of them (BENCHMARKS.md, "Without guidance: ...").
+            are, whatever ``lam`` (BENCHMARKS.md). Default ``0.5``: without guidance it gained
+            2.3 dB mean over the unguided cells of our three tune FLUX models (4 seeds) for 0.4
+            points more FLOPs, far above what ``tolerance`` trades (about 1.5 dB per point),
+            which is how the rule the defaults are chosen by now weighs a costlier candidate;
+            ``1`` forked an image on one of them (BENCHMARKS.md, "``reuse_extrapolation=0.5``
+            by default").
         starvation_scale: ``s`` in ``exp(s * cached_for)``, the starvation term; ``None``
             picks 0.5 with ``score="attention"`` (SpecDiff) and 0 with ``score="drift"``
             (whose score already grows with the time since a token was computed).
@@ -165,7 +168,7 @@ class SpecDiffConfig:
     blend: bool = False
     blend_mode: str = "paper"
     starvation_scale: float | None = None
-    reuse_extrapolation: float = 0.0
+    reuse_extrapolation: float = 0.5
     score: str = "drift"
     kv_extrapolation: bool = True
     kv_dtype: str = "auto"

@@ -69,9 +69,11 @@ def runtime(weight=False, **options):
     return SpecDiffRuntime(plan(weight), CFG.replace(**options), CondExecutor())
 
 
-def alone(reuse_extrapolation=0.0, **kw):
-    """A generation's result and FLOPs, run alone on a fresh runtime."""
-    rt = runtime(weight=kw.get("weight") is not None, reuse_extrapolation=reuse_extrapolation)
+def alone(reuse_extrapolation=None, **kw):
+    """A generation's result and FLOPs, run alone on a fresh runtime (``reuse_extrapolation``:
+    ``CFG``'s unless given)."""
+    options = {} if reuse_extrapolation is None else {"reuse_extrapolation": reuse_extrapolation}
+    rt = runtime(weight=kw.get("weight") is not None, **options)
     out = Gen(rt, **kw).run()
     return out, sum(s.flops for s in rt.report.steps)
 
