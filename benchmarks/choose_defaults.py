@@ -44,7 +44,6 @@ candidate and the choice; returns the choice's options (``None`` if nothing pass
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections import defaultdict
@@ -56,21 +55,31 @@ Floors = dict[tuple[str, str, int], tuple[float, float]]  # (model, sampler, ste
 
 
 def _normalise(params: dict) -> str:
-    """The candidate's key: its options without those equal to the library's defaults (and
-    without ``inductor``, which changes no number the rule reads)."""
+    """The candidate's key: its options as the library resolves them, without those equal to
+    the library's defaults (and without ``inductor``, which changes no number the rule reads).
+    Given a row's ``config`` (every option as the library resolved it when the run ran), a run
+    made before a default changed keeps the options it ran with; given its ``params`` alone,
+    they are read with today's defaults."""
     from specdiff_fx.config import SpecDiffConfig
 
-    # as JSON reads them back (a tuple default is a list in a run's params)
-    defaults = {f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(SpecDiffConfig)
-                if f.default is not dataclasses.MISSING}
-    kept = {k: v for k, v in params.items() if k != "inductor" and not (k in defaults and defaults[k] == v)}
+    def plain(d: dict) -> dict:  # as JSON reads them back (a tuple is a list in a run's file)
+        return json.loads(json.dumps(d))
+
+    defaults = plain(SpecDiffConfig().to_dict())
+    try:
+        resolved = plain(SpecDiffConfig.from_options(params).to_dict())
+    except (ValueError, TypeError):  # an option of another library version: kept as written
+        resolved = plain(params)
+    kept = {k: v for k, v in resolved.items() if k != "inductor" and (k not in defaults or defaults[k] != v)}
     return json.dumps(kept, sort_keys=True)
 
 
-def load(paths: Sequence[str | Path], commits: set[str] | None = None) -> dict[str, dict[Cell, dict]]:
+def load(paths: Sequence[str | Path], commits: set[str] | None = None,
+         bf16: dict[tuple[str, str, int], list[float]] | None = None) -> dict[str, dict[Cell, dict]]:
     """``{candidate: {cell: {"psnr": [...per prompt], "flops": share}}}`` from the files (and the
     library commits they were run on, added to ``commits``: a candidate is its options, so runs
-    of different library code must not be mixed)."""
+    of different library code must not be mixed; the ``bf16`` rows' PSNR per (model, sampler,
+    steps), added to ``bf16``)."""
     out: dict[str, dict[Cell, dict]] = defaultdict(dict)
     for path in paths:
         run = json.loads(Path(path).read_text())
@@ -81,6 +90,8 @@ def load(paths: Sequence[str | Path], commits: set[str] | None = None) -> dict[s
         for r in run["results"]:
             if r.get("split") != "tune":
                 raise SystemExit(f"{path}: a {r.get('split')!r} row ({r['model']}): the rule reads tune runs only")
+            if r["kind"] == "bf16" and bf16 is not None:
+                bf16.setdefault((r["model"], r["sampler"], int(r["steps"])), []).extend(r["psnr"])
             if r["kind"] != "specdiff" or r.get("batch1"):
                 continue
             psnr = list(r["psnr"])
@@ -89,24 +100,29 @@ def load(paths: Sequence[str | Path], commits: set[str] | None = None) -> dict[s
             per_seed = len(psnr) // len(seeds)  # images are seed-major: every prompt of a seed, then the next seed
             flops = r["flops_per_generation"] if len(r.get("flops_per_generation") or []) == len(seeds) \
                 else [r["flops"]] * len(seeds)
-            key = _normalise(r["params"])
+            key = _normalise(r.get("config") or r["params"])  # a run before the rows had their config: its params
             for i, seed in enumerate(seeds):
                 cell = (r["model"], r["sampler"], int(r["steps"]), int(seed))
                 if cell in out[key]:
-                    raise SystemExit(f"{path}: {key} {cell} was measured twice")
+                    hint = "" if "config" in r else (" (its rows record no resolved config: if a default changed since"
+                                                     " the run, two of its option sets may now read as one)")
+                    raise SystemExit(f"{path}: {key} {cell} was measured twice{hint}")
                 out[key][cell] = {"psnr": psnr[i * per_seed:(i + 1) * per_seed], "flops": float(flops[i])}
     return dict(out)
 
 
+def floors_from(bf16: dict[tuple[str, str, int], list[float]], min_mean: float = 30.0,
+                min_image: float = 25.0) -> Floors:
+    """Per (model, sampler, steps) cell with ``bf16`` PSNR (:func:`load`): ``(min(min_mean, its
+    mean), min(min_image, its worst image))`` over every seed it ran (runs of other seeds add up)."""
+    return {c: (min(min_mean, sum(p) / len(p)), min(min_image, min(p))) for c, p in bf16.items() if p}
+
+
 def reference_floors(paths: Sequence[str | Path], min_mean: float = 30.0, min_image: float = 25.0) -> Floors:
-    """Per (model, sampler, steps) cell with a ``bf16`` row in the files: ``(min(min_mean, its mean),
-    min(min_image, its worst image))`` over every seed it ran (runs of other seeds add up)."""
-    psnr: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    for path in paths:
-        for r in json.loads(Path(path).read_text())["results"]:
-            if r["kind"] == "bf16" and r.get("split") == "tune":
-                psnr[(r["model"], r["sampler"], int(r["steps"]))] += list(r["psnr"])
-    return {c: (min(min_mean, sum(p) / len(p)), min(min_image, min(p))) for c, p in psnr.items()}
+    """:func:`floors_from` the ``bf16`` rows of the files."""
+    bf16: dict[tuple[str, str, int], list[float]] = {}
+    load(paths, bf16=bf16)
+    return floors_from(bf16, min_mean, min_image)
 
 
 def judge(cells: dict[Cell, dict], current: dict[Cell, dict], min_mean: float, min_image: float,
@@ -192,10 +208,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = p.parse_args(argv)
     current = _normalise(json.loads(args.current))
     commits: set[str] = set()
-    runs = load(args.runs, commits)
+    bf16: dict[tuple[str, str, int], list[float]] = {}
+    runs = load(args.runs, commits, bf16)
     print(f"runs of {len(args.runs)} file(s), library commit(s) {', '.join(sorted(commits))}"
           + ("  -- more than one: make sure the library code is the same" if len(commits) > 1 else ""))
-    floors = reference_floors(args.runs, args.min_mean, args.min_image)
+    floors = floors_from(bf16, args.min_mean, args.min_image)
     for cell, (mean_floor, image_floor) in sorted(floors.items()):
         if (mean_floor, image_floor) != (args.min_mean, args.min_image):
             print(f"  floors of {' '.join(map(str, cell))} from its bf16 reference: mean {mean_floor:.2f} dB, "

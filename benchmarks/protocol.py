@@ -647,6 +647,8 @@ def run_fidelity(entry: ModelEntry, model: ShapesModel, cells: list[Cell], metho
             psnrs += p
             ssims += q
         row = {**asdict(cell), "method": m.label, "kind": m.kind, "params": m.params,
+               # every option as the library resolved it: the same params mean other options once a default changes
+               **({"config": specdiff_fx.SpecDiffConfig.from_options(m.params).to_dict()} if m.kind == "specdiff" else {}),
                "images": len(psnrs), "mean_psnr": statistics.fmean(psnrs), "worst_psnr": min(psnrs),
                "mean_ssim": statistics.fmean(ssims), "worst_ssim": min(ssims),
                "flops": statistics.fmean(flops) if flops else float("nan"), "flops_per_generation": flops,

@@ -121,6 +121,18 @@ def test_more_seeds_add_up_and_a_candidate_must_cover_them(tmp_path):
     assert verdicts[json.dumps({"tolerance": 0.18})]["fails"] == ["sd3 sd3_cfg 20: an image at 24.90 dB"]
 
 
+def test_a_run_before_a_default_changed_keeps_the_options_it_ran_with(tmp_path):
+    from specdiff_fx import SpecDiffConfig
+
+    old = _run(tmp_path, "old", {}, [0], {CELL_A: ([40, 30], 0.40)})
+    data = json.loads(old.read_text())
+    for r in data["results"]:  # run when the defaults had another tolerance
+        r["config"] = SpecDiffConfig(tolerance=0.2).to_dict() if r["kind"] == "specdiff" else None
+    old.write_text(json.dumps(data))
+    new = _run(tmp_path, "new", {}, [0], {CELL_A: ([41, 31], 0.45)})
+    assert set(choose_defaults.load([old, new])) == {"{}", json.dumps({"tolerance": 0.2})}
+
+
 def test_held_out_runs_and_double_counts_are_refused(tmp_path):
     held = _run(tmp_path, "held", {}, [0], {CELL_A: ([40, 30], 0.40)}, split="heldout")
     with pytest.raises(SystemExit, match="tune runs only"):

@@ -64,6 +64,10 @@ def test_one_prompt_runs_a_generation_and_a_report_per_prompt(monkeypatch):
     monkeypatch.setattr(protocol, "_git", lambda: next(states))  # a commit lands while the run runs
     data = protocol.main(["--tiny", "--prompts", "2", "--one-prompt", "--methods", "eager,specdiff"])
     assert data["git"]["commit"] == "a" * 40 and data["git_at_end"]["commit"] == "b" * 40
+    from specdiff_fx import SpecDiffConfig
+
+    as_read = json.loads(json.dumps(data["results"][1]["config"]))
+    assert as_read == json.loads(json.dumps(SpecDiffConfig().to_dict()))  # every option, as resolved
     spec = data["results"][1]
     assert spec["method"] == "specdiff defaults (one prompt per generation)" and spec["batch1"]
     assert spec["images"] == 2 and len(spec["flops_per_generation"]) == 2
