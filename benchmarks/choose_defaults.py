@@ -19,15 +19,15 @@ sampler, step count and seed; its images are the prompts):
    the fewest cells that hold an image under the image floor wins (the floors are targets: where
    the current defaults miss one, a candidate that meets it comes first, whatever its FLOPs);
    then the fewest FLOPs (the mean over cells of the executed share; the current defaults win a
-   tie), unless a candidate that spends more buys its points at a better rate than the
+   tie), unless a candidate that spends more buys its fidelity at a better rate than the
    ``tolerance`` knob would: among those candidates, in order of FLOPs, a costlier one replaces
    the choice so far where its mean of cells is higher by more than ``--exchange`` dB per point
    of FLOPs it spends above it (and by more than ``--min-gain`` dB), and neither its lowest cell
    nor its worst image is lower. The default rate, 3 dB per point, is twice what the knob trades
    around the defaults on the tune models (about 1.5 dB per point; BENCHMARKS.md), so that a
-   setting further along the knob never wins by this step, and one that lies well above the
-   knob's curve does: the floors are met at the fewest FLOPs, but not at the price of fidelity
-   that costs less than the knob would charge for it.
+   neighbouring setting of the knob does not win by this step, and one that lies well above the
+   knob's curve does: the rule still spends the tune models' margin on FLOPs along the knob, but
+   no longer drops an option that buys fidelity far more cheaply than the knob does.
 
 Where the files hold the ``bf16`` reference on a cell (``--methods eager,bf16``: full compute in
 bfloat16, the precision the pipelines run in, against the same float32 reference), that cell's
