@@ -853,7 +853,7 @@ def _highest_mean(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r["mean_psnr"]) if rows else None
 
 
-def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[dict]:
+def dominance_rows(results: Sequence[dict], model: str | None = None, rows: list[dict] | None = None) -> list[dict]:
     """The target "specdiff's curve lies above every cache's", per cache setting: on ``model``'s
     cells (or every cell), each setting that is neither specdiff nor a reference (eager, bf16)
     against the specdiff settings measured on the same cells at no more mean FLOPs (FLOPs are the
@@ -862,8 +862,9 @@ def dominance_rows(results: Sequence[dict], model: str | None = None) -> list[di
     are higher on the mean *and* no lower on the lowest worst image, the one with the highest
     mean (else ``None``). Only settings measured on the same cells are compared. A cache setting
     whose ``above_both`` is ``None`` lies above specdiff's measured points on the worst image or
-    the mean. Sorted by the cache's FLOPs."""
-    rows = curve_rows(results, model)
+    the mean. Sorted by the cache's FLOPs. ``rows``: :func:`curve_rows` of the same results and
+    model, where the caller has them already."""
+    rows = curve_rows(results, model) if rows is None else rows
     out = []
     for c in rows:
         if c["kind"] in NOT_CACHES:
@@ -977,7 +978,7 @@ def curve_markdown(data: dict) -> str:
             lines.append(f"| {r['method']} | {r['cells']} | {r['mean_psnr']:.2f} | {r['lowest_cell']:.2f} | "
                          f"{r['worst_psnr']:.2f} | {r['cells_worst_ok']} of {r['cells']} | {r['flops']:.1%} "
                          f"({r['flops_low']:.1%}–{r['flops_high']:.1%}) |")
-        dom = dominance_rows(data["results"], model)
+        dom = dominance_rows(data["results"], model, rows)
         if dom:
             lines += ["", f"## Against the caches: {title} (the specdiff setting at no more FLOPs that is "
                       "higher on the mean, and on the mean and the lowest worst image)", "",
@@ -1140,8 +1141,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "wall_seconds": time.perf_counter() - start,
     }
     data["machine"]["load_average_end"] = os.getloadavg()
-    if _git() != git:  # the tree moved while the run ran: its code is the start's, say what it moved to
-        data["git_at_end"] = _git()
+    git_end = _git()
+    if git_end != git:  # the tree moved while the run ran: its code is the start's, say what it moved to
+        data["git_at_end"] = git_end
         log(f"the git tree changed during the run; recorded the start's ({git['commit'][:10]})")
     text = markdown(data) + curve_markdown(data)
     print(text, flush=True)
