@@ -47,23 +47,49 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class ReuseState:
+    """Per branch of a generation: the last full output, the sigmas called so far and the
+    hindsight correction; what a call returns once it is known to be full or skipped. Shared by
+    this oracle and ``schedule_search.py``, so the two return the same as each other and as the
+    library's full and skipped calls."""
+
+    def __init__(self, branches: int, hindsight: bool = True) -> None:
+        from specdiff_fx.runtime.hindsight import Hindsight
+
+        self.hindsight = hindsight
+        self.last: list[torch.Tensor | None] = [None] * branches
+        self.sigmas: list[list[float]] = [[] for _ in range(branches)]
+        self.corrections = [Hindsight() for _ in range(branches)]
+
+    def settle(self, b: int, sigma: float, true: torch.Tensor | None, full: bool) -> torch.Tensor:
+        """Branch ``b``'s output for its call at ``sigma``: full, ``true`` (the untouched
+        transformer's output) plus the correction of the skipped calls before it; skipped, the
+        branch's last full output (``true`` is not read)."""
+        sigmas = self.sigmas[b]
+        if full:
+            out = self.corrections[b].full(sigma, true, list(sigmas)) if self.hindsight else true
+            self.last[b] = true
+        else:
+            out = self.last[b]
+            if self.hindsight:
+                self.corrections[b].cached(sigma, out)
+        sigmas.append(sigma)
+        return out
+
+
 class OracleCaller:
     """A callable standing in for the transformer in a protocol sampler (see module docstring)."""
 
     def __init__(self, transformer: Any, timestep_per_sigma: float, branches: int, tolerance: float,
                  hindsight: bool = True, criterion: str = "batch", sigma_weight: float = 0.0,
                  weight_cap: float = 4.0) -> None:
-        from specdiff_fx.runtime.hindsight import Hindsight
-
         if criterion not in ("batch", "max"):
             raise ValueError(f"criterion must be 'batch' or 'max', got {criterion!r}")
         self.transformer, self.branches, self.tolerance = transformer, branches, tolerance
         self.timestep_per_sigma = timestep_per_sigma  # the family's (specdiff_fx.families)
-        self.hindsight, self.criterion = hindsight, criterion
+        self.criterion = criterion
         self.sigma_weight, self.weight_cap = sigma_weight, weight_cap
-        self.last: list[torch.Tensor | None] = [None] * branches
-        self.sigmas: list[list[float]] = [[] for _ in range(branches)]
-        self.corrections = [Hindsight() for _ in range(branches)]
+        self.state = ReuseState(branches, hindsight)
         self.calls = 0
         self.kinds: list[str] = []  # per step: "f" or "s"
         self._step: list[tuple[int, float, torch.Tensor]] = []  # the step's calls so far: branch, sigma, output
@@ -101,29 +127,17 @@ class OracleCaller:
             self._returned.append(true.clone())
             return (self._returned[-1],)
         calls, returned, self._step, self._returned = self._step, self._returned, [], []
-        sigmas = self.sigmas[calls[0][0]]
-        full = any(self.last[c] is None for c, _, _ in calls) or self.pooled(
-            [self.error(t, self.last[c]) for c, _, t in calls]) > self.threshold(calls[0][1])
+        last = self.state.last
+        sigmas = self.state.sigmas[calls[0][0]]
+        full = any(last[c] is None for c, _, _ in calls) or self.pooled(
+            [self.error(t, last[c]) for c, _, t in calls]) > self.threshold(calls[0][1])
         view = StepView(step=len(sigmas), sigma=calls[0][1], sigmas=tuple(sigmas), num_tokens=0)
         full = full or ErrorControlled.final_jump(view)
         self.kinds.append("f" if full else "s")
-        outs = [self._settle(c, s, t, full) for c, s, t in calls]
+        outs = [self.state.settle(c, s, t, full) for c, s, t in calls]
         for buf, out in zip(returned, outs):
             buf.copy_(out)
         return (outs[-1],)
-
-    def _settle(self, b: int, sigma: float, true: torch.Tensor, full: bool) -> torch.Tensor:
-        """Branch ``b``'s output for its call at ``sigma`` once the step is decided."""
-        sigmas = self.sigmas[b]
-        if full:
-            out = self.corrections[b].full(sigma, true, list(sigmas)) if self.hindsight else true
-            self.last[b] = true
-        else:
-            out = self.last[b]
-            if self.hindsight:
-                self.corrections[b].cached(sigma, out)
-        sigmas.append(sigma)
-        return out
 
     @property
     def full_fraction(self) -> float:

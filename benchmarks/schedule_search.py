@@ -43,14 +43,12 @@ class ScheduleCaller:
 
     def __init__(self, transformer: Any, timestep_per_sigma: float, branches: int, schedule: str,
                  hindsight: bool = True) -> None:
-        from specdiff_fx.runtime.hindsight import Hindsight
+        from benchmarks.oracle_schedule import ReuseState
 
         self.transformer, self.timestep_per_sigma, self.branches = transformer, timestep_per_sigma, branches
-        self.schedule, self.hindsight = schedule, hindsight
+        self.schedule = schedule
         self.calls = 0
-        self.last: list[torch.Tensor | None] = [None] * branches
-        self.corrections = [Hindsight() for _ in range(branches)]
-        self.sigmas: list[list[float]] = [[] for _ in range(branches)]
+        self.state = ReuseState(branches, hindsight)  # what a full or skipped call returns, as the oracle's
         self.kinds: list[str] = []  # per step, as run: "f" or "s"
         self._full = True
 
@@ -61,23 +59,16 @@ class ScheduleCaller:
         b = self.calls % self.branches
         self.calls += 1
         sigma = float(kwargs["timestep"].max()) / self.timestep_per_sigma
-        sigmas = self.sigmas[b]
+        last = self.state.last
         if b == 0:  # the step's first call decides for its calls
             i = len(self.kinds)
-            view = StepView(step=i, sigma=sigma, sigmas=tuple(sigmas), num_tokens=0)
-            self._full = (self.last[0] is None or ErrorControlled.final_jump(view)
+            view = StepView(step=i, sigma=sigma, sigmas=tuple(self.state.sigmas[0]), num_tokens=0)
+            self._full = (last[0] is None or ErrorControlled.final_jump(view)
                           or (i < len(self.schedule) and self.schedule[i] == "f"))
             self.kinds.append("f" if self._full else "s")
-        if self._full or self.last[b] is None:
-            out = self.transformer(*args, **kwargs)[0]
-            result = self.corrections[b].full(sigma, out, list(sigmas)) if self.hindsight else out
-            self.last[b] = out
-        else:
-            result = self.last[b]
-            if self.hindsight:
-                self.corrections[b].cached(sigma, result)
-        sigmas.append(sigma)
-        return (result,)
+        full = self._full or last[b] is None
+        true = self.transformer(*args, **kwargs)[0] if full else None  # the transformer runs on full steps only
+        return (self.state.settle(b, sigma, true, full),)
 
 
 class Cell:
