@@ -161,7 +161,8 @@ def judge(cells: dict[Cell, dict], current: dict[Cell, dict], min_mean: float, m
 
 #: dB of mean of cells per point of FLOPs a costlier candidate must gain to win (step 3)
 EXCHANGE = 3.0
-#: and at least this many dB
+#: and at least this many dB: about how far the mean of the 9 tune cells moves with nothing changed but
+#: the error controller's probe draw (0.46 dB across four draws; BENCHMARKS.md, "A cell's noise floor")
 MIN_GAIN = 0.5
 
 
