@@ -30,13 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def probe_seed_offset(offset: int) -> Iterator[list[int]]:
-    """Every probe draw inside the block seeded ``seed + offset``; yields the seeds drawn with."""
+    """Every probe draw inside the block seeded ``seed + offset``; yields the seeds of the draws
+    made (token choices with at least one probe: without, the seed decides nothing)."""
     from specdiff_fx import schedule
 
     original, seeds = schedule.choose_tokens, []
 
     def shifted(score, k, probes=0, seed=0, groups=None):
-        seeds.append(seed + offset)
+        if probes > 0:
+            seeds.append(seed + offset)
         return original(score, k, probes, seed + offset, groups)
 
     schedule.choose_tokens = shifted
@@ -87,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--merge", default="", help="comma-separated run folders to tabulate (no run)")
     a = p.parse_args(own)
     sys.path.insert(0, str(ROOT))
+    draws: dict[int, int] = {}
     if a.merge:
         runs = [Path(d) for d in a.merge.split(",") if d]
     else:
@@ -94,17 +97,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         if "--out" in rest or "--write" in rest:
             p.error("give --out before the '--': each run writes under OUT/offset_K")
-        runs, draws = [], {}
+        runs = []
         for off in (int(x) for x in a.offsets.split(",")):
             runs.append(Path(a.out) / f"offset_{off}")
             with probe_seed_offset(off) as seeds:
                 protocol.main(rest + ["--write", "--out", str(runs[-1])])
             draws[off] = len(seeds)
-            print(f"offset {off}: {len(seeds)} probe draws" + (" (no sparse call: the offset changed nothing)"
+            print(f"offset {off}: {len(seeds)} probe draws" + (" (none: the offset changed nothing)"
                                                                 if not seeds else ""), flush=True)
     out = table(runs)
     print(out)
-    return {"table": out, "draws": draws if not a.merge else {}}
+    return {"table": out, "draws": draws}
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ def test_the_offset_shifts_every_draw_and_is_undone():
     want_idx, want_probe = original(score, 8, 2, seed=8)
     assert torch.equal(idx, want_idx) and torch.equal(probe, want_probe)
     assert not torch.equal(probe, original(score, 8, 2, seed=3)[1])  # another draw
+    with probe_seed_spread.probe_seed_offset(5) as seeds:
+        schedule.choose_tokens(score, 8, 0, seed=3)  # no probe: nothing drawn
+    assert seeds == []
 
 
 def test_tiny_runs_and_table(tmp_path):
