@@ -156,14 +156,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     if a.full is None and not a.evaluate:
         p.error("give --full K (search) or --evaluate SCHEDULES")
+    for s in (a.evaluate.split(",") if a.evaluate else []) + (a.start.split(",") if a.start else []):
+        if len(s) != a.steps or set(s) - {"f", "s"}:  # before the references are generated
+            p.error(f"a schedule is {a.steps} letters f or s, got {s!r}")
     torch.set_num_threads(a.threads)
     sys.path.insert(0, str(ROOT))
     seeds = [int(s) for s in a.seeds.split(",")]
     t0 = time.time()
     cell = Cell(a.model, a.sampler, a.steps, seeds, a.prompts, not a.no_hindsight)
-    for s in (a.evaluate.split(",") if a.evaluate else []) + (a.start.split(",") if a.start else []):
-        if len(s) != a.steps or set(s) - {"f", "s"}:
-            p.error(f"a schedule is {a.steps} letters f or s, got {s!r}")
     found = [s for s in a.evaluate.split(",") if s]
     if a.full is not None:
         forced = cell.evaluate("s" * a.steps, seeds[0])["kinds"]
