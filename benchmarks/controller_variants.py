@@ -30,6 +30,10 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   the first.
 * ``error_skip_only``: every cached call a skip (no token computed); the rate is measured on
   full calls only.
+* ``error_phases``: the tolerance and the interval guard shaped by sigma. Below sigma 0.5 a call
+  is held to twice the tolerance and the interval guard allows 0.35 of sigma instead of 0.25; at
+  sigma 0.93 and above to 1.5 times the tolerance (BENCHMARKS.md, "A controller shaped by the
+  phases of a generation").
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -272,11 +276,40 @@ class ErrorSkipOnly(ErrorControlled):
         return 0
 
 
+class ErrorPhases(ErrorControlled):
+    """The phases of a generation read from sigma: ``late_factor`` times the tolerance below
+    ``late_sigma``, where the interval guard allows ``late_interval`` of sigma, and
+    ``early_factor`` times it at ``early_sigma`` and above. Each call is held to the factor at its
+    own sigma; the interval guard's length is the one at the call's sigma."""
+
+    name = "error_phases"
+    late_sigma, late_factor, late_interval = 0.5, 2.0, 0.35
+    early_sigma, early_factor = 0.93, 1.5
+
+    def phase_factor(self, sigma: float) -> float:
+        if sigma < self.late_sigma:
+            return self.late_factor
+        return self.early_factor if sigma >= self.early_sigma else 1.0
+
+    def tolerance(self, view: StepView) -> float:
+        return super().tolerance(view) * self.phase_factor(view.sigma)
+
+    def guard(self, state: ErrorState, view: StepView) -> Decision | None:
+        full = super().guard(state, view)
+        if (full is None or view.sigma >= self.late_sigma or state.rate is None or state.refresh_sigma is None
+                or self.final_jump(view)):
+            return full
+        # the interval guard, below late_sigma: late_interval (longer than max_interval) of sigma
+        travelled = max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view)
+        return Decision.full(f"{self.late_interval:g} of sigma since the last full call") \
+            if travelled >= self.late_interval - 1e-9 else None
+
+
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
-                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly):
+                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases):
         if cls.name not in policies():
             register_policy(cls)
 

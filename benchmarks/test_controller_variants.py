@@ -127,3 +127,23 @@ def test_skip_only_computes_no_token_between_full_calls():
 def test_variants_measured_before_sparse_calls_keep_every_cached_call_sparse(name):
     policy = _policy(name)
     assert not policy.may_skip() and Action.SKIP not in _run(policy, SIGMAS)
+
+
+def test_phases_shape_the_tolerance_and_the_interval_guard_by_sigma():
+    policy = _policy("error_phases")
+    tol = policy.config.tolerance
+    views = {s: StepView(step=3, sigma=s, sigmas=(1.0, s + 0.02), num_tokens=100) for s in (0.95, 0.7, 0.3)}
+    assert [policy.tolerance(v) for v in views.values()] == pytest.approx([1.5 * tol, tol, 2 * tol])
+    state = policy.start()
+    state.rate = 0.01  # a prediction far under every tolerance: only the guards decide
+    state.refresh_sigma = 0.9
+    assert policy.decide(state, StepView(step=3, sigma=0.64, sigmas=(0.9, 0.66), num_tokens=100)).action is Action.FULL
+    state.refresh_sigma = 0.6  # below sigma 0.5 the interval guard allows 0.35, not 0.25
+    assert policy.decide(state, StepView(step=3, sigma=0.32, sigmas=(0.6, 0.34), num_tokens=100)).action is Action.SPARSE
+    full = policy.decide(state, StepView(step=3, sigma=0.24, sigmas=(0.6, 0.26), num_tokens=100))
+    assert full.action is Action.FULL and "0.35 of sigma" in full.reason
+    state.rate = 3.0  # predicted 3 * 0.04 = 0.12: over the tolerance (0.1) at 0.7, under twice it at 0.3
+    state.refresh_sigma = 0.74
+    assert policy.decide(state, StepView(step=3, sigma=0.7, sigmas=(0.74, 0.72), num_tokens=100)).action is Action.FULL
+    state.refresh_sigma = 0.34
+    assert policy.decide(state, StepView(step=3, sigma=0.3, sigmas=(0.34, 0.32), num_tokens=100)).action is Action.SPARSE
