@@ -137,7 +137,8 @@ def test_phases_shape_the_tolerance_and_the_interval_guard_by_sigma():
     state = policy.start()
     state.rate = 0.01  # a prediction far under every tolerance: only the guards decide
     state.refresh_sigma = 0.9
-    assert policy.decide(state, StepView(step=3, sigma=0.64, sigmas=(0.9, 0.66), num_tokens=100)).action is Action.FULL
+    full = policy.decide(state, StepView(step=3, sigma=0.64, sigmas=(0.9, 0.66), num_tokens=100))
+    assert full.action is Action.FULL and "0.25 of sigma" in full.reason
     state.refresh_sigma = 0.6  # below sigma 0.5 the interval guard allows 0.35, not 0.25
     assert policy.decide(state, StepView(step=3, sigma=0.32, sigmas=(0.6, 0.34), num_tokens=100)).action is Action.SPARSE
     full = policy.decide(state, StepView(step=3, sigma=0.24, sigmas=(0.6, 0.26), num_tokens=100))
