@@ -294,15 +294,8 @@ class ErrorPhases(ErrorControlled):
     def tolerance(self, view: StepView) -> float:
         return super().tolerance(view) * self.phase_factor(view.sigma)
 
-    def guard(self, state: ErrorState, view: StepView) -> Decision | None:
-        full = super().guard(state, view)
-        if (full is None or view.sigma >= self.late_sigma or state.rate is None or state.refresh_sigma is None
-                or self.final_jump(view)):
-            return full
-        # the interval guard, below late_sigma: late_interval (longer than max_interval) of sigma
-        travelled = max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view)
-        return Decision.full(f"{self.late_interval:g} of sigma since the last full call") \
-            if travelled >= self.late_interval - 1e-9 else None
+    def interval(self, view: StepView) -> float:
+        return self.late_interval if view.sigma < self.late_sigma else self.max_interval
 
 
 def register() -> None:

@@ -210,9 +210,16 @@ class ErrorControlled(Policy):
             return Decision.full("no error measured yet")
         if self.final_jump(view):
             return Decision.full("the final jump: nothing after it corrects its error")
-        if max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view) >= self.max_interval - 1e-9:
-            return Decision.full(f"{self.max_interval:g} of sigma since the last full call")
+        interval = self.interval(view)
+        if max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view) >= interval - 1e-9:
+            return Decision.full(f"{interval:g} of sigma since the last full call")
         return None
+
+    def interval(self, view: StepView) -> float:
+        """The most sigma the interval guard lets a run of cached calls travel before this call:
+        :attr:`max_interval` (a policy may make it depend on the call, as ``benchmarks/``'s
+        variants do)."""
+        return self.max_interval
 
     @staticmethod
     def served(view: StepView) -> float:
