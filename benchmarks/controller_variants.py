@@ -1,4 +1,5 @@
-"""Controller variants that were measured and not kept, registered for the protocol.
+"""Controller variants, registered for the protocol: those measured and not kept, and the
+library's controller as it was before and as it was chosen.
 
 ``python benchmarks/controller_variants.py <protocol arguments>`` runs
 ``benchmarks/protocol.py`` with these policies registered, so ``--specdiff
@@ -30,16 +31,21 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   the first.
 * ``error_skip_only``: every cached call a skip (no token computed); the rate is measured on
   full calls only.
-* ``error_phases``: the tolerance and the interval guard shaped by sigma. Below sigma 0.5 a call
-  is held to twice the tolerance and the interval guard allows 0.35 of sigma instead of 0.25; at
-  sigma 0.93 and above to 1.5 times the tolerance (BENCHMARKS.md, "A controller shaped by the
-  phases of a generation").
+* ``error_phases``: the library's late phase, and 1.5 times the tolerance at sigma 0.93 and
+  above (BENCHMARKS.md, "A controller shaped by the phases of a generation", where it was measured
+  as twice the tolerance and an interval guard of 0.35 of sigma below sigma 0.5 on top of the
+  uniform controller: the same decisions).
+* ``error_late``: the late phase alone, as measured before it became the library's (the same
+  decisions as ``"error"`` now; BENCHMARKS.md, "The late phase on all four tune models").
+* ``error_uniform``: the error controller before the late phase: one tolerance and an interval
+  guard of 0.25 of sigma throughout.
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
 (:class:`EverySparse`). All of them were measured on the error controller of their day, which
 kept every call full while the measured error grew faster than 4 per unit of sigma (a guard the
-library has dropped since, BENCHMARKS.md "Without the fast-phase guard"); they inherit today's.
+library has dropped since, BENCHMARKS.md "Without the fast-phase guard"), and, those above
+``error_phases``, without the late phase; they inherit today's.
 """
 
 from __future__ import annotations
@@ -277,32 +283,39 @@ class ErrorSkipOnly(ErrorControlled):
 
 
 class ErrorPhases(ErrorControlled):
-    """The phases of a generation read from sigma: ``late_factor`` times the tolerance below
-    ``late_sigma``, where the interval guard allows ``late_interval`` of sigma, and
-    ``early_factor`` times it at ``early_sigma`` and above. Each call is held to the factor at its
-    own sigma; the interval guard's length is the one at the call's sigma."""
+    """The library's late phase (below ``late_sigma``: ``late_factor`` times the tolerance, an
+    interval guard of ``late_interval``), and ``early_factor`` times the tolerance at
+    ``early_sigma`` and above. Each call is held to the factor at its own sigma."""
 
     name = "error_phases"
-    late_sigma, late_factor, late_interval = 0.5, 2.0, 0.35
     early_sigma, early_factor = 0.93, 1.5
 
-    def phase_factor(self, sigma: float) -> float:
-        if sigma < self.late_sigma:
-            return self.late_factor
-        return self.early_factor if sigma >= self.early_sigma else 1.0
-
     def tolerance(self, view: StepView) -> float:
-        return super().tolerance(view) * self.phase_factor(view.sigma)
+        tol = super().tolerance(view)
+        return tol * self.early_factor if view.sigma >= self.early_sigma else tol
 
-    def interval(self, view: StepView) -> float:
-        return self.late_interval if view.sigma < self.late_sigma else self.max_interval
+
+class ErrorLate(ErrorControlled):
+    """The late phase alone: what the library's error controller does since it was chosen (the
+    name kept so that the runs that chose it can be run again)."""
+
+    name = "error_late"
+
+
+class ErrorUniform(ErrorControlled):
+    """One tolerance and one interval guard throughout: the error controller before the late
+    phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``)."""
+
+    name = "error_uniform"
+    late_factor = 1.0
+    late_interval = ErrorControlled.max_interval
 
 
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
-                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases):
+                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform):
         if cls.name not in policies():
             register_policy(cls)
 

@@ -148,3 +148,14 @@ def test_phases_shape_the_tolerance_and_the_interval_guard_by_sigma():
     assert policy.decide(state, StepView(step=3, sigma=0.7, sigmas=(0.74, 0.72), num_tokens=100)).action is Action.FULL
     state.refresh_sigma = 0.34
     assert policy.decide(state, StepView(step=3, sigma=0.3, sigmas=(0.34, 0.32), num_tokens=100)).action is Action.SPARSE
+
+
+def test_uniform_is_the_controller_before_the_late_phase_and_late_is_the_library():
+    uniform, late, library = _policy("error_uniform"), _policy("error_late"), _policy("error")
+    tol = library.config.tolerance
+    for sigma in (0.95, 0.7, 0.3):
+        view = StepView(step=3, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=100)
+        assert uniform.tolerance(view) == pytest.approx(tol)
+        assert uniform.interval(view) == pytest.approx(0.25)
+        assert late.tolerance(view) == library.tolerance(view) and late.interval(view) == library.interval(view)
+    assert _run(late, SIGMAS) == _run(library, SIGMAS)

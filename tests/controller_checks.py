@@ -8,7 +8,7 @@ from specdiff_fx.control.error import ErrorControlled
 
 def assert_error_controlled(rep, steps: int) -> None:
     """Step 0 full, some calls cached, a full call at least every ``max_interval`` of sigma
-    (weighted like the policy weighs it), the final jump full,
+    (``late_interval`` below ``late_sigma``; weighted like the policy weighs it), the final jump full,
     and the branches of one step (true CFG) decided alike."""
     main = rep.main_steps
     full = [s for s in main if s.kind == "full" and s.branch == 0]
@@ -20,7 +20,8 @@ def assert_error_controlled(rep, steps: int) -> None:
             refresh = sigma
         gap = before - sigma if before is not None else 0.0
         weight = min(1.0, sigma / gap) if gap > 0 else 1.0  # a short last step is exempt
-        assert (refresh - sigma) * weight < ErrorControlled.max_interval + 1e-9, (refresh, sigma)
+        bound = ErrorControlled.late_interval if sigma < ErrorControlled.late_sigma else ErrorControlled.max_interval
+        assert (refresh - sigma) * weight < bound + 1e-9, (refresh, sigma)
         view = StepView(step=0, sigma=sigma, sigmas=tuple(sigmas[:sigmas.index(sigma)]), num_tokens=1)
         if ErrorControlled.final_jump(view):
             assert any(s.sigma == sigma for s in full), ("the final jump is cached", sigma)

@@ -46,17 +46,29 @@ def full_sigmas(sigmas, run):
     return [s for s, d in zip(sigmas, run) if d.action is Action.FULL]
 
 
+def uniform(policy):
+    """``policy`` with one tolerance and one interval guard throughout: the tests of the rate
+    model's geometry read it in one tolerance (the late phase has a test of its own)."""
+    policy.late_factor, policy.late_interval = 1.0, policy.max_interval
+    return policy
+
+
+def tol_at(policy, sigma: float) -> float:
+    """The tolerance a one-step sampler's call at ``sigma`` is held to."""
+    return policy.tolerance(StepView(step=1, sigma=sigma, sigmas=(1.0,), num_tokens=N))
+
+
 def test_sparse_only_while_the_predicted_error_is_within_tolerance():
     tol = 0.1
     policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol, sparse_calls=None), N)
     sigmas = pipeline_sigmas(28, 3.0)
     run = drive(policy, sigmas, lambda s: 1.0)
     assert {d.action for d in run} == {Action.FULL, Action.SPARSE}
-    for d in run[2:]:
+    for s, d in list(zip(sigmas, run))[2:]:
         if d.action is Action.SPARSE:
-            assert d.predicted <= tol and d.k == SpecDiffConfig().num_computed(N)
+            assert d.predicted <= tol_at(policy, s) and d.k == SpecDiffConfig().num_computed(N)
         elif "predicted" in d.reason:
-            assert d.predicted > tol
+            assert d.predicted > tol_at(policy, s)
 
 
 @pytest.mark.parametrize("steps", [20, 28, 50])
@@ -65,7 +77,7 @@ def test_refreshes_follow_sigma_not_the_step_count_or_the_shift(steps, shift):
     """A constant error rate: refreshes every ``tol / rate`` of sigma (give or take one step),
     on any step grid."""
     tol, rate = 0.2, 1.0
-    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+    policy = uniform(make_policy(SpecDiffConfig(controller="error", tolerance=tol), N))
     sigmas = pipeline_sigmas(steps, shift)
     fulls = full_sigmas(sigmas, drive(policy, sigmas, lambda s: rate))
     widest = max(a - b for a, b in zip(sigmas, sigmas[1:]))
@@ -94,14 +106,14 @@ def test_sparse_calls_then_skips_until_the_next_full_call(limit, steps):
     assert [d.action is Action.FULL for d in run] == [d.action is Action.FULL for d in plain]
     assert Action.SKIP in {d.action for d in run}
     since = 0
-    for d in run:
+    for s, d in zip(sigmas, run):
         if d.action is Action.FULL:
             since = 0
         elif d.action is Action.SPARSE:
             assert since < limit
             since += 1
         else:
-            assert since == limit and d.predicted is not None and d.predicted <= tol
+            assert since == limit and d.predicted is not None and d.predicted <= tol_at(policy, s)
 
 
 @pytest.mark.parametrize("steps", [20, 50])
@@ -112,7 +124,7 @@ def test_an_error_that_levels_off_does_not_stretch_the_interval(steps):
     as with an error that keeps growing, instead of running until the interval guard. (The
     first call after a full one must see the rate: one step's error stays under the level.)"""
     tol, rate = 0.15, 1.0
-    policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+    policy = uniform(make_policy(SpecDiffConfig(controller="error", tolerance=tol), N))
     sigmas = pipeline_sigmas(steps, 1.0)
     widest = max(a - b for a, b in zip(sigmas, sigmas[1:]))
     assert rate * widest < 0.6 * tol
@@ -170,7 +182,7 @@ def test_the_first_cached_call_is_predicted_at_the_short_range_rate():
 
 def test_full_where_the_error_demands_it():
     """The error rate jumps at sigma 0.5: the policy refreshes much more often below it."""
-    policy = make_policy(SpecDiffConfig(controller="error", tolerance=0.1), N)
+    policy = uniform(make_policy(SpecDiffConfig(controller="error", tolerance=0.1), N))
     sigmas = pipeline_sigmas(50, 1.0)
     fulls = full_sigmas(sigmas, drive(policy, sigmas, lambda s: 0.2 if s > 0.5 else 2.0))
     above = sum(s > 0.5 for s in fulls)
@@ -206,13 +218,41 @@ def test_interval_guard_weighs_a_short_last_step_like_the_prediction():
     policy = make_policy(SpecDiffConfig(controller="error", tolerance=10.0), N)
     interval = policy.max_interval
     state = policy.start()
-    state.refresh_sigma, state.rate = 0.5, 0.01
-    mid = StepView(step=5, sigma=0.5 - interval, sigmas=(0.5, 0.5 - interval + 0.05), num_tokens=N)
+    state.refresh_sigma, state.rate = 0.9, 0.01
+    mid = StepView(step=5, sigma=0.9 - interval, sigmas=(0.9, 0.9 - interval + 0.05), num_tokens=N)
     assert policy.decide(state, mid).action is Action.FULL
+    state.refresh_sigma = 0.5  # the late phase: the guard allows late_interval (0.35)
     last = StepView(step=5, sigma=0.02, sigmas=(0.5, 0.2), num_tokens=N)  # 0.48 travelled, gap 0.18
     assert policy.decide(state, last).action is Action.SPARSE
     wide = StepView(step=5, sigma=0.1, sigmas=(0.5, 0.2), num_tokens=N)  # weight 1: the guard holds
     assert policy.decide(state, wide).action is Action.FULL
+
+
+def test_the_late_phase_doubles_the_tolerance_and_lengthens_the_interval_guard():
+    """Below ``late_sigma`` (0.5) a one-step sampler's call is held to twice the tolerance and the
+    interval guard allows 0.35 of sigma; a multistep or a second-order sampler's call keeps one
+    tolerance and the 0.25 guard throughout (the late phase was measured on Euler only)."""
+    policy = make_policy(SpecDiffConfig(controller="error", tolerance=0.1), N)
+
+    def view(sigma, refresh, **kw):
+        return StepView(step=5, sigma=sigma, sigmas=(refresh, sigma + 0.02), num_tokens=N, **kw)
+
+    assert policy.tolerance(view(0.7, 0.9)) == pytest.approx(0.1)
+    assert policy.tolerance(view(0.3, 0.5)) == pytest.approx(0.2)
+    assert policy.tolerance(view(0.3, 0.5, multistep=True)) == pytest.approx(0.1 * policy.multistep_share)
+    assert policy.tolerance(view(0.3, 0.5, until=0.25)) == pytest.approx(0.1)
+    state = policy.start()
+    state.rate, state.refresh_sigma = 3.0, 0.54  # predicted 3 * 0.04 = 0.12: over 0.1, under 0.2
+    assert policy.decide(state, view(0.5, 0.54)).action is Action.FULL  # sigma 0.5: not late yet
+    state.refresh_sigma = 0.34
+    assert policy.decide(state, view(0.3, 0.34)).action is Action.SPARSE
+    assert policy.decide(state, view(0.3, 0.34, multistep=True)).action is Action.FULL
+    state.rate, state.refresh_sigma = 0.01, 0.6  # only the guards decide
+    assert policy.decide(state, view(0.3, 0.6)).action is not Action.FULL  # 0.3 travelled < 0.35
+    full = policy.decide(state, view(0.24, 0.6))
+    assert full.action is Action.FULL and "0.35 of sigma" in full.reason
+    full = policy.decide(state, view(0.3, 0.6, until=0.28))  # Heun's step: the 0.25 guard
+    assert full.action is Action.FULL and "0.25 of sigma" in full.reason
 
 
 def flux_sigmas(steps: int, tokens: int) -> list[float]:

@@ -104,6 +104,22 @@ correction takes back at the next full call. A guard that kept every call full w
 exceeded 4 per unit of sigma cost, on the tune models with 2 seeds at ``tolerance=0.145``, 1.8
 points of FLOPs at 20-50 steps for 0.4 dB less mean of cells (the same lowest cell and worst
 image) and changed no image at 8-12 steps (BENCHMARKS.md, "Without the fast-phase guard").
+
+The late phase: below sigma 0.5 a call is held to twice the tolerance, and the interval guard
+allows 0.35 of sigma instead of 0.25. The image's composition is set there: a cached call late
+in a generation costs the image a few times its step times its error, against tens of times
+where the composition forms (BENCHMARKS.md, "What one cached call costs the image"), and the
+searched placements of full calls end with one long interval from sigma 0.52-0.58 to the final
+jump ("Where the full calls go"). The interval guard stays (0.35, not none): without it the
+generations without guidance ran long runs of skipped calls below sigma 0.5 and lost 8-13 dB
+of mean. Chosen on the four tune models (21 cells, 4 seeds) by ``benchmarks/choose_defaults.py``:
+FLOPs down from 34.3 to 31.6 % for 2.8 dB of mean of cells (which sits far above its floor),
+every image floor kept where one tolerance throughout kept it; on the held-out models 36.8 to
+33.2 % for 2.7 dB, the same floors kept. The same relaxation of the first calls (sigma 0.93 and
+above) forked images on the 1024-token tune model and on the held-out models (BENCHMARKS.md, "A
+controller shaped by the phases of a generation"; "The late phase on all four tune models"). It applies to one-step first-order samplers, the ones
+it was measured on: a multistep (UniPC) or second-order (Heun) sampler keeps one tolerance and
+the 0.25 guard throughout.
 """
 
 from __future__ import annotations
@@ -190,10 +206,22 @@ class ErrorControlled(Policy):
     #: the module docstring)
     multistep_share = 7 / 16
 
+    #: the late phase (see the module docstring): below ``late_sigma`` a one-step sampler's call is
+    #: held to ``late_factor`` times the tolerance, and the interval guard allows ``late_interval``
+    #: of sigma instead of :attr:`max_interval`
+    late_sigma, late_factor, late_interval = 0.5, 2.0, 0.35
+
+    def late(self, view: StepView) -> bool:
+        """Whether the call lies in the late phase: below :attr:`late_sigma`, from a one-step
+        first-order sampler (a multistep or a second-order sampler keeps one tolerance and one
+        interval throughout: the late phase was measured on Euler's schedules only)."""
+        return view.sigma < self.late_sigma and not view.multistep and view.until is None
+
     def tolerance(self, view: StepView) -> float:
-        """The tolerance this call is held to: ``tolerance``, or its :attr:`multistep_share` under
-        a multistep sampler."""
-        return self.config.tolerance * (self.multistep_share if view.multistep else 1.0)
+        """The tolerance this call is held to: ``tolerance``, its :attr:`multistep_share` under a
+        multistep sampler, or :attr:`late_factor` times it in the late phase."""
+        tol = self.config.tolerance * (self.multistep_share if view.multistep else 1.0)
+        return tol * self.late_factor if self.late(view) else tol
 
     @staticmethod
     def step_weight(view: StepView) -> float:
@@ -217,9 +245,8 @@ class ErrorControlled(Policy):
 
     def interval(self, view: StepView) -> float:
         """The most sigma the interval guard lets a run of cached calls travel before this call:
-        :attr:`max_interval` (a policy may make it depend on the call, as ``benchmarks/``'s
-        variants do)."""
-        return self.max_interval
+        :attr:`max_interval`, or :attr:`late_interval` in the late phase."""
+        return self.late_interval if self.late(view) else self.max_interval
 
     @staticmethod
     def served(view: StepView) -> float:
