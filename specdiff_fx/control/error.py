@@ -117,9 +117,9 @@ FLOPs down from 34.3 to 31.6 % for 2.8 dB of mean of cells (which sits far above
 every image floor kept where one tolerance throughout kept it; on the held-out models 36.8 to
 33.2 % for 2.7 dB, the same floors kept. The same relaxation of the first calls (sigma 0.93 and
 above) forked images on the 1024-token tune model and on the held-out models (BENCHMARKS.md, "A
-controller shaped by the phases of a generation"; "The late phase on all four tune models"). It applies to one-step first-order samplers, the ones
-it was measured on: a multistep (UniPC) or second-order (Heun) sampler keeps one tolerance and
-the 0.25 guard throughout.
+controller shaped by the phases of a generation"; "The late phase on all four tune models"). It
+applies to one-step first-order samplers, the ones it was measured on: a multistep (UniPC) or
+second-order (Heun) sampler keeps one tolerance and the 0.25 guard throughout.
 """
 
 from __future__ import annotations
