@@ -50,7 +50,8 @@ class SpecDiffConfig:
             measured as the generation runs); a call predicted above it computes every token.
             Lower is sharper and slower. A generation whose sampler is multistep (UniPC,
             DPM-Solver++; told from how the latent moves) is held to 7/16 of it
-            (``ErrorControlled.multistep_share``).
+            (``ErrorControlled.multistep_share``); a one-step sampler's calls below sigma 0.5
+            to twice it (``ErrorControlled.late_factor``).
         sparse_calls: with ``controller="error"``: how many cached calls after each full call
             compute the most-drifted tokens (and measure the error of the others on their
             probes); the cached calls after them, until the next full call, compute no token
