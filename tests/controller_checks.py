@@ -6,9 +6,10 @@ from specdiff_fx.control import StepView
 from specdiff_fx.control.error import ErrorControlled
 
 
-def assert_error_controlled(rep, steps: int) -> None:
+def assert_error_controlled(rep, steps: int, late_phase: bool = True) -> None:
     """Step 0 full, some calls cached, a full call at least every ``max_interval`` of sigma
-    (``late_interval`` below ``late_sigma``; weighted like the policy weighs it), the final jump full,
+    (``late_interval`` below ``late_sigma`` where the late phase applies: ``late_phase=False`` for
+    a multistep or second-order sampler; weighted like the policy weighs it), the final jump full,
     and the branches of one step (true CFG) decided alike."""
     main = rep.main_steps
     full = [s for s in main if s.kind == "full" and s.branch == 0]
@@ -20,7 +21,8 @@ def assert_error_controlled(rep, steps: int) -> None:
             refresh = sigma
         gap = before - sigma if before is not None else 0.0
         weight = min(1.0, sigma / gap) if gap > 0 else 1.0  # a short last step is exempt
-        bound = ErrorControlled.late_interval if sigma < ErrorControlled.late_sigma else ErrorControlled.max_interval
+        late = late_phase and sigma < ErrorControlled.late_sigma
+        bound = ErrorControlled.late_interval if late else ErrorControlled.max_interval
         assert (refresh - sigma) * weight < bound + 1e-9, (refresh, sigma)
         view = StepView(step=0, sigma=sigma, sigmas=tuple(sigmas[:sigmas.index(sigma)]), num_tokens=1)
         if ErrorControlled.final_jump(view):

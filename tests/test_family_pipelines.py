@@ -53,7 +53,7 @@ def test_default_options_cache_tokens(name):
     k = specdiff_fx.SpecDiffConfig().num_computed(n)  # every call of a cached step, both CFG branches
     cfg = specdiff_fx.SpecDiffConfig()
     full = [s.step for s in rep.steps if s.kind == "full" and s.branch == 0]
-    assert_error_controlled(rep, steps)
+    assert_error_controlled(rep, steps, late_phase=name != "wan")  # Wan samples with UniPC (multistep)
     skipped = [s for s in rep.steps if s.kind == "skipped"]  # after an interval's first sparse call
     assert cached and len(cached) + len(skipped) == (steps - len(full)) * calls and all(s.c1 == (k,) for s in cached)
     # Wan samples with UniPC, a multistep sampler: held to a tighter tolerance, it caches less
