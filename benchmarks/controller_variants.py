@@ -39,6 +39,11 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   decisions as ``"error"`` now; BENCHMARKS.md, "The late phase on all four tune models").
 * ``error_uniform``: the error controller before the late phase: one tolerance and an interval
   guard of 0.25 of sigma throughout.
+* ``error_band_guard``: an interval guard of 0.12 of sigma at sigma 0.5 and above (the library's:
+  0.25), so that no run of cached calls spans more of the band where a guided image is most
+  sensitive; ``error_band_tolerance``: 0.6 times the tolerance at 0.5 <= sigma < 0.93;
+  ``error_early_tight``: half the tolerance at sigma 0.93 and above (BENCHMARKS.md, "Held out
+  with four seeds, and a forked tune image no controller setting keeps").
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -311,11 +316,45 @@ class ErrorUniform(ErrorControlled):
     late_interval = ErrorControlled.max_interval
 
 
+class ErrorBandGuard(ErrorControlled):
+    """An interval guard of ``band_interval`` of sigma outside the late phase (the library's
+    :attr:`~ErrorControlled.max_interval` there otherwise)."""
+
+    name = "error_band_guard"
+    band_interval = 0.12
+
+    def interval(self, view: StepView) -> float:
+        return super().interval(view) if self.late(view) else min(self.max_interval, self.band_interval)
+
+
+class ErrorBandTolerance(ErrorControlled):
+    """``band_factor`` times the tolerance at ``late_sigma`` <= sigma < ``band_top``."""
+
+    name = "error_band_tolerance"
+    band_factor, band_top = 0.6, 0.93
+
+    def tolerance(self, view: StepView) -> float:
+        tol = super().tolerance(view)
+        return tol * self.band_factor if self.late_sigma <= view.sigma < self.band_top else tol
+
+
+class ErrorEarlyTight(ErrorControlled):
+    """``early_factor`` times the tolerance at ``early_sigma`` and above."""
+
+    name = "error_early_tight"
+    early_sigma, early_factor = 0.93, 0.5
+
+    def tolerance(self, view: StepView) -> float:
+        tol = super().tolerance(view)
+        return tol * self.early_factor if view.sigma >= self.early_sigma else tol
+
+
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
-                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform):
+                ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform,
+                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight):
         if cls.name not in policies():
             register_policy(cls)
 

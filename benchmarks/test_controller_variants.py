@@ -159,3 +159,20 @@ def test_uniform_is_the_controller_before_the_late_phase_and_late_is_the_library
         assert uniform.interval(view) == pytest.approx(0.25)
         assert late.tolerance(view) == library.tolerance(view) and late.interval(view) == library.interval(view)
     assert _run(late, SIGMAS) == _run(library, SIGMAS)
+
+
+def test_band_and_early_variants_change_only_their_own_stretch_of_sigma():
+    library, guard = _policy("error"), _policy("error_band_guard")
+    band, early = _policy("error_band_tolerance"), _policy("error_early_tight")
+    tol = library.config.tolerance
+    for sigma, band_f, early_f, interval in ((0.95, 1.0, 0.5, 0.12), (0.7, 0.6, 1.0, 0.12), (0.3, 1.0, 1.0, 0.35)):
+        view = StepView(step=3, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=100)
+        assert band.tolerance(view) == pytest.approx(band_f * library.tolerance(view))
+        assert early.tolerance(view) == pytest.approx(early_f * library.tolerance(view))
+        assert guard.interval(view) == pytest.approx(interval) and guard.tolerance(view) == library.tolerance(view)
+    assert library.tolerance(StepView(step=3, sigma=0.3, sigmas=(1.0, 0.32), num_tokens=100)) == pytest.approx(2 * tol)
+    state = guard.start()
+    state.rate, state.refresh_sigma = 0.01, 0.9  # only the guards decide
+    full = guard.decide(state, StepView(step=3, sigma=0.77, sigmas=(0.9, 0.79), num_tokens=100))
+    assert full.action is Action.FULL and "0.12 of sigma" in full.reason
+    assert library.decide(state, StepView(step=3, sigma=0.77, sigmas=(0.9, 0.79), num_tokens=100)).action is Action.SPARSE
