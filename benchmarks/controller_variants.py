@@ -44,6 +44,7 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   sensitive; ``error_band_tolerance``: 0.6 times the tolerance at 0.5 <= sigma < 0.93;
   ``error_early_tight``: half the tolerance at sigma 0.93 and above (BENCHMARKS.md, "Held out
   with four seeds, and a forked tune image no controller setting keeps").
+* ``error_late06``: the library's late phase from sigma 0.6 instead of 0.5.
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -349,12 +350,19 @@ class ErrorEarlyTight(ErrorControlled):
         return tol * self.early_factor if view.sigma >= self.early_sigma else tol
 
 
+class ErrorLate06(ErrorControlled):
+    """The late phase from sigma 0.6."""
+
+    name = "error_late06"
+    late_sigma = 0.6
+
+
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
                 ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform,
-                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight):
+                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06):
         if cls.name not in policies():
             register_policy(cls)
 

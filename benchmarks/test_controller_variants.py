@@ -176,3 +176,11 @@ def test_band_and_early_variants_change_only_their_own_stretch_of_sigma():
     full = guard.decide(state, StepView(step=3, sigma=0.77, sigmas=(0.9, 0.79), num_tokens=100))
     assert full.action is Action.FULL and "0.12 of sigma" in full.reason
     assert library.decide(state, StepView(step=3, sigma=0.77, sigmas=(0.9, 0.79), num_tokens=100)).action is Action.SPARSE
+
+
+def test_late06_starts_the_late_phase_at_sigma_0_6():
+    library, late06 = _policy("error"), _policy("error_late06")
+    for sigma, late in ((0.65, False), (0.58, True), (0.45, True)):
+        view = StepView(step=3, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=100)
+        assert late06.late(view) is late and library.late(view) is (sigma < 0.5)
+        assert late06.interval(view) == pytest.approx(0.35 if late else 0.25)
