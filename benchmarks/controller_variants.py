@@ -44,7 +44,7 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   sensitive; ``error_band_tolerance``: 0.6 times the tolerance at 0.5 <= sigma < 0.93;
   ``error_early_tight``: half the tolerance at sigma 0.93 and above (BENCHMARKS.md, "Held out
   with four seeds, and a forked tune image no controller setting keeps").
-* ``error_late06``: the library's late phase from sigma 0.6 instead of 0.5.
+* ``error_late06``: the library's late phase from sigma 0.6 instead of 0.5 (the same section).
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
