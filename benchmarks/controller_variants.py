@@ -339,15 +339,12 @@ class ErrorBandTolerance(ErrorControlled):
         return tol * self.band_factor if self.late_sigma <= view.sigma < self.band_top else tol
 
 
-class ErrorEarlyTight(ErrorControlled):
-    """``early_factor`` times the tolerance at ``early_sigma`` and above."""
+class ErrorEarlyTight(ErrorPhases):
+    """:class:`ErrorPhases` with the first calls held tighter instead of looser: half the
+    tolerance at ``early_sigma`` and above."""
 
     name = "error_early_tight"
-    early_sigma, early_factor = 0.93, 0.5
-
-    def tolerance(self, view: StepView) -> float:
-        tol = super().tolerance(view)
-        return tol * self.early_factor if view.sigma >= self.early_sigma else tol
+    early_factor = 0.5
 
 
 class ErrorLate06(ErrorControlled):
