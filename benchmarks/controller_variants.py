@@ -35,8 +35,9 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   above (BENCHMARKS.md, "A controller shaped by the phases of a generation", where it was measured
   as twice the tolerance and an interval guard of 0.35 of sigma below sigma 0.5 on top of the
   uniform controller: the same decisions).
-* ``error_late``: the late phase alone, as measured before it became the library's (the same
-  decisions as ``"error"`` now; BENCHMARKS.md, "The late phase on all four tune models").
+* ``error_late``: the late phase alone, as measured before it became the library's and as the
+  library decided until the call before the final jump was spared (BENCHMARKS.md, "The late
+  phase on all four tune models").
 * ``error_uniform``: the error controller before the late phase: one tolerance and an interval
   guard of 0.25 of sigma throughout.
 * ``error_band_guard``: an interval guard of 0.12 of sigma at sigma 0.5 and above (the library's:
@@ -45,6 +46,13 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   ``error_early_tight``: half the tolerance at sigma 0.93 and above (BENCHMARKS.md, "Held out
   with four seeds, and a forked tune image no controller setting keeps").
 * ``error_late06``: the library's late phase from sigma 0.6 instead of 0.5 (the same section).
+* ``error_before_final``: in the late phase, the call whose next call the schedule so far says is
+  the final jump is not made full by the interval guard, and by the prediction only above twice
+  the late tolerance (sparse or skipped instead): the library's controller since it was chosen.
+  It was measured with no tolerance at that call (BENCHMARKS.md, "The call before the final
+  jump", which says where the bound was checked to change no decision). The variants above it
+  that reproduce an earlier library (``error_phases`` to ``error_late06``) keep that call as they
+  measured it (``spare_before_final = False``).
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -295,6 +303,7 @@ class ErrorPhases(ErrorControlled):
 
     name = "error_phases"
     early_sigma, early_factor = 0.93, 1.5
+    spare_before_final = False
 
     def tolerance(self, view: StepView) -> float:
         tol = super().tolerance(view)
@@ -302,17 +311,21 @@ class ErrorPhases(ErrorControlled):
 
 
 class ErrorLate(ErrorControlled):
-    """The late phase alone: what the library's error controller does since it was chosen (the
-    name kept so that the runs that chose it can be run again)."""
+    """The late phase alone: the library's error controller from when it was chosen until the
+    call before the final jump was spared (the name kept so that the runs that chose it can be
+    run again)."""
 
     name = "error_late"
+    spare_before_final = False
 
 
 class ErrorUniform(ErrorControlled):
     """One tolerance and one interval guard throughout: the error controller before the late
-    phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``)."""
+    phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``, no call spared before
+    the final jump)."""
 
     name = "error_uniform"
+    spare_before_final = False
     late_factor = 1.0
     late_interval = ErrorControlled.max_interval
 
@@ -322,6 +335,7 @@ class ErrorBandGuard(ErrorControlled):
     :attr:`~ErrorControlled.max_interval` there otherwise)."""
 
     name = "error_band_guard"
+    spare_before_final = False
     band_interval = 0.12
 
     def interval(self, view: StepView) -> float:
@@ -332,6 +346,7 @@ class ErrorBandTolerance(ErrorControlled):
     """``band_factor`` times the tolerance at ``late_sigma`` <= sigma < ``band_top``."""
 
     name = "error_band_tolerance"
+    spare_before_final = False
     band_factor, band_top = 0.6, 0.93
 
     def tolerance(self, view: StepView) -> float:
@@ -351,7 +366,16 @@ class ErrorLate06(ErrorControlled):
     """The late phase from sigma 0.6."""
 
     name = "error_late06"
+    spare_before_final = False
     late_sigma = 0.6
+
+
+class ErrorBeforeFinal(ErrorControlled):
+    """The call before the final jump spared in the late phase: what the library's error
+    controller does since it was chosen (the name kept so that the runs that chose it can be run
+    again; they ran without the bound of twice the late tolerance)."""
+
+    name = "error_before_final"
 
 
 def register() -> None:
@@ -359,7 +383,7 @@ def register() -> None:
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
                 ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform,
-                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06):
+                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06, ErrorBeforeFinal):
         if cls.name not in policies():
             register_policy(cls)
 

@@ -150,7 +150,7 @@ def test_phases_shape_the_tolerance_and_the_interval_guard_by_sigma():
     assert policy.decide(state, StepView(step=3, sigma=0.3, sigmas=(0.34, 0.32), num_tokens=100)).action is Action.SPARSE
 
 
-def test_uniform_is_the_controller_before_the_late_phase_and_late_is_the_library():
+def test_uniform_is_the_controller_before_the_late_phase_and_before_final_is_the_library():
     uniform, late, library = _policy("error_uniform"), _policy("error_late"), _policy("error")
     tol = library.config.tolerance
     for sigma in (0.95, 0.7, 0.3):
@@ -158,7 +158,10 @@ def test_uniform_is_the_controller_before_the_late_phase_and_late_is_the_library
         assert uniform.tolerance(view) == pytest.approx(tol)
         assert uniform.interval(view) == pytest.approx(0.25)
         assert late.tolerance(view) == library.tolerance(view) and late.interval(view) == library.interval(view)
-    assert _run(late, SIGMAS) == _run(library, SIGMAS)
+    assert _run(_policy("error_before_final"), SIGMAS) == _run(library, SIGMAS)
+    # the late phase alone differs from the library only at the call before the final jump (sigma 0.05)
+    differ = [i for i, (a, b) in enumerate(zip(_run(late, SIGMAS, rate=10.0), _run(library, SIGMAS, rate=10.0))) if a != b]
+    assert differ == [len(SIGMAS) - 2]
 
 
 def test_band_and_early_variants_change_only_their_own_stretch_of_sigma():
@@ -184,3 +187,52 @@ def test_late06_starts_the_late_phase_at_sigma_0_6():
         view = StepView(step=3, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=100)
         assert late06.late(view) is late and library.late(view) is (sigma < 0.5)
         assert late06.interval(view) == pytest.approx(0.35 if late else 0.25)
+
+
+def test_before_final_keeps_the_call_before_the_final_jump_off_full():
+    """FLUX's 20-step tail (sigma 0.292, 0.225, 0.155, 0.080): at 0.155 the next call is the final
+    jump, so neither a large predicted error nor the interval guard makes it full; earlier in the
+    tail, and outside the late phase, it decides as the controller before it (``error_late``)."""
+    library, variant = _policy("error_late"), _policy("error_before_final")  # before it / the library
+    tail = (1.0, 0.6, 0.52, 0.47, 0.414, 0.355, 0.292, 0.225)
+    view = StepView(step=8, sigma=0.155, sigmas=tail, num_tokens=100)
+    assert variant.next_is_final(view) and not variant.final_jump(view)
+    earlier = StepView(step=7, sigma=0.225, sigmas=tail[:-1], num_tokens=100)
+    assert not variant.next_is_final(earlier)
+    for policy in (library, variant):
+        state = policy.start()
+        state.refresh_sigma, state.rate, state.sparse_since = 0.52, 1.0, 1  # 0.37 of sigma since, error 0.37 predicted
+        expected = Action.FULL if policy is library else Action.SKIP
+        assert policy.decide(state, view).action is expected
+        assert policy.decide(state, earlier).action is Action.FULL  # the prediction, 0.295 > 0.2
+    final = StepView(step=9, sigma=0.080, sigmas=tail + (0.155,), num_tokens=100)
+    state = variant.start()
+    state.refresh_sigma, state.rate = 0.155, 0.1
+    assert variant.decide(state, final).action is Action.FULL  # the final jump itself
+    early = StepView(step=3, sigma=0.7, sigmas=(1.0, 0.9, 0.8), num_tokens=100)
+    state = variant.start()
+    state.refresh_sigma, state.rate = 0.9, 1.0
+    assert variant.decide(state, early) == library.decide(state, early)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux256", "flux1024"])
+@pytest.mark.parametrize("steps", [8, 12, 20, 28, 50])
+def test_before_final_finds_the_call_before_the_final_jump_on_the_pipelines_schedules(kind, steps):
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if kind == "sd3":
+        s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        s.set_timesteps(steps)
+    else:
+        s = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+        s.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps),
+                        mu=calculate_shift(int(kind[4:]), 256, 4096, 0.5, 1.15))
+    sigmas = s.sigmas[:-1].tolist()
+    policy = _policy("error_before_final")
+    views = [StepView(step=i, sigma=sig, sigmas=tuple(sigmas[:i]), num_tokens=100) for i, sig in enumerate(sigmas)][1:]
+    jumps = [v.step for v in views if policy.final_jump(v)]
+    before = [v.step for v in views if policy.next_is_final(v)]
+    assert len(jumps) == 1 and before == [jumps[0] - 1]
