@@ -139,7 +139,7 @@ the final jump").
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..runtime.hindsight import step_estimate
@@ -291,14 +291,12 @@ class ErrorControlled(Policy):
     @classmethod
     def next_is_final(cls, view: StepView) -> bool:
         """Whether the call after this one is the final jump, by the schedule so far: this call's
-        step estimated as the final-jump rule estimates it, and the next call's step from there."""
-        sigmas = list(view.sigmas)
-        est = step_estimate(sigmas, view.sigma)
+        step estimated as the final-jump rule estimates it, and that rule applied to the next call
+        at the sigma it lands on."""
+        est = step_estimate(list(view.sigmas), view.sigma)
         if est is None or est <= 0 or est >= view.sigma:
             return False
-        nxt = view.sigma - est
-        est2 = step_estimate(sigmas + [view.sigma], nxt)
-        return est2 is not None and est2 >= cls.final_share * nxt and min(1.0, nxt / est) >= 0.5
+        return cls.final_jump(replace(view, sigma=view.sigma - est, sigmas=(*view.sigmas, view.sigma)))
 
     def before_final(self, view: StepView) -> bool:
         """Whether this call is the late phase's call right before the final jump, which the
