@@ -213,26 +213,3 @@ def test_before_final_keeps_the_call_before_the_final_jump_off_full():
     state = variant.start()
     state.refresh_sigma, state.rate = 0.9, 1.0
     assert variant.decide(state, early) == library.decide(state, early)
-
-
-@pytest.mark.parametrize("kind", ["sd3", "flux256", "flux1024"])
-@pytest.mark.parametrize("steps", [8, 12, 20, 28, 50])
-def test_before_final_finds_the_call_before_the_final_jump_on_the_pipelines_schedules(kind, steps):
-    import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    if kind == "sd3":
-        s = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        s.set_timesteps(steps)
-    else:
-        s = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                            base_image_seq_len=256, max_image_seq_len=4096)
-        s.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps),
-                        mu=calculate_shift(int(kind[4:]), 256, 4096, 0.5, 1.15))
-    sigmas = s.sigmas[:-1].tolist()
-    policy = _policy("error_before_final")
-    views = [StepView(step=i, sigma=sig, sigmas=tuple(sigmas[:i]), num_tokens=100) for i, sig in enumerate(sigmas)][1:]
-    jumps = [v.step for v in views if policy.final_jump(v)]
-    before = [v.step for v in views if policy.next_is_final(v)]
-    assert len(jumps) == 1 and before == [jumps[0] - 1]

@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from specdiff_fx import SpecDiffConfig, last_generation, schedule
 from specdiff_fx.control import Action, Decision, Observation, StepView, make_policy
+from specdiff_fx.control.error import ErrorControlled
 from specdiff_fx.runtime import SpecDiffRuntime
 from specdiff_fx.signature import VariantKind
 from test_runtime import B, N, FakeExecutor, fake_plan, generate
@@ -282,6 +283,16 @@ def test_the_final_jump_is_full(kind, steps):
         assert run[-1].action is not Action.FULL  # sigma 0.009 after a jump of 0.1 or more
     if steps >= 8:
         assert any(d.action is not Action.FULL for d in run[:jump])
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux256", "flux1024"])
+@pytest.mark.parametrize("steps", [8, 12, 20, 28, 50])
+def test_the_call_before_the_final_jump_is_found_on_the_pipelines_schedules(kind, steps):
+    sigmas = pipeline_sigmas(steps, 3.0) if kind == "sd3" else flux_sigmas(steps, int(kind[4:]))
+    views = [StepView(step=i, sigma=s, sigmas=tuple(sigmas[:i]), num_tokens=N) for i, s in enumerate(sigmas)][1:]
+    jumps = [v.step for v in views if ErrorControlled.final_jump(v)]
+    before = [v.step for v in views if ErrorControlled.next_is_final(v)]
+    assert len(jumps) == 1 and before == [jumps[0] - 1]
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux1024"])
