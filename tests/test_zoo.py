@@ -183,6 +183,7 @@ def test_registry_contents_and_splits() -> None:
         ("flux", "flux", 32, "shapes_flux"),
         ("flux_64t", "flux", 64, "shapes_flux_64t"),
         ("flux_64s", "flux", 64, "shapes_flux_64s"),
+        ("sd3_t", "sd3", 32, "shapes_sd3_t"),
     ]
     assert models() == list(MODELS.values())
     assert models(split="tune") + models(split="heldout") == sorted(
@@ -220,11 +221,13 @@ def test_heldout_models_differ_from_tune_models() -> None:
 
 
 def test_default_config_unchanged_for_tune_models() -> None:
-    for name in ("sd3", "flux"):  # the 32 px tune models; flux_64t continues flux, flux_64s is its own
+    for name in ("sd3", "flux"):  # the 32 px tune models; flux_64t continues flux, flux_64s and sd3_t are their own
         meta = json.loads(MODELS[name].paths()[0].read_text())
         assert default_transformer_config(MODELS[name].family) == meta["transformer"]
     s = json.loads(MODELS["flux_64s"].paths()[0].read_text())["transformer"]
     assert s == {**default_transformer_config("flux", image_size=64), "num_single_layers": 3}
+    t = json.loads(MODELS["sd3_t"].paths()[0].read_text())["transformer"]
+    assert t == default_transformer_config("sd3", num_layers=5, heads=4, head_dim=24)
 
 
 def test_load_errors(tmp_path: Path) -> None:
