@@ -35,9 +35,9 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   above (BENCHMARKS.md, "A controller shaped by the phases of a generation", where it was measured
   as twice the tolerance and an interval guard of 0.35 of sigma below sigma 0.5 on top of the
   uniform controller: the same decisions).
-* ``error_late``: the late phase alone, as measured before it became the library's and as the
-  library decided until the call before the final jump was spared (BENCHMARKS.md, "The late
-  phase on all four tune models").
+* ``error_late``: the late phase alone, as measured before it became the library's (BENCHMARKS.md,
+  "The late phase on all four tune models"); the library's controller again since the call before
+  the final jump is no longer spared (the same decisions; "A second SD3 tune model").
 * ``error_uniform``: the error controller before the late phase: one tolerance and an interval
   guard of 0.25 of sigma throughout.
 * ``error_band_guard``: an interval guard of 0.12 of sigma at sigma 0.5 and above (the library's:
@@ -48,11 +48,11 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
 * ``error_late06``: the library's late phase from sigma 0.6 instead of 0.5 (the same section).
 * ``error_before_final``: in the late phase, the call whose next call the schedule so far says is
   the final jump is not made full by the interval guard, and by the prediction only above twice
-  the late tolerance (sparse or skipped instead): the library's controller since it was chosen.
-  It was measured with no tolerance at that call (BENCHMARKS.md, "The call before the final
-  jump", which says where the bound was checked to change no decision). The variants above it
-  that reproduce an earlier library (``error_phases`` to ``error_late06``) keep that call as they
-  measured it (``spare_before_final = False``).
+  the late tolerance (sparse or skipped instead): the library's controller from its choice on the
+  first four tune models until a second SD3 tune model turned the rule against it. It was first
+  measured with no tolerance at that call (BENCHMARKS.md, "The call before the final jump", which
+  says where the bound was checked to change no decision; "A second SD3 tune model"). The
+  variants above it set ``spare_before_final = False`` as they measured it.
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -311,9 +311,8 @@ class ErrorPhases(ErrorControlled):
 
 
 class ErrorLate(ErrorControlled):
-    """The late phase alone: the library's error controller from when it was chosen until the
-    call before the final jump was spared (the name kept so that the runs that chose it can be
-    run again)."""
+    """The late phase alone, the call before the final jump not spared: the library's error
+    controller (the name kept so that the runs that chose it can be run again)."""
 
     name = "error_late"
     spare_before_final = False
@@ -371,11 +370,11 @@ class ErrorLate06(ErrorControlled):
 
 
 class ErrorBeforeFinal(ErrorControlled):
-    """The call before the final jump spared in the late phase: what the library's error
-    controller does since it was chosen (the name kept so that the runs that chose it can be run
-    again; they ran without the bound of twice the late tolerance)."""
+    """The call before the final jump spared in the late phase (the library's error controller
+    for a while; its first runs ran without the bound of twice the late tolerance)."""
 
     name = "error_before_final"
+    spare_before_final = True
 
 
 def register() -> None:

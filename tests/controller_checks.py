@@ -9,8 +9,7 @@ from specdiff_fx.control.error import ErrorControlled
 def assert_error_controlled(rep, steps: int, late_phase: bool = True) -> None:
     """Step 0 full, some calls cached, a full call at least every ``max_interval`` of sigma
     (``late_interval`` below ``late_sigma`` where the late phase applies: ``late_phase=False`` for
-    a multistep or second-order sampler; weighted like the policy weighs it; the late phase's call
-    right before the final jump exempt, as the policy spares it), the final jump full,
+    a multistep or second-order sampler; weighted like the policy weighs it), the final jump full,
     and the branches of one step (true CFG) decided alike."""
     main = rep.main_steps
     full = [s for s in main if s.kind == "full" and s.branch == 0]
@@ -24,10 +23,8 @@ def assert_error_controlled(rep, steps: int, late_phase: bool = True) -> None:
         weight = min(1.0, sigma / gap) if gap > 0 else 1.0  # a short last step is exempt
         late = late_phase and sigma < ErrorControlled.late_sigma
         bound = ErrorControlled.late_interval if late else ErrorControlled.max_interval
+        assert (refresh - sigma) * weight < bound + 1e-9, (refresh, sigma)
         view = StepView(step=0, sigma=sigma, sigmas=tuple(sigmas[:sigmas.index(sigma)]), num_tokens=1)
-        # the late phase's call right before the final jump is spared the interval guard
-        spared = late and not ErrorControlled.final_jump(view) and ErrorControlled.next_is_final(view)
-        assert spared or (refresh - sigma) * weight < bound + 1e-9, (refresh, sigma)
         if ErrorControlled.final_jump(view):
             assert any(s.sigma == sigma for s in full), ("the final jump is cached", sigma)
     kinds = {}

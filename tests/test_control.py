@@ -296,10 +296,11 @@ def test_the_call_before_the_final_jump_is_found_on_the_pipelines_schedules(kind
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux1024"])
-def test_the_call_before_the_final_jump_is_spared_the_guard_and_held_to_twice_the_late_tolerance(kind):
-    """In the late phase the call right before the final jump is not made full by the interval
-    guard, and by the prediction only above twice the late tolerance; the call before it, and
-    the controller with ``spare_before_final`` off, decide by the guard and the late tolerance."""
+def test_the_call_before_the_final_jump_spared_only_when_asked(kind):
+    """With ``spare_before_final`` on, in the late phase the call right before the final jump is
+    not made full by the interval guard, and by the prediction only above twice the late
+    tolerance; the call before it, and the library's controller (the option off), decide by the
+    guard and the late tolerance."""
     sigmas = pipeline_sigmas(20, 3.0) if kind == "sd3" else flux_sigmas(20, 1024)
     jump = len(sigmas) - (2 if kind == "sd3" else 1)
     before = jump - 1
@@ -315,6 +316,10 @@ def test_the_call_before_the_final_jump_is_spared_the_guard_and_held_to_twice_th
         return policy.decide(state, view(i))
 
     policy = make_policy(SpecDiffConfig(controller="error", tolerance=0.1), N)
+    assert not policy.spare_before_final  # off in the library: no call spared, the late tolerance
+    assert not any(policy.before_final(view(i)) for i in range(1, len(sigmas)))
+    assert policy.tolerance(view(before)) == pytest.approx(0.2)
+    policy.spare_before_final = True
     assert [i for i in range(1, len(sigmas)) if policy.before_final(view(i))] == [before]
     assert policy.tolerance(view(before)) == pytest.approx(0.4) and policy.tolerance(view(before - 1)) == pytest.approx(0.2)
     far = sigmas[before] + 0.4  # past the late interval guard's 0.35 of sigma

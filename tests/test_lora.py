@@ -107,10 +107,6 @@ def test_a_per_call_scale_keeps_caching(name):
             seen[scale] = (specdiff_fx.last_generation().flops_fraction, rel(out, ref))
     assert backend.runtimes[-1].plan.sample_output > 0  # the written-back values come first
     # both scales cached alike: the controller decides on each scale's own measured errors, so a
-    # call near the tolerance may go either way, and with it the call before the final jump,
-    # which is spared only under a bound on its predicted error (at most two calls' share of the
-    # 12 apart)
-    assert max(seen[0.5][0], seen[1.0][0]) < 0.8 and abs(seen[0.5][0] - seen[1.0][0]) <= 2 / 12, seen
-    # and each within what caching errs on this model (0.006 and 0.017 with the defaults; that the
-    # scale reaches every call exactly is test_lora_scale_per_call's, with every token computed)
-    assert max(seen[0.5][1], seen[1.0][1]) < 0.03, seen
+    # call near the tolerance may go either way (at most one call's share of the 12 apart)
+    assert max(seen[0.5][0], seen[1.0][0]) < 0.8 and abs(seen[0.5][0] - seen[1.0][0]) <= 1 / 12, seen
+    assert seen[0.5][1] < 2 * seen[1.0][1] + 1e-3, seen

@@ -121,20 +121,19 @@ controller shaped by the phases of a generation"; "The late phase on all four tu
 applies to one-step first-order samplers, the ones it was measured on: a multistep (UniPC) or
 second-order (Heun) sampler keeps one tolerance and the 0.25 guard throughout.
 
-The call before the final jump, in the late phase, is held to :attr:`before_final_factor` (2)
-times the late tolerance and not made full by the interval guard (it is sparse, or skipped after
-the interval's sparse call): the final jump computes every token right after it. Which call that
-is, the policy estimates as the final-jump rule does, one step further (this call's step and the
-next one's from the schedule so far; on the SD3 and FLUX pipelines' schedules at 8-50 steps
-exactly the call before the final jump, a test holds it). It was measured with no tolerance at
-that call at all; on the 256-token tune models (every cell, 8-50 steps, 2-4 seeds) the largest
-predicted error there was 1.34 times the late tolerance, so the factor changes none of those
-decisions and keeps the knob's strict end at full compute. Chosen on the four tune models (21
-cells, 4 seeds) by ``benchmarks/choose_defaults.py``: 1.1 points fewer FLOPs (a full call per
-generation where the prediction or the guard had made that call full) for 0.58 dB of mean of
-cells, every image floor kept; at 8 and 12 steps up to 12.5 points fewer for up to 5.3 dB of
-mean, every cell at or above 30 dB and every image above 25 dB (BENCHMARKS.md, "The call before
-the final jump").
+The call before the final jump (:attr:`ErrorControlled.spare_before_final`, off): with it on, in
+the late phase that call is held to :attr:`before_final_factor` (2) times the late tolerance and
+not made full by the interval guard (it is sparse, or skipped after the interval's sparse call),
+since the final jump computes every token right after it. Which call that is, the policy
+estimates as the final-jump rule does, one step further (this call's step and the next one's from
+the schedule so far; on the SD3 and FLUX pipelines' schedules at 8-50 steps exactly the call
+before the final jump, a test holds it). On the first four tune models (21 cells, 4 seeds)
+``benchmarks/choose_defaults.py`` chose it: 1.1 points fewer FLOPs for 0.58 dB of mean of cells,
+every image floor kept, the 20-step SD3 cell by 0.16 dB. With a second SD3 tune model (``sd3_t``)
+the rule prefers the controller without it: on that model at 20 steps it forked an image to
+24.57 dB where without it every image stays at 27.15 dB or more (BENCHMARKS.md, "A second SD3
+tune model"). It stays a class attribute for measurement (``error_before_final`` in
+``benchmarks/controller_variants.py``).
 """
 
 from __future__ import annotations
@@ -284,8 +283,9 @@ class ErrorControlled(Policy):
         return est is not None and est >= cls.final_share * view.sigma and cls.step_weight(view) >= 0.5
 
     #: whether the call before the final jump is spared the interval guard and held to
-    #: :attr:`before_final_factor` times its tolerance in the late phase (see the module docstring)
-    spare_before_final = True
+    #: :attr:`before_final_factor` times its tolerance in the late phase (off: see the module
+    #: docstring)
+    spare_before_final = False
     before_final_factor = 2.0
 
     @classmethod
