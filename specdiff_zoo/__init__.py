@@ -15,7 +15,8 @@ All predict the velocity ``v = noise - x0`` for ``x_sigma = (1 - sigma) x0 +
 sigma noise``. The trained models are listed in :data:`MODELS` (a
 :class:`ZooModel` each): the ``"tune"`` split (``"sd3"``, ``"flux"``, 32 px,
 256 image tokens; ``"flux_64t"``, the ``"flux"`` model continued at 64 px:
-1024 image tokens; ``"flux_64s"``, a FLUX trained from scratch at 64 px) is what
+1024 image tokens; ``"flux_64s"``, a FLUX trained from scratch at 64 px; ``"sd3_t"``, a
+second SD3 at 32 px, narrower and one layer deeper) is what
 the method's defaults are chosen on; the
 ``"heldout"`` split differs in seed, depth/width, training length and image
 size and was not used to choose anything. Weights live in
