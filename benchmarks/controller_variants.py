@@ -53,6 +53,8 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   measured with no tolerance at that call (BENCHMARKS.md, "The call before the final jump", which
   says where the bound was checked to change no decision; "A second SD3 tune model"). The
   variants above it set ``spare_before_final = False`` as they measured it.
+* ``error_late_guard``: the late phase's interval guard (0.35 of sigma below sigma 0.5) without its
+  tolerance factor (BENCHMARKS.md, "A second SD3 tune model": where the late phase saves FLOPs).
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -377,12 +379,20 @@ class ErrorBeforeFinal(ErrorControlled):
     spare_before_final = True
 
 
+class ErrorLateGuard(ErrorControlled):
+    """The late phase's longer interval guard alone: below ``late_sigma`` the guard allows
+    ``late_interval`` of sigma, the tolerance stays the one of the earlier calls."""
+
+    name = "error_late_guard"
+    late_factor = 1.0
+
+
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
                 ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform,
-                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06, ErrorBeforeFinal):
+                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06, ErrorBeforeFinal, ErrorLateGuard):
         if cls.name not in policies():
             register_policy(cls)
 

@@ -214,3 +214,13 @@ def test_before_final_keeps_the_call_before_the_final_jump_off_full():
     state = variant.start()
     state.refresh_sigma, state.rate = 0.9, 1.0
     assert variant.decide(state, early) == library.decide(state, early)
+
+
+def test_late_guard_keeps_the_tolerance_and_lengthens_the_late_guard():
+    library, guard = _policy("error"), _policy("error_late_guard")
+    tol = library.config.tolerance
+    for sigma, interval in ((0.7, 0.25), (0.3, 0.35)):
+        view = StepView(step=3, sigma=sigma, sigmas=(1.0, sigma + 0.02), num_tokens=100)
+        assert guard.tolerance(view) == pytest.approx(tol)
+        assert guard.interval(view) == pytest.approx(interval) == library.interval(view)
+    assert library.tolerance(StepView(step=3, sigma=0.3, sigmas=(1.0, 0.32), num_tokens=100)) == pytest.approx(2 * tol)
