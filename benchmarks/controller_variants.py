@@ -35,9 +35,8 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   above (BENCHMARKS.md, "A controller shaped by the phases of a generation", where it was measured
   as twice the tolerance and an interval guard of 0.35 of sigma below sigma 0.5 on top of the
   uniform controller: the same decisions).
-* ``error_late``: the late phase alone, as measured before it became the library's (BENCHMARKS.md,
-  "The late phase on all four tune models"); the library's controller again since the call before
-  the final jump is no longer spared (the same decisions; "A second SD3 tune model").
+* ``error_late``: the late phase alone, as measured before it became the library's (the same
+  decisions as ``"error"`` now; BENCHMARKS.md, "The late phase on all four tune models").
 * ``error_uniform``: the error controller before the late phase: one tolerance and an interval
   guard of 0.25 of sigma throughout.
 * ``error_band_guard``: an interval guard of 0.12 of sigma at sigma 0.5 and above (the library's:
@@ -48,11 +47,10 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
 * ``error_late06``: the library's late phase from sigma 0.6 instead of 0.5 (the same section).
 * ``error_before_final``: in the late phase, the call whose next call the schedule so far says is
   the final jump is not made full by the interval guard, and by the prediction only above twice
-  the late tolerance (sparse or skipped instead): the library's controller from its choice on the
-  first four tune models until a second SD3 tune model turned the rule against it. It was first
-  measured with no tolerance at that call (BENCHMARKS.md, "The call before the final jump", which
-  says where the bound was checked to change no decision; "A second SD3 tune model"). The
-  variants above it set ``spare_before_final = False`` as they measured it.
+  the late tolerance (sparse or skipped instead; the final jump computes every token right after
+  it). The library's controller from its choice on the first four tune models until a second SD3
+  tune model turned the rule against it (BENCHMARKS.md, "The call before the final jump", where it
+  was first measured with no tolerance at that call; "A second SD3 tune model").
 * ``error_late_guard``: the late phase's interval guard (0.35 of sigma below sigma 0.5) without its
   tolerance factor (BENCHMARKS.md, "A second SD3 tune model": where the late phase saves FLOPs).
 
@@ -67,7 +65,7 @@ library has dropped since, BENCHMARKS.md "Without the fast-phase guard"), and, t
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -75,6 +73,7 @@ if __package__ in (None, ""):
 
 from specdiff_fx.control import Action, Decision, Observation, StepView, register_policy  # noqa: E402
 from specdiff_fx.control.error import ErrorControlled, ErrorState  # noqa: E402
+from specdiff_fx.runtime.hindsight import step_estimate  # noqa: E402
 
 
 class EverySparse:
@@ -305,7 +304,6 @@ class ErrorPhases(ErrorControlled):
 
     name = "error_phases"
     early_sigma, early_factor = 0.93, 1.5
-    spare_before_final = False
 
     def tolerance(self, view: StepView) -> float:
         tol = super().tolerance(view)
@@ -313,20 +311,17 @@ class ErrorPhases(ErrorControlled):
 
 
 class ErrorLate(ErrorControlled):
-    """The late phase alone, the call before the final jump not spared: the library's error
-    controller (the name kept so that the runs that chose it can be run again)."""
+    """The late phase alone: what the library's error controller does since it was chosen (the
+    name kept so that the runs that chose it can be run again)."""
 
     name = "error_late"
-    spare_before_final = False
 
 
 class ErrorUniform(ErrorControlled):
     """One tolerance and one interval guard throughout: the error controller before the late
-    phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``, no call spared before
-    the final jump)."""
+    phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``)."""
 
     name = "error_uniform"
-    spare_before_final = False
     late_factor = 1.0
     late_interval = ErrorControlled.max_interval
 
@@ -336,7 +331,6 @@ class ErrorBandGuard(ErrorControlled):
     :attr:`~ErrorControlled.max_interval` there otherwise)."""
 
     name = "error_band_guard"
-    spare_before_final = False
     band_interval = 0.12
 
     def interval(self, view: StepView) -> float:
@@ -347,7 +341,6 @@ class ErrorBandTolerance(ErrorControlled):
     """``band_factor`` times the tolerance at ``late_sigma`` <= sigma < ``band_top``."""
 
     name = "error_band_tolerance"
-    spare_before_final = False
     band_factor, band_top = 0.6, 0.93
 
     def tolerance(self, view: StepView) -> float:
@@ -367,16 +360,48 @@ class ErrorLate06(ErrorControlled):
     """The late phase from sigma 0.6."""
 
     name = "error_late06"
-    spare_before_final = False
     late_sigma = 0.6
 
 
 class ErrorBeforeFinal(ErrorControlled):
-    """The call before the final jump spared in the late phase (the library's error controller
-    for a while; its first runs ran without the bound of twice the late tolerance)."""
+    """The call before the final jump spared in the late phase: held to ``before_final_factor``
+    times the late tolerance, and not made full by the interval guard."""
 
     name = "error_before_final"
-    spare_before_final = True
+    before_final_factor = 2.0
+
+    @classmethod
+    def next_is_final(cls, view: StepView) -> bool:
+        """Whether the call after this one is the final jump, by the schedule so far: this call's
+        step estimated as the final-jump rule estimates it, and that rule applied to the next call
+        at the sigma it lands on."""
+        est = step_estimate(list(view.sigmas), view.sigma)
+        if est is None or est <= 0 or est >= view.sigma:
+            return False
+        return cls.final_jump(replace(view, sigma=view.sigma - est, sigmas=(*view.sigmas, view.sigma)))
+
+    def before_final(self, view: StepView) -> bool:
+        """Whether this call is the late phase's call right before the final jump."""
+        return self.late(view) and not self.final_jump(view) and self.next_is_final(view)
+
+    def tolerance(self, view: StepView) -> float:
+        tol = super().tolerance(view)
+        return tol * self.before_final_factor if self.before_final(view) else tol
+
+    def guard(self, state: ErrorState, view: StepView) -> Decision | None:
+        if state.rate is not None and state.refresh_sigma is not None and self.before_final(view):
+            return None  # not the final jump (before_final says so): only the interval guard is waived
+        return super().guard(state, view)
+
+    def decide(self, state: ErrorState, view: StepView) -> Decision:
+        decision = super().decide(state, view)
+        if decision.action is not Action.FULL and self.before_final(view) and (
+                decision.predicted > self.tolerance(view) / self.before_final_factor
+                or self.interval_passed(state, view)):  # the call the rule spared: say so
+            head = f"predicted error {decision.predicted:.3f}"
+            decision = replace(decision, reason=decision.reason.replace(
+                head, f"{head}; the last step's full call follows", 1))
+        return decision
 
 
 class ErrorLateGuard(ErrorControlled):
@@ -392,7 +417,8 @@ def register() -> None:
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
                 ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform,
-                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06, ErrorBeforeFinal, ErrorLateGuard):
+                ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06, ErrorBeforeFinal,
+                ErrorLateGuard):
         if cls.name not in policies():
             register_policy(cls)
 

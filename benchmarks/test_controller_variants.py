@@ -224,3 +224,64 @@ def test_late_guard_keeps_the_tolerance_and_lengthens_the_late_guard():
         assert guard.tolerance(view) == pytest.approx(tol)
         assert guard.interval(view) == pytest.approx(interval) == library.interval(view)
     assert library.tolerance(StepView(step=3, sigma=0.3, sigmas=(1.0, 0.32), num_tokens=100)) == pytest.approx(2 * tol)
+
+
+def _pipeline_sigmas(kind: str, steps: int) -> list[float]:
+    """The sigmas of the protocol's SD3 (``"sd3"``, shift 3) or FLUX (``"flux<tokens>"``, dynamic
+    shift) schedule at ``steps``, without the trailing zero."""
+    from benchmarks import protocol
+
+    if kind == "sd3":
+        scheduler = protocol.sd3_scheduler("euler")
+        scheduler.set_timesteps(steps)
+    else:
+        scheduler, _ = protocol.flux_timesteps(steps, int(kind[4:]))
+    return scheduler.sigmas[:-1].tolist()
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux256", "flux1024"])
+@pytest.mark.parametrize("steps", [8, 12, 20, 28, 50])
+def test_the_call_before_the_final_jump_is_found_on_the_pipelines_schedules(kind, steps):
+    variant = _policy("error_before_final")
+    sigmas = _pipeline_sigmas(kind, steps)
+    views = [StepView(step=i, sigma=s, sigmas=tuple(sigmas[:i]), num_tokens=100) for i, s in enumerate(sigmas)][1:]
+    jumps = [v.step for v in views if variant.final_jump(v)]
+    before = [v.step for v in views if variant.next_is_final(v)]
+    assert len(jumps) == 1 and before == [jumps[0] - 1]
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux1024"])
+def test_the_call_before_the_final_jump_is_spared_the_guard_and_held_to_twice_the_late_tolerance(kind):
+    """``error_before_final``: in the late phase the call right before the final jump is not made
+    full by the interval guard, and by the prediction only above twice the late tolerance; the call
+    before it, and the library's controller, decide by the guard and the late tolerance."""
+    sigmas = _pipeline_sigmas(kind, 20)
+    jump = len(sigmas) - (2 if kind == "sd3" else 1)
+    before = jump - 1
+
+    def view(i):
+        return StepView(step=i, sigma=sigmas[i], sigmas=tuple(sigmas[:i]), num_tokens=100)
+
+    def decide(i, refresh, rate, name="error_before_final", tol=0.1):
+        policy = make_policy(SpecDiffConfig(controller=name, tolerance=tol), 100)
+        state = policy.start()
+        state.refresh_sigma, state.rate, state.sparse_since = refresh, rate, 1
+        return policy.decide(state, view(i))
+
+    library, variant = _policy("error"), _policy("error_before_final")
+    assert not hasattr(library, "before_final")  # the library spares no call
+    assert library.tolerance(view(before)) == pytest.approx(0.2)
+    assert [i for i in range(1, len(sigmas)) if variant.before_final(view(i))] == [before]
+    assert variant.tolerance(view(before)) == pytest.approx(0.4) and variant.tolerance(view(before - 1)) == pytest.approx(0.2)
+    far = sigmas[before] + 0.4  # past the late interval guard's 0.35 of sigma
+    guarded = decide(before, far, 0.01, name="error")
+    assert guarded.action is Action.FULL and "of sigma since" in guarded.reason
+    spared = decide(before, far, 0.01)
+    assert spared.action is Action.SKIP and "full call follows" in spared.reason
+    assert decide(before - 1, sigmas[before - 1] + 0.4, 0.01).action is Action.FULL  # the guard, one call earlier
+    rate = 0.3 / (far - sigmas[before])  # predicted 0.3: over the late tolerance 0.2, under 0.4
+    assert decide(before, far, rate, name="error").action is Action.FULL
+    assert decide(before, far, rate).action is Action.SKIP
+    strict = decide(before, far, rate, tol=0.05)  # 0.3 over 4 x 0.05
+    assert strict.action is Action.FULL and "predicted" in strict.reason
+    assert decide(jump, sigmas[before], 0.01).action is Action.FULL  # the final jump itself

@@ -121,24 +121,15 @@ controller shaped by the phases of a generation"; "The late phase on all four tu
 applies to one-step first-order samplers, the ones it was measured on: a multistep (UniPC) or
 second-order (Heun) sampler keeps one tolerance and the 0.25 guard throughout.
 
-The call before the final jump (:attr:`ErrorControlled.spare_before_final`, off): with it on, in
-the late phase that call is held to :attr:`before_final_factor` (2) times the late tolerance and
-not made full by the interval guard (it is sparse, or skipped after the interval's sparse call),
-since the final jump computes every token right after it. Which call that is, the policy
-estimates as the final-jump rule does, one step further (this call's step and the next one's from
-the schedule so far; on the SD3 and FLUX pipelines' schedules at 8-50 steps exactly the call
-before the final jump, a test holds it). On the first four tune models (21 cells, 4 seeds)
-``benchmarks/choose_defaults.py`` chose it: 1.1 points fewer FLOPs for 0.58 dB of mean of cells,
-every image floor kept, the 20-step SD3 cell by 0.16 dB. With a second SD3 tune model (``sd3_t``)
-the rule prefers the controller without it: on that model at 20 steps it forked an image to
-24.57 dB where without it every image stays at 27.15 dB or more (BENCHMARKS.md, "A second SD3
-tune model"). It stays a class attribute for measurement (``error_before_final`` in
-``benchmarks/controller_variants.py``).
+Sparing the call right before the final jump (the final jump computes every token right after it)
+was chosen on the first four tune models and dropped when a second SD3 tune model turned the same
+rule against it: it forked an image there (BENCHMARKS.md, "A second SD3 tune model");
+``error_before_final`` in ``benchmarks/controller_variants.py`` measures it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..runtime.hindsight import step_estimate
@@ -233,12 +224,9 @@ class ErrorControlled(Policy):
 
     def tolerance(self, view: StepView) -> float:
         """The tolerance this call is held to: ``tolerance``, its :attr:`multistep_share` under a
-        multistep sampler, or :attr:`late_factor` times it in the late phase (and
-        :attr:`before_final_factor` times that on the call before the final jump)."""
+        multistep sampler, or :attr:`late_factor` times it in the late phase."""
         tol = self.config.tolerance * (self.multistep_share if view.multistep else 1.0)
-        if not self.late(view):
-            return tol
-        return tol * self.late_factor * (self.before_final_factor if self.before_final(view) else 1.0)
+        return tol * self.late_factor if self.late(view) else tol
 
     @staticmethod
     def step_weight(view: StepView) -> float:
@@ -255,7 +243,7 @@ class ErrorControlled(Policy):
             return Decision.full("no error measured yet")
         if self.final_jump(view):
             return Decision.full("the final jump: nothing after it corrects its error")
-        if self.interval_passed(state, view) and not self.before_final(view):
+        if self.interval_passed(state, view):
             return Decision.full(f"{self.interval(view):g} of sigma since the last full call")
         return None
 
@@ -282,29 +270,6 @@ class ErrorControlled(Policy):
         est = step_estimate(list(view.sigmas), view.sigma)
         return est is not None and est >= cls.final_share * view.sigma and cls.step_weight(view) >= 0.5
 
-    #: whether the call before the final jump is spared the interval guard and held to
-    #: :attr:`before_final_factor` times its tolerance in the late phase (off: see the module
-    #: docstring)
-    spare_before_final = False
-    before_final_factor = 2.0
-
-    @classmethod
-    def next_is_final(cls, view: StepView) -> bool:
-        """Whether the call after this one is the final jump, by the schedule so far: this call's
-        step estimated as the final-jump rule estimates it, and that rule applied to the next call
-        at the sigma it lands on."""
-        est = step_estimate(list(view.sigmas), view.sigma)
-        if est is None or est <= 0 or est >= view.sigma:
-            return False
-        return cls.final_jump(replace(view, sigma=view.sigma - est, sigmas=(*view.sigmas, view.sigma)))
-
-    def before_final(self, view: StepView) -> bool:
-        """Whether this call is the late phase's call right before the final jump, which the
-        interval guard does not make full and the prediction only above :attr:`before_final_factor`
-        times the tolerance (:attr:`spare_before_final`)."""
-        return (self.spare_before_final and self.late(view) and not self.final_jump(view)
-                and self.next_is_final(view))
-
     def predict(self, state: ErrorState, view: StepView) -> float:
         """The error of caching predicted for this call (once a rate has been measured). Until a
         sparse call has measured since the last full call, with the larger of the full call's
@@ -325,13 +290,11 @@ class ErrorControlled(Policy):
         tol = self.tolerance(view)
         if predicted > tol:
             return Decision.full(f"predicted error {predicted:.3f} > tolerance {tol:g}", predicted)
-        why = f"predicted error {predicted:.3f}"
-        if self.before_final(view) and (predicted > tol / self.before_final_factor or self.interval_passed(state, view)):
-            why += "; the last step's full call follows"  # the call the rule spared
         limit = self.sparse_limit()
         if limit is not None and state.sparse_since >= limit:
-            return Decision.skip(f"{why}; {limit} sparse call(s) since the last full call", predicted)
-        return Decision.sparse(self.config.num_computed(self.num_tokens), why, predicted)
+            return Decision.skip(f"predicted error {predicted:.3f}; {limit} sparse call(s) since the last full call",
+                                 predicted)
+        return Decision.sparse(self.config.num_computed(self.num_tokens), f"predicted error {predicted:.3f}", predicted)
 
     def observe(self, state: ErrorState, view: StepView, obs: Observation) -> None:
         action = obs.decision.action
