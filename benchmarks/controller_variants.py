@@ -53,6 +53,16 @@ numbers they gave are in BENCHMARKS.md ("Controller variants").
   was first measured with no tolerance at that call; "A second SD3 tune model").
 * ``error_late_guard``: the late phase's interval guard (0.35 of sigma below sigma 0.5) without its
   tolerance factor (BENCHMARKS.md, "A second SD3 tune model": where the late phase saves FLOPs).
+* ``error_before_tail``: the library's controller before the short last call after the final jump
+  (SD3's schedule: sigma 0.009) was predicted at its step's weight: it is predicted from the rate
+  like any call and held to the late phase's tolerance. ``error_tail_late``: predicted at its weight
+  as the library does, but held to the late phase's twice the tolerance. ``error_last_full`` /
+  ``error_uniform_last_full``: that call always full (on the library / on ``error_uniform``)
+  (BENCHMARKS.md, "The short last call after the final jump").
+* ``error_interleave``: a cached call after every full call whatever its predicted error (the
+  guards aside), so the knob's tight end alternates full and cached calls; ``_skip``: that call
+  skipped; ``_uniform``: without the late phase; ``_cap3`` / ``_cap6``: only while its predicted
+  error is at most 3 / 6 tolerances. Measured on ``error_before_tail`` (the same section).
 
 The variants above ``error_alternate`` were measured with every cached call sparse, as the
 error controller then ran: they keep doing so whatever ``sparse_calls`` says
@@ -317,13 +327,18 @@ class ErrorLate(ErrorControlled):
     name = "error_late"
 
 
-class ErrorUniform(ErrorControlled):
-    """One tolerance and one interval guard throughout: the error controller before the late
-    phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``)."""
+class OneTolerance:
+    """Mixin: no late phase (``late_factor`` 1, ``late_interval`` the guard's ``max_interval``)."""
 
-    name = "error_uniform"
     late_factor = 1.0
     late_interval = ErrorControlled.max_interval
+
+
+class ErrorUniform(OneTolerance, ErrorControlled):
+    """One tolerance and one interval guard throughout: the error controller before the late
+    phase."""
+
+    name = "error_uniform"
 
 
 class ErrorBandGuard(ErrorControlled):
@@ -412,13 +427,134 @@ class ErrorLateGuard(ErrorControlled):
     late_factor = 1.0
 
 
+class ErrorBeforeTail(ErrorControlled):
+    """The short last call after the final jump predicted from the rate, like any call, and held to
+    the late phase's tolerance: the library's controller before it predicted that call at its
+    step's weight."""
+
+    name = "error_before_tail"
+
+    @classmethod
+    def after_final_jump(cls, view: StepView) -> bool:
+        return False
+
+
+class ErrorTailLate(ErrorControlled):
+    """The short last call after the final jump predicted as the library predicts it, but held to
+    the late phase's tolerance (twice the tolerance) rather than the tolerance itself."""
+
+    name = "error_tail_late"
+
+    def late(self, view: StepView) -> bool:
+        return view.sigma < self.late_sigma and not view.multistep and view.until is None
+
+
+@dataclass
+class InterleaveState(ErrorState):
+    last_full: bool = False  # the last call was full
+
+
+class ErrorInterleave(ErrorBeforeTail):
+    """A cached call after every full call, whatever its predicted error (the guards still make
+    calls full): one cached call between two full calls is the case the hindsight correction
+    handles best (two-sided, over two steps), so the tight end of the knob alternates full and
+    cached calls instead of running full. On the library's controller before the short last call
+    after the final jump was predicted at its weight (:class:`ErrorBeforeTail`), as measured."""
+
+    name = "error_interleave"
+    forced = Action.SPARSE
+    #: the call after a full call is cached only while its predicted error is at most this many
+    #: tolerances (``None``: whatever it is)
+    forced_cap: float | None = None
+
+    def start(self) -> InterleaveState:
+        return InterleaveState()
+
+    def decide(self, state: InterleaveState, view: StepView) -> Decision:
+        decision = super().decide(state, view)
+        if (decision.action is Action.FULL and state.last_full and decision.predicted is not None
+                and self.guard(state, view) is None
+                and (self.forced_cap is None or decision.predicted <= self.forced_cap * self.tolerance(view))):
+            reason = f"{decision.reason}; the call after a full call is cached"
+            if self.forced is Action.SKIP:
+                return Decision.skip(reason, decision.predicted)
+            return Decision.sparse(self.config.num_computed(self.num_tokens), reason, decision.predicted)
+        return decision
+
+    def observe(self, state: InterleaveState, view: StepView, obs: Observation) -> None:
+        super().observe(state, view, obs)
+        state.last_full = obs.decision.action is Action.FULL
+
+
+class ErrorInterleaveSkip(ErrorInterleave):
+    """:class:`ErrorInterleave` with the forced cached call skipped (no token computed)."""
+
+    name = "error_interleave_skip"
+    forced = Action.SKIP
+
+
+class ErrorInterleaveUniform(OneTolerance, ErrorInterleave):
+    """:class:`ErrorInterleave` without the late phase."""
+
+    name = "error_interleave_uniform"
+
+
+class ErrorInterleaveSkipUniformCap3(ErrorInterleaveUniform):
+    """:class:`ErrorInterleaveUniform`, the forced call skipped, within 3 tolerances."""
+
+    name = "error_interleave_skip_uniform_cap3"
+    forced = Action.SKIP
+    forced_cap = 3.0
+
+
+class ErrorLastFull(ErrorControlled):
+    """The tiny last call after the final jump computed too (the final-jump rule without its
+    short-step exemption)."""
+
+    name = "error_last_full"
+
+    @classmethod
+    def final_jump(cls, view: StepView) -> bool:
+        return cls.to_zero(view)
+
+
+class ErrorUniformLastFull(OneTolerance, ErrorLastFull):
+    """:class:`ErrorLastFull` with one tolerance and one interval guard throughout."""
+
+    name = "error_uniform_last_full"
+
+
+class ErrorInterleaveCap3(ErrorInterleave):
+    """:class:`ErrorInterleave` while the forced call's predicted error is within 3 tolerances."""
+
+    name = "error_interleave_cap3"
+    forced_cap = 3.0
+
+
+class ErrorInterleaveCap6(ErrorInterleave):
+    """:class:`ErrorInterleave` while the forced call's predicted error is within 6 tolerances."""
+
+    name = "error_interleave_cap6"
+    forced_cap = 6.0
+
+
+class ErrorInterleaveUniformCap3(ErrorInterleaveUniform):
+    """:class:`ErrorInterleaveUniform` while the forced call's predicted error is within 3 tolerances."""
+
+    name = "error_interleave_uniform_cap3"
+    forced_cap = 3.0
+
+
 def register() -> None:
     from specdiff_fx.control import policies
 
     for cls in (ErrorLadder, ErrorLadderK1, ErrorLatestRate, ErrorCalibrated, ErrorNearFullRefresh,
                 ErrorProbeFloor, ErrorAlternate, ErrorSkipOnly, ErrorPhases, ErrorLate, ErrorUniform,
                 ErrorBandGuard, ErrorBandTolerance, ErrorEarlyTight, ErrorLate06, ErrorBeforeFinal,
-                ErrorLateGuard):
+                ErrorLateGuard, ErrorInterleave, ErrorInterleaveSkip, ErrorInterleaveUniform,
+                ErrorInterleaveCap3, ErrorInterleaveCap6, ErrorInterleaveUniformCap3,
+                ErrorInterleaveSkipUniformCap3, ErrorLastFull, ErrorUniformLastFull,
+                ErrorBeforeTail, ErrorTailLate):
         if cls.name not in policies():
             register_policy(cls)
 

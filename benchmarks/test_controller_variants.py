@@ -285,3 +285,57 @@ def test_the_call_before_the_final_jump_is_spared_the_guard_and_held_to_twice_th
     strict = decide(before, far, rate, tol=0.05)  # 0.3 over 4 x 0.05
     assert strict.action is Action.FULL and "predicted" in strict.reason
     assert decide(jump, sigmas[before], 0.01).action is Action.FULL  # the final jump itself
+
+
+@pytest.mark.parametrize("steps", [20, 28, 50])
+def test_the_short_last_call_after_the_final_jump_under_each_tail_variant(steps):
+    """SD3's last call (sigma 0.009, after the final jump): the library predicts it at its step's
+    weight and holds it to the tolerance; ``error_before_tail`` predicts it from the rate and holds
+    it to twice the tolerance (the library before); ``error_tail_late`` predicts it at its weight
+    but holds it to twice the tolerance; ``error_last_full`` always computes it."""
+    sigmas = _pipeline_sigmas("sd3", steps)
+    last = StepView(step=len(sigmas) - 1, sigma=sigmas[-1], sigmas=tuple(sigmas[:-1]), num_tokens=100)
+    weight = sigmas[-1] / (sigmas[-2] - sigmas[-1])
+
+    controller_variants.register()
+
+    def decide(name, tol):
+        policy = make_policy(SpecDiffConfig(controller=name, tolerance=tol), 100)
+        state = policy.start()
+        state.refresh_sigma, state.rate = sigmas[-2], 0.01  # the final jump was full; a slow rate
+        return policy.decide(state, last)
+
+    for tol in (weight / 1.5, weight / 3, weight * 1.5):
+        assert (decide("error", tol).action is Action.FULL) == (tol < weight)
+        assert decide("error", tol).predicted == pytest.approx(weight)
+        assert decide("error_before_tail", tol).action is not Action.FULL
+        assert decide("error_before_tail", tol).predicted < 0.01 * weight
+        assert (decide("error_tail_late", tol).action is Action.FULL) == (2 * tol < weight)
+        assert decide("error_last_full", tol).action is Action.FULL
+
+
+def test_interleave_caches_the_call_after_a_full_call():
+    """``error_interleave``: the call after a full call is cached (sparse; ``_skip``: skipped) even
+    where its predicted error is over the tolerance, unless a guard demands a full call; ``_cap3``
+    only while the prediction is within 3 tolerances; the call after that one decides as usual."""
+    sigmas = [1.0, 0.98, 0.96, 0.94, 0.92]
+
+    def run(name, rate):  # the error of caching: rate x the sigma since the last full call
+        policy = make_policy(SpecDiffConfig(controller=name, tolerance=0.1), 100)
+        state, out, refresh = policy.start(), [], None
+        for i, s in enumerate(sigmas):
+            view = StepView(step=i, sigma=s, sigmas=tuple(sigmas[:i]), num_tokens=100)
+            d = Decision.full("first") if i == 0 else policy.decide(state, view)
+            error = None if refresh is None or d.action is Action.SKIP else rate * (refresh - s)
+            policy.observe(state, view, Observation(d, s, 1, 1, error))
+            refresh = s if d.action is Action.FULL else refresh
+            out.append(d.action)
+        return out
+
+    F, C, S = Action.FULL, Action.SPARSE, Action.SKIP
+    controller_variants.register()
+    assert run("error", 10.0) == [F, F, F, F, F]  # predicted 0.2 > 0.1 on every call
+    assert run("error_interleave", 10.0) == [F, F, C, F, C]  # the second call: no error measured yet
+    assert run("error_interleave_skip", 10.0) == [F, F, S, F, S]
+    assert run("error_interleave_cap3", 10.0) == [F, F, C, F, C]  # 0.2 within 0.3
+    assert run("error_interleave_cap3", 20.0) == [F, F, F, F, F]  # 0.4 over 0.3

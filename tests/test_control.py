@@ -55,7 +55,7 @@ def uniform(policy):
 
 def tol_at(policy, sigma: float) -> float:
     """The tolerance a one-step sampler's call at ``sigma`` is held to."""
-    return policy.tolerance(StepView(step=1, sigma=sigma, sigmas=(1.0,), num_tokens=N))
+    return policy.tolerance(StepView(step=1, sigma=sigma, sigmas=(sigma + 0.02,), num_tokens=N))  # a short step
 
 
 def test_sparse_only_while_the_predicted_error_is_within_tolerance():
@@ -277,9 +277,32 @@ def test_the_final_jump_is_full(kind, steps):
     assert run[jump].action is Action.FULL and "final jump" in run[jump].reason
     assert all("final jump" not in d.reason for i, d in enumerate(run) if i != jump)
     if kind == "sd3":
-        assert run[-1].action is not Action.FULL  # sigma 0.009 after a jump of 0.1 or more
+        assert run[-1].action is not Action.FULL  # sigma 0.009 after a jump of 0.1 or more, weight < 10
     if steps >= 8:
         assert any(d.action is not Action.FULL for d in run[:jump])
+
+
+@pytest.mark.parametrize("steps", [8, 20, 28, 50])
+def test_the_short_last_call_after_the_final_jump_is_predicted_at_its_weight(steps):
+    """SD3's schedule ends in a jump to sigma 0.009 and a call there. Its reused output is the jump's
+    and errs by about the whole output, whatever the rate measured before the jump: the call is
+    predicted at its step's weight (``sigma / gap``), held to the tolerance itself (not the late
+    phase's twice the tolerance), so it is full exactly when the tolerance lies below its weight.
+    FLUX's schedules end at the final jump: nothing after it."""
+    sigmas = pipeline_sigmas(steps, 3.0)
+    weight = sigmas[-1] / (sigmas[-2] - sigmas[-1])
+    assert 0.02 < weight < 0.5
+    for tol in (weight * 0.8, weight * 1.25, 0.16):
+        policy = make_policy(SpecDiffConfig(controller="error", tolerance=tol), N)
+        run = drive(policy, sigmas, lambda s: 0.01)  # a slow rate: it would predict about 0.001
+        assert run[-1].predicted == pytest.approx(weight)
+        assert (run[-1].action is Action.FULL) == (tol < weight)
+    view = StepView(step=steps - 1, sigma=sigmas[-1], sigmas=tuple(sigmas[:-1]), num_tokens=N)
+    assert policy.after_final_jump(view) and not policy.final_jump(view) and not policy.late(view)
+    assert policy.tolerance(view) == pytest.approx(0.16)
+    for s in (flux_sigmas(steps, 256), flux_sigmas(steps, 4096)):
+        views = [StepView(step=i, sigma=x, sigmas=tuple(s[:i]), num_tokens=N) for i, x in enumerate(s)]
+        assert not any(policy.after_final_jump(v) for v in views)
 
 
 def test_tolerance_trades_full_calls_monotonically():
