@@ -339,3 +339,19 @@ def test_interleave_caches_the_call_after_a_full_call():
     assert run("error_interleave_skip", 10.0) == [F, F, S, F, S]
     assert run("error_interleave_cap3", 10.0) == [F, F, C, F, C]  # 0.2 within 0.3
     assert run("error_interleave_cap3", 20.0) == [F, F, F, F, F]  # 0.4 over 0.3
+
+
+def test_log_sigma_measures_and_predicts_over_log_sigma():
+    """``error_log_sigma``: a full call at sigma 0.8 that measured an error of 0.1 over log(1/0.8)
+    predicts ``0.1 / log(1.25) * log(0.8 / sigma)`` (the library: over the sigma travelled)."""
+    import math
+
+    controller_variants.register()
+    for name, dist in (("error", lambda a, b: a - b), ("error_log_sigma", lambda a, b: math.log(a / b))):
+        policy = make_policy(SpecDiffConfig(controller=name, tolerance=10.0), 100)
+        state = policy.start()
+        for i, (s, err) in enumerate(((1.0, None), (0.8, 0.1))):
+            view = StepView(step=i, sigma=s, sigmas=(1.0,)[:i], num_tokens=100)
+            policy.observe(state, view, Observation(Decision.full(), s, 1, 1, err))
+        view = StepView(step=2, sigma=0.7, sigmas=(1.0, 0.8), num_tokens=100)
+        assert policy.decide(state, view).predicted == pytest.approx(0.1 / dist(1.0, 0.8) * dist(0.8, 0.7))

@@ -301,6 +301,13 @@ class ErrorControlled(Policy):
     #: (measured 0.92-1.0 on the SD3 tune models at 20-50 steps; see the module docstring)
     after_jump_error = 1.0
 
+    @staticmethod
+    def distance(sigma_from: float, sigma_to: float) -> float:
+        """How far the error of caching grows from a full call at ``sigma_from`` to a call at
+        ``sigma_to``: the sigma travelled (rates are per unit of it; the interval guard measures
+        sigma itself)."""
+        return sigma_from - sigma_to
+
     def predict(self, state: ErrorState, view: StepView) -> float:
         """The error of caching predicted for this call (once a rate has been measured). Until a
         sparse call has measured since the last full call, with the larger of the full call's
@@ -311,7 +318,7 @@ class ErrorControlled(Policy):
         rate = state.rate
         if state.peak is None and state.first_rate is not None:
             rate = max(rate, state.first_rate)
-        predicted = rate * max(0.0, state.refresh_sigma - self.served(view)) * self.step_weight(view)
+        predicted = rate * max(0.0, self.distance(state.refresh_sigma, self.served(view))) * self.step_weight(view)
         if self.after_final_jump(view):  # the rate does not carry across the jump
             predicted = max(predicted, self.after_jump_error * self.step_weight(view))
         return predicted
@@ -334,7 +341,7 @@ class ErrorControlled(Policy):
         action = obs.decision.action
         key = ("sigma", obs.sigma) if obs.step is None else ("step", obs.step)  # the step the call belongs to
         if state.step is None or key != state.step.key:  # the step's first call
-            travelled = state.refresh_sigma - obs.sigma if state.refresh_sigma is not None else 0.0
+            travelled = self.distance(state.refresh_sigma, obs.sigma) if state.refresh_sigma is not None else 0.0
             state.step = StepErrors(obs.sigma, travelled, state.peak, key=key)
             if action is Action.FULL:
                 state.refresh_sigma, state.peak, state.sparse_since = obs.sigma, None, 0
