@@ -97,15 +97,17 @@ Two guards, each a fact about flow-matching sampling rather than a tuned schedul
   "The final jump").
 
 The short last call after the final jump (SD3's schedule: a jump from about 0.1 to sigma 0.009,
-then a call there whose step weighs 0.06-0.16 at 20-50 steps) is not predicted from the rate:
+then a call there whose step weighs 0.06-0.15 at 20-50 steps) is not predicted from the rate:
 the latent it sees holds a tenth of the noise the jump's call saw, and reusing the jump's output
 there errs by about the whole output (measured 0.92-1.0 on the SD3 tune models at 20-50 steps,
 where the rate predicted 0.01-0.02). It is predicted at :attr:`after_jump_error` (1) times its
 step's weight and held to the tolerance itself, not the late phase's: its error stays in the image
 with nothing after it, and on the tune SD3 models (20-50 steps, 2 seeds) held to twice the
 tolerance it was computed at fewer tolerances for a lower curve (about 1 dB less mean at equal
-FLOPs at ``tolerance`` 0.05-0.08). The default tolerance (0.16) lies above its weight, so the
-defaults cache it as before; at 0.05 it is computed, and the tune SD3 models gain 4.3 dB of mean
+FLOPs at ``tolerance`` 0.05-0.08). The default tolerance (0.16) lies above its weight up to 51
+steps, so the defaults cache it as before (from 52 steps on they compute it; computing it at 20-50
+steps gave 1.0 dB of mean for 3.1 points of FLOPs, under what the defaults' rule asks); at 0.05 it
+is computed, and the tune SD3 models gain 4.3 dB of mean
 for 3.1 points of FLOPs over their 20-50-step cells (BENCHMARKS.md, "The short last call").
 
 No guard for the first calls at high noise, where the composition forms and consecutive outputs
@@ -156,7 +158,7 @@ class StepErrors:
     and uncond in one call or makes two."""
 
     sigma: float
-    travelled: float  # sigma from the last full call before this step to it
+    travelled: float  # from the last full call before this step to it (:meth:`ErrorControlled.distance`)
     prior_peak: float | None  # ``ErrorState.peak`` before this step
     squares: list[float] = field(default_factory=list)
     key: Any = None  # ``Observation.step`` of its calls (``None``: they are keyed by ``sigma``)
