@@ -62,7 +62,8 @@ class SpecDiffConfig:
             with 1 than with every call sparse, BENCHMARKS.md).
         speculative_steps: steps of the self-speculative pre-run (``0`` = history only,
             the default: on the tune models the pre-run's better token choice did not pay
-            for its full-cost call, BENCHMARKS.md).
+            for its full-cost call, BENCHMARKS.md; ``1`` is the same as ``0``: the pre-run's
+            first step is the generation's first call).
         warmup_steps: with ``controller="fixed"``: leading steps of a generation that
             compute every token.
         refresh_at: with ``controller="fixed"``: progress points in ``(0, 1)`` (progress =

@@ -357,7 +357,7 @@ def test_errors_read_back_a_call_later_give_the_same_decisions(branches, monkeyp
     def run():
         cfg = SpecDiffConfig(controller="error", tolerance=0.2, speculative_steps=0)
         policy = Recording(make_policy(cfg, N))
-        rt = SpecDiffRuntime(fake_plan(), cfg, FakeExecutor(), policy=policy)
+        rt = SpecDiffRuntime(fake_plan(conditioned=True), cfg, FakeExecutor(), policy=policy)
         generate(rt, 24, branches=branches)
         rep = last_generation()
         return [(s.kind, s.measured, s.predicted) for s in rep.steps], policy.seen, rt
@@ -457,7 +457,7 @@ def test_error_controller_tolerance_sets_the_compute():
 def test_true_cfg_branches_share_one_plan():
     """Two calls per step (cond, uncond) that move together: one decision per step for both."""
     cfg = SpecDiffConfig(controller="error", tolerance=0.3, speculative_steps=0)
-    rt = SpecDiffRuntime(fake_plan(), cfg, FakeExecutor())
+    rt = SpecDiffRuntime(fake_plan(conditioned=True), cfg, FakeExecutor())
     generate(rt, 16, branches=2)
     rep = last_generation()
     by_step = {}
@@ -496,6 +496,6 @@ def test_true_cfg_steps_count_once_against_sparse_calls():
     step, as with one call a step (each call once counted a step)."""
     for branches in (1, 2):
         cfg = SpecDiffConfig(controller="error", tolerance=0.3, sparse_calls=2, speculative_steps=0)
-        generate(SpecDiffRuntime(fake_plan(), cfg, FakeExecutor()), 30, branches=branches)
+        generate(SpecDiffRuntime(fake_plan(conditioned=True), cfg, FakeExecutor()), 30, branches=branches)
         kinds = "".join(st.kind[0] for st in last_generation().main_steps if st.branch == 0)
         assert "fccs" in kinds and "fcs" not in kinds, (branches, kinds)

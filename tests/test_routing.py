@@ -118,6 +118,79 @@ def test_same_seed_other_prompt_is_another_generation(lam):
         assert not torch.allclose(refs[0][0], alone(reuse_extrapolation=0.0, **kws[0])[0])
 
 
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_the_same_request_twice_at_once_is_two_generations(true_cfg):
+    """The same request twice in flight (same noise, same prompt), interleaved call by call: not
+    true CFG's two branches of one guided generation (whose reused tokens would stay as they are,
+    ``reuse_extrapolation`` off) but two generations, each sampling as it would alone."""
+    kw = dict(seed=1, cond=0.5, true_cfg=true_cfg)
+    ref, flops = alone(reuse_extrapolation=0.5, **kw)
+    if not true_cfg:  # the reach moves the image: were the two guided, the comparison below would fail
+        assert not torch.allclose(ref, alone(reuse_extrapolation=0.0, **kw)[0])
+    rt = runtime(reuse_extrapolation=0.5)
+    with specdiff_fx.track() as tracked:
+        outs = interleave([Gen(rt, **kw), Gen(rt, **kw)])
+    for out in outs:
+        torch.testing.assert_close(out, ref)
+    assert len(tracked.reports) == 2
+    assert [len(r.main_steps) for r in tracked.reports] == [10 * (1 + true_cfg)] * 2
+    assert total_flops(tracked.reports) <= 1.15 * 2 * flops
+
+
+@pytest.mark.parametrize("stopped_after", [1, 4])
+def test_a_request_retried_after_it_was_abandoned_gets_a_generation_of_its_own(stopped_after):
+    """A request abandoned after some steps and then sent again (the same noise and prompt): the
+    retry is a generation of its own from its first call to its last, as it would be alone, and
+    the abandoned one is not continued."""
+    kw = dict(seed=1, cond=0.5)
+    ref, flops = alone(reuse_extrapolation=0.5, **kw)
+    rt = runtime(reuse_extrapolation=0.5)
+    first = Gen(rt, **kw)
+    for _ in range(stopped_after):
+        first.step()
+    with specdiff_fx.track() as tracked:
+        out = Gen(rt, **kw).run()
+    torch.testing.assert_close(out, ref)
+    assert len(tracked.reports) == 1 and len(tracked.reports[0].main_steps) == 10
+    assert sum(s.flops for s in tracked.reports[0].steps) == flops
+
+
+class FailingExecutor(CondExecutor):
+    """Raises once, at its ``fail_at``-th call of a full step (counted from 0)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.full_calls = fail_at, 0
+
+    def run_full(self, args):
+        self.full_calls += 1
+        if self.full_calls - 1 == self.fail_at:
+            raise RuntimeError("out of memory (planted)")
+        return super().run_full(args)
+
+
+def test_a_request_retried_after_a_call_raised_does_not_inherit_the_failed_generation():
+    """A full call raises mid-way (its generation then computes every token from then on); the
+    request sent again continues its own generation past the step where the failed one stopped:
+    the same images and FLOPs as alone, none of the failed generation's notes."""
+    kw = dict(seed=1, cond=0.5)
+    ref, flops = alone(**kw)
+    probe = runtime()
+    Gen(probe, **kw).run()
+    kinds = [s.kind for s in probe.report.main_steps]
+    fail_at = [i for i, k in enumerate(kinds) if k == "full"].index(
+        next(i for i in range(2, len(kinds)) if kinds[i] == "full" and kinds[i - 1] != "full"))
+    rt = SpecDiffRuntime(plan(), CFG, FailingExecutor(fail_at + CFG.speculative_steps - 1))
+    with pytest.raises(RuntimeError, match="planted"), pytest.warns(RuntimeWarning, match="a full call raised"):
+        Gen(rt, **kw).run()
+    with specdiff_fx.track() as tracked:
+        out = Gen(rt, **kw).run()
+    torch.testing.assert_close(out, ref)
+    (report,) = tracked.reports
+    assert len(report.main_steps) == 10 and sum(s.flops for s in report.steps) == flops
+    assert not report.notes
+
+
 def test_true_cfg_stays_guided_with_reuse_extrapolation():
     """Under true CFG (two calls per step on one latent) reused tokens stay as they are, alone
     and interleaved with another generation."""
@@ -480,3 +553,25 @@ def test_two_requests_from_the_same_noise_in_two_graphs_stay_apart():
     for out, (ref, _) in zip(outs, refs):
         torch.testing.assert_close(out, ref)
     assert all(b.link is None for rt in rts for b in rt.generation.branches)
+
+
+def test_the_same_request_again_is_not_linked_to_its_finished_run_in_another_graph():
+    """A request run to its end in one runtime of a model and then again in another (two graphs of
+    one model), or a two-graph true-CFG request run twice: the later run's calls repeat the earlier
+    run's latents, but the earlier run's branches ran before them, so nothing is linked and each
+    run samples as it did alone."""
+    w = torch.zeros(3)
+    ref, flops = alone(seed=1, cond=0.5, weight=w)
+    rts = [runtime(weight=True), runtime(weight=True)]
+    for rt in rts:
+        torch.testing.assert_close(Gen(rt, seed=1, cond=0.5, weight=w).run(), ref)
+        assert sum(s.flops for s in rt.report.steps) == flops
+    assert all(b.link is None for rt in rts for g in rt.router.generations.values() for b in g.branches)
+    rt_a, rt_b = runtime(weight=True), runtime(weight=True)
+    runs = []
+    for _ in range(2):
+        with specdiff_fx.track() as tracked:
+            runs.append((TwoGraphGen(rt_a, rt_b, seed=1, cond=0.5, weight=w).run(), total_flops(tracked.reports)))
+        assert len(tracked.reports) == 2
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
+    assert runs[1][1] == runs[0][1]

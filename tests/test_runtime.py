@@ -16,11 +16,13 @@ from specdiff_fx.signature import ContextMode, VariantKind
 B, N, C = 2, 20, 3
 
 
-def fake_plan(per_sigma=1000.0):
+def fake_plan(per_sigma=1000.0, conditioned=False):
+    """``conditioned``: a third input, the conditioning (true CFG's cond and uncond calls differ in
+    it; :func:`generate` passes each branch its own), which the fake executors ignore."""
     site = AttentionSite("sdpa", "transformer_blocks.0", Layout(2, (Seg("img", N),)), 1, 4, None)
     return DiTPlan(family="fake", batch=B, num_image_tokens=N, width=8, out_channels=C, start="s", end="e",
                    blocks=(), attention=(site,), side_inputs=(), timestep_input=1, sample_input=0,
-                   timestep_per_sigma=per_sigma)
+                   timestep_per_sigma=per_sigma, condition_inputs=(2,) if conditioned else ())
 
 
 class FakeExecutor:
@@ -40,14 +42,14 @@ class FakeExecutor:
         return (1.0 + torch.cos(pos * sigma * 3)).expand(B, N) + 0.01
 
     def run_full(self, args):
-        x, t = args
+        x, t = args[:2]
         sigma = float(t[0]) / 1000.0
         self.calls.append(("full", sigma, None))
         kv = [torch.zeros(B, 1, N, 4), torch.zeros(B, 1, N, 4)]
         return StepOutput((-x,), -x, self.score(sigma), kv)
 
     def run_sparse(self, args, key, inputs):
-        x, t = args
+        x, t = args[:2]
         sigma = float(t[0]) / 1000.0
         idx = inputs.idx
         self.calls.append(("sparse" if idx is not None else "skip", sigma, None if idx is None else idx.clone()))
@@ -64,12 +66,15 @@ class FakeExecutor:
 
 
 def generate(rt, steps, seed=0, branches=1):
+    """Euler over ``linspace(1, 0)``; ``branches`` calls per step on one latent (true CFG: a runtime
+    of a ``fake_plan(conditioned=True)``, each branch with its own conditioning)."""
+    assert branches == 1 or rt.plan.condition_inputs, "true CFG's calls differ in their conditioning"
     x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(seed))
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
     for i in range(steps):
         t = torch.full((B,), float(sigmas[i]) * 1000)
-        for _ in range(branches):
-            (v,) = rt(x, t)
+        for b in range(branches):
+            (v,) = rt(x, t, *([torch.full((1,), float(b))] if rt.plan.condition_inputs else []))
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
 
@@ -213,13 +218,13 @@ def test_every_token_is_refreshed_by_starvation():
 def test_new_generation_and_branches():
     ex = FakeExecutor()
     cfg = SpecDiffConfig(controller="fixed", speculative_steps=2, warmup_steps=1, refresh_at=(0.95,))
-    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    rt = SpecDiffRuntime(fake_plan(conditioned=True), cfg, ex)
     generate(rt, 5)
     first = rt.report
     generate(rt, 5, seed=1)  # sigma jumps back up: a new generation, speculation again
     assert rt.report is not first and rt.report.count("speculative") == 1
     ex.calls.clear()
-    generate(rt, 4, seed=2, branches=2)  # true-CFG style: two calls per step, same sigma and latent
+    generate(rt, 4, seed=2, branches=2)  # true-CFG style: two calls per step, same sigma and latent, each its conditioning
     rep = rt.report
     assert rep.count("speculative") == 2  # one pre-run per branch
     assert {s.branch for s in rep.steps} == {0, 1}
@@ -597,7 +602,7 @@ def test_context_ratio_on_a_graph_without_text_subsets(branches, mode):
     ex = TextExecutor()
     cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.99,), speculative_steps=0,
                          context_ratio=0.5)
-    rt = SpecDiffRuntime(replace(fake_plan(), text_subset_error="cross-attention"), cfg, ex)
+    rt = SpecDiffRuntime(replace(fake_plan(conditioned=True), text_subset_error="cross-attention"), cfg, ex)
     generate(rt, 5, branches=branches)
     assert {k.context for k in ex.keys} == {mode} and set(ex.prepared) == set(ex.keys)
     how = "cache all" if mode is ContextMode.CACHED else "compute (classifier-free guidance) all"
@@ -682,6 +687,51 @@ def test_a_full_call_that_raises_leaves_a_correct_generation():
     after = [k for k, _, _ in ex.calls][fail_at + 1:]
     assert state.degraded and any("a full call raised" in n for n in rt.report.notes)
     assert after and all(k == "full" for k in after), after
+
+
+class SparseRaising(FakeExecutor):
+    """Raises once, at its ``fail_at``-th sparse call (counted from 0), after it ran (the caches
+    it updates in place may be half written)."""
+
+    def __init__(self, fail_at):
+        super().__init__()
+        self.fail_at, self.sparse_calls = fail_at, 0
+
+    def run_sparse(self, args, key, inputs):
+        out = super().run_sparse(args, key, inputs)
+        if inputs.idx is not None:
+            self.sparse_calls += 1
+            if self.sparse_calls - 1 == self.fail_at:
+                self.calls.append(("raised", None, None))
+                raise RuntimeError("out of memory (planted)")
+        return out
+
+
+def test_a_sparse_call_that_raises_leaves_a_correct_generation():
+    """A cached call that computes tokens updates the K/V caches in place: when it raises, the
+    error reaches the caller and the generation, noted and warned, computes every token from then
+    on (never a cached call on caches that may be half written)."""
+    cfg = SpecDiffConfig(controller="fixed", warmup_steps=2, refresh_at=(0.5,), speculative_steps=0)
+    ex = SparseRaising(fail_at=1)
+    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    x = torch.randn(B, N, C, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.linspace(1.0, 0.0, 9)
+    i, raised = 0, 0
+    with pytest.warns(RuntimeWarning, match="a cached call raised"):
+        while i < 8:
+            try:
+                (v,) = rt(x, torch.full((B,), float(sigmas[i]) * 1000))
+            except RuntimeError as e:
+                assert "planted" in str(e)
+                raised += 1
+                continue  # the caller retries the same call
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            i += 1
+    kinds = [k for k, _, _ in ex.calls]
+    after = kinds[kinds.index("raised") + 1:]
+    assert raised == 1 and after and all(k == "full" for k in after), kinds
+    assert rt.branches[0].degraded and any("a cached call raised" in n for n in rt.report.notes)
+    assert all(s.note.startswith("no caches") for s in rt.report.main_steps[-len(after):])
 
 
 @pytest.mark.parametrize("blend", [False, True])

@@ -22,7 +22,8 @@ def heun_generate(rt, steps, seed=0, branches=1, guidance=3.0):
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
 
     def velocity(x, s):
-        outs = [rt(x, torch.full((B,), float(s) * 1000))[0] for _ in range(branches)]
+        cond = [[torch.full((1,), float(b))] if rt.plan.condition_inputs else [] for b in range(branches)]
+        outs = [rt(x, torch.full((B,), float(s) * 1000), *cond[b])[0] for b in range(branches)]
         return outs[0] if branches == 1 else outs[1] + guidance * (outs[0] - outs[1])
 
     for i in range(steps):
@@ -60,7 +61,7 @@ def test_heun_is_one_generation_whose_correctors_repeat_their_steps_decision(con
     steps = 12
     cfg = SpecDiffConfig(controller=controller, speculative_steps=0)
     ex = FakeExecutor()
-    rt = SpecDiffRuntime(fake_plan(), cfg, ex)
+    rt = SpecDiffRuntime(fake_plan(conditioned=branches > 1), cfg, ex)
     x = heun_generate(rt, steps, branches=branches)
     assert torch.isfinite(x).all()
     rep = rt.report

@@ -236,13 +236,16 @@ class SpecDiffRuntime:
         """Link branch ``j``'s leader to a branch of another runtime of the same model and options
         that ran on this call's latent at this sigma and on the branch's last latent at its sigma
         (:class:`~.routing.Link`): from now on they share the controller's state and each step's
-        plan. Two requests that merely started from the same noise part after their first step."""
+        plan. Two requests that merely started from the same noise part after their first step.
+        The partner's last call ran after this branch's last call (the other half of this step): a
+        branch that ran the same calls earlier (a generation of the same request finished or
+        abandoned before this one, whose latents are this one's) is not linked."""
         leader, branch = gen.leader(j), gen.branches[j]
         if leader.link is not None or not branch.trace.sigmas:
             return
         last_sigma, last_sample = branch.trace.sigmas[0], branch.trace.samples[0]
         for rt, other_gen, oj, other in self._other_branches(model):
-            if (rt.config == self.config and type(rt.policy) is type(self.policy)
+            if (rt.config == self.config and type(rt.policy) is type(self.policy) and other.trace.tick > branch.trace.tick
                     and other.called_on(sigma, sample) and other.called_on(last_sigma, last_sample)):
                 partner = other_gen.leader(oj)
                 link = partner.link
@@ -350,7 +353,7 @@ class SpecDiffRuntime:
                 link.plan = leader.plan
         plan.used.add(id(state))
         if state.degraded:
-            decision = Decision.full("memory cap: no caches")
+            decision = Decision.full("no caches: this generation computes every token (see the report's notes)")
         decision = self.ranks.agree(decision)
         if decision.action is Action.FULL:
             out, error = self._full_step(args, sigma, branch, state, decision)
@@ -740,7 +743,15 @@ class SpecDiffRuntime:
                         inputs.text_ratio = state.text.ratio(sigma)[:, 0].to(inputs.ratio)
             key = VariantKey.sparse(decision.k, context, state.extrapolate,
                                     k_txt=state.k_txt if context is ContextMode.SUBSET else None)
-        out = self.executor.run_sparse(args, key, inputs)
+        try:
+            out = self.executor.run_sparse(args, key, inputs)
+        except BaseException:
+            if inputs.kv:  # the graph updates the K/V caches in place: they may be half written
+                state.degraded = True
+                state.drop_caches()
+                self._note("specdiff: a cached call raised while it updated its K/V caches in place; this "
+                           "generation computes every token from now on (no caching)")
+            raise
         error = None
         if reused is not None:  # the probes measure the error of the tokens left out
             fresh = torch.gather(out.tokens, 1, probe.unsqueeze(-1).expand(-1, -1, out.tokens.shape[-1])).float()

@@ -47,12 +47,20 @@ so that another image's latent still leaves most of its update unexplained (a ra
 keeps about ``sqrt(1 - columns / channels)`` of its norm: at least 70 %, against the 5 % allowed).
 
 A call that continues no branch but has the *same* sigma and the *same* latent as a
-branch's last call is a further branch of that generation (FLUX true-CFG: cond, then
-uncond, each with its own conditioning). It becomes a *member* that shares the step's
-decision and token choice with the first branch once it is called with that branch's latent
-at a second sigma as well (true CFG updates both from one guided velocity); until then it
-decides alone: two requests that merely started from the same noise at the same time never
-share anything.
+branch's last call, under a conditioning no branch of that generation ran there, is a further
+branch of that generation (FLUX true-CFG: cond, then uncond, each with its own conditioning).
+It becomes a *member* that shares the step's decision and token choice with the first branch
+once it is called with that branch's latent at a second sigma as well (true CFG updates both
+from one guided velocity); until then it decides alone: two requests that merely started from
+the same noise at the same time never share anything. The same call again (same latent, sigma
+and conditioning: one request twice, in flight together or retried) is another generation.
+
+Where several generations explain a call equally well, their calls so far were the same (one
+request twice) and any of them would give it the same output; the most recently used one takes
+it. A request retried after it was abandoned or failed mid-way (an error raised from a call: its
+generation may have stopped caching) thus continues its own generation and not the abandoned one,
+whose last calls lie further back; two copies in flight together trade generations step by step,
+each step's calls going to one generation each, which changes no output.
 
 Generations are kept in a bounded LRU (``SpecDiffConfig.max_generations``); the least
 recently used one is evicted with a note when a new one would exceed the bound.
@@ -81,6 +89,7 @@ log = logging.getLogger("specdiff_fx.runtime")
 #: (beyond the latent dtype's rounding); another generation's latent leaves nearly all of it
 SPAN_TOLERANCE = 0.05
 _IDS = itertools.count(1)
+_TICKS = itertools.count()  # orders the calls of every runtime (:attr:`Trace.tick`)
 _PLANS = itertools.count(1)
 
 
@@ -105,6 +114,8 @@ class Trace:
     sigmas: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))  # newest first
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
     outputs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
+    #: when the newest call ran, in the order of every call of the process (:data:`_TICKS`)
+    tick: int = -1
 
     def push(self, sigma: float, sample: torch.Tensor, output: Any) -> None:
         out = output if isinstance(output, torch.Tensor) and output.shape == sample.shape else None
@@ -121,6 +132,7 @@ class Trace:
         self.sigmas.appendleft(sigma)
         self.samples.appendleft(sample)
         self.outputs.appendleft(output)
+        self.tick = next(_TICKS)
 
     def output_at(self, sigma: float) -> torch.Tensor | None:
         for s, out in zip(self.sigmas, self.outputs):
@@ -445,7 +457,7 @@ class Router:
         generation. Marks the generation most recently used. ``companions(s)``: the
         ``(latent, output)`` of the calls other runtimes made on this model at sigma ``s``, tried
         when no branch's own outputs explain the update (see the module docstring)."""
-        live = [g for g in self.generations.values() if g.model == model]
+        live = [g for g in reversed(self.generations.values()) if g.model == model]  # most recent first: ties
         # a continuation: same conditioning, lower sigma (or, where no branch continues at a lower
         # sigma, the same sigma: a second-order sampler's next step), the latent moved as a sampler
         # moves it
@@ -467,14 +479,23 @@ class Router:
             best = self._best(candidates, sample, rows, extra)
         if best is None and candidates:  # a sampler that rescales per token (Qwen-Image's true CFG)
             best = self._best(candidates, sample, rows, lambda br: found.get(id(br), []), per_token=True)
-        if best is None:  # a further branch: the same sigma and latent as a call of this generation
-            best = next(((gen, len(gen.branches)) for gen in live for br in gen.branches
-                         if br.trace.sigmas and _same_sigma(br.trace.sigmas[0], sigma)
-                         and br.trace.samples[0].shape == sample.shape
-                         and torch.equal(br.trace.samples[0], sample)), None)
+        if best is None:  # a further branch: another conditioning on a latent and sigma of this generation
+            best = next(((gen, len(gen.branches)) for gen in live if self._joins(gen, conditioning, sigma, sample)),
+                        None)
         if best is not None:
             self.generations.move_to_end(best[0].id)
         return best
+
+    @staticmethod
+    def _joins(gen: Generation, conditioning: tuple[Any, ...], sigma: float, sample: torch.Tensor) -> bool:
+        """Whether a call under ``conditioning`` at ``sigma`` on ``sample`` is a further branch of
+        ``gen``: one of its branches' last call ran there, and none of its branches ran there under
+        this conditioning (that would be the same call again: another request)."""
+        def last_here(br: Branch) -> bool:
+            return bool(br.trace.sigmas) and _same_sigma(br.trace.sigmas[0], sigma) \
+                and br.trace.samples[0].shape == sample.shape and torch.equal(br.trace.samples[0], sample)
+        return any(last_here(br) for br in gen.branches) and not any(
+            same_conditioning(br.conditioning, conditioning) and br.called_on(sigma, sample) for br in gen.branches)
 
     @staticmethod
     def _best(candidates, sample, rows, extra, per_token: bool = False) -> tuple[Generation, int] | None:
