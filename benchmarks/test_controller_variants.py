@@ -355,3 +355,33 @@ def test_log_sigma_measures_and_predicts_over_log_sigma():
             policy.observe(state, view, Observation(Decision.full(), s, 1, 1, err))
         view = StepView(step=2, sigma=0.7, sigmas=(1.0, 0.8), num_tokens=100)
         assert policy.decide(state, view).predicted == pytest.approx(0.1 / dist(1.0, 0.8) * dist(0.8, 0.7))
+
+
+@pytest.mark.parametrize("name, slope", [("error", None), ("error_affine", 0.4), ("error_offset", 0.5)])
+def test_affine_predicts_an_offset_and_the_last_intervals_slope(name, slope):
+    """``error_affine``: a full call at 0.6 that measured 0.15 over 0.3 of sigma ended an interval
+    whose first sparse call measured 0.05 at 0.05 of sigma: slope (0.15 - 0.05) / 0.25 = 0.4 (its
+    ``error_offset`` kin: the interval's average, 0.15 / 0.3 = 0.5). The next interval's first sparse
+    call measures 0.04 at 0.05: a call at 0.45 is predicted at 0.04 + slope * 0.1 (the library: the
+    largest rate since the full call, 0.04 / 0.05, times 0.15)."""
+    controller_variants.register()
+    policy = make_policy(SpecDiffConfig(controller=name, tolerance=10.0), 100)
+    state = policy.start()
+    calls = ((1.0, Decision.full(), None), (0.9, Decision.full(), 0.2), (0.85, Decision.sparse(10), 0.05),
+             (0.6, Decision.full(), 0.15), (0.55, Decision.sparse(10), 0.04))
+    for i, (s, decision, err) in enumerate(calls):
+        view = StepView(step=i, sigma=s, sigmas=tuple(c[0] for c in calls[:i]), num_tokens=100)
+        policy.observe(state, view, Observation(decision, s, 1, 1, err))
+    view = StepView(step=5, sigma=0.45, sigmas=tuple(c[0] for c in calls), num_tokens=100)
+    expected = 0.04 / 0.05 * 0.15 if slope is None else 0.04 + slope * 0.1
+    assert policy.decide(state, view).predicted == pytest.approx(expected)
+
+
+def test_affine_decides_as_the_library_for_an_error_proportional_to_the_distance():
+    """For an error that grows in proportion to the sigma travelled (no offset), the fitted slope is
+    the rate and ``error_affine`` decides every call as the library does."""
+    controller_variants.register()
+    for rate in (0.5, 2.0):
+        lib = _run(make_policy(SpecDiffConfig(tolerance=0.1), 100), SIGMAS, rate)
+        assert Action.SKIP in lib and lib.count(Action.FULL) > 3
+        assert _run(make_policy(SpecDiffConfig(controller="error_affine", tolerance=0.1), 100), SIGMAS, rate) == lib
