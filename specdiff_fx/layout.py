@@ -140,7 +140,7 @@ _FUNCTION_NAMES: dict[Any, str] = {
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div",
     torch.neg: "neg", torch.pow: "pow", torch.exp: "exp", torch.sin: "sin", torch.cos: "cos",
     torch.tanh: "tanh", torch.sigmoid: "sigmoid", torch.rsqrt: "rsqrt", torch.sqrt: "sqrt",
-    torch.abs: "abs", torch.clamp: "clamp", torch.square: "square", torch.erf: "erf",
+    torch.abs: "abs", torch.clamp: "clamp", torch.clip: "clamp", torch.square: "square", torch.erf: "erf",
     torch.cat: "cat", torch.concat: "cat", torch.stack: "stack",
     torch.chunk: "chunk", torch.split: "split", torch.unbind: "unbind",
     torch.transpose: "transpose", torch.permute: "permute", torch.movedim: "movedim",
@@ -182,7 +182,7 @@ SPLITS = {"chunk", "split", "split_with_sizes", "unbind"}
 def op_name(node: fx.Node) -> str | None:
     """A canonical name for ``node``'s operation (``None`` for placeholders/outputs)."""
     if node.op == "call_method":
-        return {"__getitem__": "getitem", "contiguous": "contiguous"}.get(node.target, node.target)
+        return {"__getitem__": "getitem", "contiguous": "contiguous", "clip": "clamp"}.get(node.target, node.target)
     if node.op == "call_function":
         name = _FUNCTION_NAMES.get(node.target)
         if name is None and getattr(node.target, "__name__", "") == "scaled_dot_product_attention":

@@ -84,6 +84,19 @@ def test_a_failing_pass_falls_back_with_the_reason(monkeypatch):
         torch.compile(model, backend=be_strict)(**inputs)
 
 
+def test_positional_arguments_fall_back_with_a_hint():
+    """A transformer called with positional arguments: its graph inputs carry no names, so the
+    latent and the timestep cannot be found; the fallback's reason says to pass keywords."""
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    be = specdiff_fx.backend(inductor=False)
+    args = [inputs[k] for k in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")]
+    with pytest.warns(RuntimeWarning, match="pass its inputs as keywords"), torch.no_grad():
+        out = torch.compile(model, backend=be)(*args).sample
+        ref = model(*args).sample
+    torch.testing.assert_close(out, ref)
+    assert be.records[-1].status == "fallback" and "positional arguments" in be.records[-1].reason
+
+
 def test_grad_mode_compiles_without_caching():
     model, inputs = tiny_sd3(), sd3_inputs(1, 8, 8)
     be = specdiff_fx.backend(cache_ratio=0.5, inductor=False)

@@ -110,3 +110,36 @@ def test_the_last_step_to_zero_corrects_nothing():
     h.cached(0.2, v)
     out = h.full(0.05, v * 2, [0.4, 0.3, 0.2])  # the step estimate is sigma itself: the model's step takes it all
     assert torch.equal(out, v * 2) and h.acc is None and h.ref_sigma == 0.05
+
+
+def test_no_correction_where_the_step_estimate_cannot_be_trusted():
+    """A full call right after a short step of a custom schedule (0.290 to 0.289 among steps of
+    0.06): the step estimate (a hundredth of the next step) would scale the correction a hundred
+    times, so the call returns its output as computed; on a steady schedule it is corrected."""
+    from specdiff_fx.runtime.hindsight import STEP_RATIO, steady
+
+    v = torch.ones(3)
+    for before, corrected in (([0.41, 0.35], True), ([0.35, 0.29], False)):
+        h = Hindsight()
+        h.full(before[0], v, [0.47][: len(before) - 1])
+        h.cached(before[1], v)
+        sigma = 0.289 if not corrected else 0.29
+        out = h.full(sigma, v * 2, [0.47] + before)
+        assert torch.equal(out, v * 2) is not corrected and h.ref_sigma == sigma
+    assert steady([0.5, 0.4], 0.3) and not steady([0.35, 0.29], 0.289) and steady([1.0], 0.9)
+    assert steady([1.0, 0.9, 0.9], 0.8)  # Heun: the corrector's call at the step's end sigma
+    assert steady([0.5, 0.4], 0.4 - 0.1 * STEP_RATIO + 1e-9) and not steady([0.5, 0.4], 0.4 - 0.1 * STEP_RATIO - 0.01)
+    for kind in ("sd3", "flux256", "flux1024", "flux4096"):  # the pipelines' schedules are steady throughout
+        for steps in (4, 8, 20, 28, 50):
+            s = _schedule(kind, steps)
+            assert all(steady(s[:i], s[i]) for i in range(len(s))), (kind, steps)
+
+
+def _schedule(kind: str, steps: int) -> list[float]:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.test_controller_variants import _pipeline_sigmas
+
+    return _pipeline_sigmas(kind, steps)

@@ -108,11 +108,15 @@ def _blocks(gm: fx.GraphModule, family: Family) -> tuple[Block, ...]:
 
 
 def _input_index(gm: fx.GraphModule, *names: str) -> int:
-    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    for i, node in enumerate(placeholders):
         low = node.name.lower()
         if any(low in (f"l_kwargs_{n}_", f"l_{n}_") for n in names):
             return i
-    raise NotADiT(f"no graph input named {' or '.join(names)}")
+    positional = any(node.name.lower().startswith("l_args_") for node in placeholders)
+    hint = ("; the transformer was called with positional arguments, which its graph does not name: pass "
+            "its inputs as keywords (hidden_states=..., timestep=..., as diffusers' pipelines do)") if positional else ""
+    raise NotADiT(f"no graph input named {' or '.join(names)}{hint}")
 
 
 def _stream_layout(gm: fx.GraphModule, family: Family, n_stream: int,

@@ -19,7 +19,13 @@ by the same combination.
 ``dt_t``, the step the full call feeds, is not known when the call returns: its length is estimated
 from the schedule so far as ``d1 * (d1 / d2)`` from the last two steps (smooth schedules change
 their step geometrically), capped by ``sigma_t`` (a schedule ends at zero, so the last step is
-exactly ``sigma_t`` long). A wrong estimate scales the correction by ``dt_t / estimate``.
+exactly ``sigma_t`` long). A wrong estimate scales the correction by ``dt_t / estimate``, so the
+correction is made only where the last two steps differ by at most :data:`STEP_RATIO` (the
+pipelines' schedules: at most 1.8, SD3 at shift 3 and FLUX's dynamic shift at 4-100 steps): after a
+short step in a custom schedule (0.290 to 0.289, say, where the steps around it are 0.06) the
+estimate is a hundredth of the step that follows, and so many times the correction put an image
+of a tiny SD3 pipeline 12.5 dB off eager (the same schedule without the correction: 48.9 dB). Such
+a full call returns its output as computed, as with ``hindsight=False``.
 
 The correction is scaled by ``1 - |dt_t| / sigma_t``. The model answers a displacement ``dx`` of
 the latent with about ``dx / sigma`` in its output, as far as ``dx`` looks like noise to it (the
@@ -42,6 +48,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+#: the largest ratio between the last two steps (either way) where the step estimate is trusted
+STEP_RATIO = 3.0
+
+
+def steady(sigmas: list[float], sigma: float) -> bool:
+    """Whether the last two steps before a call at ``sigma`` differ by at most :data:`STEP_RATIO`,
+    so :func:`step_estimate` can be trusted; also where fewer than two are known, or the one before
+    the last has no length (Heun's corrector at the same sigma: the estimate is the last step)."""
+    sigmas = [s for s in sigmas if s > sigma]
+    if len(sigmas) < 2:
+        return True
+    d1, d2 = sigmas[-1] - sigma, sigmas[-2] - sigmas[-1]
+    return d2 <= 0 or 1.0 / STEP_RATIO <= d1 / d2 <= STEP_RATIO
 
 
 def step_estimate(sigmas: list[float], sigma: float) -> float | None:
@@ -90,7 +111,8 @@ class Hindsight:
         result = out
         fresh = out.detach().to(torch.float32, copy=True)  # kept as the next reference
         est = step_estimate(sigmas, sigma)
-        if self.acc is not None and est is not None and 0 < est < sigma and self.ref_sigma > sigma:
+        if (self.acc is not None and est is not None and 0 < est < sigma and self.ref_sigma > sigma
+                and steady(sigmas, sigma)):
             c = self.acc + (self.slope / (self.ref_sigma - sigma)) * (fresh - self.ref)
             result = (fresh - (1.0 - est / sigma) * c / est).to(out.dtype)
         self.ref_sigma, self.ref, self.acc, self.slope = sigma, fresh, None, 0.0
