@@ -280,15 +280,33 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
 
 
+class _TotalOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker, which installs *global* module forward
+    hooks while it counts: every thread's module calls then run them, and a thread whose call
+    Dynamo is tracing meanwhile fails (``... is already tracked for mutation``). The total needs no
+    split by module: every count goes to ``"Global"``."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> "_TotalOnly":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def flop_counter():
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU flash-attention
-    kernel (torch has no formula for it), so attention counts the same on every device."""
+    kernel (torch has no formula for it), so attention counts the same on every device, and that
+    counts the total only (no module hooks: other threads keep calling their models untouched)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     custom = {}
     if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_flops
-    return FlopCounterMode(display=False, custom_mapping=custom)
+    counter = FlopCounterMode(display=False, custom_mapping=custom)
+    counter.mod_tracker = _TotalOnly()
+    return counter
 
 
 def count_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:

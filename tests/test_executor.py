@@ -115,3 +115,20 @@ def test_parameters_are_passed_as_they_are_and_other_inputs_made_contiguous(capt
         want = ex.run_full(list(c.example_inputs)).user
         ex.full._loose = None  # as on a first call with that weight
         torch.testing.assert_close(ex.run_full(args).user, want)
+
+
+def test_counting_flops_installs_no_module_hooks_other_threads_would_run():
+    """Counting a variant's FLOPs (on the thread that builds it, maybe while another thread serves a
+    compiled model) installs no global module hooks, which every thread's module calls would run
+    (and a thread inside Dynamo would trace); the total is counted all the same."""
+    from torch.nn.modules import module
+
+    from specdiff_fx.variants import count_flops, flop_counter
+
+    lin = torch.nn.Linear(8, 4)
+    with flop_counter() as counter:
+        hooks = (len(module._global_forward_pre_hooks), len(module._global_forward_hooks))
+        lin(torch.randn(3, 8))
+    assert hooks == (0, 0)
+    assert counter.get_total_flops() == 2 * 3 * 8 * 4
+    assert count_flops(torch.fx.symbolic_trace(lin), [torch.randn(3, 8)]) == 2 * 3 * 8 * 4
