@@ -608,11 +608,10 @@ class ErrorAffine(ErrorControlled):
         return (e1 + state.slope * max(0.0, d - d1)) * self.step_weight(view)
 
     def observe(self, state: AffineState, view: StepView, obs: Observation) -> None:
-        first_call = state.step is None or (("sigma", obs.sigma) if obs.step is None else ("step", obs.step)) \
-            != state.step.key
+        before = state.step
         super().observe(state, view, obs)
         action, step = obs.decision.action, state.step
-        if first_call and action is Action.FULL:
+        if step is not before and action is Action.FULL:  # the step's first call (a new step's record)
             state.ended_first, state.current_first = state.current_first, None
         rate = step.rate
         if rate is None:

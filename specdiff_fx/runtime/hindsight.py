@@ -54,25 +54,33 @@ import torch
 STEP_RATIO = 3.0
 
 
+def _last_steps(sigmas: list[float], sigma: float) -> tuple[float, float] | None:
+    """``(d1, d2)``: the step to a call at ``sigma`` and the step before it, from the sigmas of the
+    calls before it (oldest first; ``d2`` 0 with one call before); ``None`` with none."""
+    sigmas = [s for s in sigmas if s > sigma]  # a second call at one sigma (Heun) steps on from it
+    if not sigmas:
+        return None
+    return sigmas[-1] - sigma, (sigmas[-2] - sigmas[-1] if len(sigmas) >= 2 else 0.0)
+
+
 def steady(sigmas: list[float], sigma: float) -> bool:
     """Whether the last two steps before a call at ``sigma`` differ by at most :data:`STEP_RATIO`,
     so :func:`step_estimate` can be trusted; also where fewer than two are known, or the one before
     the last has no length (Heun's corrector at the same sigma: the estimate is the last step)."""
-    sigmas = [s for s in sigmas if s > sigma]
-    if len(sigmas) < 2:
+    steps = _last_steps(sigmas, sigma)
+    if steps is None or steps[1] <= 0:
         return True
-    d1, d2 = sigmas[-1] - sigma, sigmas[-2] - sigmas[-1]
-    return d2 <= 0 or 1.0 / STEP_RATIO <= d1 / d2 <= STEP_RATIO
+    d1, d2 = steps
+    return 1.0 / STEP_RATIO <= d1 / d2 <= STEP_RATIO
 
 
 def step_estimate(sigmas: list[float], sigma: float) -> float | None:
     """The step (a positive length of sigma) after a call at ``sigma``, from the sigmas of the
     calls before it (oldest first); ``None`` with no call before."""
-    sigmas = [s for s in sigmas if s > sigma]  # a second call at one sigma (Heun) steps on from it
-    if not sigmas:
+    steps = _last_steps(sigmas, sigma)
+    if steps is None:
         return None
-    d1 = sigmas[-1] - sigma
-    d2 = sigmas[-2] - sigmas[-1] if len(sigmas) >= 2 else 0.0
+    d1, d2 = steps
     est = d1 * (d1 / d2) if d2 > 0 else d1
     return min(sigma, est)
 

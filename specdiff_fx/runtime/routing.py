@@ -157,6 +157,12 @@ class Branch:
     plan: "StepPlan | None" = None
     link: "Link | None" = None
 
+    def last_called_on(self, sigma: float, sample: torch.Tensor) -> bool:
+        """Whether the branch's newest call ran at ``sigma`` on exactly ``sample``."""
+        t = self.trace
+        return bool(t.sigmas) and _same_sigma(t.sigmas[0], sigma) and t.samples[0].shape == sample.shape \
+            and torch.equal(t.samples[0], sample)
+
     def called_on(self, sigma: float, sample: torch.Tensor) -> bool:
         """Whether one of the calls the trace remembers ran at ``sigma`` on exactly ``sample``."""
         return any(_same_sigma(s, sigma) and x.shape == sample.shape and x.dtype == sample.dtype
@@ -221,12 +227,8 @@ class Generation:
         br = self.branches[j]
         if j in self.members or not br.trace.sigmas:
             return
-        for m in self.members:
-            t = self.branches[m].trace
-            if t.sigmas and _same_sigma(t.sigmas[0], sigma) and t.samples[0].shape == sample.shape \
-                    and torch.equal(t.samples[0], sample):
-                self.members.add(j)
-                return
+        if any(self.branches[m].last_called_on(sigma, sample) for m in self.members):
+            self.members.add(j)
 
     @property
     def held_bytes(self) -> int:
@@ -491,10 +493,7 @@ class Router:
         """Whether a call under ``conditioning`` at ``sigma`` on ``sample`` is a further branch of
         ``gen``: one of its branches' last call ran there, and none of its branches ran there under
         this conditioning (that would be the same call again: another request)."""
-        def last_here(br: Branch) -> bool:
-            return bool(br.trace.sigmas) and _same_sigma(br.trace.sigmas[0], sigma) \
-                and br.trace.samples[0].shape == sample.shape and torch.equal(br.trace.samples[0], sample)
-        return any(last_here(br) for br in gen.branches) and not any(
+        return any(br.last_called_on(sigma, sample) for br in gen.branches) and not any(
             same_conditioning(br.conditioning, conditioning) and br.called_on(sigma, sample) for br in gen.branches)
 
     @staticmethod
