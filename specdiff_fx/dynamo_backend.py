@@ -16,6 +16,7 @@ import collections
 import logging
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -23,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from .config import SpecDiffConfig
+from .graph_utils import graph_fingerprint
 from .passes import DynamicShapes, NotADiT, analyze_dit, collapse_ulysses, specialize_shapes
 from .plan import DiTPlan
 from .variants import asks_for_cudagraphs, compile_graph, inputs_device, mode_options
@@ -31,6 +33,11 @@ log = logging.getLogger("specdiff_fx")
 
 _RECORDS: collections.deque["CompileRecord"] = collections.deque(maxlen=64)
 _WARNED: set[str] = set()
+#: what each backend configuration compiled for a static graph, by the graph's fingerprint (weak:
+#: an entry lives as long as Dynamo keeps the compiled graph). Dynamo routes a shape it has seen
+#: through its symbolic-shape graph once it has one, so a specialisation of that graph finds
+#: here the runtime of the static graph it equals, with its variants and its live generations.
+_BY_SHAPE: "weakref.WeakValueDictionary[tuple, Callable[..., Any]]" = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,34 @@ class SpecDiffBackend:
             raise TypeError(f"unexpected arguments to the specdiff backend: {sorted(kwargs)}")
         return self._compile(gm, example_inputs, dynamic_ok=True)
 
+    def _shape_key(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple | None:
+        fingerprint = graph_fingerprint(gm, list(example_inputs))
+        if fingerprint is None:
+            return None
+        key = (self.config, self.mode, torch.is_grad_enabled(), fingerprint)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
     def _compile(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic_ok: bool) -> Callable[..., Any]:
+        """Compile one graph; ``dynamic_ok=False`` for a specialisation of a symbolic-shape
+        graph, which first looks for what a configuration equal to this one compiled for an
+        equal static graph (a shape Dynamo saw before it made the graph dynamic)."""
+        key = self._shape_key(gm, example_inputs)
+        if not dynamic_ok and key is not None and (seen := _BY_SHAPE.get(key)) is not None:
+            log.info("specdiff: a shape compiled before; its compiled graph (and runtime) serve it again")
+            return seen
+        fn = self._build(gm, example_inputs, dynamic_ok)
+        if key is not None and not isinstance(fn, ShapeSpecializer):
+            try:
+                _BY_SHAPE[key] = fn
+            except TypeError:  # a compiled function that cannot be referenced weakly
+                pass
+        return fn
+
+    def _build(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic_ok: bool) -> Callable[..., Any]:
         t0 = time.perf_counter()
         original = gm
         try:
@@ -152,7 +186,9 @@ class ShapeSpecializer:
     """What the backend returns for a DiT graph with symbolic shapes (Dynamo makes a
     dimension dynamic once it has seen two sizes, e.g. a second resolution): each new
     concrete input shape gets its own static specialisation and its own runtime, i.e.
-    its own compiled variants and its own generation state, as with ``dynamic=False``."""
+    its own compiled variants and its own generation state, as with ``dynamic=False``; a
+    specialisation equal to a static graph compiled before gets what was compiled for it
+    (see ``SpecDiffBackend._compile``)."""
 
     def __init__(self, backend: "SpecDiffBackend", gm: fx.GraphModule) -> None:
         self.backend, self.gm = backend, gm

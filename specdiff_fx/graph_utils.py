@@ -139,3 +139,47 @@ def example_value(placeholder: fx.Node) -> torch.Tensor | None:
     if isinstance(fake, torch.Tensor) and tuple(fake.shape) != tuple(value.shape):
         return None
     return value
+
+
+def graph_fingerprint(gm: fx.GraphModule, example_inputs: list[Any] | tuple[Any, ...]) -> tuple | None:
+    """A hashable key for "the same computation on the same kind of inputs": every node's op,
+    target and operands (operands by position, so node names do not matter; a placeholder by
+    its target, which the passes read), each input's shape, strides, dtype, device and
+    ``requires_grad``, and the identity of each parameter input and of each ``get_attr``
+    value. Two graphs with equal keys compute the same thing for the same arguments.
+    ``None`` for a graph with a non-tensor input (a symbolic size) or an operand that cannot
+    be keyed."""
+    if not all(isinstance(a, torch.Tensor) for a in example_inputs):
+        return None
+    index: dict[fx.Node, int] = {}
+
+    def key(value: Any) -> Any:
+        if isinstance(value, fx.Node):
+            return ("%", index[value])
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, *(key(v) for v in value))
+        if isinstance(value, dict):
+            return ("dict", *((k, key(v)) for k, v in value.items()))
+        if isinstance(value, slice):
+            return ("slice", key(value.start), key(value.stop), key(value.step))
+        if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise TypeError("a tensor or symbolic operand")
+        return value
+
+    nodes = []
+    try:
+        for i, node in enumerate(gm.graph.nodes):
+            index[node] = i
+            target = node.target
+            if node.op == "get_attr":
+                target = ("attr", target, id(getattr(gm, target, None)))
+            elif node.op == "call_module":
+                target = ("module", target, id(gm.get_submodule(target)))
+            nodes.append((node.op, target, key(node.args), key(node.kwargs)))
+        inputs = tuple((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad,
+                        id(a) if isinstance(a, torch.nn.Parameter) else None) for a in example_inputs)
+        fingerprint = (tuple(nodes), inputs)
+        hash(fingerprint)
+    except (TypeError, KeyError, RuntimeError, AttributeError):
+        return None
+    return fingerprint

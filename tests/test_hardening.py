@@ -244,17 +244,20 @@ def test_shape_change_inside_a_generation_resets_instead_of_reusing():
     model = tiny_sd3()
     torch._dynamo.reset()  # dynamic from the start: one graph, one runtime per shape
     cm = torch.compile(model, backend=specdiff_fx.backend(**FAST), dynamic=True)
-    small, large = sd3_inputs(2, 8, 8, seed=1), sd3_inputs(2, 8, 12, seed=1)
+    small, large, other = sd3_inputs(2, 8, 8, seed=1), sd3_inputs(2, 8, 12, seed=1), sd3_inputs(2, 8, 8, seed=2)
     sig = torch.linspace(1, 0, 11)
-    with torch.no_grad():
+    with specdiff_fx.track() as tracker, torch.no_grad():
         euler(cm, small, sigmas=sig[:6])  # steps 0-4 at one size
         euler(cm, large, sigmas=sig[5:8])  # the caller switches size mid-generation
-        euler(cm, small, sigmas=sig[7:])  # ... and back: the old caches are stale
-    rep = specdiff_fx.last_generation()
-    # whichever runtime served the last calls, it started over: step 0, full, at sigma 0.3
-    assert rep.steps[0].kind == "full" and rep.steps[0].step == 0 and abs(rep.steps[0].sigma - 0.3) < 1e-6
-    assert len(rep.main_steps) == 3
-    # (test_runtime.py covers the case where the old runtime itself is called again)
+        euler(cm, other, sigmas=sig[7:])  # ... and back, on a latent the first size's generation never had
+    first, switched, back = tracker.reports
+    # each part started over: step 0, full, at its first sigma, with the first size's runtime
+    # serving the last part again (a latent that continues its generation resumes it:
+    # test_specialize_shapes.py and test_runtime.py cover that)
+    for rep, sigma, tokens in ((first, 1.0, 16), (switched, 0.5, 24), (back, 0.3, 16)):
+        assert rep.steps[0].kind == "full" and rep.steps[0].step == 0 and abs(rep.steps[0].sigma - sigma) < 1e-6
+        assert rep.num_image_tokens == tokens
+    assert len(back.main_steps) == 3
 
 
 # -- numerics, grad, recompiles --------------------------------------------------------------

@@ -16,10 +16,9 @@ CASES = {
 }
 
 
-def dynamic_graph(name):
-    """The graph Dynamo traces after a second resolution, with the real args of that call."""
-    make, inputs, shapes = CASES[name]
-    model = make()
+def traced_calls(model, inputs, shapes):
+    """``(graph, args)`` of each call of ``model`` compiled by a backend that runs Dynamo's
+    graphs as they are, called at ``shapes`` in turn."""
     store = []
 
     def grab(gm, example_inputs):
@@ -34,7 +33,14 @@ def dynamic_graph(name):
     with torch.no_grad():
         for shape in shapes:
             compiled(**inputs(shape))
-    return model, inputs(shapes[1]), *store[-1]
+    return store
+
+
+def dynamic_graph(name):
+    """The graph Dynamo traces after a second resolution, with the real args of that call."""
+    make, inputs, shapes = CASES[name]
+    model = make()
+    return model, inputs(shapes[1]), *traced_calls(model, inputs, shapes)[-1]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -105,3 +111,56 @@ def test_in_place_writes_survive_specialisation():
     assert sum(n.target is operator.setitem for n in static.graph.nodes) == 2
     torch.testing.assert_close(static(*[args[i] for i in kept])[0], model(x, cos))
     assert all(p.meta["specdiff_example"]() is args[i] for p, i in zip(static.graph.find_nodes(op="placeholder"), kept))
+
+
+def _flux_steps(model, inputs, sigmas):
+    """A FLUX Euler loop as a generator: one transformer call per ``next``, the latent last."""
+    x = inputs["hidden_states"].clone()
+    for i in range(len(sigmas) - 1):
+        v = model(**dict(inputs, hidden_states=x, timestep=torch.full((1,), float(sigmas[i])))).sample
+        x = x + (sigmas[i + 1] - sigmas[i]) * v
+        yield x
+
+
+def test_a_shape_seen_before_keeps_its_runtime():
+    """Once Dynamo has a symbolic-shape graph, it routes a shape it had compiled statically
+    through that graph. The specialisation for that shape is the static graph again, and the
+    backend returns what it compiled for it (configured by a string backend, so each Dynamo
+    graph has a backend object of its own): no variant is compiled again, and a generation in
+    flight at that shape keeps its state, giving what it gives alone."""
+    model = tiny_flux()
+    options = {"inductor": False, "controller": "fixed", "warmup_steps": 2, "refresh_at": (0.6,)}
+    a, b = flux_inputs(1, 4, 4, seed=1), flux_inputs(1, 4, 6, seed=2)
+    sigmas = torch.linspace(1, 0, 9)
+    with torch.no_grad():
+        specdiff_fx.reset(), torch._dynamo.reset()
+        alone = list(_flux_steps(torch.compile(model, backend="specdiff", options=options), a, sigmas))[-1]
+        specdiff_fx.reset(), torch._dynamo.reset()
+        before = len(specdiff_fx.compile_records())
+        compiled = torch.compile(model, backend="specdiff", options=options)
+        runs = [_flux_steps(compiled, a, sigmas), _flux_steps(compiled, b, sigmas)]
+        for _ in range(len(sigmas) - 1):  # the two generations step by step, interleaved
+            out_a, out_b = (next(run) for run in runs)
+        records = specdiff_fx.compile_records()[before:]
+        report = specdiff_fx.last_generation()
+    assert [(r.status, r.plan.num_image_tokens) for r in records] == [("specdiff", 16), ("specdiff", 24)]
+    torch.testing.assert_close(out_a, alone, atol=0, rtol=0)
+    assert report.num_image_tokens == 24 and not report.notes
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fingerprint_tells_equal_static_graphs(name):
+    """The symbolic graph specialised back to the first call's shape has the fingerprint of
+    the static graph Dynamo traced for that call; another shape, or another model's weights,
+    another."""
+    from specdiff_fx.graph_utils import graph_fingerprint
+
+    make, inputs, shapes = CASES[name]
+    (first, first_args), (symbolic, second_args), (again, third_args) = traced_calls(make(), inputs, shapes + shapes[:1])
+    assert again is symbolic and graph_fingerprint(symbolic, second_args) is None  # SymInt inputs
+    static, kept = specialize_shapes(symbolic, third_args)
+    assert graph_fingerprint(static, [third_args[i] for i in kept]) == graph_fingerprint(first, first_args)
+    other, kept2 = specialize_shapes(symbolic, second_args)
+    assert graph_fingerprint(other, [second_args[i] for i in kept2]) != graph_fingerprint(first, first_args)
+    swapped = [torch.nn.Parameter(a.detach().clone()) if isinstance(a, torch.nn.Parameter) else a for a in first_args]
+    assert graph_fingerprint(first, swapped) != graph_fingerprint(first, first_args)

@@ -4,7 +4,8 @@ Dynamo turns a dimension dynamic once it has seen two sizes (a second resolution
 plain ``torch.compile(..., backend="specdiff")`` receives symbolic graphs after a
 resolution change. The rewrite needs static token counts (``k`` is static per variant),
 so the backend specialises such a graph per concrete input shape, as ``dynamic=False``
-would, and keeps one runtime (with its own state) per shape.
+would, and keeps one runtime (with its own state) per shape; a shape whose static graph the
+backend compiled before (Dynamo's graph before it went symbolic) gets that graph's runtime.
 
 Reads: the graph and one concrete call's arguments (tensors, and ints for SymInt inputs).
 Writes: a new graph in which every non-tensor value (SymInt inputs, size arithmetic,
