@@ -116,10 +116,11 @@ class SpecDiffBackend:
             return seen
         fn = self._build(gm, example_inputs, dynamic_ok)
         if key is not None and not isinstance(fn, ShapeSpecializer):
-            try:
-                _BY_SHAPE[key] = fn
-            except TypeError:  # a compiled function that cannot be referenced weakly
-                pass
+            from .runtime import SpecDiffRuntime
+
+            if not isinstance(fn, (SpecDiffRuntime, _Held)):  # compiled without caching: Dynamo keeps the holder
+                fn = _Held(fn)
+            _BY_SHAPE[key] = fn
         return fn
 
     def _build(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic_ok: bool) -> Callable[..., Any]:
@@ -180,6 +181,21 @@ class SpecDiffBackend:
         self._record(CompileRecord("fallback", reason, plan.family if plan else None, plan,
                                    time.perf_counter() - t0))
         return fn
+
+
+class _Held:
+    """A compiled graph that is not a runtime (compiled without caching, or a fallback), as the
+    backend returns it to Dynamo: what Dynamo keeps alive keeps the weak entry of
+    :data:`_BY_SHAPE` alive (the callable inside may be one Dynamo replaces, e.g. the bound
+    ``forward`` of a lazily recompiled graph module)."""
+
+    __slots__ = ("fn", "__weakref__")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
 
 
 class ShapeSpecializer:

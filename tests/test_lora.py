@@ -110,3 +110,31 @@ def test_a_per_call_scale_keeps_caching(name):
     # call near the tolerance may go either way (at most one call's share of the 12 apart)
     assert max(seen[0.5][0], seen[1.0][0]) < 0.8 and abs(seen[0.5][0] - seen[1.0][0]) <= 1 / 12, seen
     assert seen[0.5][1] < 2 * seen[1.0][1] + 1e-3, seen
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("how", ["per_call", "set_adapters"])
+def test_the_scale_after_a_second_resolution(name, how):
+    """Once a second resolution made Dynamo trace with symbolic shapes, the backend specialises
+    each shape; the scale (a 0-d tensor input by then) stays an input of each specialisation, so
+    a shape specialised at one scale serves the next call at another: every call equals eager
+    at its own scale, with caching and at ``cache_ratio=0`` (whose graphs are kept per shape,
+    as the cached ones are: a shape seen before compiles nothing)."""
+    model = with_lora(name)[0]
+    shapes = (sd3_inputs, (8, 8), (8, 12)) if name == "sd3" else (flux_inputs, (4, 4), (6, 6))
+    make, first, second = shapes
+    calls = [(first, 1.0), (second, 1.0), (second, 0.3), (second, 0.7), (first, 0.7), (first, 0.3), (second, 1.5)]
+    for options in ({"inductor": False, "cache_ratio": 0.0}, {"inductor": False}):
+        backend = specdiff_fx.backend(**options)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)
+        for shape, scale in calls:
+            inputs = make(1, *shape, seed=1)
+            kw = {"joint_attention_kwargs": {"scale": scale}} if how == "per_call" else {}
+            if how == "set_adapters":
+                model.set_adapters(["style"], weights=[scale])
+            with torch.no_grad():
+                out, ref = compiled(**inputs, **kw).sample, model(**inputs, **kw).sample
+            assert rel(out, ref) <= 1e-6, (options, shape, scale)
+        # the first shape, the second, and (the scale now an input) both again in the new graph
+        assert len(backend.records) == 4, [(r.status, r.reason) for r in backend.records]
