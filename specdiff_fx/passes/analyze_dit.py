@@ -80,6 +80,22 @@ def _stream_start(gm: fx.GraphModule, path: str) -> fx.Node | None:
     return found
 
 
+def _gap_hint(gm: fx.GraphModule, nodes: list[fx.Node], first: int, last: int) -> str:
+    """What lies between a block's nodes, for the reason of a fallback: the calls outside any
+    module (diffusers' ``_native_*`` attention backends wrap each attention in
+    ``torch.nn.attention._sdpa_kernel`` calls, which Dynamo records without a module stack)."""
+    inside = set(nodes)
+    gap = [n for n in list(gm.graph.nodes)[first:last + 1] if n not in inside]
+    targets = sorted({getattr(n.target, "__name__", str(n.target)) for n in gap if n.op == "call_function"})
+    if not targets:
+        return ""
+    hint = f" (between them, calls outside the block: {', '.join(targets[:4])}"
+    if "_sdpa_kernel" in targets:
+        hint += ("; diffusers' _native_* attention backends add these: the default attention backend, "
+                 "set_attention_backend(\"native\"), is supported")
+    return hint + ")"
+
+
 def _blocks(gm: fx.GraphModule, family: Family) -> tuple[Block, ...]:
     runs: dict[str, list[fx.Node]] = {}
     kinds: dict[str, str] = {}
@@ -102,7 +118,7 @@ def _blocks(gm: fx.GraphModule, family: Family) -> tuple[Block, ...]:
         nodes = runs[path]
         first, last = names.index(nodes[0].name), names.index(nodes[-1].name)
         if last - first + 1 != len(nodes):
-            raise NotADiT(f"block {path} is not one contiguous run of graph nodes")
+            raise NotADiT(f"block {path} is not one contiguous run of graph nodes" + _gap_hint(gm, nodes, first, last))
         blocks.append(Block(path, kinds[path], nodes[0].name, nodes[-1].name, len(nodes)))
     return tuple(blocks)
 
