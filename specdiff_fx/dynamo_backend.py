@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from .config import SpecDiffConfig
 from .graph_utils import graph_fingerprint
-from .passes import DynamicShapes, NotADiT, analyze_dit, collapse_ulysses, specialize_shapes
+from .passes import DynamicShapes, NotADiT, analyze_dit, collapse_ulysses, read_scalars, specialize_shapes
 from .plan import DiTPlan
 from .variants import asks_for_cudagraphs, compile_graph, inputs_device, mode_options
 
@@ -204,15 +204,18 @@ class ShapeSpecializer:
     concrete input shape gets its own static specialisation and its own runtime, i.e.
     its own compiled variants and its own generation state, as with ``dynamic=False``; a
     specialisation equal to a static graph compiled before gets what was compiled for it
-    (see ``SpecDiffBackend._compile``)."""
+    (see ``SpecDiffBackend._compile``). A number the graph reads from a 0-d tensor input (a
+    LoRA scale changed between calls) is baked into the specialisation, so its value is part
+    of the key: each new value is another specialisation."""
 
     def __init__(self, backend: "SpecDiffBackend", gm: fx.GraphModule) -> None:
         self.backend, self.gm = backend, gm
         self.compiled: dict[tuple, tuple[Callable[..., Any], list[int]]] = {}
+        self.scalars = read_scalars(gm)  # inputs whose values a specialisation bakes in
 
-    @staticmethod
-    def _key(args: Sequence[Any]) -> tuple:
-        return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+    def _key(self, args: Sequence[Any]) -> tuple:
+        shapes = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
+        return shapes + tuple(args[i].item() for i in self.scalars)  # e.g. a LoRA scale: one graph per value
 
     def __call__(self, *args: Any) -> Any:
         key = self._key(args)

@@ -111,15 +111,19 @@ def test_a_native_attention_backend_says_which_one_is_supported(fresh_warnings):
     """diffusers' ``_native_*`` attention backends wrap each attention in ``_sdpa_kernel`` calls
     that Dynamo records outside any module, so a block is no longer one run of nodes: the graph
     falls back, and the reason says what is in the way and which backend is supported."""
+    from diffusers.models.attention_dispatch import attention_backend
     from family_models import flux2_inputs, tiny_flux2
 
     model = tiny_flux2()
-    model.set_attention_backend("_native_math")
     be = specdiff_fx.backend(inductor=False)
     torch._dynamo.reset()
-    with torch.no_grad():
+    # set_attention_backend also sets diffusers' process-wide active backend, for every model
+    # (reset_attention_backend does not undo that): the context restores it for later tests
+    with attention_backend("native"), torch.no_grad():
+        model.set_attention_backend("_native_math")
         out = torch.compile(model, backend=be)(**flux2_inputs(2, 4, 6), return_dict=False)[0]
         ref = model(**flux2_inputs(2, 4, 6), return_dict=False)[0]
+    torch._dynamo.reset()
     torch.testing.assert_close(out, ref)
     assert [r.status for r in be.records] == ["fallback"]
     assert "_sdpa_kernel" in be.records[0].reason and 'set_attention_backend("native")' in be.records[0].reason

@@ -19,7 +19,7 @@ from .few_row_linear import few_row_linear
 from .finalize_outputs import finalize_outputs
 from .gather_token_subset import gather_token_subset
 from .skip_token_stream import skip_token_stream
-from .specialize_shapes import specialize_shapes
+from .specialize_shapes import read_scalars, specialize_shapes
 from ..signature import VariantKey, VariantKind
 
 #: full variant: the original computation plus K/V, score and per-token outputs
@@ -57,5 +57,6 @@ __all__ = [
     "FULL_PASSES", "SKIP_PASSES", "SPARSE_PASSES", "DynamicShapes", "NotADiT", "NewInput", "RewriteContext", "analyze_dit",
     "attend_with_kv_cache", "blend_token_history", "collapse_ulysses", "expose_attention_kv", "expose_attention_score",
     "expose_token_output", "few_row_linear", "finalize_outputs", "gather_token_subset", "passes_for", "run_passes", "skip_token_stream",
+    "read_scalars",
     "specialize_shapes",
 ]

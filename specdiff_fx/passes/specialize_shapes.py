@@ -9,14 +9,14 @@ backend compiled before (Dynamo's graph before it went symbolic) gets that graph
 
 Reads: the graph and one concrete call's arguments (tensors, and ints for SymInt inputs).
 Writes: a new graph in which every non-tensor value (SymInt inputs, size arithmetic,
-shape asserts) is replaced by its constant, SymInt inputs are removed, and every node's
+shape asserts, ``.item()`` of scalar inputs) is replaced by its constant, SymInt inputs are removed, and every node's
 ``meta["val"]`` is a fake tensor with static shapes (Dynamo's symbolic
 ``example_value`` is dropped); each tensor input's ``meta["specdiff_example"]`` is a weak
 reference to the concrete argument (read by :func:`~specdiff_fx.graph_utils.example_value`
 while the call that specialises is running; never kept alive by the graph).
-A number read from a scalar input (``.item()``: Dynamo passes a float that changed between
-calls, e.g. a LoRA adapter's scale, as a 0-d tensor), and any number computed from it, stays
-a runtime value, as in a static graph of Dynamo's: the next call of that shape may pass another.
+A number read from a scalar input with ``.item()`` (Dynamo passes a float that changed between
+calls, e.g. a LoRA adapter's scale, as a 0-d tensor) is baked in too: the caller keys each
+specialisation on those inputs' values as well (:func:`read_scalars`).
 Keeps true: for inputs of that concrete shape the new graph computes what the old one did
 (side-effectful nodes, e.g. the ``setitem`` of an in-place write, are never removed).
 Returns the graph and the indices of the inputs it still takes.
@@ -29,8 +29,9 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..graph_utils import clone_graph_module, static_fake_mode
+from ..graph_utils import clone_graph_module
 
 
 def _is_constant(value: Any) -> bool:
@@ -51,9 +52,16 @@ def _concrete(value: Any) -> Any:
     return value
 
 
+def read_scalars(gm: fx.GraphModule) -> list[int]:
+    """The indices of the inputs whose value :func:`specialize_shapes` bakes in: those read
+    with ``.item()``."""
+    return [i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
+            if any(u.op == "call_method" and u.target == "item" for u in p.users)]
+
+
 def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
     new = clone_graph_module(gm)
-    mode = static_fake_mode()  # a shape environment: Inductor traces a kept .item() in it
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
     values: dict[fx.Node, Any] = {}
 
@@ -61,19 +69,13 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
     scalars = {p: a.item() for p, a in zip(new.graph.find_nodes(op="placeholder"), args)
                if isinstance(a, torch.Tensor) and a.numel() == 1}
 
-    # numbers read from scalar inputs, and the numbers computed from them: runtime values, kept
-    runtime: set[fx.Node] = set()
-
     class Interp(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             source = n.args[0] if n.args else None
             if n.op == "call_method" and n.target == "item" and source in scalars:
-                result = scalars[source]  # a scalar input Dynamo made dynamic (e.g. a LoRA scale)
-                runtime.add(n)
+                result = scalars[source]  # a scalar input Dynamo made dynamic (e.g. an eps)
             else:
                 result = super().run_node(n)
-                if not isinstance(result, torch.Tensor) and any(a in runtime for a in n.all_input_nodes):
-                    runtime.add(n)
             values[n] = result
             return result
 
@@ -93,8 +95,8 @@ def specialize_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> tuple[fx.Graph
             node.meta["val"] = value
             node.meta.pop("example_value", None)
             continue
-        if not _is_constant(value) or node in runtime:
-            continue  # tuples of tensors (split results), numbers read from inputs, etc. stay
+        if not _is_constant(value):
+            continue  # tuples of tensors (split results) etc. stay
         constant = _concrete(value)
         for user in list(node.users):
             user.args = fx.map_arg(user.args, lambda x, node=node, c=constant: c if x is node else x)
