@@ -652,8 +652,9 @@ class SpecDiffRuntime:
                 how = "cache" if mode is ContextMode.CACHED else "compute (classifier-free guidance)"
                 msg = (f"specdiff: context_ratio={ratio}: this {self.plan.family} graph computes no subset of "
                        f"its context tokens ({self.plan.text_subset_error}); cached steps {how} all of them")
-                log.info(msg)
-                self._report.notes.append(msg)
+                if msg not in self._report.notes:  # once per generation, not once per branch
+                    log.info(msg)
+                    self._report.notes.append(msg)
             state.context = {ContextMode.CACHED: ContextCaching.CACHED, ContextMode.SUBSET: ContextCaching.SUBSET,
                              ContextMode.COMPUTE: ContextCaching.COMPUTED}[mode]
             state.k_txt = k_txt
