@@ -345,19 +345,50 @@ def test_wan_variants_rewrite_exactly(variant_name):
     torch.testing.assert_close(sx["subset"], _at(extras["tokens"], idx), atol=1e-5, rtol=1e-4)
 
 
-def test_wan_image_to_video_follows_its_latent_inside_the_input():
-    """Wan 2.1 image-to-video feeds ``cat([latents, condition], dim=1)`` and gets a velocity
-    shaped like ``latents``: the runtime follows the leading channels as the latent the sampler
-    moves and the rest as conditioning, so the loop is one generation that caches (not a new
-    generation per call), and another condition on the same noise is another generation."""
-    model = tiny_wan(image_dim=10, added_kv_proj_dim=24, in_channels=8)
+def _flux_fill():
+    """FLUX Fill's transformer: the packed latent (4 channels here) with the masked image's
+    latents concatenated on the last axis, a velocity of the latent's 4 channels."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=12, out_channels=4, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                  pooled_projection_dim=10, guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def _flux_fill_rest(g):
+    from oracle import flux_inputs
+
+    return {k: v for k, v in flux_inputs(1, 8, 8, seed=1).items() if k not in ("hidden_states", "timestep")}
+
+
+#: a latent inside a wider input: (model, latent shape, condition shape, axis, other inputs, timestep scale)
+CONCATENATED = {
+    # Wan 2.1 image-to-video: cat([latents, condition], dim=1)
+    "wan_i2v": (lambda: tiny_wan(image_dim=10, added_kv_proj_dim=24, in_channels=8), (1, 4, 2, 6, 8), (1, 4, 2, 6, 8),
+                1, lambda g: {"encoder_hidden_states": torch.randn(1, 512, TEXT_DIM, generator=g),
+                              "encoder_hidden_states_image": torch.randn(1, 3, 10, generator=g)}, 1000.0),
+    # FLUX Fill: cat([latents, masked image latents], dim=2)
+    "flux_fill": (_flux_fill, (1, 64, 4), (1, 64, 8), 2, _flux_fill_rest, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(CONCATENATED))
+def test_a_latent_inside_a_wider_input_is_followed(name):
+    """Wan 2.1 image-to-video and FLUX Fill feed the transformer the latent concatenated with a
+    condition and get a velocity shaped like the latent: the runtime follows the leading part
+    as the latent the sampler moves and the rest as conditioning, so the loop is one generation
+    that caches (not a new generation per call), and another condition on the same noise is
+    another generation."""
+    make, latent, cond_shape, axis, rest_of, per_sigma = CONCATENATED[name]
+    model = make()
     torch._dynamo.reset()
+    # the looser tolerance of the random Wan model (RANDOM_MODEL_OPTIONS) for both: random tiny models change fast
     compiled = torch.compile(model, backend="specdiff", options={"inductor": False, **RANDOM_MODEL_OPTIONS["wan"]})
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, 2, 6, 8, generator=g)
-    conds = [torch.randn(1, 4, 2, 6, 8, generator=g) for _ in range(2)]
-    rest = {"encoder_hidden_states": torch.randn(1, 512, TEXT_DIM, generator=g),
-            "encoder_hidden_states_image": torch.randn(1, 3, 10, generator=g)}
+    noise = torch.randn(*latent, generator=g)
+    conds = [torch.randn(*cond_shape, generator=g) for _ in range(2)]
+    rest = rest_of(g)
     sigmas = torch.linspace(1.0, 0.0, 13)
     sigmas = 3.0 * sigmas / (1 + 2.0 * sigmas)
 
@@ -365,7 +396,7 @@ def test_wan_image_to_video_follows_its_latent_inside_the_input():
         x = noise.clone()
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             with torch.no_grad():
-                v = m(hidden_states=torch.cat([x, cond], dim=1), timestep=torch.full((1,), float(s) * 1000),
+                v = m(hidden_states=torch.cat([x, cond], dim=axis), timestep=torch.full((1,), float(s) * per_sigma),
                       return_dict=False, **rest)[0]
             x = x + (s_next - s) * v
         return x
