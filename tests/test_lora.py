@@ -116,8 +116,8 @@ def test_a_per_call_scale_keeps_caching(name):
 @pytest.mark.parametrize("how", ["per_call", "set_adapters"])
 def test_the_scale_after_a_second_resolution(name, how):
     """Once a second resolution made Dynamo trace with symbolic shapes, the backend specialises
-    each shape; the scale (a 0-d tensor input by then) stays an input of each specialisation, so
-    each value of the scale is another specialisation: every call equals eager at its own scale,
+    each shape; the scale (a 0-d tensor input of the symbolic graph by then) is baked into each
+    specialisation, so each value of the scale is another one: every call equals eager at its own scale,
     with caching and at ``cache_ratio=0`` (whose graphs are kept per shape and scale, as the
     cached ones are: a shape and scale seen before compile nothing)."""
     model = with_lora(name)[0]
