@@ -73,6 +73,11 @@ class DiTPlan:
     #: puts values written back to module attributes before it (a LoRA scale set inside
     #: ``forward``)
     sample_output: int = 0
+    #: ``(axis, length)`` of the leading part of the latent input that the output matches, where the
+    #: input is wider than the output on one axis (Wan image-to-video: ``cat([latents, condition],
+    #: dim=1)``; FLUX Fill: ``dim=2``): the part the sampler moves, the rest being conditioning.
+    #: None: the latent input is shaped like the output
+    moving: tuple[int, int] | None = None
     weight_input: int | None = None  # index of a parameter input: identifies the model at run time
     #: indices of the conditioning inputs (neither latent, timestep nor module state): fixed
     #: through a generation, they tell interleaved generations apart at run time

@@ -20,6 +20,7 @@ def test_plan_describes_the_model(captured, name):
     placeholders = list(c.gm.graph.find_nodes(op="placeholder"))
     assert "timestep" in placeholders[plan.timestep_input].name
     assert "hidden_states" in placeholders[plan.sample_input].name
+    assert plan.moving is None  # the latent input is shaped like the output
     if name == "flux":
         assert plan.family == "flux" and plan.timestep_per_sigma == 1.0
         assert [b.kind for b in plan.blocks] == ["FluxTransformerBlock"] * 2 + ["FluxSingleTransformerBlock"] * 2

@@ -225,6 +225,21 @@ def _sample_output(gm: fx.GraphModule, end: fx.Node) -> int:
     return i
 
 
+def _moving(gm: fx.GraphModule, sample_input: int, sample_output: int) -> tuple[int, int] | None:
+    """Where the latent input is wider than the model's output on exactly one axis, that axis and
+    the output's length on it: the leading part of the input the sampler moves (the model returns
+    its velocity); the rest is conditioning concatenated to it. None otherwise."""
+    latent = node_shape(list(gm.graph.find_nodes(op="placeholder"))[sample_input])
+    out = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+    out = node_shape(out[sample_output] if isinstance(out, (tuple, list)) else out)
+    if latent is None or out is None or len(latent) != len(out) or latent == out:
+        return None
+    axes = [d for d in range(len(latent)) if latent[d] != out[d]]
+    if len(axes) != 1 or latent[axes[0]] < out[axes[0]]:
+        return None
+    return axes[0], out[axes[0]]
+
+
 def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
     """Find the image-token stream, blocks, attention calls and side inputs of a DiT graph."""
     modules = {path_cls for node in gm.graph.nodes for path_cls in module_paths(node)}
@@ -285,6 +300,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
             raise NotADiT("a tensor carries image tokens on its batch axis")
 
     timestep_input, sample_input = _input_index(gm, "timestep"), _input_index(gm, "hidden_states")
+    sample_output = _sample_output(gm, end)
     return DiTPlan(
         family=family.name,
         batch=batch,
@@ -300,7 +316,8 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         timestep_input=timestep_input,
         sample_input=sample_input,
         timestep_per_sigma=family.timestep_per_sigma,
-        sample_output=_sample_output(gm, end),
+        sample_output=sample_output,
+        moving=_moving(gm, sample_input, sample_output),
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if is_parameter_input(p)), None),
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))

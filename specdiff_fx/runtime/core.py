@@ -100,9 +100,6 @@ class SpecDiffRuntime:
         self._warned: set[str] = set()
         self._reuse: dict[tuple, torch.Tensor] = {}  # :meth:`_reuse_weights`, per shape
         self._lock = threading.RLock()
-        #: (axis, length) of the leading part of the latent input the sampler moves, where the
-        #: input carries more (:meth:`_learn_moving`); None: the whole latent (or not seen yet)
-        self._moving: tuple[int, int] | None = None
         _LIVE.add(self)
 
     # -- public -----------------------------------------------------------------------
@@ -158,9 +155,6 @@ class SpecDiffRuntime:
                 out, full = self._first_step(args, sigma, j, state), True
             else:
                 out, full = self._later_step(args, sigma, j, state)
-            if self._moving is None and self._learn_moving(latent, self._sample_of(out)):
-                sample, fixed = self._moving_part(latent)  # the runtime's first call: its branch too
-                branch.conditioning += tuple(detached(c) for c in fixed)
             out = self._hindsight(out, full, sigma, latent, state)
             branch.trace.push(sigma, sample, self._sample_of(out))
             state.sigmas.append(sigma)
@@ -578,28 +572,13 @@ class SpecDiffRuntime:
             self._record(-1, branch, "speculative", sigmas[j], self.executor.full_flops)
             v = self._sample_of(out.user)
 
-    def _learn_moving(self, latent: Any, output: Any) -> bool:
-        """From a call's latent input and output: where the model's input carries more than the
-        latent the sampler moves (Wan image-to-video: ``cat([latents, condition], dim=1)``, the
-        output shaped like ``latents``), the axis and length of that leading part. Whether found."""
-        if not isinstance(latent, torch.Tensor) or not isinstance(output, torch.Tensor) \
-                or latent.dim() != output.dim() or latent.shape == output.shape:
-            return False
-        axes = [d for d in range(latent.dim()) if latent.shape[d] != output.shape[d]]
-        if len(axes) != 1 or latent.shape[axes[0]] < output.shape[axes[0]]:
-            return False
-        self._moving = (axes[0], output.shape[axes[0]])
-        return True
-
     def _moving_part(self, latent: Any) -> tuple[Any, tuple[Any, ...]]:
         """The part of the latent input the sampler moves, for routing, and the rest, routed as
         conditioning (another image's condition is another generation); the whole latent and
-        nothing where the two are one (:meth:`_learn_moving`)."""
-        if self._moving is None or not isinstance(latent, torch.Tensor):
+        nothing where the two are one (``DiTPlan.moving``)."""
+        if self.plan.moving is None or not isinstance(latent, torch.Tensor):
             return latent, ()
-        axis, n = self._moving
-        if latent.dim() <= axis or latent.shape[axis] <= n:
-            return latent, ()
+        axis, n = self.plan.moving
         return latent.narrow(axis, 0, n), (latent.narrow(axis, n, latent.shape[axis] - n),)
 
     def _sample_of(self, outputs: Sequence[Any]) -> Any:
