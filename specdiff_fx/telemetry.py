@@ -212,6 +212,18 @@ class Tracker:
         return [r.settle() for r in self._reports]
 
     @property
+    def flops_fraction(self) -> float:
+        """Transformer FLOPs executed by every generation tracked (speculative calls included)
+        over the FLOPs of computing each one's main-run calls in full: a request's share where
+        it runs several generations (skip-layer guidance's second graph, Wan 2.2's two experts,
+        two resolutions). NaN if none ran a call."""
+        reports = self.reports
+        full = sum(len(r.main_steps) * r.full_flops for r in reports)
+        if not full:
+            return float("nan")
+        return sum(s.flops for r in reports for s in r.steps) / full
+
+    @property
     def report(self) -> GenerationReport:
         """The one generation tracked (``ValueError`` if none or several)."""
         if len(self.reports) != 1:

@@ -368,5 +368,11 @@ def test_sd3_skip_layer_guidance_keeps_each_graphs_generation():
     assert any(s.kind != "full" for s in main.main_steps[2:7])  # cached among the skip-layer steps
     assert any(s.kind != "full" for s in skipped.main_steps)
     assert main.flops_fraction < 0.7
+    # the request's share: both graphs' FLOPs over both graphs' full compute, between the two
+    executed = sum(s.flops for r in (main, skipped) for s in r.steps)
+    full = len(main.main_steps) * main.full_flops + len(skipped.main_steps) * skipped.full_flops
+    assert tracked.flops_fraction == pytest.approx(executed / full)
+    lo, hi = sorted((main.flops_fraction, skipped.flops_fraction))
+    assert lo <= tracked.flops_fraction <= hi
     psnr = -10 * torch.log10((out - ref).pow(2).mean())
     assert psnr > 35, psnr
