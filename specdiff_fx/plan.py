@@ -82,6 +82,9 @@ class DiTPlan:
     #: indices of the conditioning inputs (neither latent, timestep nor module state): fixed
     #: through a generation, they tell interleaved generations apart at run time
     condition_inputs: tuple[int, ...] = ()
+    #: indices of the module-state inputs (parameters, buffers, attributes Dynamo passes as inputs,
+    #: e.g. a LoRA scale): a generation's caches hold for the values they had at its calls
+    state_inputs: tuple[int, ...] = ()
     # attention calls whose queries are image tokens but whose keys are not (cross-attention to
     # text): per query token, so they need no K/V cache; ``attention`` lists only those with image keys
     cross_attention: tuple[AttentionSite, ...] = ()

@@ -198,6 +198,43 @@ def test_explicit_reset_restarts_the_generation():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("change", ["load_state_dict", "mul_"])
+def test_weights_changed_in_place_start_a_new_generation(change):
+    """Weights changed in place in the middle of a generation (``load_state_dict`` of another
+    checkpoint, an in-place edit of one block): Dynamo passes the same tensors, so nothing
+    recompiles, but every cache of the generation was computed under the old weights. The call
+    after the change starts a new generation, as ``specdiff_fx.reset()`` would, with a note
+    (before, the generation went on from its stale caches: cached calls returned the old model's
+    outputs)."""
+    model, inputs = tiny_flux(0), flux_inputs(2, 4, 4)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    other = tiny_flux(7).state_dict()
+
+    def edit(reset):
+        def on_step(i):
+            if i == 4:  # FAST's fixed schedule caches at this step
+                if change == "load_state_dict":
+                    model.load_state_dict(other)
+                else:
+                    for p in model.transformer_blocks[0].parameters():
+                        p.mul_(1.5)
+                if reset:
+                    specdiff_fx.reset()
+        return on_step
+
+    cm = compiled(model)
+    runs = []
+    with torch.no_grad():
+        for reset in (False, True):
+            with specdiff_fx.track() as tracked:
+                runs.append(euler(cm, inputs, on_step=edit(reset)))
+            model.load_state_dict(original)
+            reports = tracked.reports
+            assert [len(r.main_steps) for r in reports] == [4, 4]
+            assert any("changed since generation" in n for n in reports[1].notes) != reset
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
 def test_two_models_interleaved_equal_each_alone():
     m1, m2 = tiny_sd3(1), tiny_sd3(2)
     i1, i2 = sd3_inputs(2, 8, 8, seed=1), sd3_inputs(2, 8, 12, seed=2)

@@ -139,3 +139,34 @@ def test_the_scale_after_a_second_resolution(name, how):
             assert rel(out, ref) <= 1e-6, (options, shape, scale)
         # the first shape, the second; then (the scale now an input) one per shape and scale
         assert len(backend.records) == 2 + len(set(calls[2:])), [(r.status, r.reason) for r in backend.records]
+
+
+def test_a_scale_changed_inside_a_generation_starts_a_new_one():
+    """``set_adapters`` in the middle of a generation (a LoRA scale scheduled by a callback), once
+    the scale is a graph input (no recompile): the caches were computed at the old scale, so the
+    call after the change starts a new generation, as ``specdiff_fx.reset()`` would; before, the
+    generation went on and its cached calls returned outputs of the old scale."""
+    model, inputs = with_lora("flux")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=specdiff_fx.backend(inductor=False, controller="fixed",
+                                                                warmup_steps=2, refresh_at=(0.6,)))
+
+    def loop(reset):
+        def on_step(i):
+            if i == 4:  # a cached step of the fixed schedule
+                model.set_adapters(["style"], weights=[2.0])
+                if reset:
+                    specdiff_fx.reset()
+        model.set_adapters(["style"], weights=[0.2])
+        with specdiff_fx.track() as tracked:
+            out = euler(compiled, inputs, on_step=on_step)
+        return out, tracked.reports
+
+    with torch.no_grad():
+        for scale in (0.5, 0.9):  # the scale becomes an input (the first change recompiles)
+            model.set_adapters(["style"], weights=[scale])
+            compiled(**inputs)
+        (changed, reports), (control, _) = loop(False), loop(True)
+    assert [len(r.main_steps) for r in reports] == [4, 4]
+    assert any("changed since generation" in n for n in reports[1].notes)
+    torch.testing.assert_close(changed, control, rtol=0, atol=0)

@@ -323,6 +323,8 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                                if not p.name.startswith(MODULE_STATE_PREFIXES)
                                and i not in (timestep_input, sample_input)),
+        state_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
+                           if p.name.startswith(MODULE_STATE_PREFIXES)),
         layouts={n.name: i for n, i in infos.items()},
         stream=stream if len(stream.segs) > 1 else None,
         context_ids=context_ids,

@@ -134,10 +134,10 @@ class SpecDiffRuntime:
             latent = args[self.plan.sample_input]
             sample, fixed = self._moving_part(latent)
             conditioning = tuple(args[i] for i in self.plan.condition_inputs) + fixed
-            model = self._model(args)
+            model, weights = self._model(args), self._weights(args)
             hit = self.router.route(model, conditioning, sigma, sample, self._image_rows(sample),
-                                    companions=lambda s: self._companions(model, s))
-            gen, j = hit if hit is not None else (self._start_generation(model), 0)
+                                    companions=lambda s: self._companions(model, s), weights=weights)
+            gen, j = hit if hit is not None else (self._start_generation(model, weights), 0)
             if j == len(gen.branches):
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
                 gen.branches.append(Branch(kept, BranchState(extrapolate=self.config.kv_extrapolation),
@@ -184,6 +184,23 @@ class SpecDiffRuntime:
         if i is None or not isinstance(args[i], torch.Tensor):
             return None
         return args[i].untyped_storage().data_ptr()
+
+    def _weights(self, args: list[Any]) -> tuple:
+        """The model's state as this call sees it: each module-state input's storage and version
+        counter (an in-place change, ``load_state_dict`` or ``p.mul_()``, bumps it), or its value
+        where it is a number on the CPU (a LoRA scale Dynamo passes as an input). Caches computed
+        under other weights are stale: a call whose state differs continues no generation that ran
+        under the old one."""
+        stamp = []
+        for i in self.plan.state_inputs:
+            a = args[i]
+            if not isinstance(a, torch.Tensor):
+                stamp.append(a)
+            elif a.numel() == 1 and a.device.type == "cpu":
+                stamp.append(a.item())
+            else:  # an inference tensor keeps no version counter (and changes in place only in inference mode)
+                stamp.append((a.data_ptr(), None if a.is_inference() else a._version))
+        return tuple(stamp)
 
     def _other_branches(self, model: int | None):
         """``(runtime, generation, index, branch)`` of every branch the other live runtimes keep for
@@ -263,14 +280,21 @@ class SpecDiffRuntime:
         value = float(t.max()) if isinstance(t, torch.Tensor) else float(t)
         return value / self.plan.timestep_per_sigma
 
-    def _start_generation(self, model: int | None) -> Generation:
+    def _start_generation(self, model: int | None, weights: tuple = ()) -> Generation:
         report = GenerationReport(  # compile count and time are filled in by _record
             family=self.plan.family, num_image_tokens=self.plan.num_image_tokens, batch=self.plan.batch,
             cache_ratio=self.config.cache_ratio, full_flops=self.executor.full_flops,
             rank=self.ranks.rank, parallel=self.plan.parallel,
         )
-        gen = Generation(model, report)
+        gen = Generation(model, report, weights=weights)
         report.id = gen.id
+        last = self.generation
+        if last is not None and last.model == model and last.weights != weights and last.id in self.router.generations:
+            msg = (f"specdiff: the model's weights or module state changed since generation {last.id}'s last "
+                   "call (in place, or another LoRA scale): its caches no longer hold, so this call starts a "
+                   "new generation")
+            report.notes.append(msg)
+            log.info(msg)
         for old in self.router.add(gen):
             msg = (f"specdiff: generation {old.id} evicted (least recently used; more than "
                    f"max_generations={self.config.max_generations} in flight); its next call starts over")

@@ -4,9 +4,11 @@ A server interleaves requests, so "the previous call" is not the same generation
 matched by what stays fixed through a generation and by how its latent moved:
 
 * the **model** (the storage of one of its weights: two models that share one compiled graph
-  keep separate state) and the **conditioning** (every graph input that is neither the
-  latent, the timestep nor a weight: prompt embeddings, pooled projections, guidance, ids),
-  compared exactly;
+  keep separate state), its **weights** (every module-state input's storage and version
+  counter, a number's value: a generation's caches hold only for the weights they were
+  computed with) and the **conditioning** (every graph input that is neither the latent, the
+  timestep nor a weight: prompt embeddings, pooled projections, guidance, ids), compared
+  exactly;
 * a **monotone sigma**: a continuation runs at a lower sigma than the branch's last call, or,
   where no branch continues at a lower one, at the same sigma on another latent: a second-order
   sampler (Heun) calls the model at a step's end sigma twice, on the Euler-predicted latent (the
@@ -210,6 +212,9 @@ class Generation:
 
     model: int | None
     report: GenerationReport
+    #: the model's state when the generation ran (:meth:`SpecDiffRuntime._weights`): a call under
+    #: other weights (changed in place) or another module-state value never continues it
+    weights: tuple = ()
     branches: list[Branch] = field(default_factory=list)
     members: set[int] = field(default_factory=lambda: {0})
     id: int = field(default_factory=lambda: next(_IDS))
@@ -454,12 +459,15 @@ class Router:
     def route(self, model: int | None, conditioning: tuple[Any, ...], sigma: float,
               sample: torch.Tensor, rows: tuple[int, int] | None = None,
               companions: Callable[[float], Sequence[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+              weights: tuple = (),
               ) -> tuple[Generation, int] | None:
         """The (generation, branch index) this call continues or joins; ``None``: a new
         generation. Marks the generation most recently used. ``companions(s)``: the
         ``(latent, output)`` of the calls other runtimes made on this model at sigma ``s``, tried
-        when no branch's own outputs explain the update (see the module docstring)."""
-        live = [g for g in reversed(self.generations.values()) if g.model == model]  # most recent first: ties
+        when no branch's own outputs explain the update (see the module docstring). Only
+        generations of ``model`` that ran under the same ``weights`` are candidates."""
+        live = [g for g in reversed(self.generations.values())  # most recent first: ties
+                if g.model == model and g.weights == weights]
         # a continuation: same conditioning, lower sigma (or, where no branch continues at a lower
         # sigma, the same sigma: a second-order sampler's next step), the latent moved as a sampler
         # moves it
