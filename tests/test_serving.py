@@ -59,13 +59,21 @@ def alone_runs(cm, specs):
 
 @pytest.mark.parametrize("situation,options", [("alternating", OPTIONS), ("started_apart", OPTIONS),
                                                ("two_resolutions", OPTIONS), ("alternating", ERROR_CONTROLLED),
-                                               ("started_apart", ERROR_CONTROLLED)],
+                                               ("started_apart", ERROR_CONTROLLED),
+                                               ("same_noise_other_steps", ERROR_CONTROLLED),
+                                               ("same_noise_other_guidance", ERROR_CONTROLLED)],
                          ids=["alternating", "started_apart", "two_resolutions", "alternating-error",
-                              "started_apart-error"])
+                              "started_apart-error", "same_noise_other_steps", "same_noise_other_guidance"])
 def test_interleaved_generations_equal_each_alone(situation, options):
+    """Generations stepped in turn give what each gives alone. The ``same_noise_*`` pairs (a
+    preview and a final render of one request) share their first call, and each one's next
+    latent is also a combination of the other's older outputs: routing must follow each
+    trajectory by its newest call, not merge them."""
     specs = {"alternating": [dict(seed=1), dict(seed=2)],
              "started_apart": [dict(seed=1), dict(seed=2), dict(seed=3)],
-             "two_resolutions": [dict(seed=1), dict(seed=2, width=12)]}[situation]
+             "two_resolutions": [dict(seed=1), dict(seed=2, width=12)],
+             "same_noise_other_steps": [dict(seed=1, steps=20), dict(seed=1, steps=12)],
+             "same_noise_other_guidance": [dict(seed=1, steps=20), dict(seed=1, steps=14, guidance=6.0)]}[situation]
     starts = [0, 4, 8] if situation == "started_apart" else None
     torch._dynamo.reset()
     cm = compiled(tiny_sd3(0), options)

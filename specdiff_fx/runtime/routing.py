@@ -21,7 +21,11 @@ matched by what stays fixed through a generation and by how its latent moved:
   ``{x_last, x_prev, the branches' last two outputs}`` (per sample, over the samples that
   started from the same latent: batched CFG), up to the rounding of the latent's dtype.
   The candidate that explains the update best wins if what it leaves unexplained stays
-  below :data:`SPAN_TOLERANCE` of the update. A latent that no live generation explains
+  below :data:`SPAN_TOLERANCE` of the update. Where several candidates continue at a lower
+  sigma, one whose newest call alone explains the update (one sampler step from its last
+  latent) goes before those that need older calls: two requests with the same noise and
+  prompt share their first call, and each one's next latent is also a combination of the
+  other's older outputs; the newest call tells them apart. A latent that no live generation explains
   starts a new generation: a wrong match would read another image's caches, a missed one
   only costs a full step.
 
@@ -477,7 +481,9 @@ class Router:
         lower, again = [], []
         for c in candidates:
             (again if _same_sigma(c[2].trace.sigmas[0], sigma) else lower).append(c)
-        best = self._best(lower, sample, rows, lambda br: ())
+        best = self._best_one_step(lower, sample, rows) if len(lower) > 1 else None
+        if best is None:
+            best = self._best(lower, sample, rows, lambda br: ())
         if best is None and again:
             best = self._best(again, sample, rows, lambda br: ())
         found: dict[int, list[torch.Tensor]] = {}
@@ -503,6 +509,15 @@ class Router:
         this conditioning (that would be the same call again: another request)."""
         return any(br.last_called_on(sigma, sample) for br in gen.branches) and not any(
             same_conditioning(br.conditioning, conditioning) and br.called_on(sigma, sample) for br in gen.branches)
+
+    @classmethod
+    def _best_one_step(cls, candidates, sample, rows) -> tuple[Generation, int] | None:
+        """The candidate whose newest call alone explains the update (its latent and what every
+        branch returned at that call), if any: the continuation of the trajectory that call
+        started, where another candidate explains it only with older outputs (a request that
+        shared its first call with this one)."""
+        newest = [(gen, j, dataclasses.replace(br, trace=br.trace.newest())) for gen, j, br in candidates]
+        return cls._best(newest, sample, rows, lambda br: ())
 
     @staticmethod
     def _best(candidates, sample, rows, extra, per_token: bool = False) -> tuple[Generation, int] | None:
