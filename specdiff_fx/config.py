@@ -344,3 +344,15 @@ class SpecDiffConfig:
     def num_computed(self, num_image_tokens: int) -> int:
         """k, the number of image tokens computed on a cached step (at least 1)."""
         return max(1, min(num_image_tokens, round((1.0 - self.cache_ratio) * num_image_tokens)))
+
+    def num_unmeasured(self, num_image_tokens: int) -> int:
+        """How many of the top-scored tokens the measured error of caching leaves out: ``k``, but
+        never more than the default ``cache_ratio``'s. The error measures the tokens the score
+        ranks below them; it predicts the sparse calls *and* the skipped calls after them, which
+        reuse every token, and ``tolerance`` is calibrated on the default's set: at a lower
+        ``cache_ratio`` a sparse call computes more tokens, but a measurement over the fewer
+        tokens it leaves out would under-read what the skipped calls reuse (near ``cache_ratio=0``
+        it read 0, and the controller skipped calls it should have computed)."""
+        default = SpecDiffConfig.__dataclass_fields__["cache_ratio"].default
+        return min(self.num_computed(num_image_tokens),
+                   max(1, min(num_image_tokens, round((1.0 - default) * num_image_tokens))))

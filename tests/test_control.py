@@ -406,6 +406,26 @@ def test_runtime_measures_the_error_of_caching_for_the_policy():
     assert sparse and all(c[2].shape == (B, k) for c in sparse)
 
 
+def test_a_low_cache_ratio_measures_the_defaults_set():
+    """Below the default ``cache_ratio`` a sparse call computes more tokens, but the skipped
+    calls after it reuse them all: the error of caching is measured over the tokens the
+    default's top-scored ones leave out, never over fewer. (Over the tokens a sparse call left
+    out it read 0 near ``cache_ratio=0``: the controller then skipped calls it should have
+    computed, and a lower ``cache_ratio`` gave worse images.)"""
+    default_k = SpecDiffConfig().num_computed(N)
+    for ratio in (0.95, 0.9):  # at the default and above: the tokens a sparse call leaves out, as before
+        assert SpecDiffConfig(cache_ratio=ratio).num_unmeasured(N) == SpecDiffConfig(cache_ratio=ratio).num_computed(N)
+    cfg = SpecDiffConfig(controller="error", tolerance=0.3, cache_ratio=1e-6)
+    assert cfg.num_computed(N) == N and cfg.num_unmeasured(N) == default_k
+    policy = Recording(make_policy(cfg, N))
+    rt = SpecDiffRuntime(fake_plan(), cfg, FakeExecutor(), policy=policy)
+    generate(rt, 20)
+    measured = [(o.decision.action, float(o.prediction_error)) for o in policy.seen[1:]
+                if o.prediction_error is not None]
+    assert {a for a, _ in measured} >= {Action.FULL, Action.SPARSE}
+    assert all(e > 0 for _, e in measured), measured
+
+
 def test_runtime_skip_calls():
     """``sparse_calls=1`` through the runtime: skip calls run the skip variant (prepared with
     the others), only after a sparse call or a skip, measure nothing, carry the controller's

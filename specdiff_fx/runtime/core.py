@@ -540,12 +540,14 @@ class SpecDiffRuntime:
 
     def _full_step_error(self, state: BranchState, out: StepOutput, sigma: float) -> float | None:
         """The error a sparse call would have made here: over the tokens it would have left
-        out, the fresh outputs against the reused ones (relative to the fresh outputs)."""
+        out (at most the default ``cache_ratio``'s top-scored tokens excepted:
+        :meth:`SpecDiffConfig.num_unmeasured`), the fresh outputs against the reused ones
+        (relative to the fresh outputs)."""
         if not self.policy.measures():
             return None
         if state.tokens is None:  # nothing to compare with (other ranks may have: a collective all the same)
             return self.ranks.relative_error(None, None)
-        k = self.config.num_computed(self.plan.num_image_tokens)
+        k = self.config.num_unmeasured(self.plan.num_image_tokens)
         left_out = torch.ones(out.tokens.shape[:2], dtype=torch.bool, device=out.tokens.device)
         left_out.scatter_(1, torch.topk(self._scores(state, sigma), k, dim=1).indices.to(left_out.device), False)
         err = (out.tokens.float() - state.tokens.latest.float()).pow(2).sum(dim=-1)
@@ -678,6 +680,17 @@ class SpecDiffRuntime:
             score = torch.zeros_like(score).index_add_(0, state.groups, score)[state.groups]
         return score
 
+    def _measured_computed(self, step_score: torch.Tensor, k: int, probe: torch.Tensor) -> torch.Tensor | None:
+        """``[B, m]``: the tokens a sparse call of ``k`` computes by their score (not drawn as
+        probes) that the measured error still covers, those ranked below the top
+        :meth:`SpecDiffConfig.num_unmeasured`; ``None`` where there are none (``k`` at most the
+        default's). Their fresh outputs against their reused ones add to the probes' estimate."""
+        top = self.config.num_unmeasured(self.plan.num_image_tokens)
+        by_score = k - probe.shape[1]
+        if by_score <= top:
+            return None
+        return torch.topk(step_score, by_score, dim=1).indices[:, top:]
+
     def _step_score(self, state: BranchState, sigma: float, own: torch.Tensor) -> torch.Tensor:
         """The score the step's token choice ranks: summed over the generation's branches
         (each branch's own score at ``sigma``), as over the halves of a batched CFG call, and
@@ -728,13 +741,18 @@ class SpecDiffRuntime:
             plan = self.generation.leader(self._j).plan
             if plan.idx is None or plan.idx.shape[1] != decision.k:  # the step's first branch chooses
                 probes = self.policy.probes(decision.k) if self.policy.measures() else 0
-                plan.idx, plan.probe = schedule.choose_tokens(self._step_score(state, sigma, score), decision.k, probes,
+                step_score = self._step_score(state, sigma, score)
+                plan.idx, plan.probe = schedule.choose_tokens(step_score, decision.k, probes,
                                                               seed=state.step, groups=state.groups)
+                plan.measured = self._measured_computed(step_score, decision.k, plan.probe)
             idx, tier = schedule.assign_tiers(score, decision.k, cfg.reuse_mass, cfg.blend, idx=plan.idx)
             idx, probe = idx.to(latest.device), plan.probe.to(latest.device)
-        reused = None
+        reused = exact = None
         if probe is not None and probe.shape[1]:  # what the probes would have reused (before the history moves)
             reused = torch.gather(latest, 1, probe.unsqueeze(-1).expand(-1, -1, latest.shape[-1])).float()
+            if plan.measured is not None:  # computed tokens the measured set holds (a low cache_ratio)
+                exact = plan.measured.to(latest.device)
+                exact_reused = torch.gather(latest, 1, exact.unsqueeze(-1).expand(-1, -1, latest.shape[-1])).float()
         if self._paper_blend:
             history = torch.zeros((cfg.blend_history, *latest.shape), dtype=latest.dtype, device=latest.device)
             for j, (_, tok) in enumerate(state.past):
@@ -792,6 +810,9 @@ class SpecDiffRuntime:
             fresh = torch.gather(out.tokens, 1, probe.unsqueeze(-1).expand(-1, -1, out.tokens.shape[-1])).float()
             left_out = n - decision.k
             total = (fresh - reused).pow(2).sum() * (left_out / probe.shape[1])
+            if exact is not None:
+                computed = torch.gather(out.tokens, 1, exact.unsqueeze(-1).expand(-1, -1, out.tokens.shape[-1]))
+                total = total + (computed.float() - exact_reused).pow(2).sum()
             error = self.ranks.relative_error(total, out.tokens.float().pow(2).sum(), read=False)
         elif self.policy.measures():
             error = self.ranks.relative_error(None, None)

@@ -203,6 +203,9 @@ class StepPlan:
     decision: Any
     idx: torch.Tensor | None = None  # [B, k] the computed tokens (sparse)
     probe: torch.Tensor | None = None  # [B, p] those of them drawn at random
+    #: [B, m] those of them chosen by score that the measured error covers (a cache_ratio below
+    #: the default's: :meth:`SpecDiffRuntime._measured_computed`); None: none
+    measured: torch.Tensor | None = None
     #: the branches that ran with it (``id`` of their :class:`BranchState`): a branch called
     #: again at the same sigma (a second-order sampler's next step) decides anew
     used: set = field(default_factory=set)
