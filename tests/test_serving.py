@@ -116,6 +116,27 @@ def test_threads_sharing_one_compiled_model():
     assert total_flops([rep for _, rep in runs]) <= 1.15 * total_flops(ref_reports)
 
 
+def test_calls_that_never_continue_do_not_evict_a_generation_under_way():
+    """A pipeline that edits the latent between steps (inpainting) starts a generation per
+    call; a burst of them between two steps of another request (more than ``max_generations``)
+    evicts one another, not the generation under way: it equals its alone-run. (Before its
+    second call a generation is one of those that ran once: it outlives up to
+    ``max_generations - 1`` new ones, as under least-recently-used eviction alone.)"""
+    torch._dynamo.reset()
+    cm = compiled(tiny_sd3(0), ERROR_CONTROLLED)
+    (ref,), _ = alone_runs(cm, [dict(seed=1)])
+    specdiff_fx.reset()  # the alone-run's generation would hold a slot
+    gen, burst = CFGGeneration(cm, seed=1), 0
+    with specdiff_fx.track() as tracked:
+        while gen.step():
+            for _ in range(10 if gen.i >= 2 else 7):  # > max_generations (8) once under way: one-call generations
+                burst += 1
+                CFGGeneration(cm, seed=100 + burst).step()
+    under_way = tracked.reports[0]
+    assert len(under_way.main_steps) == STEPS and not any("evicted" in n for n in under_way.notes)
+    torch.testing.assert_close(gen.x, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_state_is_bounded_with_many_abandoned_generations():
     torch._dynamo.reset()
     model = tiny_sd3(0)

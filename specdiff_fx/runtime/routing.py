@@ -246,6 +246,11 @@ class Generation:
     def held_bytes(self) -> int:
         return sum(b.state.held_bytes + b.trace.nbytes for b in self.branches)
 
+    @property
+    def first_call_only(self) -> bool:
+        """Whether every branch ran one call (the generation was never continued)."""
+        return all(b.state.step <= 1 for b in self.branches)
+
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -538,10 +543,17 @@ class Router:
         return best
 
     def add(self, generation: Generation) -> list[Generation]:
-        """Register a new generation; returns the generations evicted to make room."""
+        """Register a new generation; returns the generations evicted to make room: the least
+        recently used of those that ran only their first call (every branch once), else the
+        least recently used. Starting such a one again costs what its next call would most
+        likely have cost anyway (the second call has no measured error yet: full), where a
+        generation well under way loses its caches and its controller's history; and calls that
+        never continue (a pipeline that edits the latent between steps starts a generation per
+        call) must not push out the generations under way."""
         evicted = []
         while len(self.generations) >= self.max_generations:
-            _, old = self.generations.popitem(last=False)
+            key = next((i for i, g in self.generations.items() if g.first_call_only), next(iter(self.generations)))
+            old = self.generations.pop(key)
             evicted.append(old)
             self.evicted += 1
         self.generations[generation.id] = generation
