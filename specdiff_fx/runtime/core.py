@@ -55,7 +55,8 @@ from .context import text_mode, text_tokens
 from .executor import GraphExecutor, SparseInputs, StepOutput
 from .hindsight import step_estimate
 from .ranks import ranks_for
-from .routing import FIRST_ORDER_CHECKS, Branch, Generation, Link, Router, StepPlan, _same_sigma, update_order
+from .routing import (FIRST_ORDER_CHECKS, Branch, Generation, Link, Router, StepPlan, _same_sigma, companion_columns,
+                      update_order)
 from .state import BranchState, ContextCaching, TokenHistory, UpdateOrder, detached, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
@@ -148,7 +149,7 @@ class SpecDiffRuntime:
             branch = gen.branches[j]
             state = branch.state
             if state.step >= 2:
-                self._check_order(gen, j, sigma, sample)
+                self._check_order(gen, j, sigma, sample, model)
             if state.step >= 1:
                 self._link(gen, j, model, sigma, sample)
             if state.step == 0:
@@ -222,7 +223,8 @@ class SpecDiffRuntime:
                 for s, x, out in zip(list(br.trace.sigmas), list(br.trace.samples), list(br.trace.outputs))
                 if out is not None and _same_sigma(s, sigma)]
 
-    def _check_order(self, gen: Generation, j: int, sigma: float, sample: torch.Tensor) -> None:
+    def _check_order(self, gen: Generation, j: int, sigma: float, sample: torch.Tensor,
+                     model: int | None = None) -> None:
         """Whether the sampler combines earlier calls' outputs (:func:`~.routing.update_order`),
         kept in the leader's state for the controller (``StepView.multistep``): checked on a
         branch's continuations at a lower sigma after two full calls (whose outputs differ; after a
@@ -237,7 +239,9 @@ class SpecDiffRuntime:
                 or branch.state.second_order or branch.state.full_run < 2
                 or _same_sigma(branch.trace.sigmas[0], sigma)):
             return
-        found = update_order(sample, gen, branch, self._image_rows(sample))
+        newest = branch.trace
+        companions = companion_columns(newest.samples[0], self._companions(model, newest.sigmas[0]))
+        found = update_order(sample, gen, branch, self._image_rows(sample), companions)
         order.order_checks += 1
         if found is UpdateOrder.FIRST:
             order.first_order_updates += 1

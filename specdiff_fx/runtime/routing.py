@@ -436,7 +436,7 @@ EXACT_SHARE = 1e-4
 
 
 def update_order(sample: torch.Tensor, generation: Generation, branch: Branch,
-                 rows: tuple[int, int] | None = None) -> UpdateOrder:
+                 rows: tuple[int, int] | None = None, companions: Sequence[torch.Tensor] = ()) -> UpdateOrder:
     """Whether the update that led to ``sample`` (a continuation of ``branch`` at a lower sigma)
     is a combination of the branch's newest call alone: its latent and the outputs every branch
     returned at that call (Euler, DDIM, guidance combining them), or needed the call before as
@@ -445,13 +445,18 @@ def update_order(sample: torch.Tensor, generation: Generation, branch: Branch,
     :data:`EXACT_SHARE`; ``UNKNOWN`` where neither explains the update (it was matched with
     companions' outputs or token by token, or within routing's tolerance only) or the branch has
     fewer than two calls. Only telling where the two calls' outputs differ (both computed, not one
-    reused from the other): the caller checks."""
+    reused from the other): the caller checks. ``companions``: other graphs' outputs on the newest
+    call's latent (:func:`companion_columns`); an update the newest call explains with them is
+    ``UNKNOWN``, not multistep (skip-layer guidance: in float16 the latent's rounding, which the
+    tests allow for, is up to a quarter of a late step's update, and the two-call test passes on it)."""
     trace = branch.trace
     if len(trace.sigmas) < 2:
         return UpdateOrder.UNKNOWN
     newest = dataclasses.replace(branch, trace=trace.newest())
     if unexplained(sample, generation, newest, branch.state.groups, rows) <= EXACT_SHARE:
         return UpdateOrder.FIRST
+    if companions and unexplained(sample, generation, newest, branch.state.groups, rows, companions) <= EXACT_SHARE:
+        return UpdateOrder.UNKNOWN  # one call's outputs, another graph's among them (skip-layer guidance)
     if unexplained(sample, generation, branch, branch.state.groups, rows) <= EXACT_SHARE:
         return UpdateOrder.MULTISTEP
     return UpdateOrder.UNKNOWN
