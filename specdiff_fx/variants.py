@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -16,6 +17,8 @@ from .passes import NewInput, RewriteContext, passes_for, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
 from .signature import ContextMode, Port, Role, VariantKey, VariantKind
+
+log = logging.getLogger("specdiff_fx.variants")
 
 
 #: Inductor settings for the graphs that update caches in place. Inductor writes an
@@ -75,13 +78,26 @@ def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any], config: Spe
 
     merged = {**mode_options(mode), **(patches or {})}
     device = inputs_device(example_inputs)
-    if plan is not None and plan.blocks and config.regional_on(device):
+    if plan is not None and plan.blocks and config.regional_on(device) and not _reads_numbers(gm):
         from .regional import compile_regions, regional_compile_fx
 
         with _tracing_context(gm):
             return compile_regions(gm, example_inputs, plan, regional_compile_fx(merged))
     with _tracing_context(gm):
         return compile_fx(gm, list(example_inputs), config_patches=merged or None)
+
+
+def _reads_numbers(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` reads a Python number from an input (``.item()``: a LoRA scale after
+    ``set_adapters``). Block-by-block compiling runs the split graph on the example inputs, which
+    inside Dynamo are fake: ``.item()`` of a fake tensor has no value (``DataDependentOutputException``)
+    and the graph fell back to plain Inductor. Such a graph compiles whole instead (logged)."""
+    from .passes.specialize_shapes import read_scalars
+
+    if not read_scalars(gm):
+        return False
+    log.info("specdiff: the graph reads a number from an input (a LoRA scale); compiling it whole, not block by block")
+    return True
 
 
 @contextlib.contextmanager

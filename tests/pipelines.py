@@ -47,9 +47,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusion3Pipeline,
 )
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -76,6 +80,7 @@ __all__ = [
     "tiny_vae",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
+    "tiny_controlnet_pipeline",
     "sd3_call_kwargs",
     "flux_call_kwargs",
     "image_token_count",
@@ -429,6 +434,30 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 # --------------------------------------------------------------------------------------
 # Call kwargs and sequence lengths
 # --------------------------------------------------------------------------------------
+
+
+def tiny_controlnet_pipeline(family: Literal["sd3", "flux"], seed: int = 0) -> Any:
+    """The tiny SD3 or FLUX pipeline as a ``StableDiffusion3ControlNetPipeline`` /
+    ``FluxControlNetPipeline`` with a one-block ControlNet of the transformer's widths. The
+    ControlNet's output blocks, zero at initialisation in diffusers, get seeded random weights:
+    its residuals then change the image (and change with the latent at every step). Call with
+    ``control_image=`` (``[1, 3, H, W]`` in [0, 1]) besides the family's call kwargs."""
+    base = tiny_sd3_pipeline(seed) if family == "sd3" else tiny_flux_pipeline(seed)
+    with _seeded(seed + 5):
+        if family == "sd3":
+            cn = SD3ControlNetModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                    caption_projection_dim=16, pooled_projection_dim=32)
+        else:
+            cn = FluxControlNetModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                     attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                     pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+        with torch.no_grad():
+            for p in cn.parameters():
+                if not p.any():
+                    p.normal_(0.0, 0.3)
+    cls = StableDiffusion3ControlNetPipeline if family == "sd3" else FluxControlNetPipeline
+    return cls(**base.components, controlnet=_ready(cn))
 
 
 def sd3_call_kwargs(

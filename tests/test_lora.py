@@ -170,3 +170,24 @@ def test_a_scale_changed_inside_a_generation_starts_a_new_one():
     assert [len(r.main_steps) for r in reports] == [4, 4]
     assert any("changed since generation" in n for n in reports[1].notes)
     torch.testing.assert_close(changed, control, rtol=0, atol=0)
+
+
+@pytest.mark.inductor
+def test_the_scale_as_an_input_compiled_block_by_block():
+    """``regional_compile=True`` (the default on an accelerator) after ``set_adapters``: the
+    recompiled graph reads the scale with ``.item()``, which the block-by-block compile, run on
+    Dynamo's fake inputs, cannot evaluate; the graph fell back to plain Inductor (no caching
+    from then on). It now compiles whole, rewritten, and follows the scale."""
+    model = tiny_sd3(0)
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights=False), adapter_name="style")
+    inputs = sd3_inputs(1, 8, 8)
+    backend = specdiff_fx.backend(regional_compile=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        euler(compiled, inputs, steps=3)
+        model.set_adapters(["style"], weights=[0.5])
+        ref, out = euler(model, inputs, steps=3), euler(compiled, inputs, steps=3)
+    assert [r.status for r in backend.records] == ["specdiff", "specdiff"], [r.reason for r in backend.records]
+    assert rel(out, ref) <= 1e-4

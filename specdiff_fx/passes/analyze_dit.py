@@ -225,6 +225,17 @@ def _sample_output(gm: fx.GraphModule, end: fx.Node) -> int:
     return i
 
 
+def _condition_inputs(gm: fx.GraphModule, per_step: tuple[int, ...], token_operands: set[str]) -> tuple[int, ...]:
+    """The graph inputs that stay fixed through a generation and tell interleaved ones apart
+    (prompt embeddings, pooled projections, guidance, ids): every input but the latent and the
+    timestep (``per_step``), the module state, those the graph never reads, and those that carry
+    image tokens into the stream (``token_operands``, gathered with a token subset: ControlNet
+    residuals, which a pipeline computes from the latent at every step, like the latent itself)."""
+    return tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
+                 if not p.name.startswith(MODULE_STATE_PREFIXES) and i not in per_step
+                 and p.users and p.name not in token_operands)
+
+
 def _moving(gm: fx.GraphModule, sample_input: int, sample_output: int) -> tuple[int, int] | None:
     """Where the latent input is wider than the model's output on exactly one axis, that axis and
     the output's length on it: the leading part of the input the sampler moves (the model returns
@@ -320,9 +331,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         moving=_moving(gm, sample_input, sample_output),
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if is_parameter_input(p)), None),
-        condition_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
-                               if not p.name.startswith(MODULE_STATE_PREFIXES)
-                               and i not in (timestep_input, sample_input)),
+        condition_inputs=_condition_inputs(gm, (timestep_input, sample_input), set(sides)),
         state_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if p.name.startswith(MODULE_STATE_PREFIXES)),
         layouts={n.name: i for n, i in infos.items()},
