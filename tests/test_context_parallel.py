@@ -33,13 +33,15 @@ def _kinds(report) -> str:
     return "".join(s.kind[0] for s in report.main_steps)
 
 
-def _loop(fn, inputs: dict, steps: int) -> torch.Tensor:
-    """A shift-3 Euler loop (timestep = sigma, FLUX convention)."""
+def _loop(fn, inputs: dict, steps: int, on_step=None) -> torch.Tensor:
+    """A shift-3 Euler loop (timestep = sigma, FLUX convention); ``on_step(i)`` before step ``i``."""
     t = torch.linspace(1.0, 0.0, steps + 1)
     sigmas = 3.0 * t / (1 + 2.0 * t)
     x = inputs["hidden_states"].clone()
     with torch.no_grad():
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            if on_step is not None:
+                on_step(i)
             v = fn(**{**inputs, "hidden_states": x, "timestep": torch.full_like(inputs["timestep"], float(s))},
                    return_dict=False)[0]
             x = x + (s_next - s) * v
@@ -182,6 +184,23 @@ def _worker(rank: int, world: int) -> dict:
         out[f"flux_{name}_diff"] = float((got - ref).abs().max())
         out[f"flux_{name}_record"] = specdiff_fx.last_record().status
 
+    # what one rank does alone: a smaller memory cap (it would drop its text K/V caches alone), a
+    # reset in the middle of a generation; the ranks must stay in lockstep (their collectives
+    # crossed: a gloo abort, a hang until the group's timeout)
+    def one_rank(options=None, on_step=None):
+        torch._dynamo.reset()
+        specdiff_fx.reset()
+        x = _loop(torch.compile(model, backend="specdiff", options={"inductor": False, **(options or {})}),
+                  inputs, 10, on_step)
+        rep = specdiff_fx.last_generation()
+        return {"x": x, "kinds": _kinds(rep), "notes": list(rep.notes),
+                "agreed": len({_kinds(r) for r in specdiff_fx.gather_reports(rep)}) == 1}
+
+    uncapped = one_rank()
+    cap = {"max_cache_bytes": specdiff_fx.last_generation().cache_bytes - 1} if rank == 1 else {}
+    out["one_rank"] = {"uncapped": uncapped, "cap": one_rank(cap),
+                       "reset": one_rank(on_step=lambda i: specdiff_fx.reset() if i == 4 and rank == 1 else None)}
+
     # the trained FLUX model, sampled as FluxPipeline samples (no CFG, dynamic shift): the
     # benchmark's worker, untimed (one process, then both ranks at cache_ratio=0 and defaults)
     opts = {"model": "flux", "steps": STEPS, "prompts": protocol.PROMPTS[:1], "device": "cpu", "inductor": False,
@@ -318,6 +337,18 @@ def test_a_rank_that_computes_everything_makes_every_rank_do_so(ranks):
         assert capped["agreed"] and set(capped["kinds"]) == {"f"}
         assert metrics.psnr(capped["img"], ranks[0]["bench"]["ref"]) > 60  # every token computed on every rank
     assert any("max_cache_bytes" in n for n in ranks[1]["capped"]["notes"])
+
+
+def test_what_one_rank_does_alone_every_rank_does(ranks):
+    """A ``max_cache_bytes`` on one rank only is applied by every rank (the smallest), and
+    ``specdiff_fx.reset()`` on one rank mid-generation makes every rank start over: no rank runs
+    a variant the others do not (before: a gloo abort on a size mismatch, and a hang)."""
+    for r in ranks:
+        cap, reset = r["one_rank"]["cap"], r["one_rank"]["reset"]
+        assert cap["agreed"] and reset["agreed"]
+        assert any("max_cache_bytes" in n for n in cap["notes"])  # both ranks dropped a cache
+        assert torch.isfinite(cap["x"]).all() and torch.isfinite(reset["x"]).all()
+    assert torch.equal(ranks[0]["one_rank"]["cap"]["x"], ranks[1]["one_rank"]["cap"]["x"])
 
 
 def test_flux2_caches_on_both_ranks(ranks):

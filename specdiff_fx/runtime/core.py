@@ -60,6 +60,7 @@ from .routing import (FIRST_ORDER_CHECKS, Branch, Generation, Link, Router, Step
 from .state import BranchState, ContextCaching, TokenHistory, UpdateOrder, detached, nbytes
 
 log = logging.getLogger("specdiff_fx.runtime")
+_UNSET = object()
 
 _LIVE: "weakref.WeakSet[SpecDiffRuntime]" = weakref.WeakSet()
 
@@ -101,6 +102,8 @@ class SpecDiffRuntime:
         self._warned: set[str] = set()
         self._reuse: dict[tuple, torch.Tensor] = {}  # :meth:`_reuse_weights`, per shape
         self._lock = threading.RLock()
+        #: ``max_cache_bytes`` as every rank applies it (:meth:`_fits_cap`); unset before the first full call
+        self._cap: Any = _UNSET
         #: the module-state inputs read by value and by storage and version (:meth:`_weights`)
         self._state_kinds: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         _LIVE.add(self)
@@ -140,6 +143,8 @@ class SpecDiffRuntime:
             model, weights = self._model(args), self._weights(args)
             hit = self.router.route(model, conditioning, sigma, sample, self._image_rows(sample),
                                     companions=lambda s: self._companions(model, s), weights=weights)
+            if not self.ranks.all(hit is not None):  # context parallelism: one rank starts over (a reset or a
+                hit = None                           # weight change there alone), so all do: their collectives match
             gen, j = hit if hit is not None else (self._start_generation(model, weights), 0)
             if j == len(gen.branches):
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
@@ -470,7 +475,9 @@ class SpecDiffRuntime:
         K/V caches; cached steps reuse the K/V), without both; if none fits it computes every
         token on every step and keeps no caches. Each is logged, warned once and noted in the
         report."""
-        cap = self.config.max_cache_bytes
+        if self._cap is _UNSET:  # every rank's first full call: the ranks' smallest cap (``ranks.smallest``)
+            self._cap = self.ranks.smallest(self.config.max_cache_bytes)
+        cap = self._cap
         if state.degraded:
             return False
         if cap is None:

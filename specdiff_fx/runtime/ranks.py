@@ -4,8 +4,14 @@ Under context parallelism every rank runs its own runtime on its shard of the to
 every compiled variant exchanges tensors with the other ranks (the Ulysses all-to-alls,
 the final gather): all ranks must run the same variant, with the same token count, at the
 same call, or the collectives mismatch. The inputs of a call (full, before the shard) are
-the same on every rank, so routing, sigmas, the speculative run and the memory cap agree
-by themselves; what depends on a rank's tokens does not:
+the same on every rank, so routing, sigmas and the speculative run agree by themselves; what
+depends on a rank's tokens or options does not:
+
+* whether a call starts a new generation: routing agrees by itself, but ``specdiff_fx.reset()``
+  or a weight changed on one rank alone makes that rank start over: every rank then does;
+* the memory cap: ``max_cache_bytes`` may differ between ranks (set from each device's free
+  memory): every rank applies the smallest (the shards' caches are alike, so the ranks then
+  drop the same caches);
 
 * the measured error of caching: each rank sums its squared errors and norms, and the
   ranks all-reduce the sums before dividing, so every rank's controller observes the
@@ -38,6 +44,10 @@ class SingleProcess:
     def all(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank."""
         return flag
+
+    def smallest(self, value: int | None) -> int | None:
+        """The smallest of every rank's ``value`` (``None``: no bound, larger than any)."""
+        return value
 
     def relative_error(self, squared_error: torch.Tensor | None, squared_norm: torch.Tensor | None,
                        read: bool = True) -> float | torch.Tensor | None:
@@ -87,6 +97,12 @@ class RankGroup(SingleProcess):
         t = torch.tensor([int(flag)], dtype=torch.int64, device=self._device())
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
         return bool(t.item())
+
+    def smallest(self, value: int | None) -> int | None:
+        unbounded = 2 ** 62
+        t = torch.tensor([unbounded if value is None else value], dtype=torch.int64, device=self._device())
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MIN, group=self.group)
+        return None if int(t.item()) == unbounded else int(t.item())
 
     def relative_error(self, squared_error: torch.Tensor | None, squared_norm: torch.Tensor | None,
                        read: bool = True) -> float | None:
