@@ -79,8 +79,9 @@ class DiTPlan:
     #: None: the latent input is shaped like the output
     moving: tuple[int, int] | None = None
     weight_input: int | None = None  # index of a parameter input: identifies the model at run time
-    #: indices of the conditioning inputs (neither latent, timestep nor module state): fixed
-    #: through a generation, they tell interleaved generations apart at run time
+    #: indices of the conditioning inputs (neither latent, timestep nor module state, read by the
+    #: graph, not carrying image tokens into the stream as ControlNet residuals do): fixed through a
+    #: generation, they tell interleaved generations apart at run time
     condition_inputs: tuple[int, ...] = ()
     #: indices of the module-state inputs (parameters, buffers, attributes Dynamo passes as inputs,
     #: e.g. a LoRA scale): a generation's caches hold for the values they had at its calls

@@ -317,7 +317,8 @@ class SpecDiffRuntime:
             report.notes.append(msg)
             log.info(msg)
         for old in self.router.add(gen):
-            msg = (f"specdiff: generation {old.id} evicted (least recently used; more than "
+            which = "of those that ran one call " if old.first_call_only else ""
+            msg = (f"specdiff: generation {old.id} evicted (the least recently used {which}of more than "
                    f"max_generations={self.config.max_generations} in flight); its next call starts over")
             old.report.notes.append(msg)
             log.info(msg)
@@ -628,6 +629,8 @@ class SpecDiffRuntime:
         if self.plan.moving is None or not isinstance(latent, torch.Tensor):
             return latent, ()
         axis, n = self.plan.moving
+        if latent.dim() <= axis or latent.shape[axis] <= n:  # not the graph's shape (never, on a static graph)
+            return latent, ()
         return latent.narrow(axis, 0, n), (latent.narrow(axis, n, latent.shape[axis] - n),)
 
     def _sample_of(self, outputs: Sequence[Any]) -> Any:
