@@ -84,8 +84,11 @@ class DiTPlan:
     #: generation, they tell interleaved generations apart at run time
     condition_inputs: tuple[int, ...] = ()
     #: indices of the module-state inputs (parameters, buffers, attributes Dynamo passes as inputs,
-    #: e.g. a LoRA scale): a generation's caches hold for the values they had at its calls
-    state_inputs: tuple[int, ...] = ()
+    #: e.g. a LoRA scale): a generation's caches hold for the values they had at its calls. Tensors
+    #: are stamped by storage and version counter; ``state_values`` are those read by value
+    #: (numbers, and one-element tensors on the CPU, as Dynamo passes a changed float attribute)
+    state_tensors: tuple[int, ...] = ()
+    state_values: tuple[int, ...] = ()
     # attention calls whose queries are image tokens but whose keys are not (cross-attention to
     # text): per query token, so they need no K/V cache; ``attention`` lists only those with image keys
     cross_attention: tuple[AttentionSite, ...] = ()

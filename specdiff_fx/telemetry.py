@@ -112,10 +112,7 @@ class GenerationReport:
     def flops_fraction(self) -> float:
         """Transformer FLOPs executed (speculative calls included) over the FLOPs of
         computing every main-run call in full."""
-        main = len(self.main_steps)
-        if not main or not self.full_flops:
-            return float("nan")
-        return sum(s.flops for s in self.steps) / (main * self.full_flops)
+        return _flops_fraction([self])
 
     @property
     def context(self) -> str:
@@ -194,6 +191,15 @@ def set_last(report: GenerationReport) -> None:
     _LAST[0] = report
 
 
+def _flops_fraction(reports: list[GenerationReport]) -> float:
+    """FLOPs the ``reports``' calls executed (speculative calls included) over those of their
+    main-run calls computed in full; NaN where that is zero."""
+    full = sum(len(r.main_steps) * r.full_flops for r in reports)
+    if not full:
+        return float("nan")
+    return sum(s.flops for r in reports for s in r.steps) / full
+
+
 def last_generation() -> GenerationReport | None:
     """The report of the most recent generation started by a specdiff-compiled model."""
     report = _LAST[0]
@@ -217,11 +223,7 @@ class Tracker:
         over the FLOPs of computing each one's main-run calls in full: a request's share where
         it runs several generations (skip-layer guidance's second graph, Wan 2.2's two experts,
         two resolutions). NaN if none ran a call."""
-        reports = self.reports
-        full = sum(len(r.main_steps) * r.full_flops for r in reports)
-        if not full:
-            return float("nan")
-        return sum(s.flops for r in reports for s in r.steps) / full
+        return _flops_fraction(self.reports)
 
     @property
     def report(self) -> GenerationReport:

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from .config import SpecDiffConfig
 from .graph_utils import clone_graph_module, is_parameter_input, static_fake_mode
-from .passes import NewInput, RewriteContext, passes_for, run_passes
+from .passes import NewInput, RewriteContext, passes_for, read_scalars, run_passes
 from .passes.context import seed_placeholder_values
 from .plan import DiTPlan
 from .signature import ContextMode, Port, Role, VariantKey, VariantKind
@@ -92,8 +92,6 @@ def _reads_numbers(gm: fx.GraphModule) -> bool:
     ``set_adapters``). Block-by-block compiling runs the split graph on the example inputs, which
     inside Dynamo are fake: ``.item()`` of a fake tensor has no value (``DataDependentOutputException``)
     and the graph fell back to plain Inductor. Such a graph compiles whole instead (logged)."""
-    from .passes.specialize_shapes import read_scalars
-
     if not read_scalars(gm):
         return False
     log.info("specdiff: the graph reads a number from an input (a LoRA scale); compiling it whole, not block by block")

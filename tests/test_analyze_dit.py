@@ -21,6 +21,10 @@ def test_plan_describes_the_model(captured, name):
     assert "timestep" in placeholders[plan.timestep_input].name
     assert "hidden_states" in placeholders[plan.sample_input].name
     assert plan.moving is None  # the latent input is shaped like the output
+    # the module state: every parameter is stamped by storage and version, none by value
+    params = [i for i, p in enumerate(placeholders) if "_parameters_" in p.name]
+    assert params and set(params) <= set(plan.state_tensors) and plan.state_values == ()
+    assert not {plan.timestep_input, plan.sample_input} & set(plan.state_tensors)
     if name == "flux":
         assert plan.family == "flux" and plan.timestep_per_sigma == 1.0
         assert [b.kind for b in plan.blocks] == ["FluxTransformerBlock"] * 2 + ["FluxSingleTransformerBlock"] * 2

@@ -235,6 +235,21 @@ def test_weights_changed_in_place_start_a_new_generation(change):
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
 
 
+def test_weights_made_under_inference_mode_are_noted(caplog):
+    """Weights created under ``torch.inference_mode()`` keep no version counter, so the stamp
+    cannot see them changed in place: the first call says so (once), and generations still
+    run and cache."""
+    with torch.inference_mode():
+        model = tiny_flux(0)
+    assert next(model.parameters()).is_inference()
+    cm = compiled(model)
+    with torch.inference_mode(), caplog.at_level("INFO", logger="specdiff_fx"):
+        euler(cm, flux_inputs(2, 4, 4))
+        euler(cm, flux_inputs(2, 4, 4))
+    assert sum("inference tensors" in r.getMessage() for r in caplog.records) == 1
+    assert "cached" in [s.kind for s in specdiff_fx.last_generation().main_steps]
+
+
 def test_two_models_interleaved_equal_each_alone():
     m1, m2 = tiny_sd3(1), tiny_sd3(2)
     i1, i2 = sd3_inputs(2, 8, 8, seed=1), sd3_inputs(2, 8, 12, seed=2)

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from ..families import FAMILIES, Family, family_for_block_types
 from ..graph_utils import MODULE_STATE_PREFIXES, example_value, get_operand, is_parameter_input, module_paths
-from ..layout import Layout, LayoutError, Seg, node_shape, op_name, propagate_layouts, sdpa_args
+from ..layout import Layout, LayoutError, Seg, node_shape, node_value, op_name, propagate_layouts, sdpa_args
 from ..plan import AttentionSite, Block, DiTPlan, stream_segments
 
 
@@ -60,6 +60,20 @@ def _last_node_of(gm: fx.GraphModule, path: str, rank: int | None = 3) -> fx.Nod
 #: ops that only rearrange a tensor (no arithmetic): a patch embedding's output may pass
 #: through them before it is the ``[B, N, D]`` token stream
 _REARRANGE = {"flatten", "transpose", "permute", "view", "reshape", "contiguous", "movedim"}
+
+
+def _state_inputs(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    """The module-state inputs, in the two kinds the runtime stamps (``DiTPlan.state_tensors``,
+    ``DiTPlan.state_values``), read off each placeholder's example value: a number, or a
+    one-element tensor on the CPU, is read by value; any other tensor by storage and version."""
+    tensors, values = [], []
+    for i, p in enumerate(gm.graph.find_nodes(op="placeholder")):
+        if not p.name.startswith(MODULE_STATE_PREFIXES):
+            continue
+        val = node_value(p)
+        by_value = not isinstance(val, torch.Tensor) or (val.numel() == 1 and val.device.type == "cpu")
+        (values if by_value else tensors).append(i)
+    return {"state_tensors": tuple(tensors), "state_values": tuple(values)}
 
 
 def _stream_start(gm: fx.GraphModule, path: str) -> fx.Node | None:
@@ -332,8 +346,7 @@ def analyze_dit(gm: fx.GraphModule) -> DiTPlan:
         weight_input=next((i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
                            if is_parameter_input(p)), None),
         condition_inputs=_condition_inputs(gm, (timestep_input, sample_input), set(sides)),
-        state_inputs=tuple(i for i, p in enumerate(gm.graph.find_nodes(op="placeholder"))
-                           if p.name.startswith(MODULE_STATE_PREFIXES)),
+        **_state_inputs(gm),
         layouts={n.name: i for n, i in infos.items()},
         stream=stream if len(stream.segs) > 1 else None,
         context_ids=context_ids,

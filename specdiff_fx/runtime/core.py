@@ -104,8 +104,7 @@ class SpecDiffRuntime:
         self._lock = threading.RLock()
         #: ``max_cache_bytes`` as every rank applies it (:meth:`_fits_cap`); unset before the first full call
         self._cap: Any = _UNSET
-        #: the module-state inputs read by value and by storage and version (:meth:`_weights`)
-        self._state_kinds: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._inference_checked = False  # the one-time note on weights without version counters
         _LIVE.add(self)
 
     # -- public -----------------------------------------------------------------------
@@ -194,25 +193,20 @@ class SpecDiffRuntime:
         return args[i].untyped_storage().data_ptr()
 
     def _weights(self, args: list[Any]) -> tuple:
-        """The model's state as this call sees it: each module-state input's storage and version
-        counter (an in-place change, ``load_state_dict`` or ``p.mul_()``, bumps it), or its value
-        where it is a number on the CPU (a LoRA scale Dynamo passes as an input). Caches computed
+        """The model's state as this call sees it: each module-state tensor's storage and version
+        counter (an in-place change, ``load_state_dict`` or ``p.mul_()``, bumps it), and the value
+        of each one read by value (a LoRA scale Dynamo passes as an input; the analysis sorts the
+        inputs into the two kinds, ``DiTPlan.state_tensors`` / ``state_values``). Caches computed
         under other weights are stale: a call whose state differs continues no generation that ran
-        under the old one. The inputs are sorted into the two kinds at the first call (a static
-        graph's inputs keep their kind); every call then reads two plain lists: at SD3-medium's
-        depth (683 inputs) this is the runtime's largest per-call cost after routing."""
-        kinds = self._state_kinds
-        if kinds is None:
-            values = tuple(i for i in self.plan.state_inputs
-                           if not isinstance(args[i], torch.Tensor)
-                           or (args[i].numel() == 1 and args[i].device.type == "cpu"))
-            tensors = tuple(i for i in self.plan.state_inputs if i not in values)
-            kinds = self._state_kinds = (values, tensors)
+        under the old one. At SD3-medium's depth (683 inputs) this is the runtime's largest
+        per-call cost after routing."""
+        tensors, values = self.plan.state_tensors, self.plan.state_values
+        if not self._inference_checked:
+            self._inference_checked = True
             if any(args[i].is_inference() for i in tensors):
                 log.info("specdiff: the model's weights are inference tensors (created under torch.inference_mode()), "
                          "which keep no version counter: a change in place during a generation is not seen; call "
                          "specdiff_fx.reset() after one")
-        values, tensors = kinds
         try:
             versions = [args[i]._version for i in tensors]
         except RuntimeError:  # an inference tensor keeps no version counter (and changes in place only there)
