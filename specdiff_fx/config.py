@@ -154,8 +154,9 @@ class SpecDiffConfig:
             extrapolation, neither; else it computes every token and keeps no caches.
             Each fallback is logged, warned once and noted in the report.
         max_generations: generations one compiled graph keeps in flight (a server
-            interleaving requests); past it the least recently used is evicted (noted in its
-            report) and its next call starts over.
+            interleaving requests); past it one is evicted (noted in its report) and its next
+            call starts over: the least recently used of those that ran one call, other than the
+            ``max_generations // 2`` most recently used, else the least recently used.
     """
 
     cache_ratio: float = 0.9

@@ -137,6 +137,24 @@ def test_calls_that_never_continue_do_not_evict_a_generation_under_way():
     torch.testing.assert_close(gen.x, ref, atol=1e-6, rtol=1e-5)
 
 
+def test_requests_started_together_outlive_finished_generations():
+    """Once finished generations fill the slots (a server's steady state), two new requests
+    stepped in turn each evict a finished one, not the other's generation after its first call:
+    each equals its alone-run. (Before, each first call evicted the other's one-call generation,
+    so neither ever cached again: a full call and an eviction note per call.)"""
+    torch._dynamo.reset()
+    cm = compiled(tiny_sd3(0), {**ERROR_CONTROLLED, "max_generations": 4})
+    specs = [dict(seed=1), dict(seed=2)]
+    refs, _ = alone_runs(cm, specs)
+    alone_runs(cm, [dict(seed=10 + i, steps=4) for i in range(4)])  # four finished generations fill the slots
+    with specdiff_fx.track() as tracked:
+        outs = interleave([CFGGeneration(cm, **spec) for spec in specs])
+    assert [len(r.main_steps) for r in tracked.reports] == [STEPS, STEPS]
+    assert not any("evicted" in n for r in tracked.reports for n in r.notes)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_state_is_bounded_with_many_abandoned_generations():
     torch._dynamo.reset()
     model = tiny_sd3(0)

@@ -549,15 +549,21 @@ class Router:
 
     def add(self, generation: Generation) -> list[Generation]:
         """Register a new generation; returns the generations evicted to make room: the least
-        recently used of those that ran only their first call (every branch once), else the
-        least recently used. Starting such a one again costs what its next call would most
-        likely have cost anyway (the second call has no measured error yet: full), where a
-        generation well under way loses its caches and its controller's history; and calls that
-        never continue (a pipeline that edits the latent between steps starts a generation per
-        call) must not push out the generations under way."""
+        recently used of those that ran only their first call (every branch once) and are not
+        among the ``max_generations // 2`` most recently used, else the least recently used.
+        Calls that never continue (a pipeline that edits the latent between steps starts a
+        generation per call) then push out one another, not a generation under way; and
+        requests that start together (a server stepping up to ``max_generations // 2`` new
+        requests in turn) outlive the finished generations that fill the slots, each one's first
+        call being among the most recent until its second. Starting a one-call generation
+        again costs what its next call would most likely have cost anyway (the second call has
+        no measured error yet: full), where a generation well under way loses its caches and its
+        controller's history."""
         evicted = []
         while len(self.generations) >= self.max_generations:
-            key = next((i for i, g in self.generations.items() if g.first_call_only), next(iter(self.generations)))
+            keys = list(self.generations)  # least recently used first
+            older = keys[:len(keys) - self.max_generations // 2]
+            key = next((i for i in older if self.generations[i].first_call_only), keys[0])
             old = self.generations.pop(key)
             evicted.append(old)
             self.evicted += 1
