@@ -478,6 +478,28 @@ def test_span_test_token_by_token_explains_a_per_token_rescale(layout):
     assert unexplained(few(cont), gen4, small[0], None, per_token=True) == float("inf")
 
 
+def test_a_latent_rescaled_per_token_at_the_same_sigma_is_another_request():
+    """The token-by-token span test is for a sampler's step to a lower sigma. At the same sigma
+    another request whose latent is this one's rescaled per token (an edit whose reference image
+    is the other's, scaled or blanked: FLUX Kontext carries it in the latent) was taken for a
+    further call of this generation (a second-order sampler's) and read its caches."""
+    from specdiff_fx.runtime.routing import Router
+    from specdiff_fx.runtime.state import BranchState
+
+    torch.manual_seed(0)
+    b, n, c = 1, 30, 16
+    x, out, cond = torch.randn(b, n, c), torch.randn(b, n, c), (torch.ones(3),)
+    router = Router(8)
+    gen = Generation(None, GenerationReport("f", n, b, 0.9, 1))
+    gen.branches.append(Branch(cond, BranchState(extrapolate=True)))
+    gen.branches[0].trace.push(0.8, x, out)
+    router.add(gen)
+    scaled = x * torch.rand(b, n, 1)
+    assert router.route(None, cond, 0.8, scaled) is None
+    rescaled = x - 0.1 * out * torch.rand(b, n, 1)  # a step whose velocity is rescaled per token
+    assert router.route(None, cond, 0.7, rescaled) == (gen, 0)
+
+
 class TwoGraphGen(Gen):
     """True CFG whose uncond call runs through another runtime (another graph of the same model:
     a negative prompt of another token length)."""

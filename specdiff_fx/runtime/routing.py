@@ -46,7 +46,9 @@ another graph). Linked, they share the controller's state and each step's plan, 
 Some samplers rescale the guided velocity per token: Qwen-Image's true CFG gives each token the
 norm of its cond output (``comb * |cond| / |comb|`` over the token's channels), which no
 combination of whole latents and outputs gives. When neither test above explains the update,
-the router tests it *token by token* (:func:`unexplained` with ``per_token``): each token's
+the router tests a step to a lower sigma *token by token* (:func:`unexplained` with ``per_token``;
+at the same sigma another request's latent rescaled per token, e.g. an edit's reference image
+scaled, would pass it): each token's
 update must lie in the span of that token's columns, with coefficients of its own. It is tried
 only where a token has at least twice as many channels as there are columns to explain with,
 so that another image's latent still leaves most of its update unexplained (a random update
@@ -59,7 +61,11 @@ It becomes a *member* that shares the step's decision and token choice with the 
 once it is called with that branch's latent at a second sigma as well (true CFG updates both
 from one guided velocity); until then it decides alone: two requests that merely started from
 the same noise at the same time never share anything. The same call again (same latent, sigma
-and conditioning: one request twice, in flight together or retried) is another generation.
+and conditioning: one request twice, in flight together or retried) is another generation. Where
+it repeats a branch other than the first and a third branch ran on that latent too (two true-CFG
+requests from the same noise with one negative prompt: the second's cond call joined the first's
+generation), the generation is dropped (:meth:`Router._shared`): nothing tells which of its
+branches are whose, and kept it would explain both requests' next latents.
 
 Where several generations explain a call equally well, their calls so far were the same (one
 request twice) and any of them would give it the same output; the most recently used one takes
@@ -506,8 +512,14 @@ class Router:
                                         for col in companion_columns(x, companions(s))]
                 return cols or None
             best = self._best(candidates, sample, rows, extra)
-        if best is None and candidates:  # a sampler that rescales per token (Qwen-Image's true CFG)
-            best = self._best(candidates, sample, rows, lambda br: found.get(id(br), []), per_token=True)
+        if best is None and lower:  # a sampler that rescales per token (Qwen-Image's true CFG); not at the same
+            # sigma: another request whose latent is this one's rescaled per token (an edit's reference image
+            # scaled) would read as a further call of it
+            best = self._best(lower, sample, rows, lambda br: found.get(id(br), []), per_token=True)
+        if best is None:
+            for gen in [g for g in live if self._shared(g, conditioning, sigma, sample)]:
+                self._retire(gen)
+                live.remove(gen)
         if best is None:  # a further branch: another conditioning on a latent and sigma of this generation
             best = next(((gen, len(gen.branches)) for gen in live if self._joins(gen, conditioning, sigma, sample)),
                         None)
@@ -522,6 +534,30 @@ class Router:
         this conditioning (that would be the same call again: another request)."""
         return any(br.last_called_on(sigma, sample) for br in gen.branches) and not any(
             same_conditioning(br.conditioning, conditioning) and br.called_on(sigma, sample) for br in gen.branches)
+
+    @staticmethod
+    def _shared(gen: Generation, conditioning: tuple[Any, ...], sigma: float, sample: torch.Tensor) -> bool:
+        """Whether this call shows that two requests share ``gen``'s calls at ``sigma`` on
+        ``sample``: it is the same call again as one of ``gen``'s branches other than the first
+        (two requests from the same noise with the same negative prompt, under true CFG: cond,
+        uncond, each call a branch), and a third branch ran there too. That third branch (the
+        other request's cond, which joined as a further branch) may be either request's: had
+        ``gen`` been kept, the other request's next calls would have found their outputs in its
+        span and continued its branches, mixing two images' caches. (The same call again as the
+        first branch is the same request twice, or another request that shares only its first
+        call: nothing of it joined ``gen``.)"""
+        hits = [j for j, br in enumerate(gen.branches) if br.called_on(sigma, sample)]
+        return len(hits) >= 3 and any(j and same_conditioning(gen.branches[j].conditioning, conditioning)
+                                      for j in hits)
+
+    def _retire(self, gen: Generation) -> None:
+        """Drop ``gen``, whose branches two requests may share (:meth:`_shared`): each request's
+        next call starts a generation of its own (a second call: full, as it most likely was)."""
+        del self.generations[gen.id]
+        msg = (f"specdiff: generation {gen.id} dropped: another request from the same noise repeated one of its "
+               "calls, so its branches may be two requests'; its next call starts over")
+        gen.report.notes.append(msg)
+        log.info(msg)
 
     @classmethod
     def _best_one_step(cls, candidates, sample, rows) -> tuple[Generation, int] | None:
