@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 import warnings
 import weakref
@@ -85,6 +86,11 @@ class SpecDiffBackend:
         self.mode = mode
         self.records: list[CompileRecord] = []
         self.runtimes: list[Any] = []
+        #: the runtimes this backend built, by static graph (weak, as :data:`_BY_SHAPE`): Dynamo
+        #: compiles a frame again when several threads call it before its first compile is in its
+        #: cache; each copy would start generations of its own, and later calls reach only the last
+        self._static: "weakref.WeakValueDictionary[tuple, Callable[..., Any]]" = weakref.WeakValueDictionary()
+        self._lock = threading.RLock()
 
     def _record(self, rec: CompileRecord) -> None:
         self.records.append(rec)
@@ -111,17 +117,24 @@ class SpecDiffBackend:
         graph, which first looks for what a configuration equal to this one compiled for an
         equal static graph (a shape Dynamo saw before it made the graph dynamic)."""
         key = self._shape_key(gm, example_inputs)
-        if not dynamic_ok and key is not None and (seen := _BY_SHAPE.get(key)) is not None:
-            log.info("specdiff: a shape compiled before; its compiled graph (and runtime) serve it again")
-            return seen
-        fn = self._build(gm, example_inputs, dynamic_ok)
-        if key is not None and not isinstance(fn, ShapeSpecializer):
-            from .runtime import SpecDiffRuntime
+        with self._lock:
+            if not dynamic_ok and key is not None and (seen := _BY_SHAPE.get(key)) is not None:
+                log.info("specdiff: a shape compiled before; its compiled graph (and runtime) serve it again")
+                return seen
+            if dynamic_ok and key is not None and (seen := self._static.get(key)) is not None:
+                log.info("specdiff: the same graph compiled again by this backend (threads calling the model before "
+                         "its first compile finished); its runtime serves it, with its generations")
+                return seen
+            fn = self._build(gm, example_inputs, dynamic_ok)
+            if key is not None and not isinstance(fn, ShapeSpecializer):
+                from .runtime import SpecDiffRuntime
 
-            if not isinstance(fn, (SpecDiffRuntime, _Held)):  # compiled without caching: Dynamo keeps the holder
-                fn = _Held(fn)
-            _BY_SHAPE[key] = fn
-        return fn
+                if not isinstance(fn, (SpecDiffRuntime, _Held)):  # compiled without caching: Dynamo keeps the holder
+                    fn = _Held(fn)
+                _BY_SHAPE[key] = fn
+                if dynamic_ok and isinstance(fn, SpecDiffRuntime):
+                    self._static[key] = fn
+            return fn
 
     def _build(self, gm: fx.GraphModule, example_inputs: Sequence[Any], dynamic_ok: bool) -> Callable[..., Any]:
         t0 = time.perf_counter()
@@ -210,8 +223,10 @@ class ShapeSpecializer:
 
     def __init__(self, backend: "SpecDiffBackend", gm: fx.GraphModule) -> None:
         self.backend, self.gm = backend, gm
-        self.compiled: dict[tuple, tuple[Callable[..., Any], list[int]]] = {}
+        #: least recently used first; at most :data:`MAX_SPECIALISATIONS`
+        self.compiled: collections.OrderedDict[tuple, tuple[Callable[..., Any], list[int]]] = collections.OrderedDict()
         self.scalars = read_scalars(gm)  # inputs whose values a specialisation bakes in
+        self._lock = threading.Lock()
 
     def _key(self, args: Sequence[Any]) -> tuple:
         shapes = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a for a in args)
@@ -219,12 +234,35 @@ class ShapeSpecializer:
 
     def __call__(self, *args: Any) -> Any:
         key = self._key(args)
-        if key not in self.compiled:
-            static, kept = specialize_shapes(self.gm, args)
-            inputs = [args[i] for i in kept]
-            self.compiled[key] = (self.backend._compile(static, inputs, dynamic_ok=False), kept)
-        fn, kept = self.compiled[key]
+        with self._lock:  # threads meeting a new shape at once: one specialisation
+            if key in self.compiled:
+                self.compiled.move_to_end(key)
+            else:
+                if len(self.compiled) >= MAX_SPECIALISATIONS:
+                    self._drop_oldest()
+                static, kept = specialize_shapes(self.gm, args)
+                inputs = [args[i] for i in kept]
+                self.compiled[key] = (self.backend._compile(static, inputs, dynamic_ok=False), kept)
+            fn, kept = self.compiled[key]
         return fn(*[args[i] for i in kept])
+
+
+    def _drop_oldest(self) -> None:
+        """Forget the least recently used specialisation: its runtime (compiled variants,
+        generations and their caches) is freed unless Dynamo holds it for a static graph too.
+        Without the bound every new value of a number the graph reads (a LoRA scale passed per
+        call, ``joint_attention_kwargs={"scale": s}``) added a runtime for good."""
+        _, (fn, _) = self.compiled.popitem(last=False)
+        self.backend.runtimes[:] = [rt for rt in self.backend.runtimes if rt is not fn]
+        what = ("a number the graph reads (a LoRA scale passed per call) took more than "
+                if self.scalars else "more than ")
+        _warn_once(f"specdiff: {what}{MAX_SPECIALISATIONS} values (with the input shapes) on a graph with dynamic "
+                   "shapes, each compiled apart; the least recently used are dropped, with their generations. "
+                   "A scale set with set_adapters, or torch.compile(..., dynamic=False), avoids it")
+
+
+#: specialisations one graph with dynamic shapes keeps (:class:`ShapeSpecializer`)
+MAX_SPECIALISATIONS = 8
 
 
 def specdiff_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Any = None,

@@ -312,6 +312,32 @@ def test_shape_change_inside_a_generation_resets_instead_of_reusing():
     assert len(back.main_steps) == 3
 
 
+def test_specialisations_of_a_dynamic_graph_are_bounded(monkeypatch):
+    """A graph with dynamic shapes compiles each new shape (and each value of a number it reads:
+    a LoRA scale passed per call) apart; they were kept for good, one runtime each. The least
+    recently used past ``MAX_SPECIALISATIONS`` is dropped with a warning, and a shape seen
+    again compiles again and still gives its images."""
+    import gc
+
+    from specdiff_fx import dynamo_backend
+    from specdiff_fx.runtime.core import _LIVE
+
+    monkeypatch.setattr(dynamo_backend, "MAX_SPECIALISATIONS", 2)
+    monkeypatch.setattr(dynamo_backend, "_WARNED", set())
+    model = tiny_sd3()
+    torch._dynamo.reset()
+    be = specdiff_fx.backend(**FAST)
+    cm = torch.compile(model, backend=be, dynamic=True)
+    sizes = [(8, 8), (8, 12), (12, 8), (8, 8)]
+    gc.collect()
+    before = {id(rt) for rt in list(_LIVE)}
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="least recently used are dropped"):
+        outs = [euler(cm, sd3_inputs(2, h, w, seed=1)) for h, w in sizes]
+    gc.collect()
+    assert len(be.runtimes) <= 2 and len([rt for rt in list(_LIVE) if id(rt) not in before]) <= 2
+    torch.testing.assert_close(outs[3], outs[0], rtol=0, atol=0)
+
+
 # -- numerics, grad, recompiles --------------------------------------------------------------
 
 def test_nan_latents_do_not_poison_later_generations(fresh):

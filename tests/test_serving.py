@@ -139,6 +139,25 @@ def test_threads_sharing_one_compiled_model():
     assert total_flops([rep for _, rep in runs]) <= 1.15 * total_flops(ref_reports)
 
 
+def test_threads_racing_the_first_compile_share_one_runtime():
+    """Threads that call a freshly compiled model at once all miss Dynamo's cache, so Dynamo
+    compiles the graph once per thread. Each copy was a runtime of its own, and later calls
+    reached only the last: the other threads' generations started over midway (two
+    generations, images not their alone-runs). An equal graph compiled again by the same backend
+    now gets the runtime built for it."""
+    torch._dynamo.reset()
+    be = specdiff_fx.backend(**OPTIONS)
+    cm = torch.compile(tiny_sd3(0), backend=be)
+    specs = [dict(seed=1), dict(seed=2), dict(seed=3)]
+    runs = run_together([lambda spec=spec: CFGGeneration(cm, **spec).run for spec in specs])
+    assert len(be.runtimes) == 1
+    specdiff_fx.reset()
+    refs, _ = alone_runs(cm, specs)
+    for (out, report), ref in zip(runs, refs):
+        assert len(report.main_steps) == STEPS
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
 def test_calls_that_never_continue_do_not_evict_a_generation_under_way():
     """A pipeline that edits the latent between steps (inpainting) starts a generation per
     call; a burst of them between two steps of another request (more than ``max_generations``)
