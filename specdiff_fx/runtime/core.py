@@ -149,6 +149,7 @@ class SpecDiffRuntime:
                 kept = tuple(detached(c) if isinstance(c, torch.Tensor) else c for c in conditioning)
                 gen.branches.append(Branch(kept, BranchState(extrapolate=self.config.kv_extrapolation),
                                            policy=self.policy.start()))
+                self.router.inherit(gen, j, sigma, sample, self._image_rows(sample))
             self._settle(gen)
             gen.confirm(j, sigma, sample)
             self.generation, self._j = gen, j

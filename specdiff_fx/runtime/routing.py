@@ -74,8 +74,11 @@ generation may have stopped caching) thus continues its own generation and not t
 whose last calls lie further back; two copies in flight together trade generations step by step,
 each step's calls going to one generation each, which changes no output.
 
-Generations are kept in a bounded LRU (``SpecDiffConfig.max_generations``); the least
-recently used one is evicted with a note when a new one would exceed the bound.
+Generations are kept in a bounded LRU (``SpecDiffConfig.max_generations``); one is evicted
+with a note when a new one would exceed the bound (:meth:`Router.add`). The traces of the last
+few generations evicted or dropped are remembered (:class:`Remembered`): a generation that
+starts over where one of them left off takes them (:meth:`Router.inherit`), so that a
+multistep sampler's next update, which combines the last two calls' outputs, still continues it.
 """
 
 from __future__ import annotations
@@ -132,6 +135,13 @@ class Trace:
     def push(self, sigma: float, sample: torch.Tensor, output: Any) -> None:
         out = output if isinstance(output, torch.Tensor) and output.shape == sample.shape else None
         self.push_kept(sigma, sample.detach().clone(), None if out is None else out.detach().clone())
+
+    def copy(self) -> "Trace":
+        """Another trace of the same calls (the tensors shared: a trace never writes them)."""
+        t = Trace()
+        for sigma, sample, output in zip(reversed(self.sigmas), reversed(self.samples), reversed(self.outputs)):
+            t.push_kept(sigma, sample, output)
+        return t
 
     def newest(self) -> "Trace":
         """The trace of the last call alone."""
@@ -234,6 +244,8 @@ class Generation:
     #: observations whose measured error is still a device tensor, in call order; the runtime
     #: hands them to the policy at the generation's next call (:meth:`SpecDiffRuntime._settle`)
     pending: list = field(default_factory=list)
+    #: the dropped or evicted generation whose traces this one's branches took (:meth:`Router.inherit`)
+    ancestor: "Remembered | None" = None
 
     def leader(self, j: int) -> Branch:
         """The branch whose controller state and plans branch ``j`` uses."""
@@ -256,6 +268,40 @@ class Generation:
     def first_call_only(self) -> bool:
         """Whether every branch ran one call (the generation was never continued)."""
         return all(b.state.step <= 1 for b in self.branches)
+
+
+@dataclass
+class Remembered:
+    """What routing keeps of a generation dropped or evicted: each branch's conditioning, trace
+    and sample groups (no caches, no controller state), for :meth:`Router.inherit`."""
+
+    model: int | None
+    weights: tuple
+    branches: list[Branch]
+
+    @classmethod
+    def of(cls, gen: Generation) -> "Remembered":
+        return cls(gen.model, gen.weights, [Branch(br.conditioning, _Groups(br.state.groups), trace=br.trace)
+                                            for br in gen.branches if br.trace.sigmas])
+
+    def continued_by(self, conditioning: tuple[Any, ...], sigma: float, sample: torch.Tensor,
+                     rows: tuple[int, int] | None) -> int | None:
+        """The branch a call under ``conditioning`` at ``sigma`` on ``sample`` continues at a lower
+        sigma, as routing tests a continuation, if any."""
+        as_gen = Generation(self.model, None, weights=self.weights, branches=self.branches)
+        for k, br in enumerate(self.branches):
+            if (same_conditioning(br.conditioning, conditioning) and br.trace.sigmas[0] > sigma
+                    and not _same_sigma(br.trace.sigmas[0], sigma)
+                    and unexplained(sample, as_gen, br, br.state.groups, rows) < SPAN_TOLERANCE):
+                return k
+        return None
+
+
+@dataclass
+class _Groups:
+    """The one part of a branch's state a remembered branch keeps."""
+
+    groups: torch.Tensor | None
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -475,9 +521,12 @@ class Router:
         self.max_generations = max_generations
         self.generations: collections.OrderedDict[int, Generation] = collections.OrderedDict()  # LRU order
         self.evicted = 0
+        #: the traces of generations dropped or evicted lately (:meth:`inherit`), newest last
+        self.remembered: collections.deque[Remembered] = collections.deque(maxlen=4)
 
     def clear(self) -> None:
         self.generations.clear()
+        self.remembered.clear()
 
     def route(self, model: int | None, conditioning: tuple[Any, ...], sigma: float,
               sample: torch.Tensor, rows: tuple[int, int] | None = None,
@@ -535,6 +584,33 @@ class Router:
         return any(br.last_called_on(sigma, sample) for br in gen.branches) and not any(
             same_conditioning(br.conditioning, conditioning) and br.called_on(sigma, sample) for br in gen.branches)
 
+    def inherit(self, gen: Generation, j: int, sigma: float, sample: torch.Tensor,
+                rows: tuple[int, int] | None = None) -> None:
+        """Give branch ``j`` of ``gen``, new at this call, the trace of the branch it continues in
+        a generation dropped or evicted lately, if any: one with its conditioning whose last
+        latent and outputs explain this call's latent (the first branch of a new generation), or,
+        for a further branch, the branch with its conditioning of the generation the first
+        branch continued. Routing's memory only (no caches, no controller state): a multistep
+        sampler (UniPC, DPM-Solver++) combines the last two calls' outputs, and a generation
+        restarted without the older one never explained a later step again, so it started over
+        on every call."""
+        branch = gen.branches[j]
+        if j == 0:
+            for old in reversed(self.remembered):
+                if old.model != gen.model or old.weights != gen.weights:
+                    continue
+                k = old.continued_by(branch.conditioning, sigma, sample, rows)
+                if k is not None:
+                    gen.ancestor = old
+                    branch.trace = old.branches[k].trace.copy()
+                    return
+        elif gen.ancestor is not None:
+            k = next((k for k, br in enumerate(gen.ancestor.branches)
+                      if same_conditioning(br.conditioning, branch.conditioning)), None)
+            if k is not None and gen.ancestor.branches[k].trace.sigmas and _same_sigma(
+                    gen.ancestor.branches[k].trace.sigmas[0], gen.ancestor.branches[0].trace.sigmas[0]):
+                branch.trace = gen.ancestor.branches[k].trace.copy()
+
     @staticmethod
     def _shared(gen: Generation, conditioning: tuple[Any, ...], sigma: float, sample: torch.Tensor) -> bool:
         """Whether this call shows that two requests share ``gen``'s calls at ``sigma`` on
@@ -554,6 +630,7 @@ class Router:
         """Drop ``gen``, whose branches two requests may share (:meth:`_shared`): each request's
         next call starts a generation of its own (a second call: full, as it most likely was)."""
         del self.generations[gen.id]
+        self.remembered.append(Remembered.of(gen))
         msg = (f"specdiff: generation {gen.id} dropped: another request from the same noise repeated one of its "
                "calls, so its branches may be two requests'; its next call starts over")
         gen.report.notes.append(msg)
@@ -601,6 +678,7 @@ class Router:
             older = keys[:len(keys) - self.max_generations // 2]
             key = next((i for i in older if self.generations[i].first_call_only), keys[0])
             old = self.generations.pop(key)
+            self.remembered.append(Remembered.of(old))
             evicted.append(old)
             self.evicted += 1
         self.generations[generation.id] = generation
