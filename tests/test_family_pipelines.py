@@ -90,3 +90,31 @@ def test_qwenimage_true_cfg_rescaled_per_token(negative):
         shared = sorted(set(kinds[0]) & set(kinds[1]), reverse=True)[2:]
         assert len(shared) >= STEPS - 4 and all(kinds[0][s] == kinds[1][s] for s in shared)
     assert (out - ref).abs().max() < 0.25
+
+
+def test_wan_request_sent_again_after_an_interrupt_equals_its_alone_run():
+    """A Wan request interrupted after four steps (``pipe._interrupt`` in a step callback), then
+    sent again: UniPC combines the last two calls' outputs, and the uncond call of a step is
+    tested after the cond call moved on. Its span lacked the cond output two sigmas back, which
+    the interrupted generation still held: the uncond calls went over to it, and the request
+    split into one generation per step from there (every call full). Routing now keeps that
+    output for the other branches' tests: one generation, equal to the alone-run."""
+    make, kwargs, _, _ = CASES["wan"]
+    pipe = make()
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, backend="specdiff",
+                                     options={"inductor": False, "tolerance": 0.3})
+    specdiff_fx.reset()
+    alone = pipe(**kwargs(num_inference_steps=STEPS)).frames
+    specdiff_fx.reset()
+
+    def interrupt(p, i, t, kw):
+        if i == 3:
+            p._interrupt = True
+        return {}
+
+    pipe(**kwargs(num_inference_steps=STEPS), callback_on_step_end=interrupt)
+    with specdiff_fx.track() as tracked:
+        again = pipe(**kwargs(num_inference_steps=STEPS)).frames
+    assert [len(r.main_steps) for r in tracked.reports] == [2 * STEPS]
+    torch.testing.assert_close(again, alone, rtol=0, atol=0)

@@ -124,13 +124,18 @@ def _continues(branch: "Branch", sigma: float, sample: torch.Tensor) -> bool:
 
 @dataclass
 class Trace:
-    """What routing remembers of a branch's calls: the last two latents, sigmas and outputs."""
+    """What routing remembers of a branch's calls: the last two latents, sigmas and outputs, and
+    the output of the call before them (``older``: for the other branches' span tests only)."""
 
     sigmas: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))  # newest first
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
     outputs: collections.deque = field(default_factory=lambda: collections.deque(maxlen=2))
     #: when the newest call ran, in the order of every call of the process (:data:`_TICKS`)
     tick: int = -1
+    #: ``(sigma, output)`` of the call before the two kept: the branch called first in a step (true
+    #: CFG's cond) has moved on when the next one (uncond) is tested, whose update under a
+    #: multistep sampler combines both branches' outputs at the two sigmas before
+    older: tuple[float, torch.Tensor | None] | None = None
 
     def push(self, sigma: float, sample: torch.Tensor, output: Any) -> None:
         out = output if isinstance(output, torch.Tensor) and output.shape == sample.shape else None
@@ -141,6 +146,7 @@ class Trace:
         t = Trace()
         for sigma, sample, output in zip(reversed(self.sigmas), reversed(self.samples), reversed(self.outputs)):
             t.push_kept(sigma, sample, output)
+        t.older = self.older
         return t
 
     def newest(self) -> "Trace":
@@ -151,6 +157,8 @@ class Trace:
 
     def push_kept(self, sigma: float, sample: torch.Tensor, output: torch.Tensor | None) -> None:
         """:meth:`push` of tensors already kept by a trace (no copy)."""
+        if len(self.sigmas) == self.sigmas.maxlen:
+            self.older = (self.sigmas[-1], self.outputs[-1])
         self.sigmas.appendleft(sigma)
         self.samples.appendleft(sample)
         self.outputs.appendleft(output)
@@ -160,11 +168,14 @@ class Trace:
         for s, out in zip(self.sigmas, self.outputs):
             if _same_sigma(s, sigma):
                 return out
+        if self.older is not None and _same_sigma(self.older[0], sigma):
+            return self.older[1]
         return None
 
     @property
     def nbytes(self) -> int:
-        return nbytes(*self.samples, *[o for o in self.outputs if o is not None])
+        older = [self.older[1]] if self.older is not None and self.older[1] is not None else []
+        return nbytes(*self.samples, *[o for o in self.outputs if o is not None], *older)
 
 
 @dataclass
@@ -649,14 +660,17 @@ class Router:
     def _best(candidates, sample, rows, extra, per_token: bool = False) -> tuple[Generation, int] | None:
         """The candidate ``(generation, j, branch)`` whose span (with ``extra(branch)``'s columns;
         ``None`` skips it; ``per_token``: token by token) explains the update best, if within
-        :data:`SPAN_TOLERANCE`."""
+        :data:`SPAN_TOLERANCE`. Candidates come most recently used first; a later one wins only
+        by more than :data:`EXACT_SHARE`: two that explain the update alike (the same request
+        sent again after it was abandoned: the same calls, whose outputs differ by rounding or by
+        what each run cached) are a tie, which the most recently used takes."""
         best, best_score = None, SPAN_TOLERANCE
         for gen, j, br in candidates:
             cols = extra(br)
             if cols is None:
                 continue
             score = unexplained(sample, gen, br, br.state.groups, rows, cols, per_token)
-            if score < best_score or (best is None and score <= best_score):
+            if best is None and score <= best_score or best is not None and score < best_score - EXACT_SHARE:
                 best, best_score = (gen, j), score
         return best
 
