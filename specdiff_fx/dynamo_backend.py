@@ -102,6 +102,14 @@ class SpecDiffBackend:
         return self._compile(gm, example_inputs, dynamic_ok=True)
 
     def _shape_key(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple | None:
+        """What an equal static graph compiled before is found by (:data:`_BY_SHAPE`, ``_static``);
+        ``None``: compile anew. Under Inductor's ``freezing`` the weights are compiled in as
+        constants, so a graph compiled again (after ``torch._dynamo.reset()``, the remedy for a
+        weight change there) must see today's weights: never found."""
+        import torch._inductor.config as inductor_config
+
+        if self.config.inductor and inductor_config.freezing:
+            return None
         fingerprint = graph_fingerprint(gm, list(example_inputs))
         if fingerprint is None:
             return None
@@ -252,13 +260,19 @@ class ShapeSpecializer:
         generations and their caches) is freed unless Dynamo holds it for a static graph too.
         Without the bound every new value of a number the graph reads (a LoRA scale passed per
         call, ``joint_attention_kwargs={"scale": s}``) added a runtime for good."""
+        n = len(self.scalars)
+        values_vary = n and len({key[:-n] for key in self.compiled}) < len(self.compiled)
         _, (fn, _) = self.compiled.popitem(last=False)
         self.backend.runtimes[:] = [rt for rt in self.backend.runtimes if rt is not fn]
-        what = ("a number the graph reads (a LoRA scale passed per call) took more than "
-                if self.scalars else "more than ")
-        _warn_once(f"specdiff: {what}{MAX_SPECIALISATIONS} values (with the input shapes) on a graph with dynamic "
-                   "shapes, each compiled apart; the least recently used are dropped, with their generations. "
-                   "A scale set with set_adapters, or torch.compile(..., dynamic=False), avoids it")
+        if values_vary:
+            _warn_once(f"specdiff: a number the graph reads (a LoRA scale passed per call) took more than "
+                       f"{MAX_SPECIALISATIONS} values with the input shapes on a graph with dynamic shapes, each "
+                       "compiled apart; the least recently used are dropped, with their generations. A scale set "
+                       "with set_adapters, or torch.compile(..., dynamic=False), avoids it")
+        else:
+            _warn_once(f"specdiff: more than {MAX_SPECIALISATIONS} input shapes on a graph with dynamic shapes, each "
+                       "compiled apart; the least recently used are dropped, with their generations (a shape that "
+                       "comes back compiles again)")
 
 
 #: specialisations one graph with dynamic shapes keeps (:class:`ShapeSpecializer`)

@@ -338,6 +338,30 @@ def test_specialisations_of_a_dynamic_graph_are_bounded(monkeypatch):
     torch.testing.assert_close(outs[3], outs[0], rtol=0, atol=0)
 
 
+def test_under_freezing_a_graph_compiled_again_is_never_served_an_old_runtime(monkeypatch):
+    """With ``torch._inductor.config.freezing`` the compiled variants hold the weights as
+    constants; ``torch._dynamo.reset()`` after a weight change must give a graph compiled with
+    the new ones. A runtime built before for an equal graph was served again (the fix for threads
+    racing the first compile, and shapes seen before): the old weights, silently."""
+    import torch._inductor.config as inductor_config
+
+    model, inputs = tiny_sd3(), sd3_inputs(2, 8, 8)
+    gms = []
+
+    def grab(gm, example_inputs):
+        gms.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab)(**inputs)
+    gm, example = gms[0]
+    be, plain = specdiff_fx.backend(inductor=True), specdiff_fx.backend(inductor=False)
+    assert be._shape_key(gm, example) is not None
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    assert be._shape_key(gm, example) is None and plain._shape_key(gm, example) is not None
+
+
 # -- numerics, grad, recompiles --------------------------------------------------------------
 
 def test_nan_latents_do_not_poison_later_generations(fresh):
