@@ -338,7 +338,7 @@ def test_specialisations_of_a_dynamic_graph_are_bounded(monkeypatch):
     torch.testing.assert_close(outs[3], outs[0], rtol=0, atol=0)
 
 
-def test_under_freezing_a_graph_compiled_again_is_never_served_an_old_runtime(monkeypatch):
+def test_under_freezing_a_graph_compiled_again_is_never_served_an_old_runtime():
     """With ``torch._inductor.config.freezing`` the compiled variants hold the weights as
     constants; ``torch._dynamo.reset()`` after a weight change must give a graph compiled with
     the new ones. A runtime built before for an equal graph was served again (the fix for threads
@@ -358,8 +358,9 @@ def test_under_freezing_a_graph_compiled_again_is_never_served_an_old_runtime(mo
     gm, example = gms[0]
     be, plain = specdiff_fx.backend(inductor=True), specdiff_fx.backend(inductor=False)
     assert be._shape_key(gm, example) is not None
-    monkeypatch.setattr(inductor_config, "freezing", True)
-    assert be._shape_key(gm, example) is None and plain._shape_key(gm, example) is not None
+    with inductor_config.patch(freezing=True):
+        assert be._shape_key(gm, example) is None and plain._shape_key(gm, example) is not None
+    assert be._shape_key(gm, example) is not None
 
 
 # -- numerics, grad, recompiles --------------------------------------------------------------
