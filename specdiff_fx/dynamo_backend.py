@@ -86,9 +86,10 @@ class SpecDiffBackend:
         self.mode = mode
         self.records: list[CompileRecord] = []
         self.runtimes: list[Any] = []
-        #: the runtimes this backend built, by static graph (weak, as :data:`_BY_SHAPE`): Dynamo
-        #: compiles a frame again when several threads call it before its first compile is in its
-        #: cache; each copy would start generations of its own, and later calls reach only the last
+        #: the runtimes this backend built, by static graph (weak, but :attr:`runtimes` keeps them
+        #: alive for the backend's life): Dynamo compiles a frame again when several threads call it
+        #: before its first compile is in its cache; each copy would start generations of its own,
+        #: and later calls reach only the last
         self._static: "weakref.WeakValueDictionary[tuple, Callable[..., Any]]" = weakref.WeakValueDictionary()
         self._lock = threading.RLock()
 
@@ -253,7 +254,6 @@ class ShapeSpecializer:
                 self.compiled[key] = (self.backend._compile(static, inputs, dynamic_ok=False), kept)
             fn, kept = self.compiled[key]
         return fn(*[args[i] for i in kept])
-
 
     def _drop_oldest(self) -> None:
         """Forget the least recently used specialisation: its runtime (compiled variants,

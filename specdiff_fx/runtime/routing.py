@@ -295,18 +295,6 @@ class Remembered:
         return cls(gen.model, gen.weights, [Branch(br.conditioning, _Groups(br.state.groups), trace=br.trace)
                                             for br in gen.branches if br.trace.sigmas])
 
-    def continued_by(self, conditioning: tuple[Any, ...], sigma: float, sample: torch.Tensor,
-                     rows: tuple[int, int] | None) -> int | None:
-        """The branch a call under ``conditioning`` at ``sigma`` on ``sample`` continues at a lower
-        sigma, as routing tests a continuation, if any."""
-        as_gen = Generation(self.model, None, weights=self.weights, branches=self.branches)
-        for k, br in enumerate(self.branches):
-            if (same_conditioning(br.conditioning, conditioning) and br.trace.sigmas[0] > sigma
-                    and not _same_sigma(br.trace.sigmas[0], sigma)
-                    and unexplained(sample, as_gen, br, br.state.groups, rows) < SPAN_TOLERANCE):
-                return k
-        return None
-
 
 @dataclass
 class _Groups:
@@ -610,10 +598,14 @@ class Router:
             for old in reversed(self.remembered):
                 if old.model != gen.model or old.weights != gen.weights:
                     continue
-                k = old.continued_by(branch.conditioning, sigma, sample, rows)
-                if k is not None:
+                as_gen = Generation(old.model, None, weights=old.weights, branches=old.branches)
+                lower = [(as_gen, k, br) for k, br in enumerate(old.branches)  # a continuation at a lower sigma
+                         if same_conditioning(br.conditioning, branch.conditioning)
+                         and br.trace.sigmas[0] > sigma and not _same_sigma(br.trace.sigmas[0], sigma)]
+                hit = self._best(lower, sample, rows, lambda br: ())
+                if hit is not None:
                     gen.ancestor = old
-                    branch.trace = old.branches[k].trace.copy()
+                    branch.trace = old.branches[hit[1]].trace.copy()
                     return
         elif gen.ancestor is not None:
             k = next((k for k, br in enumerate(gen.ancestor.branches)
